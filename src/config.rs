@@ -1,0 +1,411 @@
+//! The YAML configuration (SPEC §5) and the sync-file schema (SPEC §2) as serde reads them.
+//!
+//! Both are parsed strictly (`deny_unknown_fields`: a typo must not silently disable a
+//! restriction) and only describe the files; [`crate::table`] compiles a sync file into the
+//! runtime table and [`Config::load`] resolves paths against the config file's folder.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Errors while reading the configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The YAML is malformed or has unknown/mistyped keys.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// serde's message, which names the key and the line.
+        message: String,
+    },
+    /// The values are individually well-typed but do not make sense.
+    #[error("config {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// One or several listen addresses.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Listen {
+    /// `listen: "0.0.0.0:8080"`
+    One(String),
+    /// `listen: ["0.0.0.0:8080", "[::]:8080"]`
+    Many(Vec<String>),
+}
+
+impl Listen {
+    /// The addresses as a list.
+    pub fn addresses(&self) -> Vec<String> {
+        match self {
+            Listen::One(a) => vec![a.clone()],
+            Listen::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// TLS on the proxy listener.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// One backend.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// A name for logs and metrics.
+    pub name: String,
+    /// `http://host:port` or `https://host[:port]`, optionally with a base path.
+    pub url: String,
+    /// The environment variable holding the credential sent upstream.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// The models this upstream serves (suffix `*` wildcard).
+    pub models: Vec<String>,
+    /// Verify the upstream's TLS certificate (https only). Default true.
+    #[serde(default = "default_true")]
+    pub tls_verify: bool,
+    /// TCP (and TLS) connect timeout, seconds. Default 10.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_seconds: u64,
+    /// Longest silence between two reads from the upstream, seconds. A stream that keeps
+    /// producing events is never cut; a silent one is. Default 300.
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout_seconds: u64,
+    /// Longest a write to the upstream may block, seconds. Default 60.
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout_seconds: u64,
+    /// How long an idle pooled connection to this upstream is kept, seconds. Default 60.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_seconds: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_connect_timeout() -> u64 {
+    10
+}
+fn default_read_timeout() -> u64 {
+    300
+}
+fn default_write_timeout() -> u64 {
+    60
+}
+fn default_idle_timeout() -> u64 {
+    60
+}
+fn default_max_body() -> u64 {
+    10 * 1024 * 1024
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("var")
+}
+fn default_grace() -> u64 {
+    30
+}
+fn default_pool() -> usize {
+    1024
+}
+
+/// The configuration file as written (SPEC §5).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Proxy listener address(es).
+    pub listen: Listen,
+    /// Proxy worker threads; default: the number of cores.
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// Address of the `/metrics`, `/healthz`, `/readyz` listener.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
+    /// The key table (SPEC §2).
+    pub sync_file: PathBuf,
+    /// Where consumed quota is persisted.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// One JSON line per settled call.
+    #[serde(default)]
+    pub usage_log: Option<PathBuf>,
+    /// Largest request body accepted, bytes.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: u64,
+    /// CIDRs whose `X-Forwarded-For` is believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// TLS on the proxy listener.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// The backends, tried in order for a model match.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Seconds in-flight requests get to finish after SIGTERM. Default 30.
+    #[serde(default = "default_grace")]
+    pub grace_period_seconds: u64,
+    /// Idle keep-alive connections kept per upstream. Default 1024.
+    #[serde(default = "default_pool")]
+    pub upstream_pool_size: usize,
+}
+
+impl Config {
+    /// Read, parse and check a config file; relative paths in it become relative to its folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Parse YAML text (no path resolution, no validation).
+    pub fn parse(text: &str) -> Result<Config, String> {
+        serde_norway::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Make every relative path relative to `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.sync_file);
+        fix(&mut self.state_dir);
+        if let Some(p) = self.usage_log.as_mut() {
+            fix(p);
+        }
+        if let Some(tls) = self.tls.as_mut() {
+            fix(&mut tls.cert);
+            fix(&mut tls.key);
+        }
+    }
+
+    /// Check what serde cannot: non-empty lists, parseable addresses, CIDRs and URLs.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.listen.addresses().is_empty() {
+            return Err("listen: at least one address is needed".into());
+        }
+        for a in self.listen.addresses() {
+            a.parse::<std::net::SocketAddr>()
+                .map_err(|_| format!("listen: {a:?} is not an IP:port address"))?;
+        }
+        if let Some(m) = &self.metrics_listen {
+            m.parse::<std::net::SocketAddr>()
+                .map_err(|_| format!("metrics_listen: {m:?} is not an IP:port address"))?;
+        }
+        if self.threads == Some(0) {
+            return Err("threads: must be at least 1".into());
+        }
+        if self.max_body_bytes == 0 {
+            return Err("max_body_bytes: must be at least 1".into());
+        }
+        for c in &self.trusted_proxies {
+            crate::policy::parse_cidr(c).map_err(|e| format!("trusted_proxies: {e}"))?;
+        }
+        if self.upstreams.is_empty() {
+            return Err("upstreams: at least one upstream is needed".into());
+        }
+        for u in &self.upstreams {
+            crate::proxy::UpstreamUrl::parse(&u.url)
+                .map_err(|e| format!("upstream {:?}: {e}", u.name))?;
+            for m in &u.models {
+                crate::table::ModelPattern::parse(m)
+                    .map_err(|e| format!("upstream {:?}: models: {e}", u.name))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The listen addresses.
+    pub fn listen_addresses(&self) -> Vec<String> {
+        self.listen.addresses()
+    }
+}
+
+/// `enabled` or `disabled`.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyStatus {
+    /// The key may be used.
+    #[default]
+    Enabled,
+    /// The key is refused with 401 `key_disabled`.
+    Disabled,
+}
+
+/// A group: a model range and a price ratio.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupEntry {
+    /// Multiplies every price in this group.
+    #[serde(default = "default_ratio")]
+    pub ratio: f64,
+    /// Models this group may use; absent = all.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+}
+
+fn default_ratio() -> f64 {
+    1.0
+}
+
+/// A model's price (new-api's ratios, or a fixed price per call).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    /// Quota units per token.
+    #[serde(default)]
+    pub ratio: Option<f64>,
+    /// Completion tokens cost this many times a prompt token. Default 1.
+    #[serde(default)]
+    pub completion_ratio: Option<f64>,
+    /// A fixed price per call in USD.
+    #[serde(default)]
+    pub price: Option<f64>,
+}
+
+/// One key as written in the sync file.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyEntry {
+    /// Stable id; counters attach to it.
+    pub id: u64,
+    /// A recognizable name, at most 50 characters.
+    #[serde(default)]
+    pub name: String,
+    /// Hex SHA-256 of the full key string including `sk-`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_sha256: Option<String>,
+    /// The plaintext key (imports); hashed at load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// `enabled` or `disabled`.
+    #[serde(default)]
+    pub status: KeyStatus,
+    /// Total granted quota in units.
+    #[serde(default)]
+    pub quota: i64,
+    /// No cap (usage still counted).
+    #[serde(default)]
+    pub unlimited_quota: bool,
+    /// Quota consumed elsewhere before this gateway counts.
+    #[serde(default)]
+    pub used: i64,
+    /// Unix seconds; -1 (or 0) for never.
+    #[serde(default = "never")]
+    pub expires_at: i64,
+    /// Allowed models; absent = no restriction; empty = nothing.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// Allowed client IPs and CIDRs; absent or empty = no restriction.
+    #[serde(default)]
+    pub allow_ips: Option<Vec<String>>,
+    /// The group.
+    #[serde(default = "default_group")]
+    pub group: String,
+}
+
+fn never() -> i64 {
+    -1
+}
+fn default_group() -> String {
+    "default".to_string()
+}
+fn default_quota_per_unit() -> f64 {
+    500_000.0
+}
+
+/// The sync file as written (SPEC §2).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SyncFile {
+    /// Bumped on every edit.
+    #[serde(default)]
+    pub revision: u64,
+    /// Quota units per USD.
+    #[serde(default = "default_quota_per_unit")]
+    pub quota_per_unit: f64,
+    /// Groups by name.
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupEntry>,
+    /// Prices by model name (`"*"` = any other model).
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelPrice>,
+    /// The keys.
+    #[serde(default)]
+    pub keys: Vec<KeyEntry>,
+}
+
+impl SyncFile {
+    /// Parse sync-file JSON strictly (unknown fields and trailing garbage are errors).
+    pub fn parse(bytes: &[u8]) -> Result<SyncFile, String> {
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "listen: \"127.0.0.1:0\"\nsync_file: keys.json\nupstreams:\n  - name: a\n    url: http://127.0.0.1:1\n    models: [\"*\"]\n";
+
+    #[test]
+    fn unknown_config_key_is_named() {
+        let err = Config::parse(&format!("{MINIMAL}listne: x\n")).unwrap_err();
+        assert!(err.contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let mut c = Config::parse(MINIMAL).unwrap();
+        c.resolve_paths(Path::new("/etc/keygate"));
+        assert_eq!(c.sync_file, PathBuf::from("/etc/keygate/keys.json"));
+        assert_eq!(c.state_dir, PathBuf::from("/etc/keygate/var"));
+    }
+
+    #[test]
+    fn listen_may_be_a_list() {
+        let c = Config::parse(&MINIMAL.replace(
+            "listen: \"127.0.0.1:0\"",
+            "listen: [\"127.0.0.1:0\", \"[::1]:0\"]",
+        ))
+        .unwrap();
+        assert_eq!(c.listen_addresses().len(), 2);
+    }
+
+    #[test]
+    fn sync_file_rejects_trailing_garbage_and_unknown_fields() {
+        assert!(SyncFile::parse(b"{\"keys\":[]} x").is_err());
+        let e =
+            SyncFile::parse(b"{\"keys\":[{\"id\":1,\"key\":\"a\",\"alow_ips\":[]}]}").unwrap_err();
+        assert!(e.contains("alow_ips"), "{e}");
+    }
+}

@@ -1,0 +1,620 @@
+//! Finding the key and the model in a request: headers, query, path and body. Pure functions
+//! over plain data (a header map, a query string, body bytes); they know nothing of Pingora.
+
+use crate::errors::{Denial, Reason};
+use http::HeaderMap;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use std::borrow::Cow;
+use std::fmt;
+
+/// Where the client put its key; the upstream credential is sent in the same style.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CredentialStyle {
+    /// `Sec-WebSocket-Protocol: openai-insecure-api-key.<key>` (OpenAI realtime in browsers).
+    WebSocketProtocol,
+    /// `x-api-key` (Anthropic).
+    XApiKey,
+    /// `x-goog-api-key` (Gemini).
+    XGoogApiKey,
+    /// `?key=` (Gemini).
+    QueryKey,
+    /// `Authorization: Bearer <key>` or the raw key.
+    #[default]
+    Bearer,
+}
+
+/// A presented credential. `secret` borrows from the request where it can.
+pub struct Credential<'a> {
+    /// The key bytes as presented (with or without `sk-`).
+    pub secret: Cow<'a, [u8]>,
+    /// Where it was found.
+    pub style: CredentialStyle,
+}
+
+impl fmt::Debug for Credential<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print a key: a prefix is enough to tell two apart in a log.
+        let shown: String = self
+            .secret
+            .iter()
+            .take(6)
+            .map(|&b| if b.is_ascii_graphic() { b as char } else { '?' })
+            .collect();
+        write!(f, "Credential({:?}, {shown}…)", self.style)
+    }
+}
+
+/// The WebSocket sub-protocol prefix that carries a key.
+pub const WS_KEY_PREFIX: &str = "openai-insecure-api-key.";
+
+/// Find the credential, first match wins: Sec-WebSocket-Protocol, x-api-key, x-goog-api-key,
+/// `?key=`, Authorization (Bearer or raw). Empty values count as absent.
+pub fn find_credential<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+) -> Option<Credential<'a>> {
+    if let Some(v) = headers.get(http::header::SEC_WEBSOCKET_PROTOCOL) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            if let Some(k) = part.strip_prefix(WS_KEY_PREFIX.as_bytes()) {
+                if !k.is_empty() {
+                    return Some(Credential {
+                        secret: Cow::Borrowed(k),
+                        style: CredentialStyle::WebSocketProtocol,
+                    });
+                }
+            }
+        }
+    }
+    for (name, style) in [
+        ("x-api-key", CredentialStyle::XApiKey),
+        ("x-goog-api-key", CredentialStyle::XGoogApiKey),
+    ] {
+        if let Some(v) = headers.get(name) {
+            let k = v.as_bytes().trim_ascii();
+            if !k.is_empty() {
+                return Some(Credential {
+                    secret: Cow::Borrowed(k),
+                    style,
+                });
+            }
+        }
+    }
+    if let Some(k) = query.and_then(|q| query_param(q, "key")) {
+        if !k.is_empty() {
+            let secret = match k {
+                Cow::Borrowed(s) => Cow::Borrowed(s.as_bytes()),
+                Cow::Owned(s) => Cow::Owned(s.into_bytes()),
+            };
+            return Some(Credential {
+                secret,
+                style: CredentialStyle::QueryKey,
+            });
+        }
+    }
+    if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+        let v = v.as_bytes().trim_ascii();
+        let k = match v.get(..7) {
+            Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => v[7..].trim_ascii(),
+            _ if v.eq_ignore_ascii_case(b"bearer") => b"",
+            _ => v,
+        };
+        if !k.is_empty() {
+            return Some(Credential {
+                secret: Cow::Borrowed(k),
+                style: CredentialStyle::Bearer,
+            });
+        }
+    }
+    None
+}
+
+/// The value of query parameter `name`, percent-decoded (`+` as space).
+pub fn query_param<'a>(query: &'a str, name: &str) -> Option<Cow<'a, str>> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| decode_component(v))
+    })
+}
+
+fn decode_component(v: &str) -> Cow<'_, str> {
+    if !v.contains(['%', '+']) {
+        return Cow::Borrowed(v);
+    }
+    let spaced = v.replace('+', " ");
+    Cow::Owned(
+        percent_encoding::percent_decode_str(&spaced)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
+}
+
+/// `query` without any `key=` parameter; `None` when there was none to remove.
+pub fn strip_query_key(query: &str) -> Option<String> {
+    let mut removed = false;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let k = pair.split_once('=').map_or(*pair, |(k, _)| k);
+            let drop = k == "key";
+            removed |= drop;
+            !drop
+        })
+        .collect();
+    removed.then(|| kept.join("&"))
+}
+
+/// `Sec-WebSocket-Protocol` without the key part; `None` when nothing else remains.
+pub fn strip_ws_key_protocol(value: &[u8]) -> Option<Vec<u8>> {
+    let kept: Vec<&[u8]> = value
+        .split(|&b| b == b',')
+        .map(|p| p.trim_ascii())
+        .filter(|p| !p.is_empty() && !p.starts_with(WS_KEY_PREFIX.as_bytes()))
+        .collect();
+    (!kept.is_empty()).then(|| kept.join(&b", "[..]))
+}
+
+/// Longest model name accepted, bytes.
+pub const MAX_MODEL_LEN: usize = 256;
+
+/// The `model` field as found in a body.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub enum ModelField<'a> {
+    /// Not present, or `null`.
+    #[default]
+    Absent,
+    /// A string.
+    Str(Cow<'a, str>),
+    /// Present but not a string.
+    NotAString,
+}
+
+/// The request fields keygate reads from a JSON body.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RequestFields<'a> {
+    /// `model`.
+    pub model: ModelField<'a>,
+    /// `stream: true`.
+    pub stream: bool,
+    /// `stream_options.include_usage`, when given as a boolean.
+    pub include_usage: Option<bool>,
+    /// `max_completion_tokens`, else `max_tokens`, else `max_output_tokens`.
+    pub max_tokens: Option<u64>,
+}
+
+/// Read the fields keygate needs from a JSON request body. The whole body is checked to be one
+/// valid JSON object (nesting depth is bounded by serde_json); unknown fields are skipped.
+pub fn parse_json_fields(body: &[u8]) -> Result<RequestFields<'_>, Denial> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let fields = de.deserialize_map(FieldsVisitor).map_err(json_denial)?;
+    de.end().map_err(json_denial)?;
+    Ok(fields)
+}
+
+fn json_denial(e: serde_json::Error) -> Denial {
+    let message = if e.is_data() && e.to_string().starts_with("invalid type") {
+        "The request body must be a JSON object.".to_string()
+    } else {
+        format!("The request body is not valid JSON: {e}")
+    };
+    Denial::with_message(Reason::InvalidJson, message)
+}
+
+struct FieldsVisitor;
+
+impl<'de> Visitor<'de> for FieldsVisitor {
+    type Value = RequestFields<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = RequestFields::default();
+        let mut seen_model = false;
+        let (mut mct, mut mt, mut mot) = (None, None, None);
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match &*key {
+                "model" => {
+                    if seen_model {
+                        return Err(de::Error::custom("duplicate field `model`"));
+                    }
+                    seen_model = true;
+                    out.model = map.next_value::<ModelValue>()?.0;
+                }
+                "stream" => out.stream = map.next_value::<Lenient<bool>>()?.0 == Some(true),
+                "stream_options" => out.include_usage = map.next_value::<StreamOptions>()?.0,
+                "max_completion_tokens" => mct = map.next_value::<Lenient<u64>>()?.0,
+                "max_tokens" => mt = map.next_value::<Lenient<u64>>()?.0,
+                "max_output_tokens" => mot = map.next_value::<Lenient<u64>>()?.0,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        out.max_tokens = mct.or(mt).or(mot);
+        Ok(out)
+    }
+}
+
+struct ModelValue<'a>(ModelField<'a>);
+
+impl<'de> de::Deserialize<'de> for ModelValue<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ModelValue<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a model name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(ModelValue(ModelField::Str(Cow::Borrowed(v))))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(ModelValue(ModelField::Str(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(ModelValue(ModelField::Absent))
+            }
+            fn visit_none<E>(self) -> Result<Self::Value, E> {
+                Ok(ModelValue(ModelField::Absent))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(ModelValue(ModelField::NotAString))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(ModelValue(ModelField::NotAString))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(ModelValue(ModelField::NotAString))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(ModelValue(ModelField::NotAString))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
+                while s.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(ModelValue(ModelField::NotAString))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+                while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(ModelValue(ModelField::NotAString))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A value of type `T` if the JSON has one there, `None` (never an error) for anything else.
+struct Lenient<T>(Option<T>);
+
+macro_rules! lenient_visitor_common {
+    () => {
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(Lenient(None))
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(Lenient(None))
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
+            while s.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(Lenient(None))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(Lenient(None))
+        }
+    };
+}
+
+impl<'de> de::Deserialize<'de> for Lenient<bool> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Lenient<bool>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(Lenient(Some(v)))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            lenient_visitor_common!();
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> de::Deserialize<'de> for Lenient<u64> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Lenient<u64>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(Lenient(u64::try_from(v).ok()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Lenient(Some(v)))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+                let ok = v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v < 1e15;
+                Ok(Lenient(ok.then_some(v as u64)))
+            }
+            lenient_visitor_common!();
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `stream_options` → its `include_usage` when that is a boolean.
+struct StreamOptions(Option<bool>);
+
+impl<'de> de::Deserialize<'de> for StreamOptions {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StreamOptions;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+                let mut include = None;
+                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+                    if k == "include_usage" {
+                        include = m.next_value::<Lenient<bool>>()?.0;
+                    } else {
+                        m.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(StreamOptions(include))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
+                while s.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(StreamOptions(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(StreamOptions(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(StreamOptions(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(StreamOptions(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(StreamOptions(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(StreamOptions(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(StreamOptions(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The model in a Gemini path: `/v1beta/models/{model}:{method}` (also `/v1/…`, `/v1alpha/…`).
+pub fn gemini_model(path: &str) -> Option<&str> {
+    let rest = path
+        .strip_prefix("/v1beta/models/")
+        .or_else(|| path.strip_prefix("/v1/models/"))
+        .or_else(|| path.strip_prefix("/v1alpha/models/"))?;
+    let (model, _method) = rest.split_once(':')?;
+    (!model.is_empty() && !model.contains('/')).then_some(model)
+}
+
+/// The value of the `model` field of a `multipart/form-data` body.
+pub fn multipart_model(content_type: &str, body: &[u8]) -> Option<String> {
+    let boundary = content_type.split(';').find_map(|p| {
+        let p = p.trim();
+        let v = p
+            .strip_prefix("boundary=")
+            .or_else(|| p.strip_prefix("BOUNDARY="))?;
+        Some(v.trim_matches('"'))
+    })?;
+    if boundary.is_empty() {
+        return None;
+    }
+    let delim = format!("--{boundary}");
+    let finder = memchr::memmem::Finder::new(delim.as_bytes());
+    let mut pos = finder.find(body)? + delim.len();
+    loop {
+        let rest = body.get(pos..)?;
+        if rest.starts_with(b"--") {
+            return None;
+        }
+        let head_end = memchr::memmem::find(rest, b"\r\n\r\n")?;
+        let head = &rest[..head_end];
+        let value_start = head_end + 4;
+        let value_len =
+            memchr::memmem::find(&rest[value_start..], format!("\r\n{delim}").as_bytes())?;
+        if is_model_part(head) {
+            let v = std::str::from_utf8(&rest[value_start..value_start + value_len]).ok()?;
+            return Some(v.trim().to_string());
+        }
+        pos += value_start + value_len + 2 + delim.len();
+    }
+}
+
+fn is_model_part(head: &[u8]) -> bool {
+    head.split(|&b| b == b'\n').any(|line| {
+        let line = String::from_utf8_lossy(line).to_ascii_lowercase();
+        line.starts_with("content-disposition:")
+            && line
+                .split(';')
+                .any(|p| matches!(p.trim(), "name=\"model\"" | "name=model"))
+    })
+}
+
+/// Whether a client-supplied request id is sane enough to keep: 1–128 of `[A-Za-z0-9._:-]`.
+pub fn sane_request_id(v: &[u8]) -> bool {
+    (1..=128).contains(&v.len())
+        && v.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn credential_order_is_the_specs() {
+        let h = headers(&[
+            ("authorization", "Bearer sk-bearer"),
+            ("x-goog-api-key", "sk-goog"),
+            ("x-api-key", "sk-anthropic"),
+            (
+                "sec-websocket-protocol",
+                "realtime, openai-insecure-api-key.sk-ws",
+            ),
+        ]);
+        let c = find_credential(&h, Some("key=sk-query")).unwrap();
+        assert_eq!(&*c.secret, b"sk-ws");
+        let h = headers(&[
+            ("authorization", "Bearer sk-bearer"),
+            ("x-goog-api-key", "sk-goog"),
+        ]);
+        assert_eq!(
+            find_credential(&h, Some("key=q")).unwrap().style,
+            CredentialStyle::XGoogApiKey
+        );
+        let h = headers(&[("authorization", "Bearer sk-bearer")]);
+        let c = find_credential(&h, Some("a=1&key=sk-q")).unwrap();
+        assert_eq!(
+            (&*c.secret, c.style),
+            (&b"sk-q"[..], CredentialStyle::QueryKey)
+        );
+        let c = find_credential(&h, None).unwrap();
+        assert_eq!(&*c.secret, b"sk-bearer");
+    }
+
+    #[test]
+    fn raw_key_and_empty_bearer() {
+        let h = headers(&[("authorization", "sk-raw")]);
+        assert_eq!(&*find_credential(&h, None).unwrap().secret, b"sk-raw");
+        for v in ["Bearer", "Bearer ", "bearer   "] {
+            let h = headers(&[("authorization", v)]);
+            assert!(find_credential(&h, None).is_none(), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn credential_debug_shows_a_prefix_only() {
+        let h = headers(&[("authorization", "Bearer sk-abcdefghijklmnop")]);
+        let s = format!("{:?}", find_credential(&h, None).unwrap());
+        assert!(!s.contains("ghijkl"), "{s}");
+    }
+
+    #[test]
+    fn stripping_query_and_ws_protocol() {
+        assert_eq!(strip_query_key("a=1&key=x&b=2").as_deref(), Some("a=1&b=2"));
+        assert_eq!(strip_query_key("a=1"), None);
+        assert_eq!(
+            strip_ws_key_protocol(b"realtime, openai-insecure-api-key.sk-x").as_deref(),
+            Some(&b"realtime"[..])
+        );
+        assert_eq!(strip_ws_key_protocol(b"openai-insecure-api-key.sk-x"), None);
+    }
+
+    #[test]
+    fn json_fields() {
+        let f = parse_json_fields(
+            br#"{"messages":[{"role":"user","content":"hi \"model\""}],"model":"gpt-4o","stream":true,"stream_options":{"include_usage":false},"max_tokens":7}"#,
+        )
+        .unwrap();
+        assert_eq!(f.model, ModelField::Str(Cow::Borrowed("gpt-4o")));
+        assert!(f.stream);
+        assert_eq!(f.include_usage, Some(false));
+        assert_eq!(f.max_tokens, Some(7));
+    }
+
+    #[test]
+    fn json_bad_shapes() {
+        assert_eq!(
+            parse_json_fields(b"[1]").unwrap_err().reason,
+            Reason::InvalidJson
+        );
+        assert_eq!(
+            parse_json_fields(b"{").unwrap_err().reason,
+            Reason::InvalidJson
+        );
+        assert_eq!(
+            parse_json_fields(b"{} x").unwrap_err().reason,
+            Reason::InvalidJson
+        );
+        let deep = "[".repeat(10_000);
+        let body = format!("{{\"a\":{deep}");
+        assert_eq!(
+            parse_json_fields(body.as_bytes()).unwrap_err().reason,
+            Reason::InvalidJson
+        );
+        assert_eq!(
+            parse_json_fields(br#"{"model":5}"#).unwrap().model,
+            ModelField::NotAString
+        );
+        assert_eq!(
+            parse_json_fields(br#"{"model":null}"#).unwrap().model,
+            ModelField::Absent
+        );
+        assert!(parse_json_fields(br#"{"model":"a","model":"b"}"#).is_err());
+        let f = parse_json_fields(br#"{"model":"m","stream":"yes","max_tokens":-3}"#).unwrap();
+        assert!(!f.stream);
+        assert_eq!(f.max_tokens, None);
+    }
+
+    #[test]
+    fn gemini_paths() {
+        assert_eq!(
+            gemini_model("/v1beta/models/gemini-1.5-pro:generateContent"),
+            Some("gemini-1.5-pro")
+        );
+        assert_eq!(gemini_model("/v1beta/models"), None);
+        assert_eq!(gemini_model("/v1/chat/completions"), None);
+    }
+
+    #[test]
+    fn multipart() {
+        let body = b"--XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\r\n--XX\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XX--\r\n";
+        assert_eq!(
+            multipart_model("multipart/form-data; boundary=XX", body).as_deref(),
+            Some("whisper-1")
+        );
+        assert_eq!(
+            multipart_model("multipart/form-data; boundary=YY", body),
+            None
+        );
+        assert_eq!(multipart_model("multipart/form-data", body), None);
+    }
+
+    #[test]
+    fn request_ids() {
+        assert!(sane_request_id(b"req-123_abc.def:1"));
+        assert!(!sane_request_id(b""));
+        assert!(!sane_request_id(b"a b"));
+        assert!(!sane_request_id(&[b'a'; 129]));
+    }
+}

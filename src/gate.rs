@@ -1,0 +1,951 @@
+//! `Gate`: the plugin API. One method per Pingora phase, called from a host's own `ProxyHttp`
+//! (or from [`crate::proxy::KeygateProxy`]); plus the pure admission core they are built on.
+//!
+//! A request's path: [`Gate::request_filter`] takes one table snapshot, finds the credential,
+//! checks the key (status, expiry, IP), reads the body up to the cap, finds the model, checks it
+//! against the key and its group, and picks the upstream. A refusal is written there and the
+//! phase returns `Ok(true)`. [`Gate::upstream_request_filter`] swaps the client's credential for
+//! the upstream's; [`Gate::request_body_filter`] forwards the buffered body;
+//! [`Gate::logging`] records the outcome. The quota reservation (SPEC §4) is taken at the end of
+//! `request_filter` and settled in `logging`.
+
+use crate::config::Config;
+use crate::credential::{self, CredentialStyle, ModelField};
+use crate::errors::{Denial, ErrorShape, Reason};
+use crate::metrics::{model_label, Metrics};
+use crate::policy;
+use crate::proxy::Upstreams;
+use crate::table::{key_digest, Digest, KeyRecord, KeyTable};
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue};
+use ipnet::IpNet;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, Session};
+use pingora::{Error, ErrorType, Result};
+use std::borrow::Cow;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Pingora's retry buffer holds this much of a request body; a body read early must reach the
+/// upstream through it (see [`Gate::request_filter`]).
+const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
+
+/// A refused request whose unread body is at most this large is drained so the connection can
+/// be kept alive; a larger one closes the connection.
+const DRAIN_LIMIT: u64 = 64 * 1024;
+
+/// Current unix time in seconds.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// A key that passed the header-only checks (credential, lookup, status, expiry, IP).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct KeyAdmission {
+    /// The key's digest in the table snapshot.
+    pub digest: Digest,
+    /// The key's id.
+    pub key_id: u64,
+    /// Where the client put the key.
+    pub style: CredentialStyle,
+    /// The client IP the checks used.
+    pub client_ip: IpAddr,
+}
+
+impl std::fmt::Debug for KeyAdmission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyAdmission")
+            .field("key_id", &self.key_id)
+            .field("style", &self.style)
+            .field("client_ip", &self.client_ip)
+            .finish()
+    }
+}
+
+/// The header-only checks, in the spec's order: credential, lookup, status, expiry, IP.
+/// Pure: no I/O, no Pingora types.
+#[inline]
+pub fn admit_key(
+    table: &KeyTable,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    peer: IpAddr,
+    trusted_proxies: &[IpNet],
+    now_unix: i64,
+) -> std::result::Result<KeyAdmission, Denial> {
+    let cred = credential::find_credential(headers, query).ok_or(Reason::MissingApiKey)?;
+    let digest = key_digest(&cred.secret);
+    let key = table.lookup(&digest).ok_or(Reason::InvalidApiKey)?;
+    policy::check_key_state(key, now_unix)?;
+    let client_ip = if trusted_proxies.is_empty() {
+        policy::canonical_ip(peer)
+    } else {
+        let xff: Vec<&[u8]> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        policy::client_ip(peer, &xff, trusted_proxies)
+    };
+    policy::check_ip(key, client_ip)?;
+    Ok(KeyAdmission {
+        digest,
+        key_id: key.id,
+        style: cred.style,
+        client_ip,
+    })
+}
+
+/// The model checks: allowed for the key and its group, then served by an upstream.
+/// Returns the upstream's index. Pure.
+#[inline]
+pub fn admit_model(
+    table: &KeyTable,
+    key: &KeyRecord,
+    upstreams: &Upstreams,
+    model: &str,
+) -> std::result::Result<usize, Denial> {
+    policy::check_model(key, table.group_of(key), model)?;
+    upstreams.route(model).ok_or_else(|| {
+        Denial::with_message(
+            Reason::ModelNotFound,
+            format!(
+                "The model {:?} is not served by this gateway.",
+                model.chars().take(64).collect::<String>()
+            ),
+        )
+    })
+}
+
+/// The model a request names: a Gemini path, the JSON body's `model`, a multipart `model`
+/// field, or `?model=`, in that order. `Ok(None)` when there is none.
+pub fn find_model<'a>(
+    path: &'a str,
+    query: Option<&'a str>,
+    content_type: Option<&str>,
+    body: &'a [u8],
+) -> std::result::Result<(Option<Cow<'a, str>>, BodyFacts), Denial> {
+    let mut facts = BodyFacts::default();
+    if let Some(m) = credential::gemini_model(path) {
+        return Ok((Some(Cow::Borrowed(m)), facts));
+    }
+    let ct = content_type.unwrap_or("").trim_start().to_ascii_lowercase();
+    let mut model = None;
+    if ct.starts_with("multipart/form-data") {
+        model = credential::multipart_model(content_type.unwrap_or(""), body).map(Cow::Owned);
+    } else if ct.contains("json") || body.trim_ascii_start().first() == Some(&b'{') {
+        let fields = credential::parse_json_fields(body)?;
+        facts = BodyFacts {
+            stream: fields.stream,
+            include_usage: fields.include_usage,
+            max_tokens: fields.max_tokens,
+        };
+        match fields.model {
+            ModelField::Str(s) => model = Some(s),
+            ModelField::NotAString => return Err(Denial::new(Reason::InvalidModel)),
+            ModelField::Absent => {}
+        }
+    } else if !body.is_empty() && ct.is_empty() {
+        // A body with no content type that is not a JSON object.
+        credential::parse_json_fields(body)?;
+    }
+    if model.is_none() {
+        model = query.and_then(|q| credential::query_param(q, "model"));
+    }
+    match model {
+        Some(m) if m.len() > credential::MAX_MODEL_LEN => Err(Denial::with_message(
+            Reason::InvalidModel,
+            format!(
+                "The model name is longer than {} bytes.",
+                credential::MAX_MODEL_LEN
+            ),
+        )),
+        Some(m) if m.is_empty() => Ok((None, facts)),
+        m => Ok((m, facts)),
+    }
+}
+
+/// What the body says about the call, for the quota reservation and usage accounting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BodyFacts {
+    /// `stream: true`.
+    pub stream: bool,
+    /// `stream_options.include_usage` as the client sent it.
+    pub include_usage: Option<bool>,
+    /// The completion budget the client asked for.
+    pub max_tokens: Option<u64>,
+}
+
+/// How a request ended, for metrics and logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not decided yet.
+    #[default]
+    Pending,
+    /// Forwarded upstream.
+    Admitted,
+    /// Refused by keygate.
+    Denied(Reason),
+    /// Answered by keygate itself (`/v1/models`).
+    Local,
+    /// Admitted, but the upstream failed.
+    Failed(Reason),
+}
+
+impl Outcome {
+    fn label(self) -> (&'static str, Option<Reason>) {
+        match self {
+            Outcome::Pending => ("pending", None),
+            Outcome::Admitted => ("admitted", None),
+            Outcome::Denied(r) => ("denied", Some(r)),
+            Outcome::Local => ("local", None),
+            Outcome::Failed(r) => ("failed", Some(r)),
+        }
+    }
+}
+
+/// Per-request state. Create with [`Gate::new_ctx`]; read it from any phase.
+#[derive(Default)]
+pub struct GateCtx {
+    request_id: Option<HeaderValue>,
+    shape: ErrorShape,
+    table: Option<Arc<KeyTable>>,
+    key: Option<KeyAdmission>,
+    model: Option<String>,
+    upstream: Option<usize>,
+    body: Option<Bytes>,
+    facts: BodyFacts,
+    outcome: Outcome,
+    gate_time: Duration,
+    upstream_started: Option<Instant>,
+}
+
+impl GateCtx {
+    /// The request id sent upstream and back to the client.
+    pub fn request_id(&self) -> Option<&str> {
+        self.request_id.as_ref().and_then(|v| v.to_str().ok())
+    }
+    /// The admitted key's id.
+    pub fn key_id(&self) -> Option<u64> {
+        self.key.map(|k| k.key_id)
+    }
+    /// The model the request names.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+    /// The chosen upstream's index.
+    pub fn upstream(&self) -> Option<usize> {
+        self.upstream
+    }
+    /// How the request ended (so far).
+    pub fn outcome(&self) -> Outcome {
+        self.outcome
+    }
+    /// What the body said (stream, include_usage, max_tokens).
+    pub fn body_facts(&self) -> BodyFacts {
+        self.facts
+    }
+    /// The client IP used for the checks.
+    pub fn client_ip(&self) -> Option<IpAddr> {
+        self.key.map(|k| k.client_ip)
+    }
+    /// Time spent in keygate's own logic so far (I/O excluded).
+    pub fn gate_time(&self) -> Duration {
+        self.gate_time
+    }
+    fn key_record(&self) -> Option<&KeyRecord> {
+        let key = self.key.as_ref()?;
+        self.table.as_ref()?.lookup(&key.digest)
+    }
+}
+
+/// Settings the gate needs besides the key table and the upstreams.
+#[derive(Clone, Debug)]
+pub struct GateOptions {
+    /// Largest request body accepted, bytes.
+    pub max_body_bytes: u64,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl Default for GateOptions {
+    fn default() -> Self {
+        GateOptions {
+            max_body_bytes: 10 * 1024 * 1024,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+struct Inner {
+    table: Arc<ArcSwap<KeyTable>>,
+    upstreams: Upstreams,
+    options: GateOptions,
+    metrics: Arc<Metrics>,
+    id_prefix: String,
+    id_counter: AtomicU64,
+}
+
+/// The gate. Cheap to clone; all clones share the table, upstreams and metrics.
+#[derive(Clone)]
+pub struct Gate {
+    inner: Arc<Inner>,
+}
+
+enum BodyError {
+    Denied(Denial),
+    Fault(Box<Error>),
+}
+
+impl Gate {
+    /// A gate over `table` routing to `upstreams`.
+    pub fn new(table: KeyTable, upstreams: Upstreams, options: GateOptions) -> Gate {
+        let mut seed = [0u8; 4];
+        let _ = getrandom::fill(&mut seed);
+        let metrics = Metrics::new();
+        metrics.observe_table(&table, unix_now());
+        metrics.reloads.with_label_values(&["ok"]).inc();
+        Gate {
+            inner: Arc::new(Inner {
+                table: Arc::new(ArcSwap::from_pointee(table)),
+                upstreams,
+                options,
+                metrics,
+                id_prefix: hex::encode(seed),
+                id_counter: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// A gate from a loaded config: reads the sync file, builds the upstreams.
+    pub fn from_config(config: &Config) -> std::result::Result<Gate, String> {
+        let table = KeyTable::load(&config.sync_file).map_err(|e| e.to_string())?;
+        let upstreams = Upstreams::from_config(&config.upstreams)?;
+        let trusted_proxies = config
+            .trusted_proxies
+            .iter()
+            .map(|c| policy::parse_cidr(c))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Gate::new(
+            table,
+            upstreams,
+            GateOptions {
+                max_body_bytes: config.max_body_bytes,
+                trusted_proxies,
+            },
+        ))
+    }
+
+    /// The current table snapshot.
+    pub fn table(&self) -> Arc<KeyTable> {
+        self.inner.table.load_full()
+    }
+
+    /// The shared handle the table is published through.
+    pub fn table_handle(&self) -> Arc<ArcSwap<KeyTable>> {
+        self.inner.table.clone()
+    }
+
+    /// Publish a new table; requests already running keep the one they started with.
+    pub fn swap_table(&self, table: KeyTable) {
+        self.inner.metrics.observe_table(&table, unix_now());
+        self.inner.table.store(Arc::new(table));
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.inner.metrics.clone()
+    }
+
+    /// The upstreams.
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.inner.upstreams
+    }
+
+    /// A fresh per-request context.
+    pub fn new_ctx(&self) -> GateCtx {
+        GateCtx::default()
+    }
+
+    fn request_id_for(&self, req: &RequestHeader) -> HeaderValue {
+        if let Some(v) = req.headers.get("x-request-id") {
+            if credential::sane_request_id(v.as_bytes()) {
+                return v.clone();
+            }
+        }
+        let n = self.inner.id_counter.fetch_add(1, Ordering::Relaxed);
+        let id = format!("kg-{}-{n:x}", self.inner.id_prefix);
+        HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("kg"))
+    }
+
+    /// Phase `request_filter`: every check, the body read, the model and the upstream.
+    /// Returns `Ok(true)` when keygate has answered (a refusal or a local endpoint).
+    pub async fn request_filter(&self, session: &mut Session, ctx: &mut GateCtx) -> Result<bool> {
+        let started = Instant::now();
+        let req = session.req_header();
+        ctx.request_id = Some(self.request_id_for(req));
+        ctx.shape = ErrorShape::for_path(req.uri.path());
+        let table = self.inner.table.load_full();
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+        let req = session.req_header();
+        let admitted = admit_key(
+            &table,
+            &req.headers,
+            req.uri.query(),
+            peer,
+            &self.inner.options.trusted_proxies,
+            unix_now(),
+        );
+        ctx.table = Some(table);
+        match admitted {
+            Ok(k) => ctx.key = Some(k),
+            Err(d) => {
+                ctx.gate_time += started.elapsed();
+                return self.deny(session, ctx, d).await;
+            }
+        }
+
+        if let Some(answer) = self.local_answer(session.req_header(), ctx) {
+            ctx.outcome = Outcome::Local;
+            ctx.gate_time += started.elapsed();
+            self.write_answer(session, ctx, 200, answer).await?;
+            return Ok(true);
+        }
+        ctx.gate_time += started.elapsed();
+
+        let body = match self.read_body(session).await {
+            Ok(b) => b,
+            Err(BodyError::Denied(d)) => return self.deny(session, ctx, d).await,
+            Err(BodyError::Fault(e)) => return Err(e),
+        };
+
+        let started = Instant::now();
+        let decided = self.admit_call(session.req_header(), &body, ctx);
+        if !body.is_empty() {
+            ctx.body = Some(body);
+        }
+        ctx.gate_time += started.elapsed();
+        match decided {
+            Ok(()) => {
+                ctx.outcome = Outcome::Admitted;
+                Ok(false)
+            }
+            Err(d) => self.deny(session, ctx, d).await,
+        }
+    }
+
+    /// Model, key/group policy and routing for a request whose body has been read.
+    fn admit_call(
+        &self,
+        req: &RequestHeader,
+        body: &[u8],
+        ctx: &mut GateCtx,
+    ) -> std::result::Result<(), Denial> {
+        let content_type = req
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let (model, facts) = find_model(req.uri.path(), req.uri.query(), content_type, body)?;
+        ctx.facts = facts;
+        let model = model.ok_or(Reason::ModelRequired)?;
+        let (Some(table), Some(key)) = (ctx.table.as_ref(), ctx.key_record()) else {
+            return Err(Denial::new(Reason::InvalidApiKey));
+        };
+        let upstream = admit_model(table, key, &self.inner.upstreams, &model)?;
+        ctx.model = Some(model.into_owned());
+        ctx.upstream = Some(upstream);
+        Ok(())
+    }
+
+    /// Read the whole request body, up to `max_body_bytes`.
+    ///
+    /// Pingora forwards a body that was read before the upstream was chosen only through its
+    /// retry buffer, which holds 64 KiB; a larger early-read body would never reach the
+    /// upstream. So retry buffering is switched on just before the last 64 KiB of a body with a
+    /// Content-Length: the buffer then holds that tail untruncated, Pingora replays it through
+    /// `request_body_filter`, and [`Gate::request_body_filter`] swaps in the whole body. A
+    /// chunked body has no known tail, so it is buffered from the start and must fit in 64 KiB
+    /// (411 `length_required` above that).
+    async fn read_body(&self, session: &mut Session) -> std::result::Result<Bytes, BodyError> {
+        let cap = self.inner.options.max_body_bytes;
+        let headers = &session.req_header().headers;
+        let chunked = headers
+            .get(http::header::TRANSFER_ENCODING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+        let declared = match headers.get(http::header::CONTENT_LENGTH) {
+            None => None,
+            Some(v) => Some(
+                std::str::from_utf8(v.as_bytes())
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        BodyError::Denied(Denial::with_message(
+                            Reason::InvalidJson,
+                            "The Content-Length header is not a number.",
+                        ))
+                    })?,
+            ),
+        };
+        if let Some(len) = declared {
+            if len > cap {
+                return Err(BodyError::Denied(Denial::with_message(
+                    Reason::RequestTooLarge,
+                    format!("The request body is {len} bytes; this gateway accepts at most {cap}."),
+                )));
+            }
+        }
+        let expects_continue = headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if session.is_body_empty() || (declared.is_none() && !chunked) {
+            return Ok(Bytes::new());
+        }
+        if expects_continue {
+            session
+                .write_continue_response()
+                .await
+                .map_err(BodyError::Fault)?;
+        }
+
+        let capacity = declared.map_or(RETRY_BUFFER_LIMIT as u64, |l| l.min(cap));
+        let mut buf = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
+        let mut buffering = false;
+        loop {
+            let remaining = declared.map(|l| l.saturating_sub(buf.len() as u64));
+            if !buffering && remaining.is_none_or(|r| r <= RETRY_BUFFER_LIMIT as u64) {
+                session.enable_retry_buffering();
+                buffering = true;
+            }
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if (buf.len() + chunk.len()) as u64 > cap {
+                        return Err(BodyError::Denied(Denial::with_message(
+                            Reason::RequestTooLarge,
+                            format!("The request body is larger than {cap} bytes."),
+                        )));
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(BodyError::Denied(Denial::with_message(
+                        Reason::IncompleteBody,
+                        format!("The request body could not be read: {:?}", e.etype()),
+                    )))
+                }
+            }
+        }
+        if session.retry_buffer_truncated() {
+            return Err(BodyError::Denied(Denial::new(Reason::LengthRequired)));
+        }
+        Ok(buf.freeze())
+    }
+
+    /// Answers keygate gives itself for an admitted key: `GET /v1/models[/{id}]`.
+    fn local_answer(&self, req: &RequestHeader, ctx: &GateCtx) -> Option<Vec<u8>> {
+        if req.method != http::Method::GET {
+            return None;
+        }
+        let path = req.uri.path();
+        let (table, key) = (ctx.table.as_ref()?, ctx.key_record()?);
+        if path == "/v1/models" || path == "/v1/models/" {
+            let data: Vec<_> = self
+                .models_for(table, key)
+                .into_iter()
+                .map(|(id, owner)| model_object(&id, owner))
+                .collect();
+            let v = serde_json::json!({"object": "list", "data": data});
+            return Some(v.to_string().into_bytes());
+        }
+        let id = path.strip_prefix("/v1/models/")?;
+        if id.contains(':') || id.is_empty() {
+            return None;
+        }
+        let owner = self
+            .models_for(table, key)
+            .into_iter()
+            .find(|(m, _)| m == id)
+            .map(|(_, owner)| owner);
+        Some(match owner {
+            Some(owner) => model_object(id, owner).to_string().into_bytes(),
+            None => Denial::with_message(
+                Reason::ModelNotFound,
+                format!(
+                    "The model {:?} does not exist or you do not have access to it.",
+                    id
+                ),
+            )
+            .body(ctx.shape),
+        })
+    }
+
+    /// The models a key may use and that an upstream serves, with the upstream's name. Only
+    /// exact names can be listed: wildcards are expanded against every name the sync file and
+    /// the upstreams mention.
+    pub fn models_for<'a>(
+        &'a self,
+        table: &'a KeyTable,
+        key: &'a KeyRecord,
+    ) -> Vec<(String, &'a str)> {
+        let group = table.group_of(key);
+        let mut names: std::collections::BTreeSet<&str> = table.priced_models().collect();
+        if let Some(m) = &key.models {
+            names.extend(m.exact_names());
+        }
+        if let Some(m) = &group.models {
+            names.extend(m.exact_names());
+        }
+        for u in self.inner.upstreams.iter() {
+            names.extend(u.exact_models());
+        }
+        names
+            .into_iter()
+            .filter(|m| policy::model_allowed(key, group, m))
+            .filter_map(|m| {
+                let u = self.inner.upstreams.route(m)?;
+                let name = self
+                    .inner
+                    .upstreams
+                    .get(u)
+                    .map_or("keygate", |u| u.name.as_str());
+                Some((m.to_string(), name))
+            })
+            .collect()
+    }
+
+    async fn deny(&self, session: &mut Session, ctx: &mut GateCtx, d: Denial) -> Result<bool> {
+        log::debug!("request {} denied: {d}", ctx.request_id().unwrap_or("-"));
+        ctx.outcome = Outcome::Denied(d.reason);
+        self.write_answer(session, ctx, d.status(), d.body(ctx.shape))
+            .await?;
+        Ok(true)
+    }
+
+    /// Write a JSON answer. An unread request body of up to 64 KiB is drained first so the
+    /// connection stays usable; a larger or unbounded one closes it.
+    async fn write_answer(
+        &self,
+        session: &mut Session,
+        ctx: &GateCtx,
+        status: u16,
+        body: Vec<u8>,
+    ) -> Result<()> {
+        let mut keep_alive = true;
+        if !session.is_body_done() {
+            let declared = session
+                .req_header()
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| {
+                    std::str::from_utf8(v.as_bytes())
+                        .ok()?
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                });
+            keep_alive = match declared {
+                Some(len) if len <= DRAIN_LIMIT => session.drain_request_body().await.is_ok(),
+                _ => false,
+            };
+        }
+        if !keep_alive {
+            session.set_keepalive(None);
+        }
+        let mut resp = ResponseHeader::build(status, Some(4))?;
+        resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+        if let Some(id) = &ctx.request_id {
+            resp.insert_header("x-request-id", id.clone())?;
+        }
+        if !keep_alive {
+            resp.insert_header(http::header::CONNECTION, "close")?;
+        }
+        session.write_response_header(Box::new(resp), false).await?;
+        session
+            .write_response_body(Some(Bytes::from(body)), true)
+            .await
+    }
+
+    /// Phase `upstream_peer`: where the admitted request goes.
+    pub fn upstream_peer(&self, ctx: &GateCtx) -> Result<Box<HttpPeer>> {
+        ctx.upstream
+            .and_then(|i| self.inner.upstreams.get(i))
+            .map(|u| u.peer())
+            .ok_or_else(|| {
+                Error::explain(
+                    ErrorType::InternalError,
+                    "upstream_peer called for a request the gate did not admit",
+                )
+            })
+    }
+
+    /// Phase `upstream_request_filter`: remove every client credential (headers and query), set
+    /// the upstream's own in the client's style, the upstream `Host`, the request id and the
+    /// length of the buffered body.
+    pub async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut GateCtx,
+    ) -> Result<()> {
+        strip_client_credentials(req)?;
+        req.remove_header(&http::header::EXPECT);
+        let upstream = ctx
+            .upstream
+            .and_then(|i| self.inner.upstreams.get(i))
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream chosen"))?;
+        let style = ctx.key.map(|k| k.style).unwrap_or_default();
+        upstream.prepare_request(req, style)?;
+        if let Some(id) = &ctx.request_id {
+            req.insert_header("x-request-id", id.clone())?;
+        }
+        if let Some(body) = &ctx.body {
+            req.remove_header(&http::header::TRANSFER_ENCODING);
+            req.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+        }
+        ctx.upstream_started = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Phase `request_body_filter`: the body was read in `request_filter`; Pingora replays only
+    /// its tail (see [`Gate::read_body`]), which is replaced here by the whole body.
+    pub async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut GateCtx,
+    ) -> Result<()> {
+        if let Some(full) = &ctx.body {
+            *body = Some(if end_of_stream {
+                full.clone()
+            } else {
+                Bytes::new()
+            });
+        }
+        Ok(())
+    }
+
+    /// Phase `response_filter`: the request id on the response.
+    pub async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut GateCtx,
+    ) -> Result<()> {
+        if let Some(id) = &ctx.request_id {
+            resp.insert_header("x-request-id", id.clone())?;
+        }
+        Ok(())
+    }
+
+    /// Phase `response_body_filter`: passes the body through as it arrives (never buffered).
+    pub fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        _ctx: &mut GateCtx,
+    ) -> Result<Option<Duration>> {
+        Ok(None)
+    }
+
+    /// Phase `fail_to_proxy`: an upstream that cannot be reached or fails before answering gets
+    /// a 502 (504 on a timeout) in the client's error shape, with the request id.
+    pub async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut GateCtx,
+    ) -> FailToProxy {
+        let reason = match e.etype() {
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                Some(Reason::UpstreamTimeout)
+            }
+            _ if matches!(e.esource(), pingora::ErrorSource::Upstream) => {
+                Some(Reason::UpstreamError)
+            }
+            _ => None,
+        };
+        let code = match (reason, e.etype()) {
+            (Some(r), _) => {
+                ctx.outcome = Outcome::Failed(r);
+                if session.response_written().is_none() {
+                    let d = Denial::new(r);
+                    if self
+                        .write_answer(session, ctx, d.status(), d.body(ctx.shape))
+                        .await
+                        .is_err()
+                    {
+                        log::debug!("could not send the error answer downstream");
+                    }
+                }
+                r.status()
+            }
+            (None, ErrorType::HTTPStatus(code)) => {
+                let _ = session.respond_error(*code).await;
+                *code
+            }
+            (None, ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed) => 0,
+            (None, _) => {
+                let status = if matches!(e.esource(), pingora::ErrorSource::Downstream) {
+                    400
+                } else {
+                    500
+                };
+                if session.response_written().is_none() {
+                    let _ = session.respond_error(status).await;
+                }
+                status
+            }
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Phase `logging`: metrics for the finished request.
+    pub async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut GateCtx) {
+        let m = &self.inner.metrics;
+        m.gate_duration.observe(ctx.gate_time.as_secs_f64());
+        if let (Some(started), Some(u)) = (
+            ctx.upstream_started,
+            ctx.upstream.and_then(|i| self.inner.upstreams.get(i)),
+        ) {
+            m.upstream_duration
+                .with_label_values(&[u.name.as_str()])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        if ctx.outcome == Outcome::Admitted && e.is_some() {
+            ctx.outcome = Outcome::Failed(Reason::UpstreamError);
+        }
+        let (outcome, reason) = ctx.outcome.label();
+        let (model, group) = match ctx.table.as_ref() {
+            Some(t) => (
+                model_label(t, ctx.model.as_deref()),
+                ctx.key_record().map_or("", |k| &*t.group_of(k).name),
+            ),
+            None => ("", ""),
+        };
+        m.count_request(outcome, reason, model, group);
+    }
+}
+
+fn model_object(id: &str, owner: &str) -> serde_json::Value {
+    serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": owner})
+}
+
+/// Remove every place a client credential can be: `Authorization`, `x-api-key`,
+/// `x-goog-api-key`, the key part of `Sec-WebSocket-Protocol`, and `?key=`.
+pub fn strip_client_credentials(req: &mut RequestHeader) -> Result<()> {
+    req.remove_header(&http::header::AUTHORIZATION);
+    req.remove_header("x-api-key");
+    req.remove_header("x-goog-api-key");
+    if let Some(v) = req.remove_header(&http::header::SEC_WEBSOCKET_PROTOCOL) {
+        if let Some(kept) = credential::strip_ws_key_protocol(v.as_bytes()) {
+            req.insert_header(http::header::SEC_WEBSOCKET_PROTOCOL, kept)?;
+        }
+    }
+    if let Some(q) = req.uri.query() {
+        if let Some(stripped) = credential::strip_query_key(q) {
+            let path = req.uri.path();
+            let pq = if stripped.is_empty() {
+                path.to_string()
+            } else {
+                format!("{path}?{stripped}")
+            };
+            let uri = pq
+                .parse::<http::Uri>()
+                .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad request target"))?;
+            req.set_uri(uri);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_sources_in_order() {
+        let (m, _) = find_model(
+            "/v1beta/models/gemini-pro:generateContent",
+            None,
+            None,
+            b"{\"model\":\"x\"}",
+        )
+        .unwrap();
+        assert_eq!(m.as_deref(), Some("gemini-pro"));
+        let (m, f) = find_model(
+            "/v1/chat/completions",
+            None,
+            Some("application/json"),
+            br#"{"model":"gpt-4o","stream":true}"#,
+        )
+        .unwrap();
+        assert_eq!(m.as_deref(), Some("gpt-4o"));
+        assert!(f.stream);
+        let (m, _) = find_model("/v1/realtime", Some("model=gpt-4o-realtime"), None, b"").unwrap();
+        assert_eq!(m.as_deref(), Some("gpt-4o-realtime"));
+        let (m, _) = find_model(
+            "/v1/chat/completions",
+            None,
+            Some("application/json"),
+            b"{}",
+        )
+        .unwrap();
+        assert_eq!(m, None);
+        let long = format!("{{\"model\":\"{}\"}}", "x".repeat(100_000));
+        assert_eq!(
+            find_model(
+                "/v1/chat/completions",
+                None,
+                Some("application/json"),
+                long.as_bytes()
+            )
+            .unwrap_err()
+            .reason,
+            Reason::InvalidModel
+        );
+        assert_eq!(
+            find_model("/v1/x", None, Some("application/json"), b"[\"gpt-4o\"]")
+                .unwrap_err()
+                .reason,
+            Reason::InvalidJson
+        );
+    }
+
+    #[test]
+    fn credentials_are_stripped_from_headers_and_query() {
+        let mut req = RequestHeader::build("GET", b"/v1/x?key=sk-secret&a=1", None).unwrap();
+        req.insert_header("authorization", "Bearer sk-secret")
+            .unwrap();
+        req.insert_header("x-api-key", "sk-secret").unwrap();
+        req.insert_header("x-goog-api-key", "sk-secret").unwrap();
+        req.insert_header(
+            "sec-websocket-protocol",
+            "realtime, openai-insecure-api-key.sk-secret",
+        )
+        .unwrap();
+        strip_client_credentials(&mut req).unwrap();
+        assert_eq!(req.uri.to_string(), "/v1/x?a=1");
+        assert!(req.headers.get("authorization").is_none());
+        assert!(req.headers.get("x-api-key").is_none());
+        assert!(req.headers.get("x-goog-api-key").is_none());
+        assert_eq!(
+            req.headers.get("sec-websocket-protocol").unwrap(),
+            "realtime"
+        );
+    }
+}

@@ -1,0 +1,88 @@
+//! keygate: an edge gateway for LLM APIs, as a Pingora plugin and a ready reverse proxy.
+//!
+//! On every request keygate decides whether this API key may make this call (status, expiry,
+//! client IP, model and group), and passes the call through with the client's key swapped for
+//! the upstream's own. The key table comes from a sync file (SPEC §2), compiled into an immutable
+//! table and published through `arc-swap`; a request keeps the snapshot it started with.
+//!
+//! # Embedding `Gate` in your own Pingora proxy
+//!
+//! [`Gate`] has one method per Pingora phase. Call them from yours; everything else in your
+//! `ProxyHttp` stays your own.
+//!
+//! ```no_run
+//! use async_trait::async_trait;
+//! use bytes::Bytes;
+//! use keygate::{Gate, GateCtx, GateOptions, KeyTable, Upstreams};
+//! use keygate::config::UpstreamConfig;
+//! use pingora::http::{RequestHeader, ResponseHeader};
+//! use pingora::prelude::*;
+//! use pingora::proxy::{ProxyHttp, Session};
+//!
+//! struct MyProxy { gate: Gate }
+//!
+//! #[async_trait]
+//! impl ProxyHttp for MyProxy {
+//!     type CTX = GateCtx;
+//!     fn new_ctx(&self) -> GateCtx { self.gate.new_ctx() }
+//!     async fn request_filter(&self, s: &mut Session, ctx: &mut GateCtx) -> Result<bool> {
+//!         // your own checks may run before or after keygate's
+//!         self.gate.request_filter(s, ctx).await
+//!     }
+//!     async fn upstream_peer(&self, _s: &mut Session, ctx: &mut GateCtx) -> Result<Box<HttpPeer>> {
+//!         self.gate.upstream_peer(ctx)
+//!     }
+//!     async fn upstream_request_filter(&self, s: &mut Session, r: &mut RequestHeader, ctx: &mut GateCtx) -> Result<()> {
+//!         self.gate.upstream_request_filter(s, r, ctx).await
+//!     }
+//!     async fn request_body_filter(&self, s: &mut Session, b: &mut Option<Bytes>, eos: bool, ctx: &mut GateCtx) -> Result<()> {
+//!         self.gate.request_body_filter(s, b, eos, ctx).await
+//!     }
+//!     async fn response_filter(&self, s: &mut Session, r: &mut ResponseHeader, ctx: &mut GateCtx) -> Result<()> {
+//!         self.gate.response_filter(s, r, ctx).await
+//!     }
+//!     async fn logging(&self, s: &mut Session, e: Option<&pingora::Error>, ctx: &mut GateCtx) {
+//!         self.gate.logging(s, e, ctx).await
+//!     }
+//! }
+//!
+//! fn main() {
+//!     let table = KeyTable::load(std::path::Path::new("conf/keys.json")).unwrap();
+//!     let upstreams = Upstreams::from_config(&[UpstreamConfig {
+//!         name: "vllm".into(),
+//!         url: "http://127.0.0.1:8000".into(),
+//!         api_key_env: None,
+//!         models: vec!["*".into()],
+//!         tls_verify: true,
+//!         connect_timeout_seconds: 10,
+//!         read_timeout_seconds: 300,
+//!         write_timeout_seconds: 60,
+//!         idle_timeout_seconds: 60,
+//!     }])
+//!     .unwrap();
+//!     let gate = Gate::new(table, upstreams, GateOptions::default());
+//!     let mut server = Server::new(None).unwrap();
+//!     server.bootstrap();
+//!     let mut svc = pingora::proxy::http_proxy_service(&server.configuration, MyProxy { gate });
+//!     svc.add_tcp("127.0.0.1:8080");
+//!     server.add_service(svc);
+//!     server.run_forever();
+//! }
+//! ```
+
+pub mod config;
+pub mod credential;
+pub mod demo;
+pub mod errors;
+pub mod gate;
+pub mod metrics;
+pub mod mock;
+pub mod policy;
+pub mod proxy;
+pub mod server;
+pub mod table;
+
+pub use errors::{Denial, ErrorShape, Reason};
+pub use gate::{Gate, GateCtx, GateOptions, Outcome};
+pub use proxy::{KeygateProxy, Upstreams};
+pub use table::KeyTable;

@@ -1,0 +1,191 @@
+//! Every Prometheus series in one place, and the metrics listener (`/metrics`, `/healthz`,
+//! `/readyz`). Label values are bounded: no raw keys, unknown models folded to `other`.
+
+use crate::errors::Reason;
+use crate::table::KeyTable;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use std::sync::Arc;
+
+/// The model label for `model`: itself when the sync file prices it, else `other`.
+pub fn model_label<'a>(table: &KeyTable, model: Option<&'a str>) -> &'a str {
+    match model {
+        Some(m) if table.is_known_model(m) => m,
+        Some(_) => "other",
+        None => "",
+    }
+}
+
+/// keygate's series, registered in their own registry.
+pub struct Metrics {
+    registry: Registry,
+    /// `keygate_requests_total{outcome,reason,model,group}`
+    pub requests: IntCounterVec,
+    /// `keygate_gate_duration_seconds`: keygate's own logic per request.
+    pub gate_duration: Histogram,
+    /// `keygate_upstream_duration_seconds{upstream}`: from forwarding to the last byte.
+    pub upstream_duration: HistogramVec,
+    /// `keygate_keys{state}`, computed at scrape time.
+    pub keys: IntGaugeVec,
+    /// `keygate_config_reloads_total{result}`
+    pub reloads: IntCounterVec,
+    /// `keygate_config_revision`
+    pub revision: IntGauge,
+}
+
+impl Metrics {
+    /// Create and register every series.
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("keygate_requests_total", "Requests by outcome and reason."),
+            &["outcome", "reason", "model", "group"],
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let gate_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "keygate_gate_duration_seconds",
+                "Time spent in keygate's own logic per request (not I/O).",
+            )
+            .buckets(vec![
+                1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3,
+            ]),
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "keygate_upstream_duration_seconds",
+                "Time from forwarding a request to the end of the upstream's response.",
+            )
+            .buckets(vec![
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+            ]),
+            &["upstream"],
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let keys = IntGaugeVec::new(
+            Opts::new("keygate_keys", "Keys in the loaded table by state."),
+            &["state"],
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let reloads = IntCounterVec::new(
+            Opts::new("keygate_config_reloads_total", "Sync-file loads by result."),
+            &["result"],
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let revision = IntGauge::new(
+            "keygate_config_revision",
+            "Revision of the loaded sync file.",
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(gate_duration.clone()),
+            Box::new(upstream_duration.clone()),
+            Box::new(keys.clone()),
+            Box::new(reloads.clone()),
+            Box::new(revision.clone()),
+        ] {
+            registry
+                .register(c)
+                .unwrap_or_else(|e| panic!("metric registration: {e}"));
+        }
+        for r in ["ok", "error"] {
+            reloads.with_label_values(&[r]);
+        }
+        Arc::new(Metrics {
+            registry,
+            requests,
+            gate_duration,
+            upstream_duration,
+            keys,
+            reloads,
+            revision,
+        })
+    }
+
+    /// Count one finished request.
+    pub fn count_request(&self, outcome: &str, reason: Option<Reason>, model: &str, group: &str) {
+        self.requests
+            .with_label_values(&[outcome, reason.map_or("", |r| r.code()), model, group])
+            .inc();
+    }
+
+    /// Refresh the per-state key gauges from `table` at time `now`.
+    pub fn observe_table(&self, table: &KeyTable, now: i64) {
+        let (mut enabled, mut disabled, mut expired) = (0i64, 0i64, 0i64);
+        for k in table.records() {
+            if k.status == crate::config::KeyStatus::Disabled {
+                disabled += 1;
+            } else if k.expires_at.is_some_and(|e| now >= e) {
+                expired += 1;
+            } else {
+                enabled += 1;
+            }
+        }
+        self.keys.with_label_values(&["enabled"]).set(enabled);
+        self.keys.with_label_values(&["disabled"]).set(disabled);
+        self.keys.with_label_values(&["expired"]).set(expired);
+        self.revision
+            .set(i64::try_from(table.revision).unwrap_or(i64::MAX));
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}
+
+/// The metrics listener's app: `/metrics`, `/healthz`, `/readyz`.
+pub struct MetricsApp {
+    metrics: Arc<Metrics>,
+    table: Arc<ArcSwap<KeyTable>>,
+}
+
+impl MetricsApp {
+    /// An app reporting `metrics` and the readiness of `table`.
+    pub fn new(metrics: Arc<Metrics>, table: Arc<ArcSwap<KeyTable>>) -> Self {
+        MetricsApp { metrics, table }
+    }
+}
+
+fn response(status: u16, content_type: &str, body: Vec<u8>) -> http::Response<Vec<u8>> {
+    http::Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .body(body)
+        .unwrap_or_default()
+}
+
+#[async_trait]
+impl ServeHttp for MetricsApp {
+    async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
+        match session.req_header().uri.path() {
+            "/metrics" => {
+                let table = self.table.load();
+                self.metrics.observe_table(&table, crate::gate::unix_now());
+                response(200, "text/plain; version=0.0.4", self.metrics.render())
+            }
+            "/healthz" => response(200, "text/plain", b"ok\n".to_vec()),
+            "/readyz" => {
+                let table = self.table.load();
+                let body = serde_json::json!({
+                    "ready": true,
+                    "revision": table.revision,
+                    "keys": table.len(),
+                });
+                response(200, "application/json", body.to_string().into_bytes())
+            }
+            _ => response(404, "text/plain", b"not found\n".to_vec()),
+        }
+    }
+}

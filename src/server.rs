@@ -1,0 +1,95 @@
+//! Assembling the Pingora server the binary runs: the proxy service on `listen` (with TLS when
+//! configured) and the metrics service on `metrics_listen`.
+
+use crate::config::Config;
+use crate::gate::Gate;
+use crate::metrics::MetricsApp;
+use crate::proxy::KeygateProxy;
+use pingora::apps::http_app::HttpServer;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use pingora::services::listening::Service;
+use std::net::{SocketAddr, TcpListener};
+
+/// Replace port 0 by a free port, so the address can be reported before Pingora binds it.
+pub fn resolve_port_zero(addr: &str) -> std::io::Result<String> {
+    let parsed: SocketAddr = addr
+        .parse()
+        .map_err(|_| std::io::Error::other(format!("{addr:?} is not an IP:port address")))?;
+    if parsed.port() != 0 {
+        return Ok(addr.to_string());
+    }
+    let probe = TcpListener::bind(parsed)?;
+    Ok(probe.local_addr()?.to_string())
+}
+
+/// The addresses the server will listen on, after port-0 resolution.
+#[derive(Clone, Debug)]
+pub struct Bound {
+    /// Proxy listener addresses.
+    pub proxy: Vec<String>,
+    /// Metrics listener address.
+    pub metrics: Option<String>,
+}
+
+/// Build the server for `config` around `gate`. Prints the bound addresses on stdout.
+pub fn build(config: &Config, gate: Gate) -> anyhow::Result<(Server, Bound)> {
+    let conf = ServerConf {
+        threads: config
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        grace_period_seconds: Some(config.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(config.grace_period_seconds.clamp(1, 10)),
+        upstream_keepalive_pool_size: config.upstream_pool_size,
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Option::<Opt>::None, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        KeygateProxy::new(gate.clone()),
+        "keygate proxy",
+    );
+    let mut bound = Bound {
+        proxy: Vec::new(),
+        metrics: None,
+    };
+    for addr in config.listen_addresses() {
+        let addr = resolve_port_zero(&addr)?;
+        match &config.tls {
+            Some(tls) => proxy
+                .add_tls(
+                    &addr,
+                    &tls.cert.to_string_lossy(),
+                    &tls.key.to_string_lossy(),
+                )
+                .map_err(|e| anyhow::anyhow!("tls on {addr}: {e}"))?,
+            None => proxy.add_tcp(&addr),
+        }
+        bound.proxy.push(addr);
+    }
+    server.add_service(proxy);
+
+    if let Some(m) = &config.metrics_listen {
+        let addr = resolve_port_zero(m)?;
+        let app = HttpServer::new_app(MetricsApp::new(gate.metrics(), gate.table_handle()));
+        let mut svc = Service::new("keygate metrics".to_string(), app);
+        svc.threads = Some(1);
+        svc.add_tcp(&addr);
+        server.add_service(svc);
+        bound.metrics = Some(addr);
+    }
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    for a in &bound.proxy {
+        println!("keygate: proxy on {scheme}://{a}");
+    }
+    if let Some(a) = &bound.metrics {
+        println!("keygate: metrics on http://{a}");
+    }
+    Ok((server, bound))
+}

@@ -1,0 +1,581 @@
+//! The compiled, immutable key table: SHA-256 digest -> key record, with groups, model sets and
+//! prices parsed once, built from a validated sync file.
+//!
+//! The table is never mutated after [`KeyTable::compile`]; a reload builds a new one and swaps it
+//! in whole (see [`crate::gate::Gate::swap_table`]). Plaintext keys are hashed here and dropped.
+
+use crate::config::{KeyStatus, ModelPrice, SyncFile};
+use ipnet::IpNet;
+use sha2::{Digest as _, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::path::Path;
+use std::sync::Arc;
+
+/// A key's SHA-256 digest.
+pub type Digest = [u8; 32];
+
+/// Longest accepted key name, in characters.
+pub const MAX_NAME_CHARS: usize = 50;
+
+/// The SHA-256 of a presented or imported key; `sk-` is added when the string lacks it, so
+/// `sk-abc` and `abc` are the same key (as in new-api).
+pub fn key_digest(secret: &[u8]) -> Digest {
+    let mut h = Sha256::new();
+    if !secret.starts_with(b"sk-") {
+        h.update(b"sk-");
+    }
+    h.update(secret);
+    h.finalize().into()
+}
+
+/// A new key: `sk-` + 48 characters from [0-9A-Za-z], from the OS's secure random source.
+pub fn generate_key() -> std::io::Result<String> {
+    const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut key = String::with_capacity(51);
+    key.push_str("sk-");
+    let mut buf = [0u8; 64];
+    while key.len() < 51 {
+        getrandom::fill(&mut buf).map_err(|e| std::io::Error::other(e.to_string()))?;
+        // 248 = 4 * 62: rejecting larger bytes keeps every character equally likely.
+        for &b in buf.iter().filter(|&&b| b < 248) {
+            if key.len() == 51 {
+                break;
+            }
+            key.push(char::from(ALPHABET[usize::from(b % 62)]));
+        }
+    }
+    Ok(key)
+}
+
+/// Lower-case hex of a digest.
+pub fn digest_hex(d: &Digest) -> String {
+    hex::encode(d)
+}
+
+/// Hashes a digest by its first eight bytes. SHA-256 output is already uniform, and table keys
+/// are chosen by the operator, not by clients, so no keyed hash is needed.
+#[derive(Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut b = [0u8; 8];
+        let n = bytes.len().min(8);
+        b[..n].copy_from_slice(&bytes[..n]);
+        self.0 ^= u64::from_le_bytes(b);
+    }
+    fn write_usize(&mut self, _: usize) {}
+}
+
+type DigestMap<V> = HashMap<Digest, V, BuildHasherDefault<DigestHasher>>;
+
+/// One entry of a model list: an exact name, a prefix (`gpt-4o*`) or anything (`*`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ModelPattern {
+    /// Matches every model.
+    Any,
+    /// Matches names starting with this prefix.
+    Prefix(Box<str>),
+    /// Matches this name only.
+    Exact(Box<str>),
+}
+
+impl ModelPattern {
+    /// Parse `name`, `prefix*` or `*`. A `*` anywhere but at the end is an error.
+    pub fn parse(s: &str) -> Result<ModelPattern, String> {
+        if s.is_empty() {
+            return Err("empty model name".into());
+        }
+        match s.find('*') {
+            None => Ok(ModelPattern::Exact(s.into())),
+            Some(i) if i == s.len() - 1 => {
+                if i == 0 {
+                    Ok(ModelPattern::Any)
+                } else {
+                    Ok(ModelPattern::Prefix(s[..i].into()))
+                }
+            }
+            Some(_) => Err(format!(
+                "{s:?}: '*' is only allowed at the end of a model name"
+            )),
+        }
+    }
+
+    /// Whether `model` matches.
+    pub fn matches(&self, model: &str) -> bool {
+        match self {
+            ModelPattern::Any => true,
+            ModelPattern::Prefix(p) => model.starts_with(&**p),
+            ModelPattern::Exact(e) => &**e == model,
+        }
+    }
+}
+
+/// A set of allowed models, compiled for lookup.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelSet {
+    any: bool,
+    exact: HashSet<Box<str>>,
+    prefixes: Vec<Box<str>>,
+}
+
+impl ModelSet {
+    /// Compile a list of patterns.
+    pub fn compile<S: AsRef<str>>(list: &[S]) -> Result<ModelSet, String> {
+        let mut set = ModelSet::default();
+        for s in list {
+            match ModelPattern::parse(s.as_ref())? {
+                ModelPattern::Any => set.any = true,
+                ModelPattern::Prefix(p) => set.prefixes.push(p),
+                ModelPattern::Exact(e) => {
+                    set.exact.insert(e);
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    /// Whether `model` is allowed.
+    pub fn allows(&self, model: &str) -> bool {
+        self.any
+            || self.exact.contains(model)
+            || self.prefixes.iter().any(|p| model.starts_with(&**p))
+    }
+
+    /// Whether every model is allowed.
+    pub fn allows_all(&self) -> bool {
+        self.any
+    }
+
+    /// The exact model names in the set.
+    pub fn exact_names(&self) -> impl Iterator<Item = &str> {
+        self.exact.iter().map(|s| &**s)
+    }
+
+    /// The exact names and prefixes (with their `*`), sorted, for listings.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.exact.iter().map(|s| s.to_string()).collect();
+        v.extend(self.prefixes.iter().map(|p| format!("{p}*")));
+        if self.any {
+            v.push("*".into());
+        }
+        v.sort();
+        v
+    }
+}
+
+/// A compiled group.
+#[derive(Clone, Debug)]
+pub struct Group {
+    /// The group's name.
+    pub name: Box<str>,
+    /// Price multiplier.
+    pub ratio: f64,
+    /// Allowed models; `None` = all.
+    pub models: Option<Arc<ModelSet>>,
+}
+
+/// A compiled key. Holds no secret: the table is keyed by the digest.
+#[derive(Clone, Debug)]
+pub struct KeyRecord {
+    /// Stable id; counters attach to it.
+    pub id: u64,
+    /// Display name.
+    pub name: Box<str>,
+    /// Enabled or disabled.
+    pub status: KeyStatus,
+    /// No cap.
+    pub unlimited_quota: bool,
+    /// Granted quota, units.
+    pub quota: i64,
+    /// Baseline consumed elsewhere, units.
+    pub used: i64,
+    /// Unix seconds; `None` = never.
+    pub expires_at: Option<i64>,
+    /// Allowed models; `None` = no restriction (the group still applies).
+    pub models: Option<Arc<ModelSet>>,
+    /// Allowed client networks; `None` = no restriction.
+    pub allow_ips: Option<Box<[IpNet]>>,
+    /// Index into [`KeyTable::groups`].
+    pub group: u16,
+}
+
+/// A problem with a sync file; the message names the file, the key and the value.
+#[derive(Debug, thiserror::Error)]
+#[error("sync file {source_name}: {message}")]
+pub struct TableError {
+    /// The file (or "<memory>").
+    pub source_name: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The runtime key table.
+pub struct KeyTable {
+    /// The sync file's revision.
+    pub revision: u64,
+    /// Quota units per USD.
+    pub quota_per_unit: f64,
+    keys: DigestMap<KeyRecord>,
+    groups: Vec<Group>,
+    prices: HashMap<Box<str>, ModelPrice>,
+}
+
+impl fmt::Debug for KeyTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyTable")
+            .field("revision", &self.revision)
+            .field("keys", &self.keys.len())
+            .field("groups", &self.groups.len())
+            .finish()
+    }
+}
+
+impl KeyTable {
+    /// A table with no keys (everything is refused with `invalid_api_key`).
+    pub fn empty() -> KeyTable {
+        KeyTable {
+            revision: 0,
+            quota_per_unit: 500_000.0,
+            keys: DigestMap::default(),
+            groups: vec![implicit_default_group()],
+            prices: HashMap::new(),
+        }
+    }
+
+    /// Read, parse, validate and compile a sync file.
+    pub fn load(path: &Path) -> Result<KeyTable, TableError> {
+        let name = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| TableError {
+            source_name: name.clone(),
+            message: e.to_string(),
+        })?;
+        Self::from_json(&bytes, &name)
+    }
+
+    /// Parse, validate and compile sync-file JSON; `source_name` is used in error messages.
+    pub fn from_json(bytes: &[u8], source_name: &str) -> Result<KeyTable, TableError> {
+        let file = SyncFile::parse(bytes).map_err(|message| TableError {
+            source_name: source_name.to_string(),
+            message,
+        })?;
+        Self::compile(&file, source_name)
+    }
+
+    /// Validate and compile a parsed sync file.
+    pub fn compile(file: &SyncFile, source_name: &str) -> Result<KeyTable, TableError> {
+        let err = |message: String| TableError {
+            source_name: source_name.to_string(),
+            message,
+        };
+        if !(file.quota_per_unit.is_finite() && file.quota_per_unit > 0.0) {
+            return Err(err("quota_per_unit: must be a positive number".into()));
+        }
+
+        let mut groups = Vec::with_capacity(file.groups.len() + 1);
+        let mut group_index: HashMap<&str, u16> = HashMap::new();
+        for (name, g) in &file.groups {
+            if !(g.ratio.is_finite() && g.ratio >= 0.0) {
+                return Err(err(format!("group {name:?}: ratio must be >= 0")));
+            }
+            let models = match &g.models {
+                None => None,
+                Some(list) => Some(Arc::new(
+                    ModelSet::compile(list).map_err(|e| err(format!("group {name:?}: {e}")))?,
+                )),
+            };
+            let idx = u16::try_from(groups.len()).map_err(|_| err("too many groups".into()))?;
+            group_index.insert(name.as_str(), idx);
+            groups.push(Group {
+                name: name.as_str().into(),
+                ratio: g.ratio,
+                models,
+            });
+        }
+        if !group_index.contains_key("default") {
+            let idx = u16::try_from(groups.len()).map_err(|_| err("too many groups".into()))?;
+            group_index.insert("default", idx);
+            groups.push(implicit_default_group());
+        }
+
+        for (name, p) in &file.models {
+            ModelPattern::parse(name).map_err(|e| err(format!("models: {e}")))?;
+            for (field, v) in [
+                ("ratio", p.ratio),
+                ("completion_ratio", p.completion_ratio),
+                ("price", p.price),
+            ] {
+                if let Some(v) = v {
+                    if !(v.is_finite() && v >= 0.0) {
+                        return Err(err(format!("model {name:?}: {field} must be >= 0")));
+                    }
+                }
+            }
+            if p.ratio.is_none() && p.price.is_none() {
+                return Err(err(format!("model {name:?}: needs a ratio or a price")));
+            }
+        }
+        let prices = file
+            .models
+            .iter()
+            .map(|(k, v)| (k.as_str().into(), v.clone()))
+            .collect();
+
+        // Keys that share a model list share one compiled set.
+        let mut model_sets: HashMap<&[String], Arc<ModelSet>> = HashMap::new();
+        let mut ids = HashSet::with_capacity(file.keys.len());
+        let mut keys = DigestMap::with_capacity_and_hasher(file.keys.len(), Default::default());
+        for (i, k) in file.keys.iter().enumerate() {
+            let at = |m: String| err(format!("key {} (entry {}): {m}", k.id, i + 1));
+            if !ids.insert(k.id) {
+                return Err(at("duplicate id".into()));
+            }
+            let name_len = k.name.chars().count();
+            if name_len > MAX_NAME_CHARS {
+                return Err(at(format!(
+                    "name is {name_len} characters, at most {MAX_NAME_CHARS} are allowed"
+                )));
+            }
+            if k.quota < 0 {
+                return Err(at(format!("negative quota {}", k.quota)));
+            }
+            if k.used < 0 {
+                return Err(at(format!("negative used {}", k.used)));
+            }
+            if k.expires_at < -1 {
+                return Err(at(format!(
+                    "expires_at {} is neither -1 (never) nor a unix time",
+                    k.expires_at
+                )));
+            }
+            let digest = match (&k.key_sha256, &k.key) {
+                (Some(h), None) => parse_hex_digest(h).map_err(&at)?,
+                (None, Some(plain)) => {
+                    if plain.is_empty()
+                        || plain == "sk-"
+                        || !plain.bytes().all(|b| b.is_ascii_graphic())
+                    {
+                        return Err(at("key: must be printable ASCII without spaces".into()));
+                    }
+                    key_digest(plain.as_bytes())
+                }
+                (Some(_), Some(_)) => {
+                    return Err(at("give either key_sha256 or key, not both".into()))
+                }
+                (None, None) => return Err(at("needs key_sha256 (or key)".into())),
+            };
+            let group = *group_index
+                .get(k.group.as_str())
+                .ok_or_else(|| at(format!("unknown group {:?}", k.group)))?;
+            let models = match &k.models {
+                None => None,
+                Some(list) => match model_sets.get(list.as_slice()) {
+                    Some(set) => Some(set.clone()),
+                    None => {
+                        let set = Arc::new(ModelSet::compile(list).map_err(&at)?);
+                        model_sets.insert(list.as_slice(), set.clone());
+                        Some(set)
+                    }
+                },
+            };
+            let allow_ips = match &k.allow_ips {
+                Some(list) if !list.is_empty() => Some(
+                    list.iter()
+                        .map(|s| crate::policy::parse_cidr(s))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(&at)?
+                        .into_boxed_slice(),
+                ),
+                _ => None,
+            };
+            let record = KeyRecord {
+                id: k.id,
+                name: k.name.as_str().into(),
+                status: k.status,
+                unlimited_quota: k.unlimited_quota,
+                quota: k.quota,
+                used: k.used,
+                expires_at: (k.expires_at > 0).then_some(k.expires_at),
+                models,
+                allow_ips,
+                group,
+            };
+            if keys.insert(digest, record).is_some() {
+                return Err(at("duplicate key (same hash as an earlier entry)".into()));
+            }
+        }
+
+        Ok(KeyTable {
+            revision: file.revision,
+            quota_per_unit: file.quota_per_unit,
+            keys,
+            groups,
+            prices,
+        })
+    }
+
+    /// The key with this digest.
+    #[inline]
+    pub fn lookup(&self, digest: &Digest) -> Option<&KeyRecord> {
+        self.keys.get(digest)
+    }
+
+    /// The key's group.
+    #[inline]
+    pub fn group_of(&self, key: &KeyRecord) -> &Group {
+        // `group` indexes are assigned at compile time from this same vector.
+        &self.groups[usize::from(key.group)]
+    }
+
+    /// All groups.
+    pub fn groups(&self) -> &[Group] {
+        &self.groups
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Every key record (no digests).
+    pub fn records(&self) -> impl Iterator<Item = &KeyRecord> {
+        self.keys.values()
+    }
+
+    /// Whether the sync file prices `model` by name (metrics label it by name; others are `other`).
+    pub fn is_known_model(&self, model: &str) -> bool {
+        model != "*" && self.prices.contains_key(model)
+    }
+
+    /// The model names the sync file prices by name.
+    pub fn priced_models(&self) -> impl Iterator<Item = &str> {
+        self.prices.keys().map(|k| &**k).filter(|k| *k != "*")
+    }
+
+    /// The price entry for `model` (exact, then the `"*"` entry).
+    pub fn price(&self, model: &str) -> Option<&ModelPrice> {
+        self.prices.get(model).or_else(|| self.prices.get("*"))
+    }
+}
+
+fn implicit_default_group() -> Group {
+    Group {
+        name: "default".into(),
+        ratio: 1.0,
+        models: None,
+    }
+}
+
+fn parse_hex_digest(h: &str) -> Result<Digest, String> {
+    let mut d = [0u8; 32];
+    if h.len() != 64 || hex::decode_to_slice(h, &mut d).is_err() {
+        return Err(format!(
+            "key_sha256 must be 64 hex characters, got {:?}",
+            h.chars().take(70).collect::<String>()
+        ));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(json: &str) -> Result<KeyTable, TableError> {
+        KeyTable::from_json(json.as_bytes(), "test.json")
+    }
+
+    #[test]
+    fn plaintext_key_with_or_without_prefix_is_the_same_key() {
+        assert_eq!(key_digest(b"sk-abc"), key_digest(b"abc"));
+        let t = table(r#"{"keys":[{"id":1,"key":"abc"}]}"#).unwrap();
+        assert!(t.lookup(&key_digest(b"sk-abc")).is_some());
+    }
+
+    #[test]
+    fn validation_names_the_key_and_the_problem() {
+        let cases = [
+            (
+                r#"{"keys":[{"id":1,"key":"a"},{"id":1,"key":"b"}]}"#,
+                "duplicate id",
+            ),
+            (
+                r#"{"keys":[{"id":1,"key":"a"},{"id":2,"key":"sk-a"}]}"#,
+                "duplicate key",
+            ),
+            (
+                r#"{"keys":[{"id":1,"key":"a","group":"vip"}]}"#,
+                "unknown group \"vip\"",
+            ),
+            (
+                r#"{"keys":[{"id":1,"key":"a","allow_ips":["10.0.0/8"]}]}"#,
+                "10.0.0/8",
+            ),
+            (
+                r#"{"keys":[{"id":1,"key":"a","quota":-5}]}"#,
+                "negative quota",
+            ),
+            (r#"{"keys":[{"id":1,"key_sha256":"abc"}]}"#, "64 hex"),
+            (
+                r#"{"keys":[{"id":3,"key":"a","name":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}]}"#,
+                "51 characters",
+            ),
+            (
+                r#"{"keys":[{"id":1,"key":"a","models":["g*x"]}]}"#,
+                "only allowed at the end",
+            ),
+        ];
+        for (json, want) in cases {
+            let e = table(json).unwrap_err().to_string();
+            assert!(e.contains(want), "{json}: {e}");
+            assert!(e.starts_with("sync file test.json:"), "{e}");
+        }
+    }
+
+    #[test]
+    fn model_sets_match_exact_prefix_and_any() {
+        let s = ModelSet::compile(&["gpt-4o*", "o1"]).unwrap();
+        assert!(s.allows("gpt-4o-mini"));
+        assert!(s.allows("o1"));
+        assert!(!s.allows("o1-mini"));
+        assert!(ModelSet::compile(&["*"]).unwrap().allows("anything"));
+        assert!(!ModelSet::compile::<&str>(&[]).unwrap().allows("gpt-4o"));
+    }
+
+    #[test]
+    fn identical_model_lists_share_one_set() {
+        let t = table(
+            r#"{"keys":[{"id":1,"key":"a","models":["m"]},{"id":2,"key":"b","models":["m"]}]}"#,
+        )
+        .unwrap();
+        let a = t.lookup(&key_digest(b"a")).unwrap().models.clone().unwrap();
+        let b = t.lookup(&key_digest(b"b")).unwrap().models.clone().unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+    }
+
+    #[test]
+    fn generated_keys_have_the_specs_shape() {
+        let a = generate_key().unwrap();
+        let b = generate_key().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 51);
+        assert!(a.starts_with("sk-") && a[3..].bytes().all(|c| c.is_ascii_alphanumeric()));
+    }
+
+    #[test]
+    fn implicit_default_group_exists() {
+        let t = table(r#"{"keys":[{"id":1,"key":"a"}]}"#).unwrap();
+        let k = t.lookup(&key_digest(b"a")).unwrap();
+        assert_eq!(&*t.group_of(k).name, "default");
+    }
+}
