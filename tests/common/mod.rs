@@ -1,0 +1,267 @@
+//! Test harness: a real mock upstream and a real `keygate` process on port 0, configured from
+//! files in a temporary folder. The gateway is killed when the handle drops.
+
+#![allow(dead_code)]
+
+use keygate::mock::MockBackend;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const OK: &str = "sk-test-ok-0000000000000000000000000000000000000000";
+pub const HASHED: &str = "sk-test-hashed-000000000000000000000000000000000000";
+pub const DISABLED: &str = "sk-test-disabled-0000000000000000000000000000000000";
+pub const EXPIRED: &str = "sk-test-expired-00000000000000000000000000000000000";
+pub const IP_LOCKED: &str = "sk-test-iplocked-0000000000000000000000000000000000";
+pub const MINI_ONLY: &str = "sk-test-minionly-0000000000000000000000000000000000";
+pub const LIMITED_GROUP: &str = "sk-test-limited-00000000000000000000000000000000000";
+pub const LOCALHOST_ONLY: &str = "sk-test-localhost-000000000000000000000000000000000";
+pub const UPSTREAM_SECRET: &str = "upstream-secret-xyz";
+
+/// The standard sync file: one key per situation the checks distinguish.
+pub fn standard_sync() -> Value {
+    let hashed = keygate::table::digest_hex(&keygate::table::key_digest(HASHED.as_bytes()));
+    json!({
+        "revision": 7,
+        "quota_per_unit": 500000,
+        "groups": {
+            "default": {"ratio": 1.0},
+            "limited": {"ratio": 1.0, "models": ["gpt-4o*"]}
+        },
+        "models": {
+            "gpt-4o-mini": {"ratio": 0.075, "completion_ratio": 4},
+            "gpt-4o": {"ratio": 1.25, "completion_ratio": 4},
+            "claude-3-5-sonnet-latest": {"ratio": 1.5},
+            "text-embedding-3-small": {"ratio": 0.01}
+        },
+        "keys": [
+            {"id": 1, "name": "ok", "key": OK, "quota": 1000000},
+            {"id": 2, "name": "hashed", "key_sha256": hashed, "quota": 1000000},
+            {"id": 3, "name": "disabled", "key": DISABLED, "status": "disabled", "quota": 1000000},
+            {"id": 4, "name": "expired", "key": EXPIRED, "expires_at": 1, "quota": 1000000},
+            {"id": 5, "name": "ip locked", "key": IP_LOCKED, "allow_ips": ["203.0.113.7"], "quota": 1000000},
+            {"id": 6, "name": "mini only", "key": MINI_ONLY, "models": ["gpt-4o-mini"], "quota": 1000000},
+            {"id": 7, "name": "limited group", "key": LIMITED_GROUP, "group": "limited", "quota": 1000000},
+            {"id": 8, "name": "localhost only", "key": LOCALHOST_ONLY, "allow_ips": ["127.0.0.0/8"], "quota": 1000000}
+        ]
+    })
+}
+
+/// Options for one gateway.
+pub struct Opts {
+    pub sync: Value,
+    /// Extra YAML lines appended to the config.
+    pub extra: String,
+    pub listen: String,
+    /// Upstream url; default: the mock.
+    pub upstream_url: Option<String>,
+    pub upstream_extra: String,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            sync: standard_sync(),
+            extra: String::new(),
+            listen: "127.0.0.1:0".into(),
+            upstream_url: None,
+            upstream_extra: String::new(),
+        }
+    }
+}
+
+/// A running gateway process.
+pub struct Gateway {
+    child: Child,
+    pub addr: SocketAddr,
+    pub base: String,
+    pub metrics: Option<String>,
+    pub dir: PathBuf,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A mock upstream plus a gateway in front of it.
+pub struct Env {
+    pub mock: MockBackend,
+    pub gw: Gateway,
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub async fn start() -> Env {
+        Env::with(Opts::default()).await
+    }
+
+    pub async fn with(opts: Opts) -> Env {
+        let mock = MockBackend::start("127.0.0.1:0")
+            .await
+            .expect("mock starts");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = opts
+            .upstream_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", mock.addr()));
+        let gw = start_gateway(dir.path(), &opts, &url);
+        Env { mock, gw, dir }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.gw.base, path)
+    }
+}
+
+/// The config YAML for `opts` (relative paths: they resolve against the config's folder).
+pub fn config_yaml(opts: &Opts, upstream_url: &str) -> String {
+    format!(
+        "listen: \"{listen}\"\nthreads: 2\nmetrics_listen: \"127.0.0.1:0\"\nsync_file: keys.json\nstate_dir: var\nmax_body_bytes: 2097152\ngrace_period_seconds: 0\n{extra}\nupstreams:\n  - name: mock\n    url: \"{upstream_url}\"\n    api_key_env: KG_TEST_UPSTREAM_KEY\n    models: [\"gpt-*\", \"claude-*\", \"gemini-*\", \"text-embedding-*\", \"whisper-*\"]\n{uextra}",
+        listen = opts.listen,
+        extra = opts.extra,
+        uextra = opts.upstream_extra,
+    )
+}
+
+/// Write config and sync file into `dir` and start `keygate run` on them.
+pub fn start_gateway(dir: &Path, opts: &Opts, upstream_url: &str) -> Gateway {
+    std::fs::write(
+        dir.join("keys.json"),
+        serde_json::to_vec_pretty(&opts.sync).unwrap(),
+    )
+    .unwrap();
+    let config = dir.join("keygate.yaml");
+    std::fs::write(&config, config_yaml(opts, upstream_url)).unwrap();
+    spawn_keygate(dir, &config)
+}
+
+/// Start `keygate run -c config` and wait until its proxy port accepts connections.
+pub fn spawn_keygate(dir: &Path, config: &Path) -> Gateway {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("run")
+        .arg("-c")
+        .arg(config)
+        .env("KG_TEST_UPSTREAM_KEY", UPSTREAM_SECRET)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("keygate starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let (mut proxy, mut metrics) = (None, None);
+    while proxy.is_none() || metrics.is_none() {
+        let Some(Ok(line)) = lines.next() else {
+            let status = child.wait();
+            panic!("keygate exited before listening: {status:?}");
+        };
+        if let Some(a) = line.strip_prefix("keygate: proxy on ") {
+            proxy = Some(a.to_string());
+        } else if let Some(a) = line.strip_prefix("keygate: metrics on ") {
+            metrics = Some(a.to_string());
+        }
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let base = proxy.unwrap();
+    let addr: SocketAddr = base
+        .split("://")
+        .nth(1)
+        .unwrap()
+        .parse()
+        .expect("proxy address");
+    wait_for_port(addr);
+    let metrics_addr: SocketAddr = metrics.as_ref().unwrap()[7..].parse().unwrap();
+    wait_for_port(metrics_addr);
+    Gateway {
+        child,
+        addr,
+        base,
+        metrics,
+        dir: dir.to_path_buf(),
+    }
+}
+
+pub fn wait_for_port(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+pub fn chat_body(model: &str) -> String {
+    json!({"model": model, "messages": [{"role": "user", "content": "Hello"}]}).to_string()
+}
+
+/// POST a chat completion with `Authorization: Bearer key`.
+pub async fn chat(env: &Env, key: &str, model: &str) -> reqwest::Response {
+    client()
+        .post(env.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(chat_body(model))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Status, `error.code` (OpenAI shape) and the x-request-id of a response.
+pub async fn denial(resp: reqwest::Response) -> (u16, String, Option<String>) {
+    let status = resp.status().as_u16();
+    let id = resp
+        .headers()
+        .get("x-request-id")
+        .map(|v| v.to_str().unwrap().to_string());
+    let v: Value = resp.json().await.unwrap();
+    let code = v["error"]["code"].as_str().unwrap_or("").to_string();
+    (status, code, id)
+}
+
+/// Send raw bytes on a new TCP connection and read until the peer closes or `timeout`.
+pub fn raw_exchange(addr: SocketAddr, bytes: &[u8], half_close: bool, timeout: Duration) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.write_all(bytes).unwrap();
+    if half_close {
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Run the keygate binary with `args`; returns (success, stdout + stderr).
+pub fn keygate_cli(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(args)
+        .env("KG_TEST_UPSTREAM_KEY", UPSTREAM_SECRET)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
