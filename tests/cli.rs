@@ -1,0 +1,128 @@
+//! `keygate check` and `keygate run` on good and broken files: a precise message naming the file
+//! and the problem, and a non-zero exit.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+fn write(dir: &std::path::Path, config: &str, sync: &[u8]) -> String {
+    std::fs::write(dir.join("keygate.yaml"), config).unwrap();
+    std::fs::write(dir.join("keys.json"), sync).unwrap();
+    dir.join("keygate.yaml").to_string_lossy().into_owned()
+}
+
+fn good_config() -> String {
+    config_yaml(&Opts::default(), "http://127.0.0.1:9")
+}
+
+fn good_sync() -> Vec<u8> {
+    serde_json::to_vec(&standard_sync()).unwrap()
+}
+
+#[test]
+fn shipped_example_config_passes_check() {
+    let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/keygate.yaml");
+    let (ok, out) = keygate_cli(&["check", "-c", conf]);
+    assert!(ok, "{out}");
+    assert!(out.contains("3 keys"), "{out}");
+}
+
+#[test]
+fn relative_paths_resolve_against_the_config_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), &good_config(), &good_sync());
+    // The test's working directory is the crate root, not `dir`.
+    let (ok, out) = keygate_cli(&["check", "-c", &path]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&dir.path().join("keys.json").to_string_lossy().to_string()),
+        "{out}"
+    );
+}
+
+#[test]
+fn unknown_config_key_names_the_file_and_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        &format!("{}\nmax_body_byte: 5\n", good_config()),
+        &good_sync(),
+    );
+    let (ok, out) = keygate_cli(&["check", "-c", &path]);
+    assert!(!ok);
+    assert!(
+        out.contains(&path) && out.contains("max_body_byte"),
+        "{out}"
+    );
+}
+
+#[test]
+fn broken_sync_files_are_named_with_their_problem() {
+    let mut with_bad_cidr = standard_sync();
+    with_bad_cidr["keys"][0]["allow_ips"] = json!(["10.0.0/8"]);
+    let mut with_dup = standard_sync();
+    with_dup["keys"][1]["key"] = with_dup["keys"][0]["key"].clone();
+    with_dup["keys"][1]
+        .as_object_mut()
+        .unwrap()
+        .remove("key_sha256");
+    let mut with_unknown_field = standard_sync();
+    with_unknown_field["keys"][0]["allowed_ips"] = json!([]);
+    let mut with_unknown_group = standard_sync();
+    with_unknown_group["keys"][0]["group"] = json!("gold");
+    let mut with_negative = standard_sync();
+    with_negative["keys"][0]["quota"] = json!(-1);
+    let mut trailing = good_sync();
+    trailing.extend_from_slice(b"\n}garbage");
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (
+            serde_json::to_vec(&with_bad_cidr).unwrap(),
+            "bad CIDR \"10.0.0/8\"",
+        ),
+        (serde_json::to_vec(&with_dup).unwrap(), "duplicate key"),
+        (
+            serde_json::to_vec(&with_unknown_field).unwrap(),
+            "allowed_ips",
+        ),
+        (
+            serde_json::to_vec(&with_unknown_group).unwrap(),
+            "unknown group \"gold\"",
+        ),
+        (
+            serde_json::to_vec(&with_negative).unwrap(),
+            "negative quota",
+        ),
+        (trailing, "trailing characters"),
+    ];
+    for (sync, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), &good_config(), &sync);
+        let (ok, out) = keygate_cli(&["check", "-c", &path]);
+        assert!(!ok, "accepted a sync file with {want}");
+        assert!(
+            out.contains("keys.json") && out.contains(want),
+            "{want}: {out}"
+        );
+        // `run` refuses to start on it too.
+        let (ok, out) = keygate_cli(&["run", "-c", &path]);
+        assert!(!ok && out.contains(want), "{want}: {out}");
+    }
+}
+
+#[test]
+fn missing_upstream_credential_variable_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = good_config().replace("KG_TEST_UPSTREAM_KEY", "KG_SURELY_UNSET_VARIABLE");
+    let path = write(dir.path(), &config, &good_sync());
+    let (ok, out) = keygate_cli(&["check", "-c", &path]);
+    assert!(!ok);
+    assert!(out.contains("KG_SURELY_UNSET_VARIABLE"), "{out}");
+}
+
+#[test]
+fn missing_config_file_is_named() {
+    let (ok, out) = keygate_cli(&["check", "-c", "/nonexistent/keygate.yaml"]);
+    assert!(!ok);
+    assert!(out.contains("/nonexistent/keygate.yaml"), "{out}");
+}
