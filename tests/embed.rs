@@ -142,6 +142,11 @@ async fn a_custom_proxy_embeds_the_gate() {
         .await
         .unwrap();
     assert_eq!(denial(r).await.1, "key_disabled");
+    // `logging` runs after the answer is written: wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while refused.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert_eq!(refused.load(Ordering::SeqCst), 1);
     assert_eq!(mock.request_count(), 1);
 }
