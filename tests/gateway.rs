@@ -786,14 +786,22 @@ async fn metrics_health_and_readiness() {
     chat(&env, OK, "gpt-4o-mini").await;
     chat(&env, "sk-nope", "gpt-4o-mini").await;
     let m = env.gw.metrics.clone().unwrap();
-    let text = client()
-        .get(format!("{m}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // `logging` runs after the answer is written: poll until both requests are counted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = client()
+            .get(format!("{m}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("keygate_gate_duration_seconds_count 2") || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(text.contains(r#"keygate_requests_total{group="default",model="gpt-4o-mini",outcome="admitted",reason=""} 1"#), "{text}");
     assert!(
         text.contains(r#"outcome="denied",reason="invalid_api_key""#),
