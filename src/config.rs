@@ -125,6 +125,9 @@ fn default_grace() -> u64 {
 fn default_pool() -> usize {
     1024
 }
+fn default_max_tokens() -> u64 {
+    1024
+}
 
 /// The configuration file as written (SPEC §5).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -163,6 +166,9 @@ pub struct Config {
     /// Idle keep-alive connections kept per upstream. Default 1024.
     #[serde(default = "default_pool")]
     pub upstream_pool_size: usize,
+    /// Completion tokens reserved for a call that names no `max_tokens`. Default 1024.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u64,
 }
 
 impl Config {

@@ -180,6 +180,8 @@ pub struct RequestFields<'a> {
     pub include_usage: Option<bool>,
     /// `max_completion_tokens`, else `max_tokens`, else `max_output_tokens`.
     pub max_tokens: Option<u64>,
+    /// Whether the body has a top-level `stream_options` member.
+    pub has_stream_options: bool,
 }
 
 /// Read the fields keygate needs from a JSON request body. The whole body is checked to be one
@@ -223,7 +225,10 @@ impl<'de> Visitor<'de> for FieldsVisitor {
                     out.model = map.next_value::<ModelValue>()?.0;
                 }
                 "stream" => out.stream = map.next_value::<Lenient<bool>>()?.0 == Some(true),
-                "stream_options" => out.include_usage = map.next_value::<StreamOptions>()?.0,
+                "stream_options" => {
+                    out.has_stream_options = true;
+                    out.include_usage = map.next_value::<StreamOptions>()?.0;
+                }
                 "max_completion_tokens" => mct = map.next_value::<Lenient<u64>>()?.0,
                 "max_tokens" => mt = map.next_value::<Lenient<u64>>()?.0,
                 "max_output_tokens" => mot = map.next_value::<Lenient<u64>>()?.0,

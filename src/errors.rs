@@ -29,8 +29,12 @@ pub enum Reason {
     ModelNotAllowed,
     /// No configured upstream serves this model.
     ModelNotFound,
+    /// The model has no price in the sync file (and no `"*"` entry) and the key is limited.
+    ModelNotPriced,
     /// The key's remaining quota cannot cover the call.
     InsufficientQuota,
+    /// The quota ledger could not record the reservation durably in time.
+    QuotaBackendUnavailable,
     /// The body is larger than `max_body_bytes`.
     RequestTooLarge,
     /// The body is not valid JSON, or not a JSON object.
@@ -47,7 +51,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for metrics pre-registration and docs.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 18] = [
         Reason::MissingApiKey,
         Reason::InvalidApiKey,
         Reason::KeyDisabled,
@@ -57,7 +61,9 @@ impl Reason {
         Reason::InvalidModel,
         Reason::ModelNotAllowed,
         Reason::ModelNotFound,
+        Reason::ModelNotPriced,
         Reason::InsufficientQuota,
+        Reason::QuotaBackendUnavailable,
         Reason::RequestTooLarge,
         Reason::InvalidJson,
         Reason::LengthRequired,
@@ -71,7 +77,7 @@ impl Reason {
         match self {
             Reason::MissingApiKey | Reason::InvalidApiKey => 401,
             Reason::KeyDisabled | Reason::KeyExpired => 401,
-            Reason::IpNotAllowed | Reason::ModelNotAllowed => 403,
+            Reason::IpNotAllowed | Reason::ModelNotAllowed | Reason::ModelNotPriced => 403,
             Reason::ModelRequired | Reason::InvalidModel | Reason::InvalidJson => 400,
             Reason::IncompleteBody => 400,
             Reason::ModelNotFound => 404,
@@ -79,6 +85,7 @@ impl Reason {
             Reason::RequestTooLarge => 413,
             Reason::InsufficientQuota => 429,
             Reason::UpstreamError => 502,
+            Reason::QuotaBackendUnavailable => 503,
             Reason::UpstreamTimeout => 504,
         }
     }
@@ -95,7 +102,9 @@ impl Reason {
             Reason::InvalidModel => "invalid_model",
             Reason::ModelNotAllowed => "model_not_allowed",
             Reason::ModelNotFound => "model_not_found",
+            Reason::ModelNotPriced => "model_not_priced",
             Reason::InsufficientQuota => "insufficient_quota",
+            Reason::QuotaBackendUnavailable => "quota_backend_unavailable",
             Reason::RequestTooLarge => "request_too_large",
             Reason::InvalidJson => "invalid_json",
             Reason::LengthRequired => "length_required",
@@ -119,7 +128,9 @@ impl Reason {
             Reason::InvalidModel => "The 'model' field must be a model name string.",
             Reason::ModelNotAllowed => "This API key may not use this model.",
             Reason::ModelNotFound => "No upstream serves this model.",
+            Reason::ModelNotPriced => "This model has no price on this gateway.",
             Reason::InsufficientQuota => "This API key has not enough quota left for this call.",
+            Reason::QuotaBackendUnavailable => "The quota ledger is not available; try again.",
             Reason::RequestTooLarge => "The request body is larger than this gateway accepts.",
             Reason::InvalidJson => "The request body is not valid JSON.",
             Reason::LengthRequired => {
@@ -134,8 +145,12 @@ impl Reason {
     fn openai_type(self) -> &'static str {
         match self {
             Reason::InsufficientQuota => "insufficient_quota",
-            Reason::UpstreamError | Reason::UpstreamTimeout => "server_error",
-            Reason::IpNotAllowed | Reason::ModelNotAllowed => "permission_error",
+            Reason::UpstreamError | Reason::UpstreamTimeout | Reason::QuotaBackendUnavailable => {
+                "server_error"
+            }
+            Reason::IpNotAllowed | Reason::ModelNotAllowed | Reason::ModelNotPriced => {
+                "permission_error"
+            }
             _ => "invalid_request_error",
         }
     }
@@ -148,6 +163,7 @@ impl Reason {
             413 => "request_too_large",
             429 => "rate_limit_error",
             502 | 504 => "api_error",
+            503 => "overloaded_error",
             _ => "invalid_request_error",
         }
     }
@@ -158,7 +174,7 @@ impl Reason {
             403 => "PERMISSION_DENIED",
             404 => "NOT_FOUND",
             429 => "RESOURCE_EXHAUSTED",
-            502 => "UNAVAILABLE",
+            502 | 503 => "UNAVAILABLE",
             504 => "DEADLINE_EXCEEDED",
             _ => "INVALID_ARGUMENT",
         }

@@ -12,10 +12,13 @@
 use crate::config::Config;
 use crate::credential::{self, CredentialStyle, ModelField};
 use crate::errors::{Denial, ErrorShape, Reason};
+use crate::ledger::{Ledger, Reservation, ReserveError};
 use crate::metrics::{model_label, Metrics};
 use crate::policy;
+use crate::pricing::{self, PriceRule, Usage};
 use crate::proxy::Upstreams;
 use crate::table::{key_digest, Digest, KeyRecord, KeyTable};
+use crate::usage::{PartialUsage, SseTracker, UsageLog, UsageRecord};
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue};
@@ -26,6 +29,7 @@ use pingora::proxy::{FailToProxy, Session};
 use pingora::{Error, ErrorType, Result};
 use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -37,6 +41,9 @@ const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
 /// A refused request whose unread body is at most this large is drained so the connection can
 /// be kept alive; a larger one closes the connection.
 const DRAIN_LIMIT: u64 = 64 * 1024;
+
+/// A JSON response larger than this is not parsed for usage (the call is charged an estimate).
+const MAX_USAGE_BODY: usize = 16 * 1024 * 1024;
 
 /// Current unix time in seconds.
 pub fn unix_now() -> i64 {
@@ -79,10 +86,23 @@ pub fn admit_key(
     trusted_proxies: &[IpNet],
     now_unix: i64,
 ) -> std::result::Result<KeyAdmission, Denial> {
+    admit_key_for(table, headers, query, peer, trusted_proxies, Some(now_unix))
+}
+
+/// [`admit_key`], with the expiry check skipped when `now_unix` is `None` (the read-only usage
+/// endpoints, which expired keys may still read).
+pub fn admit_key_for(
+    table: &KeyTable,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    peer: IpAddr,
+    trusted_proxies: &[IpNet],
+    now_unix: Option<i64>,
+) -> std::result::Result<KeyAdmission, Denial> {
     let cred = credential::find_credential(headers, query).ok_or(Reason::MissingApiKey)?;
     let digest = key_digest(&cred.secret);
     let key = table.lookup(&digest).ok_or(Reason::InvalidApiKey)?;
-    policy::check_key_state(key, now_unix)?;
+    policy::check_key_state(key, now_unix.unwrap_or(i64::MIN))?;
     let client_ip = if trusted_proxies.is_empty() {
         policy::canonical_ip(peer)
     } else {
@@ -145,6 +165,8 @@ pub fn find_model<'a>(
             stream: fields.stream,
             include_usage: fields.include_usage,
             max_tokens: fields.max_tokens,
+            has_stream_options: fields.has_stream_options,
+            is_json: true,
         };
         match fields.model {
             ModelField::Str(s) => model = Some(s),
@@ -180,6 +202,10 @@ pub struct BodyFacts {
     pub include_usage: Option<bool>,
     /// The completion budget the client asked for.
     pub max_tokens: Option<u64>,
+    /// The body has a top-level `stream_options`.
+    pub has_stream_options: bool,
+    /// The body was read as JSON.
+    pub is_json: bool,
 }
 
 /// How a request ended, for metrics and logs.
@@ -223,7 +249,19 @@ pub struct GateCtx {
     facts: BodyFacts,
     outcome: Outcome,
     gate_time: Duration,
+    started: Option<Instant>,
     upstream_started: Option<Instant>,
+    first_byte: Option<Instant>,
+    reservation: Option<Reservation>,
+    price: Option<PriceRule>,
+    estimate: Usage,
+    strip_usage: bool,
+    status: u16,
+    sse: Option<SseTracker>,
+    json_body: Vec<Bytes>,
+    json_len: usize,
+    charged: Option<(Usage, i64)>,
+    embedding: bool,
 }
 
 impl GateCtx {
@@ -259,6 +297,17 @@ impl GateCtx {
     pub fn gate_time(&self) -> Duration {
         self.gate_time
     }
+    /// The units reserved for this call, while the reservation is outstanding.
+    pub fn reserved(&self) -> Option<i64> {
+        self.reservation.as_ref().map(|r| r.amount())
+    }
+    /// What the call was charged once settled: tokens and quota units.
+    pub fn charged(&self) -> Option<(Usage, i64)> {
+        self.charged
+    }
+    fn path_hint(&self) -> bool {
+        self.embedding
+    }
     fn key_record(&self) -> Option<&KeyRecord> {
         let key = self.key.as_ref()?;
         self.table.as_ref()?.lookup(&key.digest)
@@ -272,6 +321,12 @@ pub struct GateOptions {
     pub max_body_bytes: u64,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// Completion tokens reserved when a call names no `max_tokens`.
+    pub default_max_tokens: u64,
+    /// Where consumed quota is persisted; `None` keeps it in memory only.
+    pub state_dir: Option<PathBuf>,
+    /// The usage log; `None` for none.
+    pub usage_log: Option<PathBuf>,
 }
 
 impl Default for GateOptions {
@@ -279,6 +334,9 @@ impl Default for GateOptions {
         GateOptions {
             max_body_bytes: 10 * 1024 * 1024,
             trusted_proxies: Vec::new(),
+            default_max_tokens: 1024,
+            state_dir: None,
+            usage_log: None,
         }
     }
 }
@@ -288,6 +346,8 @@ struct Inner {
     upstreams: Upstreams,
     options: GateOptions,
     metrics: Arc<Metrics>,
+    ledger: Ledger,
+    usage_log: Option<UsageLog>,
     id_prefix: String,
     id_counter: AtomicU64,
 }
@@ -304,22 +364,61 @@ enum BodyError {
 }
 
 impl Gate {
-    /// A gate over `table` routing to `upstreams`.
-    pub fn new(table: KeyTable, upstreams: Upstreams, options: GateOptions) -> Gate {
+    /// A gate over `table` routing to `upstreams`; opens the ledger in `options.state_dir`
+    /// (in memory when `None`) and the usage log.
+    pub fn new(
+        table: KeyTable,
+        upstreams: Upstreams,
+        options: GateOptions,
+    ) -> std::result::Result<Gate, String> {
+        let ledger = match &options.state_dir {
+            Some(dir) => {
+                Ledger::open(dir).map_err(|e| format!("state_dir {}: {e}", dir.display()))?
+            }
+            None => Ledger::in_memory(),
+        };
+        let usage_log = match &options.usage_log {
+            Some(p) => {
+                Some(UsageLog::open(p).map_err(|e| format!("usage_log {}: {e}", p.display()))?)
+            }
+            None => None,
+        };
         let mut seed = [0u8; 4];
         let _ = getrandom::fill(&mut seed);
         let metrics = Metrics::new();
         metrics.observe_table(&table, unix_now());
         metrics.reloads.with_label_values(&["ok"]).inc();
-        Gate {
+        Ok(Gate {
             inner: Arc::new(Inner {
                 table: Arc::new(ArcSwap::from_pointee(table)),
                 upstreams,
                 options,
                 metrics,
+                ledger,
+                usage_log,
                 id_prefix: hex::encode(seed),
                 id_counter: AtomicU64::new(0),
             }),
+        })
+    }
+
+    /// The quota ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.inner.ledger
+    }
+
+    /// The usage log, when configured.
+    pub fn usage_log(&self) -> Option<&UsageLog> {
+        self.inner.usage_log.as_ref()
+    }
+
+    /// After the server stopped: write exact ledger values and flush the usage log.
+    pub fn shutdown(&self) {
+        if let Some(log) = &self.inner.usage_log {
+            log.flush(Duration::from_secs(5));
+        }
+        if let Err(e) = self.inner.ledger.shutdown() {
+            log::error!("ledger: final snapshot failed: {e}");
         }
     }
 
@@ -332,14 +431,17 @@ impl Gate {
             .iter()
             .map(|c| policy::parse_cidr(c))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(Gate::new(
+        Gate::new(
             table,
             upstreams,
             GateOptions {
                 max_body_bytes: config.max_body_bytes,
                 trusted_proxies,
+                default_max_tokens: config.default_max_tokens,
+                state_dir: Some(config.state_dir.clone()),
+                usage_log: config.usage_log.clone(),
             },
-        ))
+        )
     }
 
     /// The current table snapshot.
@@ -388,22 +490,25 @@ impl Gate {
     /// Returns `Ok(true)` when keygate has answered (a refusal or a local endpoint).
     pub async fn request_filter(&self, session: &mut Session, ctx: &mut GateCtx) -> Result<bool> {
         let started = Instant::now();
+        ctx.started = Some(started);
         let req = session.req_header();
         ctx.request_id = Some(self.request_id_for(req));
         ctx.shape = ErrorShape::for_path(req.uri.path());
+        ctx.embedding = req.uri.path().ends_with("/embeddings");
         let table = self.inner.table.load_full();
         let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
         let req = session.req_header();
-        let admitted = admit_key(
+        let read_only = req.method == http::Method::GET && is_usage_path(req.uri.path());
+        let admitted = admit_key_for(
             &table,
             &req.headers,
             req.uri.query(),
             peer,
             &self.inner.options.trusted_proxies,
-            unix_now(),
+            (!read_only).then(unix_now),
         );
         ctx.table = Some(table);
         match admitted {
@@ -430,16 +535,126 @@ impl Gate {
 
         let started = Instant::now();
         let decided = self.admit_call(session.req_header(), &body, ctx);
+        if let Err(d) = decided {
+            ctx.gate_time += started.elapsed();
+            return self.deny(session, ctx, d).await;
+        }
+        let body = self.maybe_ask_for_usage(session.req_header(), body, ctx);
         if !body.is_empty() {
             ctx.body = Some(body);
         }
         ctx.gate_time += started.elapsed();
-        match decided {
+        match self.reserve(ctx).await {
             Ok(()) => {
                 ctx.outcome = Outcome::Admitted;
                 Ok(false)
             }
             Err(d) => self.deny(session, ctx, d).await,
+        }
+    }
+
+    /// Price the call and reserve its estimate on the key's counter (one atomic operation).
+    async fn reserve(&self, ctx: &mut GateCtx) -> std::result::Result<(), Denial> {
+        let (Some(table), Some(key), Some(model)) = (
+            ctx.table.clone(),
+            ctx.key_record().cloned(),
+            ctx.model.clone(),
+        ) else {
+            return Err(Denial::new(Reason::InvalidApiKey));
+        };
+        let rule = table.price(&model).and_then(PriceRule::from_entry);
+        if rule.is_none() && !key.unlimited_quota {
+            return Err(Denial::with_message(
+                Reason::ModelNotPriced,
+                format!(
+                    "The model {:?} has no price on this gateway.",
+                    model.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+        ctx.price = rule;
+        let default_completion = if ctx.path_hint() {
+            0
+        } else {
+            self.inner.options.default_max_tokens
+        };
+        let body_len = ctx.body.as_ref().map_or(0, |b| b.len());
+        ctx.estimate = pricing::estimate(
+            body_len,
+            ctx.facts.is_json,
+            ctx.facts.max_tokens,
+            default_completion,
+        );
+        let amount = self.price_of(&table, &key, ctx.price, ctx.estimate);
+        let limit = (!key.unlimited_quota).then(|| key.quota.saturating_sub(key.used));
+        match self.inner.ledger.reserve(key.id, limit, amount).await {
+            Ok(r) => {
+                ctx.reservation = Some(r);
+                Ok(())
+            }
+            Err(ReserveError::Insufficient { remaining }) => Err(Denial::with_message(
+                Reason::InsufficientQuota,
+                format!(
+                    "This API key has {} quota units left; this call needs up to {amount}.",
+                    remaining.max(0)
+                ),
+            )),
+            Err(ReserveError::NotDurable) => Err(Denial::new(Reason::QuotaBackendUnavailable)),
+        }
+    }
+
+    fn price_of(
+        &self,
+        table: &KeyTable,
+        key: &KeyRecord,
+        rule: Option<PriceRule>,
+        u: Usage,
+    ) -> i64 {
+        rule.map_or(0, |r| {
+            pricing::quota_for(r, table.group_of(key).ratio, table.quota_per_unit, u)
+        })
+    }
+
+    /// A streaming chat call whose client did not ask for the usage chunk gets
+    /// `stream_options.include_usage` set, so the call can be charged exactly; the chunk is
+    /// removed again from the response (see [`SseTracker`]).
+    fn maybe_ask_for_usage(&self, req: &RequestHeader, body: Bytes, ctx: &mut GateCtx) -> Bytes {
+        let path = req.uri.path();
+        if !ctx.facts.stream
+            || !ctx.facts.is_json
+            || ctx.facts.include_usage == Some(true)
+            || !(path == "/v1/chat/completions" || path == "/v1/completions")
+        {
+            return body;
+        }
+        let rewritten = if ctx.facts.has_stream_options {
+            // Rare: a stream_options object without include_usage:true. Re-serialize.
+            serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|mut v| {
+                    let so = v.get_mut("stream_options")?;
+                    if !so.is_object() {
+                        *so = serde_json::json!({});
+                    }
+                    so["include_usage"] = serde_json::Value::Bool(true);
+                    serde_json::to_vec(&v).ok()
+                })
+        } else {
+            // Splice the member in after the opening brace; the object has at least `model`.
+            body.iter().position(|&b| b == b'{').map(|i| {
+                let mut v = Vec::with_capacity(body.len() + 40);
+                v.extend_from_slice(&body[..=i]);
+                v.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
+                v.extend_from_slice(&body[i + 1..]);
+                v
+            })
+        };
+        match rewritten {
+            Some(v) => {
+                ctx.strip_usage = true;
+                Bytes::from(v)
+            }
+            None => body,
         }
     }
 
@@ -557,6 +772,9 @@ impl Gate {
         }
         let path = req.uri.path();
         let (table, key) = (ctx.table.as_ref()?, ctx.key_record()?);
+        if is_usage_path(path) {
+            return Some(self.usage_answer(path, table, key));
+        }
         if path == "/v1/models" || path == "/v1/models/" {
             let data: Vec<_> = self
                 .models_for(table, key)
@@ -586,6 +804,58 @@ impl Gate {
             )
             .body(ctx.shape),
         })
+    }
+
+    /// `/api/usage/token/` (byte-compatible with new-api: Go's sorted map keys, no trailing
+    /// newline) and the OpenAI legacy billing answers (USD = units / quota_per_unit).
+    fn usage_answer(&self, path: &str, table: &KeyTable, key: &KeyRecord) -> Vec<u8> {
+        let consumed = self.inner.ledger.consumed(key.id);
+        let used = key.used.saturating_add(consumed);
+        let qpu = table.quota_per_unit;
+        let expires = key.expires_at.unwrap_or(0);
+        if path.starts_with("/api/usage/token") {
+            let limits: serde_json::Map<String, serde_json::Value> = key
+                .models
+                .as_ref()
+                .map(|m| m.names())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|n| (n, serde_json::Value::Bool(true)))
+                .collect();
+            let v = serde_json::json!({
+                "code": true,
+                "message": "ok",
+                "data": {
+                    "object": "token_usage",
+                    "name": &*key.name,
+                    "total_granted": key.quota,
+                    "total_used": used,
+                    "total_available": key.quota.saturating_sub(used),
+                    "unlimited_quota": key.unlimited_quota,
+                    "model_limits": limits,
+                    "model_limits_enabled": key.models.is_some(),
+                    "expires_at": expires,
+                }
+            });
+            return go_escape(v.to_string());
+        }
+        if path.ends_with("/subscription") {
+            let amount = if key.unlimited_quota {
+                100_000_000.0
+            } else {
+                key.quota as f64 / qpu
+            };
+            let a = go_float(amount);
+            return format!(
+                "{{\"object\":\"billing_subscription\",\"has_payment_method\":true,\"soft_limit_usd\":{a},\"hard_limit_usd\":{a},\"system_hard_limit_usd\":{a},\"access_until\":{expires}}}"
+            )
+            .into_bytes();
+        }
+        format!(
+            "{{\"object\":\"list\",\"total_usage\":{}}}",
+            go_float(used as f64 / qpu * 100.0)
+        )
+        .into_bytes()
     }
 
     /// The models a key may use and that an upstream serves, with the upstream's name. Only
@@ -699,6 +969,8 @@ impl Gate {
     ) -> Result<()> {
         strip_client_credentials(req)?;
         req.remove_header(&http::header::EXPECT);
+        // Usage is read from the response body: ask for it uncompressed.
+        req.remove_header(&http::header::ACCEPT_ENCODING);
         let upstream = ctx
             .upstream
             .and_then(|i| self.inner.upstreams.get(i))
@@ -745,18 +1017,158 @@ impl Gate {
         if let Some(id) = &ctx.request_id {
             resp.insert_header("x-request-id", id.clone())?;
         }
+        if ctx.reservation.is_none() {
+            return Ok(());
+        }
+        ctx.first_byte = Some(Instant::now());
+        ctx.status = resp.status.as_u16();
+        let sse = resp
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        if sse && ctx.status < 400 {
+            let strip = ctx.strip_usage;
+            if strip {
+                // The body changes length when the usage chunk is removed.
+                resp.remove_header(&http::header::CONTENT_LENGTH);
+            }
+            ctx.sse = Some(SseTracker::new(strip));
+        }
         Ok(())
     }
 
-    /// Phase `response_body_filter`: passes the body through as it arrives (never buffered).
+    /// Phase `response_body_filter`: passes the body through as it arrives (never buffered),
+    /// reading usage on the way: SSE events line by line, a JSON body by keeping references to
+    /// its chunks (no copy until the end).
     pub fn response_body_filter(
         &self,
         _session: &mut Session,
-        _body: &mut Option<Bytes>,
-        _end_of_stream: bool,
-        _ctx: &mut GateCtx,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut GateCtx,
     ) -> Result<Option<Duration>> {
+        if ctx.reservation.is_none() || ctx.status >= 400 {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        if let Some(tracker) = ctx.sse.as_mut() {
+            if let Some(chunk) = body.take() {
+                *body = Some(tracker.feed(chunk));
+            }
+            if end_of_stream {
+                let rest = tracker.finish();
+                if !rest.is_empty() {
+                    let mut all = BytesMut::from(&body.take().unwrap_or_default()[..]);
+                    all.extend_from_slice(&rest);
+                    *body = Some(all.freeze());
+                }
+            }
+        } else if let Some(chunk) = body.as_ref() {
+            ctx.json_len += chunk.len();
+            if ctx.json_len <= MAX_USAGE_BODY {
+                ctx.json_body.push(chunk.clone());
+            }
+        }
+        ctx.gate_time += started.elapsed();
         Ok(None)
+    }
+
+    /// What the call used: the usage the upstream reported, else an estimate from what was
+    /// streamed. The flag says whether usage was reported.
+    fn final_usage(&self, ctx: &GateCtx) -> (Usage, bool) {
+        let reported = match &ctx.sse {
+            Some(t) => t.usage(),
+            None if ctx.json_len > 0 && ctx.json_len <= MAX_USAGE_BODY => {
+                if ctx.json_body.len() == 1 {
+                    crate::usage::usage_from_json(&ctx.json_body[0])
+                } else {
+                    crate::usage::usage_from_json(&ctx.json_body.concat())
+                }
+            }
+            None => PartialUsage::default(),
+        };
+        if let Some(u) = reported.usage() {
+            return (u, true);
+        }
+        let completion = match &ctx.sse {
+            // One token per streamed event is close for OpenAI-style streams.
+            Some(t) => t.events(),
+            None => (ctx.json_len as u64) / 4,
+        };
+        (
+            Usage {
+                prompt_tokens: ctx.estimate.prompt_tokens,
+                completion_tokens: completion,
+            },
+            false,
+        )
+    }
+
+    /// Settle the reservation exactly once: a refund when the upstream failed or answered with
+    /// an error, otherwise the price of what was used; then the usage record and the metrics.
+    fn settle(&self, e: Option<&Error>, ctx: &mut GateCtx) {
+        let Some(reservation) = ctx.reservation.take() else {
+            return;
+        };
+        let (Some(table), Some(key)) = (ctx.table.clone(), ctx.key_record().cloned()) else {
+            return;
+        };
+        let client_gone =
+            e.is_some_and(|e| matches!(e.esource(), pingora::ErrorSource::Downstream));
+        let m = &self.inner.metrics;
+        let group = table.group_of(&key).name.clone();
+        let model = ctx.model.clone().unwrap_or_default();
+        let (usage, quota, status) = if ctx.status == 0 || ctx.status >= 400 {
+            drop(reservation);
+            let status = match (ctx.status, ctx.outcome) {
+                (0, Outcome::Failed(r)) => r.status(),
+                (0, _) if client_gone => 499,
+                (0, _) => 502,
+                (s, _) => s,
+            };
+            (Usage::default(), 0, status)
+        } else {
+            let (usage, reported) = self.final_usage(ctx);
+            if !reported && !client_gone && e.is_none() {
+                m.usage_missing.inc();
+            }
+            let quota = self.price_of(&table, &key, ctx.price, usage);
+            reservation.settle(quota);
+            let status = if client_gone { 499 } else { ctx.status };
+            (usage, quota, status)
+        };
+        ctx.charged = Some((usage, quota));
+        let label = model_label(&table, Some(&model));
+        m.quota_consumed
+            .with_label_values(&[label, &group])
+            .inc_by(quota.max(0) as u64);
+        m.tokens
+            .with_label_values(&[label, &group, "prompt"])
+            .inc_by(usage.prompt_tokens);
+        m.tokens
+            .with_label_values(&[label, &group, "completion"])
+            .inc_by(usage.completion_tokens);
+        if let Some(log) = &self.inner.usage_log {
+            let since = |t: Option<Instant>| {
+                t.zip(ctx.started)
+                    .map(|(t, s)| t.saturating_duration_since(s).as_millis() as u64)
+            };
+            log.record(UsageRecord {
+                created_at: unix_now(),
+                request_id: ctx.request_id().unwrap_or("").to_string(),
+                key_id: key.id,
+                key_name: key.name.to_string(),
+                group: group.to_string(),
+                model,
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                quota,
+                is_stream: ctx.sse.is_some(),
+                status,
+                duration_ms: since(Some(Instant::now())).unwrap_or(0),
+                first_byte_ms: since(ctx.first_byte),
+            });
+        }
     }
 
     /// Phase `fail_to_proxy`: an upstream that cannot be reached or fails before answering gets
@@ -814,8 +1226,9 @@ impl Gate {
         }
     }
 
-    /// Phase `logging`: metrics for the finished request.
+    /// Phase `logging`: settles the reservation, writes the usage record and the metrics.
     pub async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut GateCtx) {
+        self.settle(e, ctx);
         let m = &self.inner.metrics;
         m.gate_duration.observe(ctx.gate_time.as_secs_f64());
         if let (Some(started), Some(u)) = (
@@ -839,6 +1252,57 @@ impl Gate {
         };
         m.count_request(outcome, reason, model, group);
     }
+}
+
+/// The read-only usage endpoints (SPEC §3), answered by keygate; expired and exhausted keys may
+/// read them.
+pub fn is_usage_path(path: &str) -> bool {
+    matches!(
+        path,
+        "/api/usage/token/"
+            | "/api/usage/token"
+            | "/v1/dashboard/billing/subscription"
+            | "/v1/dashboard/billing/usage"
+            | "/dashboard/billing/subscription"
+            | "/dashboard/billing/usage"
+    )
+}
+
+/// A number the way Go's `encoding/json` writes a float64 (new-api's billing answers): integral
+/// values without a decimal point, shortest round-trip digits, exponent form outside
+/// [1e-6, 1e21).
+pub fn go_float(x: f64) -> String {
+    if !x.is_finite() {
+        return "0".into();
+    }
+    let a = x.abs();
+    if a == 0.0 || (1e-6..1e21).contains(&a) {
+        return format!("{x}");
+    }
+    let e = format!("{x:e}");
+    match e.split_once('e') {
+        Some((m, exp)) => {
+            let (sign, digits) = match exp.strip_prefix('-') {
+                Some(d) => ('-', d),
+                None => ('+', exp),
+            };
+            format!("{m}e{sign}{digits:0>2}")
+        }
+        None => e,
+    }
+}
+
+/// Go's `encoding/json` escapes `<`, `>`, `&`, U+2028 and U+2029 inside strings.
+fn go_escape(json: String) -> Vec<u8> {
+    if !json.contains(['<', '>', '&', '\u{2028}', '\u{2029}']) {
+        return json.into_bytes();
+    }
+    json.replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026")
+        .replace('\u{2028}', "\\u2028")
+        .replace('\u{2029}', "\\u2029")
+        .into_bytes()
 }
 
 fn model_object(id: &str, owner: &str) -> serde_json::Value {

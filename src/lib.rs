@@ -60,7 +60,7 @@
 //!         idle_timeout_seconds: 60,
 //!     }])
 //!     .unwrap();
-//!     let gate = Gate::new(table, upstreams, GateOptions::default());
+//!     let gate = Gate::new(table, upstreams, GateOptions::default()).unwrap();
 //!     let mut server = Server::new(None).unwrap();
 //!     server.bootstrap();
 //!     let mut svc = pingora::proxy::http_proxy_service(&server.configuration, MyProxy { gate });
@@ -74,13 +74,17 @@ pub mod config;
 pub mod credential;
 pub mod demo;
 pub mod errors;
+pub mod fsutil;
 pub mod gate;
+pub mod ledger;
 pub mod metrics;
 pub mod mock;
 pub mod policy;
+pub mod pricing;
 pub mod proxy;
 pub mod server;
 pub mod table;
+pub mod usage;
 
 pub use errors::{Denial, ErrorShape, Reason};
 pub use gate::{Gate, GateCtx, GateOptions, Outcome};

@@ -92,8 +92,9 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         table.revision,
         config.sync_file.display()
     );
-    let (server, _bound) = keygate::server::build(&config, gate)?;
-    server.run_forever()
+    let (server, _bound) = keygate::server::build(&config, gate.clone())?;
+    keygate::server::run(server, &gate);
+    Ok(())
 }
 
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
@@ -131,6 +132,7 @@ fn demo(listen: &str, metrics_listen: &str) -> anyhow::Result<()> {
         "{}",
         keygate::demo::curl_lines(&format!("http://{listen}"), &keys)
     );
-    let (server, _bound) = keygate::server::build(&config, gate)?;
-    server.run_forever()
+    let (server, _bound) = keygate::server::build(&config, gate.clone())?;
+    keygate::server::run(server, &gate);
+    Ok(())
 }

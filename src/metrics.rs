@@ -37,6 +37,18 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// `keygate_config_revision`
     pub revision: IntGauge,
+    /// `keygate_quota_consumed_total{model,group}`
+    pub quota_consumed: IntCounterVec,
+    /// `keygate_tokens_total{model,group,kind}`
+    pub tokens: IntCounterVec,
+    /// `keygate_reservations_outstanding`, set at scrape time.
+    pub outstanding: IntGauge,
+    /// `keygate_usage_missing_total`: successful responses without usage (charged an estimate).
+    pub usage_missing: prometheus::IntCounter,
+    /// `keygate_usage_log_dropped_total`, set at scrape time.
+    pub usage_log_dropped: IntGauge,
+    /// `keygate_ledger_write_errors_total`, set at scrape time.
+    pub ledger_write_errors: IntGauge,
 }
 
 impl Metrics {
@@ -84,8 +96,47 @@ impl Metrics {
             "Revision of the loaded sync file.",
         )
         .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let quota_consumed = IntCounterVec::new(
+            Opts::new("keygate_quota_consumed_total", "Quota units charged."),
+            &["model", "group"],
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let tokens = IntCounterVec::new(
+            Opts::new(
+                "keygate_tokens_total",
+                "Tokens charged, by kind (prompt, completion).",
+            ),
+            &["model", "group", "kind"],
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let outstanding = IntGauge::new(
+            "keygate_reservations_outstanding",
+            "Quota reservations taken and not yet settled.",
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let usage_missing = prometheus::IntCounter::new(
+            "keygate_usage_missing_total",
+            "Successful responses without usage, charged an estimate.",
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let usage_log_dropped = IntGauge::new(
+            "keygate_usage_log_dropped_total",
+            "Usage records dropped because the log writer could not keep up.",
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let ledger_write_errors = IntGauge::new(
+            "keygate_ledger_write_errors_total",
+            "Failed ledger journal or snapshot writes.",
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(quota_consumed.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tokens.clone()),
+            Box::new(outstanding.clone()),
+            Box::new(usage_missing.clone()),
+            Box::new(usage_log_dropped.clone()),
+            Box::new(ledger_write_errors.clone()),
+            Box::new(requests.clone()),
             Box::new(gate_duration.clone()),
             Box::new(upstream_duration.clone()),
             Box::new(keys.clone()),
@@ -107,6 +158,12 @@ impl Metrics {
             keys,
             reloads,
             revision,
+            quota_consumed,
+            tokens,
+            outstanding,
+            usage_missing,
+            usage_log_dropped,
+            ledger_write_errors,
         })
     }
 
@@ -146,14 +203,19 @@ impl Metrics {
 
 /// The metrics listener's app: `/metrics`, `/healthz`, `/readyz`.
 pub struct MetricsApp {
+    gate: crate::gate::Gate,
     metrics: Arc<Metrics>,
     table: Arc<ArcSwap<KeyTable>>,
 }
 
 impl MetricsApp {
-    /// An app reporting `metrics` and the readiness of `table`.
-    pub fn new(metrics: Arc<Metrics>, table: Arc<ArcSwap<KeyTable>>) -> Self {
-        MetricsApp { metrics, table }
+    /// An app reporting `gate`'s metrics and the readiness of its table.
+    pub fn new(gate: crate::gate::Gate) -> Self {
+        MetricsApp {
+            metrics: gate.metrics(),
+            table: gate.table_handle(),
+            gate,
+        }
     }
 }
 
@@ -173,6 +235,16 @@ impl ServeHttp for MetricsApp {
             "/metrics" => {
                 let table = self.table.load();
                 self.metrics.observe_table(&table, crate::gate::unix_now());
+                let ledger = self.gate.ledger();
+                self.metrics.outstanding.set(ledger.outstanding());
+                self.metrics
+                    .ledger_write_errors
+                    .set(i64::try_from(ledger.write_errors()).unwrap_or(i64::MAX));
+                if let Some(log) = self.gate.usage_log() {
+                    self.metrics
+                        .usage_log_dropped
+                        .set(i64::try_from(log.dropped()).unwrap_or(i64::MAX));
+                }
                 response(200, "text/plain; version=0.0.4", self.metrics.render())
             }
             "/healthz" => response(200, "text/plain", b"ok\n".to_vec()),

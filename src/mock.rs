@@ -443,7 +443,18 @@ fn chat(g: &Gen, json: &Value) -> Reply {
         return Reply::Json(StatusCode::OK, out);
     }
 
-    let chunk = |choices: Value| json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": g.created, "model": g.model, "choices": choices});
+    let include_usage = json
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        == Some(true);
+    // Like OpenAI: with include_usage, every chunk carries `"usage": null` until the last one.
+    let chunk = |choices: Value| {
+        let mut c = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": g.created, "model": g.model, "choices": choices});
+        if include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    };
     let mut events: Vec<String> = g
         .pieces
         .iter()
@@ -462,10 +473,6 @@ fn chat(g: &Gen, json: &Value) -> Reply {
     events.push(sse_data(&chunk(
         json!([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
     )));
-    let include_usage = json
-        .pointer("/stream_options/include_usage")
-        .and_then(Value::as_bool)
-        == Some(true);
     if include_usage && g.usage {
         let mut last = chunk(json!([]));
         last["usage"] = openai_usage(g);

@@ -32,6 +32,13 @@ pub struct Bound {
     pub metrics: Option<String>,
 }
 
+/// Run a built server until it has shut down (SIGTERM: graceful, within
+/// `grace_period_seconds`), then write the ledger's exact values and flush the usage log.
+pub fn run(server: Server, gate: &Gate) {
+    server.run(pingora::server::RunArgs::default());
+    gate.shutdown();
+}
+
 /// Build the server for `config` around `gate`. Prints the bound addresses on stdout.
 pub fn build(config: &Config, gate: Gate) -> anyhow::Result<(Server, Bound)> {
     let conf = ServerConf {
@@ -73,7 +80,7 @@ pub fn build(config: &Config, gate: Gate) -> anyhow::Result<(Server, Bound)> {
 
     if let Some(m) = &config.metrics_listen {
         let addr = resolve_port_zero(m)?;
-        let app = HttpServer::new_app(MetricsApp::new(gate.metrics(), gate.table_handle()));
+        let app = HttpServer::new_app(MetricsApp::new(gate.clone()));
         let mut svc = Service::new("keygate metrics".to_string(), app);
         svc.threads = Some(1);
         svc.add_tcp(&addr);

@@ -91,7 +91,7 @@ async fn a_custom_proxy_embeds_the_gate() {
         idle_timeout_seconds: 30,
     }])
     .unwrap();
-    let gate = Gate::new(table, upstreams, GateOptions::default());
+    let gate = Gate::new(table, upstreams, GateOptions::default()).unwrap();
     let refused = Arc::new(AtomicUsize::new(0));
     let addr = keygate::server::resolve_port_zero("127.0.0.1:0").unwrap();
 

@@ -35,7 +35,8 @@ pub fn standard_sync() -> Value {
             "gpt-4o-mini": {"ratio": 0.075, "completion_ratio": 4},
             "gpt-4o": {"ratio": 1.25, "completion_ratio": 4},
             "claude-3-5-sonnet-latest": {"ratio": 1.5},
-            "text-embedding-3-small": {"ratio": 0.01}
+            "text-embedding-3-small": {"ratio": 0.01},
+            "*": {"ratio": 1.0}
         },
         "keys": [
             {"id": 1, "name": "ok", "key": OK, "quota": 1000000},

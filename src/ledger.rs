@@ -1,0 +1,593 @@
+//! Quota: reserve before, settle exactly once after, persist. The only place counters change.
+//!
+//! Each key id has one [`KeyCounter`]. `committed` (consumed plus outstanding reservations) is
+//! what admission compares against the key's limit, with one atomic read-modify-write, so
+//! concurrent calls can never both take the last room. A [`Reservation`] is an RAII value: it is
+//! settled once to the real price, or refunded in full when dropped unsettled (error,
+//! disconnect, panic).
+//!
+//! Durability without disk I/O on the request path: the disk holds, per key, a *ceiling* that is
+//! always at or above `committed`. A background writer raises ceilings a chunk ahead of use
+//! (journal line + fsync, compacted into a snapshot written by temp file + fsync + rename +
+//! directory fsync). After a crash a key restarts at its ceiling, so a `kill -9` can strand at
+//! most one chunk per key (`min(max(limit/50, 1000), 1_000_000)` units) but never gives quota
+//! back. A request whose reservation would pass its key's durable ceiling waits (asynchronously)
+//! for the writer; with chunks raised at half use this happens about once per key per chunk.
+//! A clean shutdown writes exact values.
+
+use dashmap::DashMap;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+const JOURNAL: &str = "ledger.journal";
+const SNAPSHOT: &str = "ledger.snapshot";
+const COMPACT_AFTER_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The counters of one key id.
+#[derive(Debug, Default)]
+pub struct KeyCounter {
+    /// Settled charges plus outstanding reservations.
+    committed: AtomicI64,
+    /// Settled charges.
+    consumed: AtomicI64,
+    /// The ceiling known to be on disk.
+    durable: AtomicI64,
+    /// The ceiling the writer has been asked for.
+    wanted: AtomicI64,
+    /// Whether the id is in the writer's queue.
+    queued: AtomicBool,
+    /// Reservations not yet settled or refunded.
+    outstanding: AtomicI64,
+}
+
+impl KeyCounter {
+    /// Settled charges.
+    pub fn consumed(&self) -> i64 {
+        self.consumed.load(Ordering::Acquire)
+    }
+    /// Settled charges plus outstanding reservations.
+    pub fn committed(&self) -> i64 {
+        self.committed.load(Ordering::Acquire)
+    }
+    /// Reservations not yet settled.
+    pub fn outstanding(&self) -> i64 {
+        self.outstanding.load(Ordering::Acquire)
+    }
+}
+
+/// Why a reservation was not granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReserveError {
+    /// The key's remaining quota cannot cover the reservation.
+    Insufficient {
+        /// What is left (may be ≤ 0).
+        remaining: i64,
+    },
+    /// The ceiling could not be made durable in time (slow or failing disk).
+    NotDurable,
+}
+
+struct Shared {
+    counters: DashMap<u64, Arc<KeyCounter>>,
+    dir: Option<PathBuf>,
+    queue: Mutex<Vec<u64>>,
+    wake: Condvar,
+    flushed: tokio::sync::watch::Sender<u64>,
+    stop: AtomicBool,
+    outstanding_total: AtomicI64,
+    write_errors: AtomicU64,
+    wait_timeout: Duration,
+}
+
+/// The ledger. Cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    shared: Arc<Shared>,
+}
+
+/// The chunk a key's durable ceiling is raised by: 2% of its limit, between 1 000 and
+/// 1 000 000 units (1 000 000 for unlimited keys). Also the most a crash strands per key.
+pub fn chunk_for(limit: Option<i64>) -> i64 {
+    match limit {
+        Some(l) => (l / 50).clamp(1_000, 1_000_000),
+        None => 1_000_000,
+    }
+}
+
+impl Ledger {
+    /// A ledger that lives in memory only (nothing survives the process). For embedding and tests.
+    pub fn in_memory() -> Ledger {
+        Ledger::build(None, HashMap::new())
+    }
+
+    /// Open (or create) the persisted ledger in `dir` and start its writer thread.
+    pub fn open(dir: &Path) -> std::io::Result<Ledger> {
+        std::fs::create_dir_all(dir)?;
+        let ceilings = load_state(dir)?;
+        let ledger = Ledger::build(Some(dir.to_path_buf()), ceilings);
+        let writer = ledger.clone();
+        std::thread::Builder::new()
+            .name("keygate-ledger".into())
+            .spawn(move || writer.writer_loop())?;
+        Ok(ledger)
+    }
+
+    fn build(dir: Option<PathBuf>, ceilings: HashMap<u64, i64>) -> Ledger {
+        let counters = DashMap::with_capacity(ceilings.len());
+        for (id, c) in ceilings {
+            let k = KeyCounter::default();
+            k.committed.store(c, Ordering::Relaxed);
+            k.consumed.store(c, Ordering::Relaxed);
+            k.durable.store(c, Ordering::Relaxed);
+            k.wanted.store(c, Ordering::Relaxed);
+            counters.insert(id, Arc::new(k));
+        }
+        let (flushed, _) = tokio::sync::watch::channel(0);
+        let ledger = Ledger {
+            shared: Arc::new(Shared {
+                counters,
+                dir,
+                queue: Mutex::new(Vec::new()),
+                wake: Condvar::new(),
+                flushed,
+                stop: AtomicBool::new(false),
+                outstanding_total: AtomicI64::new(0),
+                write_errors: AtomicU64::new(0),
+                wait_timeout: Duration::from_secs(5),
+            }),
+        };
+        ledger
+    }
+
+    /// Whether counters are persisted.
+    pub fn is_persistent(&self) -> bool {
+        self.shared.dir.is_some()
+    }
+
+    /// The counter for `key_id` (created at zero on first use).
+    pub fn counter(&self, key_id: u64) -> Arc<KeyCounter> {
+        if let Some(c) = self.shared.counters.get(&key_id) {
+            return c.clone();
+        }
+        self.shared
+            .counters
+            .entry(key_id)
+            .or_insert_with(|| {
+                let k = KeyCounter::default();
+                if self.shared.dir.is_none() {
+                    k.durable.store(i64::MAX, Ordering::Relaxed);
+                }
+                Arc::new(k)
+            })
+            .clone()
+    }
+
+    /// What keygate has charged `key_id` (settled calls), without creating a counter.
+    pub fn consumed(&self, key_id: u64) -> i64 {
+        self.shared
+            .counters
+            .get(&key_id)
+            .map_or(0, |c| c.consumed())
+    }
+
+    /// Reservations outstanding across all keys.
+    pub fn outstanding(&self) -> i64 {
+        self.shared.outstanding_total.load(Ordering::Relaxed)
+    }
+
+    /// Failed journal or snapshot writes so far.
+    pub fn write_errors(&self) -> u64 {
+        self.shared.write_errors.load(Ordering::Relaxed)
+    }
+
+    /// Take `amount` units of `key_id`'s quota, or refuse. `limit` is what the key may commit in
+    /// total (`quota − used`), `None` for unlimited keys. One atomic read-modify-write decides.
+    pub async fn reserve(
+        &self,
+        key_id: u64,
+        limit: Option<i64>,
+        amount: i64,
+    ) -> Result<Reservation, ReserveError> {
+        let counter = self.counter(key_id);
+        let amount = amount.max(0);
+        let previous = counter
+            .committed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| match limit {
+                Some(l) if cur.saturating_add(amount) > l => None,
+                _ => Some(cur.saturating_add(amount)),
+            })
+            .map_err(|cur| ReserveError::Insufficient {
+                remaining: limit.unwrap_or(i64::MAX).saturating_sub(cur),
+            })?;
+        counter.outstanding.fetch_add(1, Ordering::AcqRel);
+        self.shared
+            .outstanding_total
+            .fetch_add(1, Ordering::Relaxed);
+        let reservation = Reservation {
+            key_id,
+            counter: counter.clone(),
+            ledger: self.shared.clone(),
+            amount,
+            done: false,
+        };
+        let needed = previous.saturating_add(amount);
+        self.make_durable(key_id, &counter, needed, limit).await?;
+        Ok(reservation)
+    }
+
+    /// Make sure `counter`'s durable ceiling covers `needed`: ask the writer a chunk ahead when
+    /// past half the current chunk, and wait only when `needed` is beyond what is on disk.
+    async fn make_durable(
+        &self,
+        key_id: u64,
+        counter: &KeyCounter,
+        needed: i64,
+        limit: Option<i64>,
+    ) -> Result<(), ReserveError> {
+        let durable = counter.durable.load(Ordering::Acquire);
+        let chunk = chunk_for(limit);
+        if needed <= durable.saturating_sub(chunk / 2) {
+            return Ok(());
+        }
+        request_ceiling(&self.shared, key_id, counter, needed.saturating_add(chunk));
+        if needed <= durable {
+            return Ok(());
+        }
+        let mut rx = self.shared.flushed.subscribe();
+        let wait = async {
+            loop {
+                if counter.durable.load(Ordering::Acquire) >= needed {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        };
+        tokio::time::timeout(self.shared.wait_timeout, wait)
+            .await
+            .map_err(|_| ReserveError::NotDurable)
+    }
+
+    fn writer_loop(&self) {
+        let Some(dir) = self.shared.dir.clone() else {
+            return;
+        };
+        let mut journal = match open_journal(&dir) {
+            Ok(f) => f,
+            Err(e) => {
+                log::error!("ledger: cannot open {}: {e}", dir.join(JOURNAL).display());
+                return;
+            }
+        };
+        let mut generation = 0u64;
+        loop {
+            let batch: Vec<u64> = {
+                let Ok(mut q) = self.shared.queue.lock() else {
+                    return;
+                };
+                while q.is_empty() && !self.shared.stop.load(Ordering::Acquire) {
+                    q = match self.shared.wake.wait_timeout(q, Duration::from_secs(1)) {
+                        Ok((q, _)) => q,
+                        Err(_) => return,
+                    };
+                }
+                std::mem::take(&mut *q)
+            };
+            if batch.is_empty() && self.shared.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let mut lines = String::new();
+            let mut raised = Vec::with_capacity(batch.len());
+            for id in batch {
+                let Some(c) = self.shared.counters.get(&id).map(|c| c.clone()) else {
+                    continue;
+                };
+                c.queued.store(false, Ordering::Release);
+                let target = c.wanted.load(Ordering::Acquire).max(c.committed());
+                if target > c.durable.load(Ordering::Acquire) {
+                    lines.push_str(&format!("{id} {target}\n"));
+                    raised.push((c, target));
+                }
+            }
+            if raised.is_empty() {
+                continue;
+            }
+            match journal
+                .write_all(lines.as_bytes())
+                .and_then(|_| journal.sync_data())
+            {
+                Ok(()) => {
+                    for (c, target) in raised {
+                        c.durable.fetch_max(target, Ordering::AcqRel);
+                    }
+                    generation += 1;
+                    self.shared.flushed.send_replace(generation);
+                }
+                Err(e) => {
+                    self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+                    log::error!("ledger: journal write failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    for (c, _) in raised {
+                        c.queued.store(true, Ordering::Release);
+                    }
+                }
+            }
+            if journal.metadata().map(|m| m.len()).unwrap_or(0) > COMPACT_AFTER_BYTES {
+                match self.write_snapshot(&dir, false) {
+                    Ok(()) => match open_journal_truncated(&dir) {
+                        Ok(f) => journal = f,
+                        Err(e) => log::error!("ledger: cannot truncate the journal: {e}"),
+                    },
+                    Err(e) => {
+                        self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+                        log::error!("ledger: snapshot failed: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Write every key's ceiling (`exact`: its consumed value, for a clean shutdown) to the
+    /// snapshot: temp file, fsync, rename, fsync the folder.
+    fn write_snapshot(&self, dir: &Path, exact: bool) -> std::io::Result<()> {
+        let mut out = String::from("{\"version\":1,\"ceilings\":{");
+        let mut first = true;
+        for entry in self.shared.counters.iter() {
+            let c = entry.value();
+            let v = if exact {
+                c.committed()
+            } else {
+                c.durable.load(Ordering::Acquire).max(c.committed())
+            };
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            out.push_str(&format!("\"{}\":{}", entry.key(), v));
+        }
+        out.push_str("}}\n");
+        crate::fsutil::write_atomic(&dir.join(SNAPSHOT), out.as_bytes())
+    }
+
+    /// Clean shutdown: write exact values to the snapshot and empty the journal, so nothing is
+    /// stranded. Call after the server has stopped serving.
+    pub fn shutdown(&self) -> std::io::Result<()> {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.notify_all();
+        let Some(dir) = self.shared.dir.clone() else {
+            return Ok(());
+        };
+        self.write_snapshot(&dir, true)?;
+        open_journal_truncated(&dir).map(|_| ())
+    }
+}
+
+/// Ask the writer to raise `counter`'s durable ceiling to at least `target` (never waits).
+fn request_ceiling(shared: &Shared, key_id: u64, counter: &KeyCounter, target: i64) {
+    counter.wanted.fetch_max(target, Ordering::AcqRel);
+    if shared.dir.is_none() {
+        counter.durable.store(i64::MAX, Ordering::Release);
+        return;
+    }
+    if !counter.queued.swap(true, Ordering::AcqRel) {
+        if let Ok(mut q) = shared.queue.lock() {
+            q.push(key_id);
+        }
+        shared.wake.notify_one();
+    }
+}
+
+fn open_journal(dir: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(JOURNAL))
+}
+
+fn open_journal_truncated(dir: &Path) -> std::io::Result<File> {
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(dir.join(JOURNAL))?;
+    f.sync_all()?;
+    drop(f);
+    open_journal(dir)
+}
+
+/// Read the snapshot, then replay the journal, keeping the highest ceiling per id. A torn last
+/// journal line (a crash mid-write) holds a digit prefix of its value, so it is smaller than the
+/// value being written; that write was never fsynced, so no admission relied on it.
+fn load_state(dir: &Path) -> std::io::Result<HashMap<u64, i64>> {
+    let mut ceilings: HashMap<u64, i64> = HashMap::new();
+    let snap = dir.join(SNAPSHOT);
+    if snap.exists() {
+        #[derive(serde::Deserialize)]
+        struct Snapshot {
+            ceilings: HashMap<String, i64>,
+        }
+        let bytes = std::fs::read(&snap)?;
+        let s: Snapshot = serde_json::from_slice(&bytes).map_err(|e| {
+            std::io::Error::other(format!("ledger snapshot {}: {e}", snap.display()))
+        })?;
+        for (k, v) in s.ceilings {
+            let id = k.parse::<u64>().map_err(|_| {
+                std::io::Error::other(format!("ledger snapshot {}: bad id {k:?}", snap.display()))
+            })?;
+            ceilings.insert(id, v);
+        }
+    }
+    let journal = dir.join(JOURNAL);
+    if journal.exists() {
+        for line in BufReader::new(File::open(&journal)?).lines() {
+            let line = line?;
+            let mut parts = line.split_ascii_whitespace();
+            let (Some(id), Some(v), None) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
+            if let (Ok(id), Ok(v)) = (id.parse::<u64>(), v.parse::<i64>()) {
+                let e = ceilings.entry(id).or_insert(v);
+                *e = (*e).max(v);
+            }
+        }
+    }
+    Ok(ceilings)
+}
+
+/// Quota held for one call. Settle it once with [`Reservation::settle`]; dropped unsettled, it
+/// refunds itself in full.
+pub struct Reservation {
+    key_id: u64,
+    counter: Arc<KeyCounter>,
+    ledger: Arc<Shared>,
+    amount: i64,
+    done: bool,
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Reservation({})", self.amount)
+    }
+}
+
+impl Reservation {
+    /// The units held.
+    pub fn amount(&self) -> i64 {
+        self.amount
+    }
+
+    /// Charge `actual` units instead of the reservation (the difference may be negative).
+    pub fn settle(mut self, actual: i64) {
+        let actual = actual.max(0);
+        self.counter
+            .committed
+            .fetch_add(actual - self.amount, Ordering::AcqRel);
+        self.counter.consumed.fetch_add(actual, Ordering::AcqRel);
+        self.finish();
+        let committed = self.counter.committed();
+        if committed > self.counter.durable.load(Ordering::Acquire) {
+            // A settle above the reservation may pass the ceiling: ask the writer (no wait).
+            request_ceiling(&self.ledger, self.key_id, &self.counter, committed);
+        }
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        self.counter.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.ledger
+            .outstanding_total
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.done {
+            self.counter
+                .committed
+                .fetch_sub(self.amount, Ordering::AcqRel);
+            self.finish();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reserve_settle_refund() {
+        let l = Ledger::in_memory();
+        let r = l.reserve(1, Some(100), 60).await.unwrap();
+        assert_eq!(
+            l.reserve(1, Some(100), 50).await.unwrap_err(),
+            ReserveError::Insufficient { remaining: 40 }
+        );
+        r.settle(30);
+        assert_eq!(l.consumed(1), 30);
+        let r = l.reserve(1, Some(100), 70).await.unwrap();
+        drop(r);
+        assert_eq!(l.counter(1).committed(), 30);
+        assert_eq!(l.outstanding(), 0);
+        // Unlimited keys are never refused.
+        l.reserve(2, None, i64::MAX / 2).await.unwrap().settle(5);
+        assert_eq!(l.consumed(2), 5);
+    }
+
+    /// Many threads racing on one key: the committed total never passes the limit through
+    /// reservations, and every reservation is either settled or refunded.
+    #[test]
+    fn concurrent_reservations_never_pass_the_limit() {
+        let l = Ledger::in_memory();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let limit = 1_000;
+        let granted = Arc::new(AtomicI64::new(0));
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let (l, granted) = (l.clone(), granted.clone());
+                let rt = &rt;
+                s.spawn(move || {
+                    for i in 0..2_000 {
+                        let amount = 1 + (i + t) % 7;
+                        if let Ok(r) = rt.block_on(l.reserve(9, Some(limit), amount)) {
+                            assert!(l.counter(9).committed() <= limit);
+                            granted.fetch_add(1, Ordering::Relaxed);
+                            if i % 3 == 0 {
+                                drop(r);
+                            } else {
+                                r.settle(amount - 1);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let c = l.counter(9);
+        assert_eq!(c.outstanding(), 0);
+        assert_eq!(c.committed(), c.consumed());
+        assert!(c.consumed() <= limit);
+        assert!(granted.load(Ordering::Relaxed) > 0);
+    }
+
+    #[tokio::test]
+    async fn ceilings_survive_reopen_and_never_go_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path()).unwrap();
+        for _ in 0..10 {
+            l.reserve(7, Some(1_000_000), 100)
+                .await
+                .unwrap()
+                .settle(100);
+        }
+        assert_eq!(l.consumed(7), 1_000);
+        // No clean shutdown: a crash. The reopened ledger starts at the durable ceiling.
+        let crashed = Ledger::open(dir.path()).unwrap();
+        let after = crashed.consumed(7);
+        assert!(after >= 1_000, "gave quota back: {after}");
+        assert!(
+            after <= 1_000 + 2 * chunk_for(Some(1_000_000)),
+            "stranded too much: {after}"
+        );
+        // A clean shutdown writes exact values.
+        l.shutdown().unwrap();
+        let reopened = Ledger::open(dir.path()).unwrap();
+        assert_eq!(reopened.consumed(7), 1_000);
+    }
+
+    #[test]
+    fn torn_journal_line_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(JOURNAL), "1 500\n1 900\n2 30\n1 12").unwrap();
+        let m = load_state(dir.path()).unwrap();
+        assert_eq!(m[&1], 900);
+        assert_eq!(m[&2], 30);
+    }
+}

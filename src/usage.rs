@@ -1,0 +1,542 @@
+//! Reading usage from upstream responses (JSON bodies and SSE streams, in the OpenAI, Anthropic
+//! and Gemini dialects), removing the usage chunk keygate asked for on a client's behalf, and the
+//! usage log (one JSON line per settled call, written off the request path).
+
+use crate::pricing::Usage;
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Token counts as found, field by field (a stream may report them in separate events).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PartialUsage {
+    /// Prompt / input tokens.
+    pub prompt: Option<u64>,
+    /// Completion / output tokens.
+    pub completion: Option<u64>,
+}
+
+impl PartialUsage {
+    /// Later values win field by field.
+    pub fn merge(&mut self, other: PartialUsage) {
+        if other.prompt.is_some() {
+            self.prompt = other.prompt;
+        }
+        if other.completion.is_some() {
+            self.completion = other.completion;
+        }
+    }
+
+    /// Complete usage when any field was reported (a missing field counts as 0).
+    pub fn usage(&self) -> Option<Usage> {
+        (self.prompt.is_some() || self.completion.is_some()).then(|| Usage {
+            prompt_tokens: self.prompt.unwrap_or(0),
+            completion_tokens: self.completion.unwrap_or(0),
+        })
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct UsageObject {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct GeminiUsage {
+    prompt_token_count: Option<u64>,
+    candidates_token_count: Option<u64>,
+    thoughts_token_count: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct MessageObject {
+    usage: Option<UsageObject>,
+}
+
+/// The fields of a response object (or an SSE event's data) that carry usage.
+#[derive(Deserialize, Default)]
+struct UsageCarrier {
+    usage: Option<UsageObject>,
+    #[serde(rename = "usageMetadata")]
+    usage_metadata: Option<GeminiUsage>,
+    /// Anthropic `message_start` carries the input tokens in `message.usage`.
+    message: Option<MessageObject>,
+    /// Responses API events carry the final object in `response.usage`.
+    response: Option<MessageObject>,
+}
+
+impl UsageObject {
+    fn partial(&self) -> PartialUsage {
+        PartialUsage {
+            prompt: self.prompt_tokens.or(self.input_tokens),
+            completion: self.completion_tokens.or(self.output_tokens),
+        }
+    }
+}
+
+/// Usage in a JSON document (a whole response body or one SSE event's data).
+pub fn usage_from_json(doc: &[u8]) -> PartialUsage {
+    let Ok(c) = serde_json::from_slice::<UsageCarrier>(doc) else {
+        return PartialUsage::default();
+    };
+    let mut out = PartialUsage::default();
+    for m in [c.message, c.response].into_iter().flatten() {
+        if let Some(u) = m.usage {
+            out.merge(u.partial());
+        }
+    }
+    if let Some(u) = c.usage {
+        out.merge(u.partial());
+    }
+    if let Some(g) = c.usage_metadata {
+        out.merge(PartialUsage {
+            prompt: g.prompt_token_count,
+            completion: match (g.candidates_token_count, g.thoughts_token_count) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+            },
+        });
+    }
+    out
+}
+
+/// Follows an SSE response chunk by chunk: finds usage in complete `data:` lines without copying
+/// the stream (only a partial last line is carried over), counts events, and in strip mode
+/// removes the usage chunk and the `"usage":null` fields that keygate's `include_usage` added.
+#[derive(Default)]
+pub struct SseTracker {
+    strip: bool,
+    carry: Vec<u8>,
+    pending: BytesMut,
+    usage: PartialUsage,
+    events: u64,
+    bytes: u64,
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    memchr::memmem::find(hay, needle)
+}
+
+impl SseTracker {
+    /// A tracker; `strip` when keygate asked for the usage chunk and the client did not.
+    pub fn new(strip: bool) -> SseTracker {
+        SseTracker {
+            strip,
+            ..SseTracker::default()
+        }
+    }
+
+    /// Usage seen so far.
+    pub fn usage(&self) -> PartialUsage {
+        self.usage
+    }
+
+    /// `data:` events seen so far (excluding `[DONE]`).
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// Body bytes seen so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Process one chunk; returns what to send downstream (the same bytes unless stripping).
+    pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+        self.bytes += chunk.len() as u64;
+        if self.strip {
+            self.pending.extend_from_slice(&chunk);
+            return self.drain_complete_events(false);
+        }
+        self.scan_lines(&chunk);
+        chunk
+    }
+
+    /// End of stream: whatever is still held back.
+    pub fn finish(&mut self) -> Bytes {
+        if self.strip {
+            self.drain_complete_events(true)
+        } else {
+            let rest = std::mem::take(&mut self.carry);
+            self.line(&rest);
+            Bytes::new()
+        }
+    }
+
+    fn scan_lines(&mut self, chunk: &[u8]) {
+        let mut start = 0;
+        for nl in memchr::memchr_iter(b'\n', chunk) {
+            if self.carry.is_empty() {
+                self.line(&chunk[start..nl]);
+            } else {
+                let mut l = std::mem::take(&mut self.carry);
+                l.extend_from_slice(&chunk[start..nl]);
+                self.line(&l);
+            }
+            start = nl + 1;
+        }
+        self.carry.extend_from_slice(&chunk[start..]);
+    }
+
+    /// One line: a `data:` line is counted, and parsed when it can carry usage.
+    fn line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        let data = data.trim_ascii();
+        if data == b"[DONE]" || data.is_empty() {
+            return;
+        }
+        self.events += 1;
+        if find(data, b"sage").is_some() {
+            // "usage" or "usageMetadata"; a cheap test before parsing the event.
+            self.usage.merge(usage_from_json(data));
+        }
+    }
+
+    /// Strip mode: emit every complete event, without the usage-only chunk and without
+    /// `"usage":null`; keep an incomplete last event for the next chunk (all of it at the end).
+    fn drain_complete_events(&mut self, at_end: bool) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.pending.len());
+        loop {
+            let lf = find(&self.pending, b"\n\n").map(|i| i + 2);
+            let crlf = find(&self.pending, b"\r\n\r\n").map(|i| i + 4);
+            let boundary = match (lf, crlf) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let end = match boundary {
+                Some(e) => e,
+                None if at_end && !self.pending.is_empty() => self.pending.len(),
+                None => break,
+            };
+            let event = self.pending.split_to(end);
+            let mut usage_only = false;
+            for l in event[..].split(|&b| b == b'\n') {
+                let before = self.usage;
+                self.line(l);
+                if self.usage != before
+                    && l.strip_prefix(b"data:")
+                        .is_some_and(|d| find(d, b"\"choices\":[]").is_some())
+                {
+                    usage_only = true;
+                }
+            }
+            if !usage_only {
+                append_without_null_usage(&mut out, &event);
+            }
+        }
+        out.freeze()
+    }
+}
+
+/// Copy `event` into `out` without the `"usage":null` members an `include_usage` stream adds.
+fn append_without_null_usage(out: &mut BytesMut, event: &[u8]) {
+    let mut rest = event;
+    loop {
+        let hit = [&b",\"usage\":null"[..], &b"\"usage\":null,"[..]]
+            .iter()
+            .filter_map(|n| find(rest, n).map(|i| (i, n.len())))
+            .min();
+        match hit {
+            Some((i, n)) => {
+                out.extend_from_slice(&rest[..i]);
+                rest = &rest[i + n..];
+            }
+            None => {
+                out.extend_from_slice(rest);
+                return;
+            }
+        }
+    }
+}
+
+/// One settled call, as written to the usage log. Never holds key material.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct UsageRecord {
+    /// Unix seconds.
+    pub created_at: i64,
+    /// The request id.
+    pub request_id: String,
+    /// The key's id.
+    pub key_id: u64,
+    /// The key's name.
+    pub key_name: String,
+    /// The key's group.
+    pub group: String,
+    /// The model.
+    pub model: String,
+    /// Prompt tokens charged.
+    pub prompt_tokens: u64,
+    /// Completion tokens charged.
+    pub completion_tokens: u64,
+    /// Quota units charged.
+    pub quota: i64,
+    /// Whether the response was a stream.
+    pub is_stream: bool,
+    /// The HTTP status the client got (499: the client went away first).
+    pub status: u16,
+    /// Request start to end, milliseconds.
+    pub duration_ms: u64,
+    /// Request start to the first response byte, milliseconds.
+    pub first_byte_ms: Option<u64>,
+}
+
+enum Msg {
+    Record(Box<UsageRecord>),
+    Flush(SyncSender<()>),
+}
+
+/// The usage log: a bounded channel to a writer thread. Recording never blocks; when the channel
+/// is full the record is dropped and counted.
+#[derive(Clone)]
+pub struct UsageLog {
+    tx: SyncSender<Msg>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl UsageLog {
+    /// Capacity of the channel.
+    pub const CAPACITY: usize = 65_536;
+
+    /// Open `path` for appending and start the writer.
+    pub fn open(path: &Path) -> std::io::Result<UsageLog> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(Self::CAPACITY);
+        let name = path.display().to_string();
+        std::thread::Builder::new()
+            .name("keygate-usage-log".into())
+            .spawn(move || writer(rx, file, &name))?;
+        Ok(UsageLog {
+            tx,
+            dropped: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Queue a record (never blocks).
+    pub fn record(&self, r: UsageRecord) {
+        match self.tx.try_send(Msg::Record(Box::new(r))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Records dropped because the writer could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Wait until everything queued so far is written (at most `timeout`).
+    pub fn flush(&self, timeout: Duration) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        if self.tx.send(Msg::Flush(tx)).is_ok() {
+            let _ = rx.recv_timeout(timeout);
+        }
+    }
+}
+
+fn writer(rx: Receiver<Msg>, file: std::fs::File, name: &str) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, file);
+    let mut dirty = false;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(Msg::Record(r)) => {
+                if let Ok(line) = serde_json::to_vec(&r) {
+                    let ok = out.write_all(&line).and_then(|_| out.write_all(b"\n"));
+                    if let Err(e) = ok {
+                        log::error!("usage log {name}: {e}");
+                    }
+                    dirty = true;
+                }
+            }
+            Ok(Msg::Flush(done)) => {
+                let _ = out.flush();
+                dirty = false;
+                let _ = done.send(());
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if dirty {
+                    if let Err(e) = out.flush() {
+                        log::error!("usage log {name}: {e}");
+                    }
+                    dirty = false;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let _ = out.flush();
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_usage_in_each_dialect() {
+        let openai =
+            br#"{"id":"x","usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}"#;
+        assert_eq!(
+            usage_from_json(openai).usage(),
+            Some(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 5
+            })
+        );
+        let anthropic = br#"{"type":"message","usage":{"input_tokens":7,"output_tokens":3}}"#;
+        assert_eq!(
+            usage_from_json(anthropic).usage(),
+            Some(Usage {
+                prompt_tokens: 7,
+                completion_tokens: 3
+            })
+        );
+        let gemini = br#"{"candidates":[],"usageMetadata":{"promptTokenCount":4,"candidatesTokenCount":6,"thoughtsTokenCount":2}}"#;
+        assert_eq!(
+            usage_from_json(gemini).usage(),
+            Some(Usage {
+                prompt_tokens: 4,
+                completion_tokens: 8
+            })
+        );
+        assert_eq!(usage_from_json(br#"{"usage":null}"#).usage(), None);
+        assert_eq!(usage_from_json(b"not json").usage(), None);
+    }
+
+    const OPENAI_STREAM: &str = concat!(
+        "data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\" there\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2}}\n\n",
+        "data: [DONE]\n\n"
+    );
+
+    fn run(t: &mut SseTracker, stream: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut prev = 0;
+        for &c in cuts.iter().chain(std::iter::once(&stream.len())) {
+            out.extend_from_slice(&t.feed(Bytes::copy_from_slice(&stream[prev..c])));
+            prev = c;
+        }
+        out.extend_from_slice(&t.finish());
+        out
+    }
+
+    #[test]
+    fn passthrough_mode_reads_usage_and_changes_nothing() {
+        let mut t = SseTracker::new(false);
+        let out = run(&mut t, OPENAI_STREAM.as_bytes(), &[10, 100]);
+        assert_eq!(out, OPENAI_STREAM.as_bytes());
+        assert_eq!(
+            t.usage().usage(),
+            Some(Usage {
+                prompt_tokens: 9,
+                completion_tokens: 2
+            })
+        );
+        assert_eq!(t.events(), 3);
+    }
+
+    #[test]
+    fn strip_mode_removes_what_include_usage_added() {
+        let mut t = SseTracker::new(true);
+        let out = run(&mut t, OPENAI_STREAM.as_bytes(), &[37, 120]);
+        let want = concat!(
+            "data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+            "data: {\"id\":\"c\",\"choices\":[{\"delta\":{\"content\":\" there\"}}]}\n\n",
+            "data: [DONE]\n\n"
+        );
+        assert_eq!(String::from_utf8(out).unwrap(), want);
+        assert_eq!(
+            t.usage().usage(),
+            Some(Usage {
+                prompt_tokens: 9,
+                completion_tokens: 2
+            })
+        );
+    }
+
+    #[test]
+    fn anthropic_stream_usage_comes_from_two_events() {
+        let s = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"usage\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n",
+        );
+        let mut t = SseTracker::new(false);
+        run(&mut t, s.as_bytes(), &[50]);
+        assert_eq!(
+            t.usage().usage(),
+            Some(Usage {
+                prompt_tokens: 25,
+                completion_tokens: 15
+            })
+        );
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever the chunk boundaries, the usage found and the bytes sent are the same.
+            #[test]
+            fn chunk_boundaries_do_not_matter(cuts in proptest::collection::btree_set(1usize..OPENAI_STREAM.len(), 0..12), strip: bool) {
+                let cuts: Vec<usize> = cuts.into_iter().collect();
+                let mut whole = SseTracker::new(strip);
+                let expected = run(&mut whole, OPENAI_STREAM.as_bytes(), &[]);
+                let mut t = SseTracker::new(strip);
+                let out = run(&mut t, OPENAI_STREAM.as_bytes(), &cuts);
+                prop_assert_eq!(out, expected);
+                prop_assert_eq!(t.usage(), whole.usage());
+                prop_assert_eq!(t.events(), whole.events());
+            }
+        }
+    }
+
+    #[test]
+    fn usage_log_writes_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.jsonl");
+        let log = UsageLog::open(&path).unwrap();
+        let r = UsageRecord {
+            created_at: 1,
+            request_id: "r".into(),
+            key_id: 3,
+            key_name: "k".into(),
+            group: "default".into(),
+            model: "m".into(),
+            prompt_tokens: 1,
+            completion_tokens: 2,
+            quota: 3,
+            is_stream: false,
+            status: 200,
+            duration_ms: 4,
+            first_byte_ms: Some(2),
+        };
+        log.record(r.clone());
+        log.flush(Duration::from_secs(5));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let back: UsageRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
+}
