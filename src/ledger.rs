@@ -128,7 +128,7 @@ impl Ledger {
             counters.insert(id, Arc::new(k));
         }
         let (flushed, _) = tokio::sync::watch::channel(0);
-        let ledger = Ledger {
+        Ledger {
             shared: Arc::new(Shared {
                 counters,
                 dir,
@@ -140,8 +140,7 @@ impl Ledger {
                 write_errors: AtomicU64::new(0),
                 wait_timeout: Duration::from_secs(5),
             }),
-        };
-        ledger
+        }
     }
 
     /// Whether counters are persisted.

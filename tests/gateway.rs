@@ -824,5 +824,5 @@ async fn metrics_health_and_readiness() {
         .await
         .unwrap();
     assert_eq!(v["revision"], 7);
-    assert_eq!(v["keys"], 8);
+    assert_eq!(v["keys"], 9);
 }

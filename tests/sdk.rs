@@ -30,6 +30,7 @@ async fn client_sdks_raise_their_own_exception_classes() {
         .env("KG_BASE", &env.gw.base)
         .env("KG_OK", OK)
         .env("KG_MINI_ONLY", MINI_ONLY)
+        .env("KG_EXHAUSTED", EXHAUSTED)
         .output()
         .await
         .unwrap();

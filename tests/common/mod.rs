@@ -19,6 +19,7 @@ pub const IP_LOCKED: &str = "sk-test-iplocked-0000000000000000000000000000000000
 pub const MINI_ONLY: &str = "sk-test-minionly-0000000000000000000000000000000000";
 pub const LIMITED_GROUP: &str = "sk-test-limited-00000000000000000000000000000000000";
 pub const LOCALHOST_ONLY: &str = "sk-test-localhost-000000000000000000000000000000000";
+pub const EXHAUSTED: &str = "sk-test-exhausted-000000000000000000000000000000000";
 pub const UPSTREAM_SECRET: &str = "upstream-secret-xyz";
 
 /// The standard sync file: one key per situation the checks distinguish.
@@ -46,7 +47,8 @@ pub fn standard_sync() -> Value {
             {"id": 5, "name": "ip locked", "key": IP_LOCKED, "allow_ips": ["203.0.113.7"], "quota": 1000000},
             {"id": 6, "name": "mini only", "key": MINI_ONLY, "models": ["gpt-4o-mini"], "quota": 1000000},
             {"id": 7, "name": "limited group", "key": LIMITED_GROUP, "group": "limited", "quota": 1000000},
-            {"id": 8, "name": "localhost only", "key": LOCALHOST_ONLY, "allow_ips": ["127.0.0.0/8"], "quota": 1000000}
+            {"id": 8, "name": "localhost only", "key": LOCALHOST_ONLY, "allow_ips": ["127.0.0.0/8"], "quota": 1000000},
+            {"id": 9, "name": "exhausted", "key": EXHAUSTED, "quota": 0}
         ]
     })
 }
@@ -81,6 +83,62 @@ pub struct Gateway {
     pub base: String,
     pub metrics: Option<String>,
     pub dir: PathBuf,
+}
+
+impl Gateway {
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the process to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap()
+    }
+
+    /// The usage log's records so far.
+    pub fn usage_records(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.join("var/usage.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Wait until the usage log has at least `n` records.
+    pub async fn wait_records(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let r = self.usage_records();
+            if r.len() >= n || Instant::now() > deadline {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// GET `path` on the gateway with `key` as Bearer; status and body bytes.
+    pub async fn get(&self, path: &str, key: &str) -> (u16, Vec<u8>) {
+        let r = client()
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
+    }
+
+    /// `total_used` from `/api/usage/token/`.
+    pub async fn total_used(&self, key: &str) -> i64 {
+        let (status, body) = self.get("/api/usage/token/", key).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        v["data"]["total_used"].as_i64().unwrap()
+    }
 }
 
 impl Drop for Gateway {
@@ -123,7 +181,7 @@ impl Env {
 /// The config YAML for `opts` (relative paths: they resolve against the config's folder).
 pub fn config_yaml(opts: &Opts, upstream_url: &str) -> String {
     format!(
-        "listen: \"{listen}\"\nthreads: 2\nmetrics_listen: \"127.0.0.1:0\"\nsync_file: keys.json\nstate_dir: var\nmax_body_bytes: 2097152\ngrace_period_seconds: 0\n{extra}\nupstreams:\n  - name: mock\n    url: \"{upstream_url}\"\n    api_key_env: KG_TEST_UPSTREAM_KEY\n    models: [\"gpt-*\", \"claude-*\", \"gemini-*\", \"text-embedding-*\", \"whisper-*\"]\n{uextra}",
+        "listen: \"{listen}\"\nthreads: 2\nmetrics_listen: \"127.0.0.1:0\"\nsync_file: keys.json\nstate_dir: var\nusage_log: var/usage.jsonl\nmax_body_bytes: 2097152\ngrace_period_seconds: 0\n{extra}\nupstreams:\n  - name: mock\n    url: \"{upstream_url}\"\n    api_key_env: KG_TEST_UPSTREAM_KEY\n    models: [\"gpt-*\", \"claude-*\", \"gemini-*\", \"text-embedding-*\", \"whisper-*\"]\n{uextra}",
         listen = opts.listen,
         extra = opts.extra,
         uextra = opts.upstream_extra,

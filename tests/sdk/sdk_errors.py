@@ -10,6 +10,7 @@ import openai
 
 BASE = os.environ["KG_BASE"]
 OK, MINI_ONLY, UNKNOWN = os.environ["KG_OK"], os.environ["KG_MINI_ONLY"], "sk-unknown-key"
+EXHAUSTED = os.environ["KG_EXHAUSTED"]
 failures = []
 
 
@@ -54,6 +55,10 @@ expect("openai model required", openai.BadRequestError,
        lambda: oa(OK).chat.completions.create(model="", messages=msgs))
 expect("openai model not found", openai.NotFoundError,
        lambda: oa(OK).chat.completions.create(model="llama-3-70b", messages=msgs))
+expect("openai quota exhausted", openai.RateLimitError,
+       lambda: oa(EXHAUSTED).chat.completions.create(model="gpt-4o-mini", messages=msgs))
+expect("anthropic quota exhausted", anthropic.RateLimitError,
+       lambda: an(EXHAUSTED).messages.create(model="claude-3-5-sonnet-latest", max_tokens=8, messages=msgs))
 expect("anthropic unknown key", anthropic.AuthenticationError,
        lambda: an(UNKNOWN).messages.create(model="claude-3-5-sonnet-latest", max_tokens=8, messages=msgs))
 expect("anthropic model not allowed", anthropic.PermissionDeniedError,
@@ -61,4 +66,4 @@ expect("anthropic model not allowed", anthropic.PermissionDeniedError,
 
 if failures:
     sys.exit(1)
-print(f"{7} passed, 0 failed")
+print("9 passed, 0 failed")
