@@ -15,8 +15,11 @@
 //! * `admission/unknown_key/<n>` — a well-formed key that is not in the table: the 401 path.
 //!
 //! Each table is built once, outside the timed loop, directly from a `SyncFile` struct (much
-//! faster than going through JSON for a million keys). Build time and the process's RSS / peak
-//! RSS (VmRSS / VmHWM from /proc/self/status) are printed to stderr after each build.
+//! faster than going through JSON for a million keys). After each build, stderr gets: build
+//! time, the table's exact live heap size (from a counting global allocator, below), heap
+//! allocations per admission on the hot paths (expected: 0), and the process's RSS / peak RSS
+//! (VmRSS / VmHWM from /proc/self/status; RSS includes freed-but-retained malloc memory, e.g.
+//! the dropped `SyncFile`, so the allocator's figure is the one to quote for the table).
 //!
 //! Run: `cargo bench --bench admission -- --warm-up-time 1 --measurement-time 3`
 
@@ -26,10 +29,66 @@ use keygate::config::{GroupEntry, KeyEntry, KeyStatus, SyncFile, UpstreamConfig}
 use keygate::gate::{admit_key, admit_model, unix_now};
 use keygate::proxy::Upstreams;
 use keygate::table::{digest_hex, key_digest, KeyTable};
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
+
+/// The system allocator plus two relaxed counters: live heap bytes and allocation calls.
+/// Costs one uncontended atomic add per (de)allocation, so it only shows up in a timed loop
+/// that allocates — and the sanity checks below confirm the admission paths do not.
+struct CountingAlloc;
+
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static ALLOC_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every method forwards to `System` unchanged; the counters have no effect on memory.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc(layout);
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size(), Relaxed);
+            ALLOC_CALLS.fetch_add(1, Relaxed);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = System.alloc_zeroed(layout);
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size(), Relaxed);
+            ALLOC_CALLS.fetch_add(1, Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout);
+        LIVE_BYTES.fetch_sub(layout.size(), Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = System.realloc(ptr, layout, new_size);
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(new_size, Relaxed);
+            LIVE_BYTES.fetch_sub(layout.size(), Relaxed);
+            ALLOC_CALLS.fetch_add(1, Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+/// Heap allocation calls made by `f` run `runs` times, per run (rounded up: any allocation at
+/// all shows as at least 1).
+fn allocs_per_call(runs: usize, mut f: impl FnMut()) -> usize {
+    let before = ALLOC_CALLS.load(Relaxed);
+    for _ in 0..runs {
+        f();
+    }
+    (ALLOC_CALLS.load(Relaxed) - before).div_ceil(runs)
+}
 
 /// Key-table sizes the group is parameterized by.
 const SIZES: [usize; 3] = [1_000, 100_000, 1_000_000];
@@ -103,18 +162,28 @@ fn rss_report() -> String {
 
 /// Build the `n`-key table (untimed by criterion; timed here and reported on stderr).
 fn build_table(n: usize) -> KeyTable {
+    let live_start = LIVE_BYTES.load(Relaxed);
     let t0 = Instant::now();
     let file = sync_file(n);
     let t1 = Instant::now();
+    // Live heap bytes with the source struct built but no table yet.
+    let live_before = LIVE_BYTES.load(Relaxed);
+    let file_bytes = live_before.saturating_sub(live_start);
     let table = KeyTable::compile(&file, "bench").expect("bench sync file compiles");
     let t2 = Instant::now();
-    // Drop the source struct so the RSS below is (mostly) the table itself.
     drop(file);
+    // Whatever `compile` allocated and kept (the source struct is gone again): the table's
+    // own heap footprint.
+    let table_bytes = LIVE_BYTES.load(Relaxed).saturating_sub(live_start);
     assert_eq!(table.len(), n);
     eprintln!(
-        "[admission] {n} keys: sync-file struct {:.2?}, KeyTable::compile {:.2?}; {}",
+        "[admission] {n} keys: sync-file struct {:.2?} ({:.1} MB heap), KeyTable::compile {:.2?}; \
+         table heap {:.1} MB ({} B/key); {}",
         t1 - t0,
+        file_bytes as f64 / 1e6,
         t2 - t1,
+        table_bytes as f64 / 1e6,
+        table_bytes / n,
         rss_report()
     );
     table
@@ -193,6 +262,10 @@ fn bench_admission(c: &mut Criterion) {
 
         // --- full: one hot key from the middle of the table -------------------------------
         let hot = headers_for(&key_for(n / 2));
+        // The unknown_key bench's key. `x` never appears in `key_for`'s digits-only keys, so
+        // this cannot collide with a table key.
+        let unknown = headers_for(&format!("sk-{}", "x".repeat(48)));
+        assert!(admit_key(&table, &unknown, None, peer, &[], now).is_err());
         // Sanity check outside the timed loop: the path really admits the key.
         assert_eq!(admit_full(&table, &upstreams, &hot, peer, now), 0);
         group.bench_with_input(BenchmarkId::new("full", n), &n, |b, _| {
@@ -215,6 +288,16 @@ fn bench_admission(c: &mut Criterion) {
         for h in &spread {
             assert_eq!(admit_full(&table, &upstreams, h, peer, now), 0);
         }
+        eprintln!(
+            "[admission] {n} keys: heap allocations per admission: full {}, unknown_key {}",
+            allocs_per_call(1_000, || {
+                black_box(admit_full(&table, &upstreams, &hot, peer, now));
+            }),
+            allocs_per_call(1_000, || {
+                let unknown = black_box(&unknown);
+                black_box(admit_key(&table, unknown, None, peer, &[], now).is_err());
+            }),
+        );
         group.bench_with_input(BenchmarkId::new("full_spread", n), &n, |b, _| {
             let mut next = 0usize;
             b.iter(|| {
@@ -231,9 +314,7 @@ fn bench_admission(c: &mut Criterion) {
         });
 
         // --- unknown_key: well-formed but absent key -> 401 invalid_api_key ---------------
-        // `x` never appears in `key_for`'s digits-only keys, so this cannot collide.
-        let unknown = headers_for(&format!("sk-{}", "x".repeat(48)));
-        assert!(admit_key(&table, &unknown, None, peer, &[], now).is_err());
+        // (`unknown` is built above, next to `hot`.)
         group.bench_with_input(BenchmarkId::new("unknown_key", n), &n, |b, _| {
             b.iter(|| {
                 admit_key(

@@ -1,5 +1,6 @@
 //! Measures how fast keygate reads `model` / `stream` / `max_tokens` out of a JSON request body
-//! (`gate::find_model`, which validates the whole body as one JSON object), in bytes/second, on
+//! (`gate::find_model`, which validates the whole body as one JSON object, and the
+//! `credential::parse_json_fields` it calls), in bytes/second, on
 //! realistic ~1 KB and ~100 KB OpenAI chat-completions bodies — against two references on the
 //! same bytes: a full `serde_json::Value` parse, and `serde_json::de::IgnoredAny` (validation
 //! only, no allocation: the floor for any approach that checks the whole body).
@@ -143,6 +144,20 @@ fn bench_extraction(c: &mut Criterion) {
                 .map(|(m, f)| (m.map(|m| m.len()), f))
             })
         });
+
+        // The JSON part of find_model alone (no content-type / path handling), to separate
+        // find_model's fixed per-call overhead from the per-byte cost.
+        group.bench_with_input(
+            BenchmarkId::new("parse_json_fields", label),
+            &body,
+            |b, body| {
+                b.iter(|| {
+                    keygate::credential::parse_json_fields(black_box(body))
+                        .map(|f| f.max_tokens)
+                        .unwrap()
+                })
+            },
+        );
 
         // Reference: a full DOM parse (allocates every string, array and map).
         group.bench_with_input(BenchmarkId::new("serde_value", label), &body, |b, body| {

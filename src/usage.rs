@@ -198,8 +198,7 @@ impl SseTracker {
             return;
         }
         self.events += 1;
-        if find(data, b"sage").is_some() {
-            // "usage" or "usageMetadata"; a cheap test before parsing the event.
+        if has_usage_object(data) {
             self.usage.merge(usage_from_json(data));
         }
     }
@@ -238,6 +237,26 @@ impl SseTracker {
         }
         out.freeze()
     }
+}
+
+/// Whether an event's JSON has a `"usage": {` or `"usageMetadata": {` member: a cheap test that
+/// skips the `"usage":null` every OpenAI chunk carries before the JSON is parsed.
+fn has_usage_object(data: &[u8]) -> bool {
+    let mut rest = data;
+    while let Some(i) = find(rest, b"\"usage") {
+        let mut tail = &rest[i + 6..];
+        tail = tail.strip_prefix(b"Metadata").unwrap_or(tail);
+        if let Some(t) = tail.strip_prefix(b"\"") {
+            let t = t.trim_ascii_start();
+            if let Some(t) = t.strip_prefix(b":") {
+                if t.trim_ascii_start().first() == Some(&b'{') {
+                    return true;
+                }
+            }
+        }
+        rest = &rest[i + 6..];
+    }
+    false
 }
 
 /// Copy `event` into `out` without the `"usage":null` members an `include_usage` stream adds.
@@ -439,6 +458,17 @@ mod tests {
         }
         out.extend_from_slice(&t.finish());
         out
+    }
+
+    #[test]
+    fn usage_object_test() {
+        assert!(has_usage_object(br#"{"usage":{"prompt_tokens":1}}"#));
+        assert!(has_usage_object(br#"{"usage" : {"x":1}}"#));
+        assert!(has_usage_object(
+            br#"{"usageMetadata":{"promptTokenCount":1}}"#
+        ));
+        assert!(!has_usage_object(br#"{"choices":[],"usage":null}"#));
+        assert!(!has_usage_object(br#"{"text":"usage"}"#));
     }
 
     #[test]
