@@ -1113,8 +1113,7 @@ impl Gate {
         let (Some(table), Some(key)) = (ctx.table.clone(), ctx.key_record().cloned()) else {
             return;
         };
-        let client_gone =
-            e.is_some_and(|e| matches!(e.esource(), pingora::ErrorSource::Downstream));
+        let client_gone = e.is_some_and(is_client_gone);
         let m = &self.inner.metrics;
         let group = table.group_of(&key).name.clone();
         let model = ctx.model.clone().unwrap_or_default();
@@ -1252,6 +1251,15 @@ impl Gate {
         };
         m.count_request(outcome, reason, model, group);
     }
+}
+
+/// Whether `e` means the client went away (closed, reset, or stopped reading).
+pub fn is_client_gone(e: &Error) -> bool {
+    matches!(e.esource(), pingora::ErrorSource::Downstream)
+        && matches!(
+            e.etype(),
+            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+        )
 }
 
 /// The read-only usage endpoints (SPEC §3), answered by keygate; expired and exhausted keys may

@@ -328,6 +328,17 @@ impl ProxyHttp for KeygateProxy {
     async fn logging(&self, session: &mut Session, e: Option<&pingora::Error>, ctx: &mut GateCtx) {
         self.gate.logging(session, e, ctx).await
     }
+
+    fn suppress_error_log(
+        &self,
+        _session: &Session,
+        _ctx: &GateCtx,
+        error: &pingora::Error,
+    ) -> bool {
+        // A client that goes away is routine (and already settled and counted); upstream and
+        // internal failures stay in the log.
+        crate::gate::is_client_gone(error)
+    }
 }
 
 #[cfg(test)]
