@@ -9,9 +9,13 @@ use pingora::apps::http_app::HttpServer;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::listening::Service;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 
 /// Replace port 0 by a free port, so the address can be reported before Pingora binds it.
+///
+/// The chosen port stays held for the life of the process by a bound, non-listening socket with
+/// `SO_REUSEADDR` (as Pingora's listener has), so no other socket (an outgoing connection's
+/// ephemeral port, another server) can take it between this call and Pingora's bind.
 pub fn resolve_port_zero(addr: &str) -> std::io::Result<String> {
     let parsed: SocketAddr = addr
         .parse()
@@ -19,8 +23,17 @@ pub fn resolve_port_zero(addr: &str) -> std::io::Result<String> {
     if parsed.port() != 0 {
         return Ok(addr.to_string());
     }
-    let probe = TcpListener::bind(parsed)?;
-    Ok(probe.local_addr()?.to_string())
+    let holder = if parsed.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    holder.set_reuseaddr(true)?;
+    holder.bind(parsed)?;
+    let bound = holder.local_addr()?;
+    // Deliberately kept open (not listening) until the process exits.
+    std::mem::forget(holder);
+    Ok(bound.to_string())
 }
 
 /// The addresses the server will listen on, after port-0 resolution.
