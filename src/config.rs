@@ -166,6 +166,9 @@ pub struct Config {
     /// Idle keep-alive connections kept per upstream. Default 1024.
     #[serde(default = "default_pool")]
     pub upstream_pool_size: usize,
+    /// Watch the sync file and reload it when it changes (SIGHUP always reloads). Default true.
+    #[serde(default = "default_true")]
+    pub watch_sync_file: bool,
     /// Completion tokens reserved for a call that names no `max_tokens`. Default 1024.
     #[serde(default = "default_max_tokens")]
     pub default_max_tokens: u64,

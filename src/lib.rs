@@ -82,6 +82,7 @@ pub mod mock;
 pub mod policy;
 pub mod pricing;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod table;
 pub mod usage;

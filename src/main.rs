@@ -92,6 +92,8 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         table.revision,
         config.sync_file.display()
     );
+    keygate::reload::Reloader::new(gate.clone(), &config.sync_file)
+        .spawn(config.watch_sync_file)?;
     let (server, _bound) = keygate::server::build(&config, gate.clone())?;
     keygate::server::run(server, &gate);
     Ok(())

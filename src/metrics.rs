@@ -37,6 +37,8 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// `keygate_config_revision`
     pub revision: IntGauge,
+    /// `keygate_config_loaded_timestamp_seconds`: when the table in force was loaded.
+    pub loaded_at: IntGauge,
     /// `keygate_quota_consumed_total{model,group}`
     pub quota_consumed: IntCounterVec,
     /// `keygate_tokens_total{model,group,kind}`
@@ -129,8 +131,15 @@ impl Metrics {
             "Failed ledger journal or snapshot writes.",
         )
         .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let loaded_at = IntGauge::new(
+            "keygate_config_loaded_timestamp_seconds",
+            "Unix time the key table in force was loaded (its age: time() minus this).",
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        loaded_at.set(crate::gate::unix_now());
         for c in [
-            Box::new(quota_consumed.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(loaded_at.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(quota_consumed.clone()),
             Box::new(tokens.clone()),
             Box::new(outstanding.clone()),
             Box::new(usage_missing.clone()),
@@ -158,6 +167,7 @@ impl Metrics {
             keys,
             reloads,
             revision,
+            loaded_at,
             quota_consumed,
             tokens,
             outstanding,

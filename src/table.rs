@@ -221,6 +221,8 @@ pub struct KeyTable {
     pub revision: u64,
     /// Quota units per USD.
     pub quota_per_unit: f64,
+    /// SHA-256 of the file content this table was compiled from (zero when built in memory).
+    pub source_digest: Digest,
     keys: DigestMap<KeyRecord>,
     groups: Vec<Group>,
     prices: HashMap<Box<str>, ModelPrice>,
@@ -242,6 +244,7 @@ impl KeyTable {
         KeyTable {
             revision: 0,
             quota_per_unit: 500_000.0,
+            source_digest: [0; 32],
             keys: DigestMap::default(),
             groups: vec![implicit_default_group()],
             prices: HashMap::new(),
@@ -264,7 +267,9 @@ impl KeyTable {
             source_name: source_name.to_string(),
             message,
         })?;
-        Self::compile(&file, source_name)
+        let mut table = Self::compile(&file, source_name)?;
+        table.source_digest = Sha256::digest(bytes).into();
+        Ok(table)
     }
 
     /// Validate and compile a parsed sync file.
@@ -413,6 +418,7 @@ impl KeyTable {
         Ok(KeyTable {
             revision: file.revision,
             quota_per_unit: file.quota_per_unit,
+            source_digest: [0; 32],
             keys,
             groups,
             prices,

@@ -92,6 +92,26 @@ impl Gateway {
         let _ = self.child.wait();
     }
 
+    /// Send a signal (`"HUP"`, `"TERM"`, …) to the gateway process.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status();
+    }
+
+    /// The metrics exposition text.
+    pub async fn metrics_text(&self) -> String {
+        let m = self.metrics.clone().unwrap();
+        client()
+            .get(format!("{m}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// SIGTERM, then wait for the process to exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")

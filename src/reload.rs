@@ -1,0 +1,219 @@
+//! Watching the sync file and swapping the table.
+//!
+//! Every way a file can change is covered: an atomic rename over it, an in-place rewrite, and a
+//! Kubernetes ConfigMap mount (`keys.json` a symlink into `..data/`, with `..data` swapped). The
+//! file's folder is watched (inotify through `notify`), events are debounced, and a cheap `stat`
+//! every second plus a content hash every 10 s catch what events miss. SIGHUP forces a reload.
+//! Parsing and compiling happen on the reload thread, never on the request path; a table is
+//! published with one `arc-swap` store, so a request sees the whole old table or the whole new
+//! one. A file that fails validation is rejected whole: the last good table stays, the error is
+//! logged once per distinct content and counted.
+
+use crate::gate::{unix_now, Gate};
+use crate::table::{Digest, KeyTable};
+use sha2::{Digest as _, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+/// What a check did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// The content is what is loaded already.
+    Unchanged,
+    /// A new table is in force.
+    Reloaded {
+        /// Its revision.
+        revision: u64,
+        /// Its key count.
+        keys: usize,
+    },
+    /// The file was rejected; the old table stays.
+    Rejected(String),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    // `metadata` follows symlinks, so a swapped ConfigMap `..data` shows as a new inode.
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        len: m.len(),
+        modified: m.modified().ok(),
+        inode: m.ino(),
+    })
+}
+
+/// Reloads one gate's table from one sync file.
+pub struct Reloader {
+    gate: Gate,
+    path: PathBuf,
+    last_stamp: Mutex<Option<FileStamp>>,
+    last_rejected: Mutex<Option<Digest>>,
+}
+
+enum Wake {
+    FileEvent,
+    Signal,
+}
+
+impl Reloader {
+    /// A reloader for `gate`'s table from `path`.
+    pub fn new(gate: Gate, path: &Path) -> Reloader {
+        Reloader {
+            gate,
+            last_stamp: Mutex::new(stamp(path)),
+            path: path.to_path_buf(),
+            last_rejected: Mutex::new(None),
+        }
+    }
+
+    /// Read the file; if its content differs from the loaded table's (or `force`), validate,
+    /// compile and publish it.
+    pub fn check(&self, force: bool) -> ReloadOutcome {
+        if let Ok(mut s) = self.last_stamp.lock() {
+            *s = stamp(&self.path);
+        }
+        let started = Instant::now();
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) => return self.reject(None, format!("sync file {}: {e}", self.path.display())),
+        };
+        let digest: Digest = Sha256::digest(&bytes).into();
+        if !force && digest == self.gate.table().source_digest {
+            return ReloadOutcome::Unchanged;
+        }
+        match KeyTable::from_json(&bytes, &self.path.display().to_string()) {
+            Ok(table) => {
+                let (revision, keys) = (table.revision, table.len());
+                self.gate.swap_table(table);
+                let m = self.gate.metrics();
+                m.reloads.with_label_values(&["ok"]).inc();
+                m.loaded_at.set(unix_now());
+                if let Ok(mut r) = self.last_rejected.lock() {
+                    *r = None;
+                }
+                log::info!(
+                    "reloaded {} (revision {revision}, {keys} keys) in {} ms",
+                    self.path.display(),
+                    started.elapsed().as_millis()
+                );
+                ReloadOutcome::Reloaded { revision, keys }
+            }
+            Err(e) => self.reject(Some(digest), e.to_string()),
+        }
+    }
+
+    fn reject(&self, digest: Option<Digest>, message: String) -> ReloadOutcome {
+        self.gate
+            .metrics()
+            .reloads
+            .with_label_values(&["error"])
+            .inc();
+        let first_time = match self.last_rejected.lock() {
+            Ok(mut last) => {
+                let first = digest.is_none() || *last != digest;
+                *last = digest;
+                first
+            }
+            Err(_) => true,
+        };
+        if first_time {
+            log::error!("{message}; keeping the table in force");
+        }
+        ReloadOutcome::Rejected(message)
+    }
+
+    fn stamp_changed(&self) -> bool {
+        let now = stamp(&self.path);
+        self.last_stamp.lock().map_or(true, |s| *s != now)
+    }
+
+    /// Start the reload thread: folder watch (when `watch`), periodic checks, and SIGHUP.
+    pub fn spawn(self, watch: bool) -> std::io::Result<()> {
+        let (tx, rx) = channel::<Wake>();
+        let _watcher = if watch { self.watch(tx.clone()) } else { None };
+        spawn_sighup(tx)?;
+        std::thread::Builder::new()
+            .name("keygate-reload".into())
+            .spawn(move || {
+                // Keep the watcher alive as long as this thread runs.
+                let _watcher = _watcher;
+                let mut last_hash_check = Instant::now();
+                loop {
+                    match rx.recv_timeout(Duration::from_secs(1)) {
+                        Ok(Wake::Signal) => {
+                            log::info!("SIGHUP: reloading {}", self.path.display());
+                            self.check(true);
+                        }
+                        Ok(Wake::FileEvent) => {
+                            // Debounce: a writer may touch the file several times.
+                            std::thread::sleep(Duration::from_millis(50));
+                            while rx.try_recv().is_ok() {}
+                            self.check(false);
+                        }
+                        Err(RecvTimeoutError::Timeout) if watch => {
+                            if self.stamp_changed()
+                                || last_hash_check.elapsed() >= Duration::from_secs(10)
+                            {
+                                last_hash_check = Instant::now();
+                                self.check(false);
+                            }
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
+    fn watch(&self, tx: Sender<Wake>) -> Option<notify::RecommendedWatcher> {
+        use notify::{RecursiveMode, Watcher};
+        let dir = self
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let handler = move |res: notify::Result<notify::Event>| {
+            if res.is_ok() {
+                let _ = tx.send(Wake::FileEvent);
+            }
+        };
+        match notify::recommended_watcher(handler) {
+            Ok(mut w) => match w.watch(&dir, RecursiveMode::NonRecursive) {
+                Ok(()) => Some(w),
+                Err(e) => {
+                    log::warn!("cannot watch {}: {e}; polling instead", dir.display());
+                    None
+                }
+            },
+            Err(e) => {
+                log::warn!("cannot watch {}: {e}; polling instead", dir.display());
+                None
+            }
+        }
+    }
+}
+
+fn spawn_sighup(tx: Sender<Wake>) -> std::io::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
+    std::thread::Builder::new()
+        .name("keygate-sighup".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                if tx.send(Wake::Signal).is_err() {
+                    return;
+                }
+            }
+        })?;
+    Ok(())
+}
