@@ -215,30 +215,85 @@ impl<'de> Visitor<'de> for FieldsVisitor {
         let mut out = RequestFields::default();
         let mut seen_model = false;
         let (mut mct, mut mt, mut mot) = (None, None, None);
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            match &*key {
-                "model" => {
+        while let Some(key) = map.next_key::<Field>()? {
+            match key {
+                Field::Model => {
                     if seen_model {
                         return Err(de::Error::custom("duplicate field `model`"));
                     }
                     seen_model = true;
                     out.model = map.next_value::<ModelValue>()?.0;
                 }
-                "stream" => out.stream = map.next_value::<Lenient<bool>>()?.0 == Some(true),
-                "stream_options" => {
+                Field::Stream => out.stream = map.next_value::<Lenient<bool>>()?.0 == Some(true),
+                Field::StreamOptions => {
                     out.has_stream_options = true;
                     out.include_usage = map.next_value::<StreamOptions>()?.0;
                 }
-                "max_completion_tokens" => mct = map.next_value::<Lenient<u64>>()?.0,
-                "max_tokens" => mt = map.next_value::<Lenient<u64>>()?.0,
-                "max_output_tokens" => mot = map.next_value::<Lenient<u64>>()?.0,
-                _ => {
+                Field::MaxCompletionTokens => mct = map.next_value::<Lenient<u64>>()?.0,
+                Field::MaxTokens => mt = map.next_value::<Lenient<u64>>()?.0,
+                Field::MaxOutputTokens => mot = map.next_value::<Lenient<u64>>()?.0,
+                Field::Other => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
         out.max_tokens = mct.or(mt).or(mot);
         Ok(out)
+    }
+}
+
+/// A top-level member name, recognized without allocating (a `Cow<str>` key would copy every
+/// name into a `String`).
+enum Field {
+    Model,
+    Stream,
+    StreamOptions,
+    MaxCompletionTokens,
+    MaxTokens,
+    MaxOutputTokens,
+    Other,
+}
+
+impl<'de> de::Deserialize<'de> for Field {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Field;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Field, E> {
+                Ok(match v {
+                    "model" => Field::Model,
+                    "stream" => Field::Stream,
+                    "stream_options" => Field::StreamOptions,
+                    "max_completion_tokens" => Field::MaxCompletionTokens,
+                    "max_tokens" => Field::MaxTokens,
+                    "max_output_tokens" => Field::MaxOutputTokens,
+                    _ => Field::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+/// A `stream_options` member name: whether it is `include_usage`.
+struct IncludeUsageKey(bool);
+
+impl<'de> de::Deserialize<'de> for IncludeUsageKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = IncludeUsageKey;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<IncludeUsageKey, E> {
+                Ok(IncludeUsageKey(v == "include_usage"))
+            }
+        }
+        d.deserialize_identifier(V)
     }
 }
 
@@ -377,8 +432,8 @@ impl<'de> de::Deserialize<'de> for StreamOptions {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
                 let mut include = None;
-                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
-                    if k == "include_usage" {
+                while let Some(IncludeUsageKey(is_it)) = m.next_key()? {
+                    if is_it {
                         include = m.next_value::<Lenient<bool>>()?.0;
                     } else {
                         m.next_value::<IgnoredAny>()?;
