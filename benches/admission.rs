@@ -136,6 +136,7 @@ fn sync_file(n: usize) -> SyncFile {
             models: Some(models.clone()),
             allow_ips: Some(allow_ips.clone()),
             group: "default".to_string(),
+            previous_keys: Vec::new(),
         })
         .collect();
     SyncFile {

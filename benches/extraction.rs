@@ -86,7 +86,11 @@ fn chat_body(min_len: usize) -> Vec<u8> {
     body.push('}');
     let mut i = 0usize;
     while body.len() + 1 + TAIL.len() < min_len {
-        let role = if i % 2 == 0 { "user" } else { "assistant" };
+        let role = if i.is_multiple_of(2) {
+            "user"
+        } else {
+            "assistant"
+        };
         write!(body, r#",{{"role":"{role}","content":"#).unwrap();
         // Every third message is ASCII-escaped, the rest raw UTF-8.
         push_json_str(&mut body, TEXTS[i % TEXTS.len()], i % 3 == 2);

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building keygate needs on a fresh Debian/Ubuntu machine: cmake (Pingora's
-# zlib-ng build) and a C toolchain. Rust itself (cargo, rustc >= 1.85) must already be there.
+# zlib-ng build) and a C toolchain. Rust itself (cargo, rustc >= 1.89) must already be there.
 set -euo pipefail
 
 missing=()

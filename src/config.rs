@@ -332,14 +332,27 @@ pub struct KeyEntry {
     #[serde(default = "never")]
     pub expires_at: i64,
     /// Allowed models; absent = no restriction; empty = nothing.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<Vec<String>>,
     /// Allowed client IPs and CIDRs; absent or empty = no restriction.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_ips: Option<Vec<String>>,
     /// The group.
     #[serde(default = "default_group")]
     pub group: String,
+    /// Keys this entry had before a rotation with a grace period; each works until `until`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_keys: Vec<PreviousKey>,
+}
+
+/// A rotated-out key that still works until its grace period ends.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PreviousKey {
+    /// Hex SHA-256 of the old key.
+    pub key_sha256: String,
+    /// Unix seconds after which the old key is refused.
+    pub until: i64,
 }
 
 fn never() -> i64 {

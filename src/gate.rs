@@ -942,7 +942,11 @@ impl Gate {
         session.write_response_header(Box::new(resp), false).await?;
         session
             .write_response_body(Some(Bytes::from(body)), true)
-            .await
+            .await?;
+        if !keep_alive {
+            linger(session).await;
+        }
+        Ok(())
     }
 
     /// Phase `upstream_peer`: where the admitted request goes.
@@ -1311,6 +1315,23 @@ fn go_escape(json: String) -> Vec<u8> {
         .replace('\u{2028}', "\\u2028")
         .replace('\u{2029}', "\\u2029")
         .into_bytes()
+}
+
+/// After refusing a request whose body is still arriving, read and discard it for a bounded
+/// time before the connection is closed (a lingering close, as nginx does): closing with unread
+/// data makes the kernel reset the connection, and a client still sending would see a broken
+/// pipe instead of the answer.
+async fn linger(session: &mut Session) {
+    const LINGER_TIME: Duration = Duration::from_secs(2);
+    const LINGER_BYTES: usize = 64 * 1024 * 1024;
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    let mut discarded = 0usize;
+    while discarded < LINGER_BYTES && !session.is_body_done() {
+        match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+            Ok(Ok(Some(chunk))) => discarded += chunk.len(),
+            _ => break,
+        }
+    }
 }
 
 fn model_object(id: &str, owner: &str) -> serde_json::Value {

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 const JOURNAL: &str = "ledger.journal";
 const SNAPSHOT: &str = "ledger.snapshot";
+const CONSUMED: &str = "ledger.consumed";
 const COMPACT_AFTER_BYTES: u64 = 4 * 1024 * 1024;
 
 /// The counters of one key id.
@@ -43,6 +44,8 @@ pub struct KeyCounter {
     queued: AtomicBool,
     /// Reservations not yet settled or refunded.
     outstanding: AtomicI64,
+    /// `consumed` as last written to the consumed report.
+    reported: AtomicI64,
 }
 
 impl KeyCounter {
@@ -265,21 +268,31 @@ impl Ledger {
             }
         };
         let mut generation = 0u64;
+        let mut last_report = std::time::Instant::now();
         loop {
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                last_report = std::time::Instant::now();
+                if let Err(e) = self.write_consumed_report(&dir, false) {
+                    log::warn!("ledger: consumed report: {e}");
+                }
+            }
             let batch: Vec<u64> = {
                 let Ok(mut q) = self.shared.queue.lock() else {
                     return;
                 };
-                while q.is_empty() && !self.shared.stop.load(Ordering::Acquire) {
-                    q = match self.shared.wake.wait_timeout(q, Duration::from_secs(1)) {
+                if q.is_empty() && !self.shared.stop.load(Ordering::Acquire) {
+                    q = match self.shared.wake.wait_timeout(q, Duration::from_millis(500)) {
                         Ok((q, _)) => q,
                         Err(_) => return,
                     };
                 }
                 std::mem::take(&mut *q)
             };
-            if batch.is_empty() && self.shared.stop.load(Ordering::Acquire) {
-                return;
+            if batch.is_empty() {
+                if self.shared.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                continue;
             }
             let mut lines = String::new();
             let mut raised = Vec::with_capacity(batch.len());
@@ -354,6 +367,36 @@ impl Ledger {
         crate::fsutil::write_atomic(&dir.join(SNAPSHOT), out.as_bytes())
     }
 
+    /// Write every key's exact consumed value to `ledger.consumed` (what `keygate keys list`
+    /// reads), when any changed since the last write (or `always`).
+    fn write_consumed_report(&self, dir: &Path, always: bool) -> std::io::Result<()> {
+        let mut changed = always;
+        for e in self.shared.counters.iter() {
+            let c = e.value();
+            let now = c.consumed();
+            if c.reported.swap(now, Ordering::AcqRel) != now {
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok(());
+        }
+        let mut out = format!(
+            "{{\"written_at\":{},\"consumed\":{{",
+            crate::gate::unix_now()
+        );
+        let mut first = true;
+        for e in self.shared.counters.iter() {
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            out.push_str(&format!("\"{}\":{}", e.key(), e.value().consumed()));
+        }
+        out.push_str("}}\n");
+        crate::fsutil::write_atomic(&dir.join(CONSUMED), out.as_bytes())
+    }
+
     /// Clean shutdown: write exact values to the snapshot and empty the journal, so nothing is
     /// stranded. Call after the server has stopped serving.
     pub fn shutdown(&self) -> std::io::Result<()> {
@@ -363,7 +406,30 @@ impl Ledger {
             return Ok(());
         };
         self.write_snapshot(&dir, true)?;
+        self.write_consumed_report(&dir, true)?;
         open_journal_truncated(&dir).map(|_| ())
+    }
+
+    /// What a gateway has charged each key id, as persisted in `dir` (for the CLI): the
+    /// consumed report a running gateway refreshes every second, else the durable ceilings.
+    pub fn read_consumed(dir: &Path) -> std::io::Result<HashMap<u64, i64>> {
+        let mut out = load_state(dir)?;
+        let report = dir.join(CONSUMED);
+        if report.exists() {
+            #[derive(serde::Deserialize)]
+            struct Report {
+                consumed: HashMap<String, i64>,
+            }
+            let r: Report = serde_json::from_slice(&std::fs::read(&report)?).map_err(|e| {
+                std::io::Error::other(format!("ledger report {}: {e}", report.display()))
+            })?;
+            for (k, v) in r.consumed {
+                if let Ok(id) = k.parse::<u64>() {
+                    out.insert(id, v);
+                }
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -76,6 +76,8 @@ pub mod demo;
 pub mod errors;
 pub mod fsutil;
 pub mod gate;
+pub mod import;
+pub mod keys;
 pub mod ledger;
 pub mod metrics;
 pub mod mock;

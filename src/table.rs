@@ -410,6 +410,16 @@ impl KeyTable {
                 allow_ips,
                 group,
             };
+            for prev in &k.previous_keys {
+                let old = parse_hex_digest(&prev.key_sha256).map_err(&at)?;
+                let mut alias = record.clone();
+                alias.expires_at = Some(alias.expires_at.map_or(prev.until, |e| e.min(prev.until)));
+                if keys.insert(old, alias).is_some() {
+                    return Err(at(
+                        "duplicate key (a previous key equals another key)".into()
+                    ));
+                }
+            }
             if keys.insert(digest, record).is_some() {
                 return Err(at("duplicate key (same hash as an earlier entry)".into()));
             }

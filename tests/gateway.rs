@@ -825,3 +825,20 @@ async fn metrics_health_and_readiness() {
     assert_eq!(v["revision"], 7);
     assert_eq!(v["keys"], 9);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_still_sending_an_oversized_body_reads_the_413() {
+    // Without a lingering close the gateway's close resets the connection while the client is
+    // still writing, and the client sees a broken pipe instead of the answer.
+    let env = Env::start().await;
+    for _ in 0..5 {
+        let r = client()
+            .post(env.url("/v1/chat/completions"))
+            .bearer_auth(OK)
+            .body(vec![b' '; 4 * 1024 * 1024])
+            .send()
+            .await
+            .expect("the client gets an answer, not a reset");
+        assert_eq!(denial(r).await.1, "request_too_large");
+    }
+}

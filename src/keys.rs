@@ -1,0 +1,327 @@
+//! Editing the sync file safely (`keygate keys …`, `keygate import`): every edit takes an
+//! exclusive lock, re-reads the file, applies the change, validates the whole result exactly as
+//! the gateway will, bumps `revision` and replaces the file atomically (temp file, fsync,
+//! rename, fsync the folder). A running gateway picks the change up through its normal reload.
+
+use crate::config::{KeyEntry, KeyStatus, PreviousKey, SyncFile};
+use crate::table::{digest_hex, generate_key, key_digest, KeyTable};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+/// Edits one sync file.
+pub struct SyncEditor {
+    path: PathBuf,
+}
+
+impl SyncEditor {
+    /// An editor for the sync file at `path`.
+    pub fn new(path: &Path) -> SyncEditor {
+        SyncEditor {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// The file being edited.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(&self) -> Result<File, String> {
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let lock_path = self.path.with_file_name(format!(".{name}.lock"));
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+        f.lock()
+            .map_err(|e| format!("{}: cannot lock: {e}", lock_path.display()))?;
+        Ok(f)
+    }
+
+    /// Read and parse the file (an absent file is an empty one).
+    pub fn read(&self) -> Result<SyncFile, String> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => SyncFile::parse(&bytes)
+                .map_err(|e| format!("sync file {}: {e}", self.path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => SyncFile::parse(b"{}")
+                .map_err(|e| format!("sync file {}: {e}", self.path.display())),
+            Err(e) => Err(format!("sync file {}: {e}", self.path.display())),
+        }
+    }
+
+    /// Apply `change` under the lock; nothing is written unless it succeeds and the result
+    /// validates.
+    pub fn edit<T>(
+        &self,
+        change: impl FnOnce(&mut SyncFile) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let _lock = self.lock()?;
+        let mut file = self.read()?;
+        let out = change(&mut file)?;
+        file.revision += 1;
+        KeyTable::compile(&file, &self.path.display().to_string()).map_err(|e| e.to_string())?;
+        let mut bytes = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;
+        bytes.push(b'\n');
+        crate::fsutil::write_atomic(&self.path, &bytes)
+            .map_err(|e| format!("sync file {}: {e}", self.path.display()))?;
+        Ok(out)
+    }
+}
+
+/// The fields `create` and `update` take; `None` leaves a field as it is (or at its default).
+#[derive(Clone, Debug, Default)]
+pub struct KeySpec {
+    /// Display name (≤ 50 characters).
+    pub name: Option<String>,
+    /// Granted quota, units.
+    pub quota: Option<i64>,
+    /// No cap.
+    pub unlimited: Option<bool>,
+    /// Unix seconds, -1 for never.
+    pub expires_at: Option<i64>,
+    /// `Some(None)`: no model restriction; `Some(Some(list))`: only these.
+    pub models: Option<Option<Vec<String>>>,
+    /// `Some(None)`: any IP; `Some(Some(list))`: only these.
+    pub allow_ips: Option<Option<Vec<String>>>,
+    /// The group.
+    pub group: Option<String>,
+}
+
+impl KeySpec {
+    fn apply(&self, k: &mut KeyEntry) {
+        if let Some(n) = &self.name {
+            k.name = n.clone();
+        }
+        if let Some(q) = self.quota {
+            k.quota = q;
+        }
+        if let Some(u) = self.unlimited {
+            k.unlimited_quota = u;
+        }
+        if let Some(e) = self.expires_at {
+            k.expires_at = e;
+        }
+        if let Some(m) = &self.models {
+            k.models = m.clone();
+        }
+        if let Some(a) = &self.allow_ips {
+            k.allow_ips = a.clone();
+        }
+        if let Some(g) = &self.group {
+            k.group = g.clone();
+        }
+    }
+}
+
+fn entry_mut(file: &mut SyncFile, id: u64) -> Result<&mut KeyEntry, String> {
+    file.keys
+        .iter_mut()
+        .find(|k| k.id == id)
+        .ok_or_else(|| format!("unknown id {id}"))
+}
+
+/// Create a key; returns its id and the key itself (shown once, only its hash is stored).
+pub fn create(editor: &SyncEditor, spec: &KeySpec) -> Result<(u64, String), String> {
+    let key = generate_key().map_err(|e| format!("cannot generate a key: {e}"))?;
+    let hash = digest_hex(&key_digest(key.as_bytes()));
+    let id = editor.edit(|file| {
+        let id = file.keys.iter().map(|k| k.id).max().unwrap_or(0) + 1;
+        let mut entry = KeyEntry {
+            id,
+            name: String::new(),
+            key_sha256: Some(hash),
+            key: None,
+            status: KeyStatus::Enabled,
+            quota: 0,
+            unlimited_quota: false,
+            used: 0,
+            expires_at: -1,
+            models: None,
+            allow_ips: None,
+            group: "default".into(),
+            previous_keys: Vec::new(),
+        };
+        spec.apply(&mut entry);
+        file.keys.push(entry);
+        Ok(id)
+    })?;
+    Ok((id, key))
+}
+
+/// Change some fields of key `id`.
+pub fn update(editor: &SyncEditor, id: u64, spec: &KeySpec) -> Result<(), String> {
+    editor.edit(|file| {
+        spec.apply(entry_mut(file, id)?);
+        Ok(())
+    })
+}
+
+/// Enable or disable key `id`.
+pub fn set_status(editor: &SyncEditor, id: u64, status: KeyStatus) -> Result<(), String> {
+    editor.edit(|file| {
+        entry_mut(file, id)?.status = status;
+        Ok(())
+    })
+}
+
+/// Delete key `id` (its consumed counter stays in the ledger under its id).
+pub fn delete(editor: &SyncEditor, id: u64) -> Result<(), String> {
+    editor.edit(|file| {
+        let before = file.keys.len();
+        file.keys.retain(|k| k.id != id);
+        if file.keys.len() == before {
+            return Err(format!("unknown id {id}"));
+        }
+        Ok(())
+    })
+}
+
+/// Give key `id` a new key string; the old one stops working at once, or `grace_seconds` from
+/// `now` when given. Returns the new key.
+pub fn rotate(
+    editor: &SyncEditor,
+    id: u64,
+    grace_seconds: Option<u64>,
+    now: i64,
+) -> Result<String, String> {
+    let key = generate_key().map_err(|e| format!("cannot generate a key: {e}"))?;
+    let hash = digest_hex(&key_digest(key.as_bytes()));
+    editor.edit(|file| {
+        let k = entry_mut(file, id)?;
+        let old = match (k.key_sha256.take(), k.key.take()) {
+            (Some(h), _) => h,
+            (None, Some(plain)) => digest_hex(&key_digest(plain.as_bytes())),
+            (None, None) => return Err(format!("key {id} has no key to rotate")),
+        };
+        k.previous_keys.retain(|p| p.until > now);
+        if let Some(g) = grace_seconds.filter(|g| *g > 0) {
+            k.previous_keys.push(PreviousKey {
+                key_sha256: old,
+                until: now.saturating_add(i64::try_from(g).unwrap_or(i64::MAX)),
+            });
+        }
+        k.key_sha256 = Some(hash);
+        Ok(())
+    })?;
+    Ok(key)
+}
+
+/// One key as `keygate keys list` shows it. Never holds a key.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct KeyView {
+    /// Id.
+    pub id: u64,
+    /// Name.
+    pub name: String,
+    /// `enabled`, `disabled`, `expired` or `exhausted`.
+    pub status: &'static str,
+    /// Group.
+    pub group: String,
+    /// Granted quota.
+    pub quota: i64,
+    /// No cap.
+    pub unlimited_quota: bool,
+    /// `used` baseline plus what the gateway charged.
+    pub used: i64,
+    /// `quota − used` (null for unlimited keys).
+    pub remaining: Option<i64>,
+    /// Unix seconds, -1 for never.
+    pub expires_at: i64,
+    /// Allowed models (null: any).
+    pub models: Option<Vec<String>>,
+    /// Allowed IPs (null: any).
+    pub allow_ips: Option<Vec<String>>,
+}
+
+/// The keys of `file` with what the gateway charged them (`consumed`, by id) at time `now`.
+pub fn views(file: &SyncFile, consumed: &HashMap<u64, i64>, now: i64) -> Vec<KeyView> {
+    file.keys
+        .iter()
+        .map(|k| {
+            let used = k.used + consumed.get(&k.id).copied().unwrap_or(0);
+            let remaining = (!k.unlimited_quota).then_some(k.quota - used);
+            let status = if k.status == KeyStatus::Disabled {
+                "disabled"
+            } else if k.expires_at > 0 && k.expires_at <= now {
+                "expired"
+            } else if remaining.is_some_and(|r| r <= 0) {
+                "exhausted"
+            } else {
+                "enabled"
+            };
+            KeyView {
+                id: k.id,
+                name: k.name.clone(),
+                status,
+                group: k.group.clone(),
+                quota: k.quota,
+                unlimited_quota: k.unlimited_quota,
+                used,
+                remaining,
+                expires_at: k.expires_at,
+                models: k.models.clone(),
+                allow_ips: k.allow_ips.clone().filter(|a| !a.is_empty()),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edits_validate_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let ed = SyncEditor::new(&path);
+        let (id, key) = create(
+            &ed,
+            &KeySpec {
+                name: Some("a".into()),
+                quota: Some(10),
+                ..KeySpec::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(id, 1);
+        let before = std::fs::read(&path).unwrap();
+        assert!(!String::from_utf8_lossy(&before).contains(&key));
+        let bad = KeySpec {
+            allow_ips: Some(Some(vec!["10.0.0/8".into()])),
+            ..KeySpec::default()
+        };
+        assert!(update(&ed, 1, &bad).unwrap_err().contains("10.0.0/8"));
+        assert!(update(&ed, 9, &KeySpec::default())
+            .unwrap_err()
+            .contains("unknown id 9"));
+        assert_eq!(std::fs::read(&path).unwrap(), before, "nothing written");
+        let t = KeyTable::load(&path).unwrap();
+        assert!(t.lookup(&key_digest(key.as_bytes())).is_some());
+        assert_eq!(t.revision, 1);
+    }
+
+    #[test]
+    fn rotation_with_grace_keeps_the_old_key_until_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let ed = SyncEditor::new(&dir.path().join("keys.json"));
+        let (id, old) = create(&ed, &KeySpec::default()).unwrap();
+        let new = rotate(&ed, id, Some(60), 1000).unwrap();
+        let t = KeyTable::load(ed.path()).unwrap();
+        let o = t.lookup(&key_digest(old.as_bytes())).unwrap();
+        assert_eq!(o.expires_at, Some(1060));
+        assert!(t.lookup(&key_digest(new.as_bytes())).is_some());
+        rotate(&ed, id, None, 2000).unwrap();
+        let t = KeyTable::load(ed.path()).unwrap();
+        assert!(t.lookup(&key_digest(old.as_bytes())).is_none());
+        assert!(t.lookup(&key_digest(new.as_bytes())).is_none());
+    }
+}
