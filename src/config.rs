@@ -67,6 +67,15 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
+/// `metrics:` options.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Per-key series (labelled by key id and name). Off by default: they grow with the keys.
+    #[serde(default)]
+    pub per_key: bool,
+}
+
 /// One backend.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -166,6 +175,13 @@ pub struct Config {
     /// Idle keep-alive connections kept per upstream. Default 1024.
     #[serde(default = "default_pool")]
     pub upstream_pool_size: usize,
+    /// One structured access-log line per request (on stderr, target `keygate::access`).
+    /// Default true.
+    #[serde(default = "default_true")]
+    pub access_log: bool,
+    /// Metrics options.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Watch the sync file and reload it when it changes (SIGHUP always reloads). Default true.
     #[serde(default = "default_true")]
     pub watch_sync_file: bool,

@@ -327,6 +327,10 @@ pub struct GateOptions {
     pub state_dir: Option<PathBuf>,
     /// The usage log; `None` for none.
     pub usage_log: Option<PathBuf>,
+    /// One access-log line per request.
+    pub access_log: bool,
+    /// Per-key metric series.
+    pub per_key_metrics: bool,
 }
 
 impl Default for GateOptions {
@@ -337,6 +341,8 @@ impl Default for GateOptions {
             default_max_tokens: 1024,
             state_dir: None,
             usage_log: None,
+            access_log: false,
+            per_key_metrics: false,
         }
     }
 }
@@ -387,6 +393,13 @@ impl Gate {
         let _ = getrandom::fill(&mut seed);
         let metrics = Metrics::new();
         metrics.observe_table(&table, unix_now());
+        for u in upstreams.iter() {
+            for kind in ["connect", "timeout", "broken", "status_5xx"] {
+                metrics
+                    .upstream_errors
+                    .with_label_values(&[u.name.as_str(), kind]);
+            }
+        }
         metrics.reloads.with_label_values(&["ok"]).inc();
         Ok(Gate {
             inner: Arc::new(Inner {
@@ -440,6 +453,8 @@ impl Gate {
                 default_max_tokens: config.default_max_tokens,
                 state_dir: Some(config.state_dir.clone()),
                 usage_log: config.usage_log.clone(),
+                access_log: config.access_log,
+                per_key_metrics: config.metrics.per_key,
             },
         )
     }
@@ -672,11 +687,12 @@ impl Gate {
         let (model, facts) = find_model(req.uri.path(), req.uri.query(), content_type, body)?;
         ctx.facts = facts;
         let model = model.ok_or(Reason::ModelRequired)?;
+        // Kept even when refused below, for the metrics (folded to `other` when unknown).
+        ctx.model = Some(model.clone().into_owned());
         let (Some(table), Some(key)) = (ctx.table.as_ref(), ctx.key_record()) else {
             return Err(Denial::new(Reason::InvalidApiKey));
         };
         let upstream = admit_model(table, key, &self.inner.upstreams, &model)?;
-        ctx.model = Some(model.into_owned());
         ctx.upstream = Some(upstream);
         Ok(())
     }
@@ -1229,8 +1245,9 @@ impl Gate {
         }
     }
 
-    /// Phase `logging`: settles the reservation, writes the usage record and the metrics.
-    pub async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut GateCtx) {
+    /// Phase `logging`: settles the reservation, writes the usage record, the metrics and the
+    /// access-log line.
+    pub async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut GateCtx) {
         self.settle(e, ctx);
         let m = &self.inner.metrics;
         m.gate_duration.observe(ctx.gate_time.as_secs_f64());
@@ -1242,8 +1259,23 @@ impl Gate {
                 .with_label_values(&[u.name.as_str()])
                 .observe(started.elapsed().as_secs_f64());
         }
-        if ctx.outcome == Outcome::Admitted && e.is_some() {
+        if ctx.outcome == Outcome::Admitted && e.is_some_and(|e| !is_client_gone(e)) {
             ctx.outcome = Outcome::Failed(Reason::UpstreamError);
+        }
+        let upstream = ctx.upstream.and_then(|i| self.inner.upstreams.get(i));
+        if let Some(u) = upstream {
+            let kind = match (ctx.outcome, ctx.status) {
+                (Outcome::Failed(Reason::UpstreamTimeout), _) => Some("timeout"),
+                (Outcome::Failed(_), 0) => Some("connect"),
+                (Outcome::Failed(_), _) => Some("broken"),
+                (_, s) if s >= 500 => Some("status_5xx"),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                m.upstream_errors
+                    .with_label_values(&[u.name.as_str(), kind])
+                    .inc();
+            }
         }
         let (outcome, reason) = ctx.outcome.label();
         let (model, group) = match ctx.table.as_ref() {
@@ -1254,6 +1286,40 @@ impl Gate {
             None => ("", ""),
         };
         m.count_request(outcome, reason, model, group);
+        if self.inner.options.per_key_metrics {
+            if let Some(k) = ctx.key_record() {
+                let id = k.id.to_string();
+                m.key_requests
+                    .with_label_values(&[id.as_str(), &*k.name, outcome])
+                    .inc();
+                if let Some((_, quota)) = ctx.charged {
+                    m.key_quota
+                        .with_label_values(&[id.as_str(), &*k.name])
+                        .inc_by(quota.max(0) as u64);
+                }
+            }
+        }
+        if self.inner.options.access_log {
+            let status = session.response_written().map_or(0, |r| r.status.as_u16());
+            let ms = |t: Option<Instant>| t.map(|t| t.elapsed().as_secs_f64() * 1000.0);
+            let line = serde_json::json!({
+                "request_id": ctx.request_id(),
+                "method": session.req_header().method.as_str(),
+                "path": session.req_header().uri.path(),
+                "client_ip": ctx.client_ip().map(|ip| ip.to_string()),
+                "key_id": ctx.key_id(),
+                "model": ctx.model.as_deref(),
+                "upstream": upstream.map(|u| u.name.as_str()),
+                "status": status,
+                "outcome": outcome,
+                "reason": reason.map(|r| r.code()),
+                "quota": ctx.charged.map(|(_, q)| q),
+                "duration_ms": ms(ctx.started),
+                "upstream_ms": ms(ctx.upstream_started),
+                "gate_us": ctx.gate_time.as_secs_f64() * 1e6,
+            });
+            log::info!(target: "keygate::access", "{line}");
+        }
     }
 }
 

@@ -47,10 +47,16 @@ pub struct Metrics {
     pub outstanding: IntGauge,
     /// `keygate_usage_missing_total`: successful responses without usage (charged an estimate).
     pub usage_missing: prometheus::IntCounter,
-    /// `keygate_usage_log_dropped_total`, set at scrape time.
-    pub usage_log_dropped: IntGauge,
-    /// `keygate_ledger_write_errors_total`, set at scrape time.
-    pub ledger_write_errors: IntGauge,
+    /// `keygate_usage_log_dropped_total`, brought up to date at scrape time.
+    pub usage_log_dropped: prometheus::IntCounter,
+    /// `keygate_ledger_write_errors_total`, brought up to date at scrape time.
+    pub ledger_write_errors: prometheus::IntCounter,
+    /// `keygate_upstream_errors_total{upstream,kind}`: connect, timeout, broken, status_5xx.
+    pub upstream_errors: IntCounterVec,
+    /// `keygate_key_requests_total{key_id,key_name,outcome}` (only with `metrics.per_key`).
+    pub key_requests: IntCounterVec,
+    /// `keygate_key_quota_consumed_total{key_id,key_name}` (only with `metrics.per_key`).
+    pub key_quota: IntCounterVec,
 }
 
 impl Metrics {
@@ -121,12 +127,12 @@ impl Metrics {
             "Successful responses without usage, charged an estimate.",
         )
         .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let usage_log_dropped = IntGauge::new(
+        let usage_log_dropped = prometheus::IntCounter::new(
             "keygate_usage_log_dropped_total",
             "Usage records dropped because the log writer could not keep up.",
         )
         .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let ledger_write_errors = IntGauge::new(
+        let ledger_write_errors = prometheus::IntCounter::new(
             "keygate_ledger_write_errors_total",
             "Failed ledger journal or snapshot writes.",
         )
@@ -137,8 +143,35 @@ impl Metrics {
         )
         .unwrap_or_else(|e| panic!("metric definition: {e}"));
         loaded_at.set(crate::gate::unix_now());
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "keygate_upstream_errors_total",
+                "Upstream failures by upstream and kind (connect, timeout, broken, status_5xx).",
+            ),
+            &["upstream", "kind"],
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let key_requests = IntCounterVec::new(
+            Opts::new(
+                "keygate_key_requests_total",
+                "Requests per key (metrics.per_key).",
+            ),
+            &["key_id", "key_name", "outcome"],
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let key_quota = IntCounterVec::new(
+            Opts::new(
+                "keygate_key_quota_consumed_total",
+                "Quota units charged per key (metrics.per_key).",
+            ),
+            &["key_id", "key_name"],
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
         for c in [
-            Box::new(loaded_at.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(upstream_errors.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(key_requests.clone()),
+            Box::new(key_quota.clone()),
+            Box::new(loaded_at.clone()),
             Box::new(quota_consumed.clone()),
             Box::new(tokens.clone()),
             Box::new(outstanding.clone()),
@@ -174,6 +207,9 @@ impl Metrics {
             usage_missing,
             usage_log_dropped,
             ledger_write_errors,
+            upstream_errors,
+            key_requests,
+            key_quota,
         })
     }
 
@@ -229,6 +265,14 @@ impl MetricsApp {
     }
 }
 
+/// Bring a counter mirrored from another count up to `total`.
+fn catch_up(counter: &prometheus::IntCounter, total: u64) {
+    let current = counter.get();
+    if total > current {
+        counter.inc_by(total - current);
+    }
+}
+
 fn response(status: u16, content_type: &str, body: Vec<u8>) -> http::Response<Vec<u8>> {
     http::Response::builder()
         .status(status)
@@ -247,13 +291,9 @@ impl ServeHttp for MetricsApp {
                 self.metrics.observe_table(&table, crate::gate::unix_now());
                 let ledger = self.gate.ledger();
                 self.metrics.outstanding.set(ledger.outstanding());
-                self.metrics
-                    .ledger_write_errors
-                    .set(i64::try_from(ledger.write_errors()).unwrap_or(i64::MAX));
+                catch_up(&self.metrics.ledger_write_errors, ledger.write_errors());
                 if let Some(log) = self.gate.usage_log() {
-                    self.metrics
-                        .usage_log_dropped
-                        .set(i64::try_from(log.dropped()).unwrap_or(i64::MAX));
+                    catch_up(&self.metrics.usage_log_dropped, log.dropped());
                 }
                 response(200, "text/plain; version=0.0.4", self.metrics.render())
             }

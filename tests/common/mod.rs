@@ -120,6 +120,11 @@ impl Gateway {
         self.child.wait().unwrap()
     }
 
+    /// The gateway's stderr so far (its log and access log).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("keygate.stderr")).unwrap_or_default()
+    }
+
     /// The usage log's records so far.
     pub fn usage_records(&self) -> Vec<Value> {
         std::fs::read_to_string(self.dir.join("var/usage.jsonl"))
@@ -222,14 +227,20 @@ pub fn start_gateway(dir: &Path, opts: &Opts, upstream_url: &str) -> Gateway {
 
 /// Start `keygate run -c config` and wait until its proxy port accepts connections.
 pub fn spawn_keygate(dir: &Path, config: &Path) -> Gateway {
+    // The gateway's log (access log included) goes to a file beside its config.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("keygate.stderr"))
+        .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
         .arg("run")
         .arg("-c")
         .arg(config)
         .env("KG_TEST_UPSTREAM_KEY", UPSTREAM_SECRET)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "keygate=info,warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::from(log))
         .spawn()
         .expect("keygate starts");
     let stdout = child.stdout.take().expect("stdout");
@@ -238,7 +249,8 @@ pub fn spawn_keygate(dir: &Path, config: &Path) -> Gateway {
     while proxy.is_none() || metrics.is_none() {
         let Some(Ok(line)) = lines.next() else {
             let status = child.wait();
-            panic!("keygate exited before listening: {status:?}");
+            let log = std::fs::read_to_string(dir.join("keygate.stderr")).unwrap_or_default();
+            panic!("keygate exited before listening: {status:?}\n{log}");
         };
         if let Some(a) = line.strip_prefix("keygate: proxy on ") {
             proxy = Some(a.to_string());
