@@ -175,6 +175,10 @@ pub struct Config {
     /// Idle keep-alive connections kept per upstream. Default 1024.
     #[serde(default = "default_pool")]
     pub upstream_pool_size: usize,
+    /// The Unix socket a new binary takes the listeners over (`keygate run --upgrade`).
+    /// Default: `upgrade.sock` in `state_dir`.
+    #[serde(default)]
+    pub upgrade_sock: Option<PathBuf>,
     /// One structured access-log line per request (on stderr, target `keygate::access`).
     /// Default true.
     #[serde(default = "default_true")]
@@ -230,6 +234,9 @@ impl Config {
         if let Some(tls) = self.tls.as_mut() {
             fix(&mut tls.cert);
             fix(&mut tls.key);
+        }
+        if let Some(p) = self.upgrade_sock.as_mut() {
+            fix(p);
         }
     }
 

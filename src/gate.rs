@@ -331,6 +331,8 @@ pub struct GateOptions {
     pub access_log: bool,
     /// Per-key metric series.
     pub per_key_metrics: bool,
+    /// This process is the new binary of an upgrade (see [`Ledger::open_with`]).
+    pub upgrade: bool,
 }
 
 impl Default for GateOptions {
@@ -343,6 +345,7 @@ impl Default for GateOptions {
             usage_log: None,
             access_log: false,
             per_key_metrics: false,
+            upgrade: false,
         }
     }
 }
@@ -356,6 +359,7 @@ struct Inner {
     usage_log: Option<UsageLog>,
     id_prefix: String,
     id_counter: AtomicU64,
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// The gate. Cheap to clone; all clones share the table, upstreams and metrics.
@@ -378,9 +382,8 @@ impl Gate {
         options: GateOptions,
     ) -> std::result::Result<Gate, String> {
         let ledger = match &options.state_dir {
-            Some(dir) => {
-                Ledger::open(dir).map_err(|e| format!("state_dir {}: {e}", dir.display()))?
-            }
+            Some(dir) => Ledger::open_with(dir, options.upgrade)
+                .map_err(|e| format!("state_dir {}: {e}", dir.display()))?,
             None => Ledger::in_memory(),
         };
         let usage_log = match &options.usage_log {
@@ -411,8 +414,19 @@ impl Gate {
                 usage_log,
                 id_prefix: hex::encode(seed),
                 id_counter: AtomicU64::new(0),
+                draining: std::sync::atomic::AtomicBool::new(false),
             }),
         })
+    }
+
+    /// From now on every response closes its connection (`Connection: close`), so clients move
+    /// to the new process of an upgrade (or go away before a shutdown) without racing a close.
+    pub fn set_draining(&self) {
+        self.inner.draining.store(true, Ordering::Release);
+    }
+
+    fn draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
     }
 
     /// The quota ledger.
@@ -425,18 +439,29 @@ impl Gate {
         self.inner.usage_log.as_ref()
     }
 
-    /// After the server stopped: write exact ledger values and flush the usage log.
-    pub fn shutdown(&self) {
+    /// After the server stopped: flush the usage log and write exact ledger values; after a
+    /// binary upgrade (`handed_over`), hand them to the new process instead.
+    pub fn shutdown(&self, handed_over: bool) {
         if let Some(log) = &self.inner.usage_log {
             log.flush(Duration::from_secs(5));
         }
-        if let Err(e) = self.inner.ledger.shutdown() {
-            log::error!("ledger: final snapshot failed: {e}");
+        let done = if handed_over {
+            self.inner.ledger.handoff()
+        } else {
+            self.inner.ledger.shutdown()
+        };
+        if let Err(e) = done {
+            log::error!("ledger: final write failed: {e}");
         }
     }
 
     /// A gate from a loaded config: reads the sync file, builds the upstreams.
     pub fn from_config(config: &Config) -> std::result::Result<Gate, String> {
+        Gate::from_config_with(config, false)
+    }
+
+    /// [`Gate::from_config`], as the new binary of an upgrade when `upgrade`.
+    pub fn from_config_with(config: &Config, upgrade: bool) -> std::result::Result<Gate, String> {
         let table = KeyTable::load(&config.sync_file).map_err(|e| e.to_string())?;
         let upstreams = Upstreams::from_config(&config.upstreams)?;
         let trusted_proxies = config
@@ -455,6 +480,7 @@ impl Gate {
                 usage_log: config.usage_log.clone(),
                 access_log: config.access_log,
                 per_key_metrics: config.metrics.per_key,
+                upgrade,
             },
         )
     }
@@ -943,6 +969,9 @@ impl Gate {
                 _ => false,
             };
         }
+        if self.draining() {
+            keep_alive = false;
+        }
         if !keep_alive {
             session.set_keepalive(None);
         }
@@ -1030,12 +1059,16 @@ impl Gate {
     /// Phase `response_filter`: the request id on the response.
     pub async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut GateCtx,
     ) -> Result<()> {
         if let Some(id) = &ctx.request_id {
             resp.insert_header("x-request-id", id.clone())?;
+        }
+        if self.draining() {
+            session.set_keepalive(None);
+            resp.insert_header(http::header::CONNECTION, "close")?;
         }
         if ctx.reservation.is_none() {
             return Ok(());

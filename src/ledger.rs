@@ -27,6 +27,8 @@ use std::time::Duration;
 const JOURNAL: &str = "ledger.journal";
 const SNAPSHOT: &str = "ledger.snapshot";
 const CONSUMED: &str = "ledger.consumed";
+const HANDOFF: &str = "ledger.handoff";
+const LOCK: &str = "ledger.lock";
 const COMPACT_AFTER_BYTES: u64 = 4 * 1024 * 1024;
 
 /// The counters of one key id.
@@ -85,6 +87,12 @@ struct Shared {
     outstanding_total: AtomicI64,
     write_errors: AtomicU64,
     wait_timeout: Duration,
+    /// Journal appends take it shared, compaction exclusive, so that two processes sharing the
+    /// folder during a binary upgrade never lose each other's entries.
+    lock: Option<File>,
+    /// A successor (binary upgrade) started at this time with these values, and waits for its
+    /// predecessor's exact final values to correct them.
+    successor: Mutex<Option<(i64, HashMap<u64, i64>)>>,
 }
 
 /// The ledger. Cheap to clone.
@@ -110,9 +118,36 @@ impl Ledger {
 
     /// Open (or create) the persisted ledger in `dir` and start its writer thread.
     pub fn open(dir: &Path) -> std::io::Result<Ledger> {
+        Ledger::open_with(dir, false)
+    }
+
+    /// Open the ledger in `dir`; a `successor` (the new process of a binary upgrade, started
+    /// while the old one still serves) starts from the old process's durable ceilings and, once
+    /// the old process has exited and handed off its exact values, corrects its counters by the
+    /// difference. Quota is never given back while both run.
+    pub fn open_with(dir: &Path, successor: bool) -> std::io::Result<Ledger> {
         std::fs::create_dir_all(dir)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK))?;
+        lock.lock_shared()?;
         let ceilings = load_state(dir)?;
-        let ledger = Ledger::build(Some(dir.to_path_buf()), ceilings);
+        lock.unlock()?;
+        let handoff = dir.join(HANDOFF);
+        if !successor && handoff.exists() {
+            // A stale handoff (its successor never applied it): its values are below the
+            // ceilings just loaded, so dropping it gives nothing back.
+            let _ = std::fs::remove_file(&handoff);
+        }
+        let mut ledger = Ledger::build(Some(dir.to_path_buf()), ceilings.clone());
+        if let Some(shared) = Arc::get_mut(&mut ledger.shared) {
+            shared.lock = Some(lock);
+            if successor {
+                shared.successor = Mutex::new(Some((crate::gate::unix_now(), ceilings)));
+            }
+        }
         let writer = ledger.clone();
         std::thread::Builder::new()
             .name("keygate-ledger".into())
@@ -142,6 +177,8 @@ impl Ledger {
                 outstanding_total: AtomicI64::new(0),
                 write_errors: AtomicU64::new(0),
                 wait_timeout: Duration::from_secs(5),
+                lock: None,
+                successor: Mutex::new(None),
             }),
         }
     }
@@ -272,6 +309,7 @@ impl Ledger {
         loop {
             if last_report.elapsed() >= Duration::from_secs(1) {
                 last_report = std::time::Instant::now();
+                self.apply_handoff(&dir);
                 if let Err(e) = self.write_consumed_report(&dir, false) {
                     log::warn!("ledger: consumed report: {e}");
                 }
@@ -310,10 +348,12 @@ impl Ledger {
             if raised.is_empty() {
                 continue;
             }
-            match journal
-                .write_all(lines.as_bytes())
-                .and_then(|_| journal.sync_data())
-            {
+            let appended = self.with_lock(false, || {
+                journal
+                    .write_all(lines.as_bytes())
+                    .and_then(|_| journal.sync_data())
+            });
+            match appended {
                 Ok(()) => {
                     for (c, target) in raised {
                         c.durable.fetch_max(target, Ordering::AcqRel);
@@ -331,25 +371,48 @@ impl Ledger {
                 }
             }
             if journal.metadata().map(|m| m.len()).unwrap_or(0) > COMPACT_AFTER_BYTES {
-                match self.write_snapshot(&dir, false) {
-                    Ok(()) => match open_journal_truncated(&dir) {
-                        Ok(f) => journal = f,
-                        Err(e) => log::error!("ledger: cannot truncate the journal: {e}"),
-                    },
+                let compacted = self.with_lock(true, || {
+                    self.write_snapshot(&dir, false)?;
+                    open_journal_truncated(&dir)
+                });
+                match compacted {
+                    Ok(f) => journal = f,
                     Err(e) => {
                         self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
-                        log::error!("ledger: snapshot failed: {e}");
+                        log::error!("ledger: compaction failed: {e}");
                     }
                 }
             }
         }
     }
 
-    /// Write every key's ceiling (`exact`: its consumed value, for a clean shutdown) to the
-    /// snapshot: temp file, fsync, rename, fsync the folder.
+    fn with_lock<T>(
+        &self,
+        exclusive: bool,
+        f: impl FnOnce() -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
+        let Some(lock) = &self.shared.lock else {
+            return f();
+        };
+        if exclusive {
+            lock.lock()?;
+        } else {
+            lock.lock_shared()?;
+        }
+        let out = f();
+        lock.unlock()?;
+        out
+    }
+
+    /// Write every key's ceiling (`exact`: its committed value, for a clean shutdown) to the
+    /// snapshot: temp file, fsync, rename, fsync the folder. A compaction (not `exact`) keeps
+    /// the highest of its own and what is on disk, which another process may have written.
     fn write_snapshot(&self, dir: &Path, exact: bool) -> std::io::Result<()> {
-        let mut out = String::from("{\"version\":1,\"ceilings\":{");
-        let mut first = true;
+        let mut values: HashMap<u64, i64> = if exact {
+            HashMap::new()
+        } else {
+            load_state(dir)?
+        };
         for entry in self.shared.counters.iter() {
             let c = entry.value();
             let v = if exact {
@@ -357,14 +420,90 @@ impl Ledger {
             } else {
                 c.durable.load(Ordering::Acquire).max(c.committed())
             };
-            if !first {
+            let e = values.entry(*entry.key()).or_insert(v);
+            *e = (*e).max(v);
+        }
+        let mut out = String::from("{\"version\":1,\"ceilings\":{");
+        for (i, (id, v)) in values.iter().enumerate() {
+            if i > 0 {
                 out.push(',');
             }
-            first = false;
-            out.push_str(&format!("\"{}\":{}", entry.key(), v));
+            out.push_str(&format!("\"{id}\":{v}"));
         }
         out.push_str("}}\n");
         crate::fsutil::write_atomic(&dir.join(SNAPSHOT), out.as_bytes())
+    }
+
+    /// The old process of a binary upgrade, after it stopped serving: hand its exact values to
+    /// the successor (which started from this process's ceilings) instead of rewriting the
+    /// shared snapshot and journal.
+    pub fn handoff(&self) -> std::io::Result<()> {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.notify_all();
+        let Some(dir) = self.shared.dir.clone() else {
+            return Ok(());
+        };
+        let mut out = format!(
+            "{{\"written_at\":{},\"committed\":{{",
+            crate::gate::unix_now()
+        );
+        for (i, e) in self.shared.counters.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&format!("\"{}\":{}", e.key(), e.value().committed()));
+        }
+        out.push_str("}}\n");
+        crate::fsutil::write_atomic(&dir.join(HANDOFF), out.as_bytes())
+    }
+
+    /// A successor applies its predecessor's handoff once it appears: each key's counters move
+    /// by (predecessor's exact final value − the ceiling this process started from).
+    fn apply_handoff(&self, dir: &Path) {
+        let Ok(mut pending) = self.shared.successor.lock() else {
+            return;
+        };
+        let Some((started, initial)) = pending.as_ref() else {
+            return;
+        };
+        #[derive(serde::Deserialize)]
+        struct Handoff {
+            written_at: i64,
+            committed: HashMap<String, i64>,
+        }
+        let path = dir.join(HANDOFF);
+        let Ok(bytes) = std::fs::read(&path) else {
+            return;
+        };
+        let Ok(h) = serde_json::from_slice::<Handoff>(&bytes) else {
+            return;
+        };
+        if h.written_at < *started {
+            return;
+        }
+        let mut ids: std::collections::HashSet<u64> = initial.keys().copied().collect();
+        let finals: HashMap<u64, i64> = h
+            .committed
+            .iter()
+            .filter_map(|(k, v)| Some((k.parse().ok()?, *v)))
+            .collect();
+        ids.extend(finals.keys().copied());
+        for id in ids {
+            let delta =
+                finals.get(&id).copied().unwrap_or(0) - initial.get(&id).copied().unwrap_or(0);
+            if delta == 0 {
+                continue;
+            }
+            let c = self.counter(id);
+            c.committed.fetch_add(delta, Ordering::AcqRel);
+            c.consumed.fetch_add(delta, Ordering::AcqRel);
+            if delta > 0 {
+                request_ceiling(&self.shared, id, &c, c.committed());
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+        *pending = None;
+        log::info!("ledger: applied the predecessor's final values");
     }
 
     /// Write every key's exact consumed value to `ledger.consumed` (what `keygate keys list`
@@ -405,9 +544,11 @@ impl Ledger {
         let Some(dir) = self.shared.dir.clone() else {
             return Ok(());
         };
-        self.write_snapshot(&dir, true)?;
-        self.write_consumed_report(&dir, true)?;
-        open_journal_truncated(&dir).map(|_| ())
+        self.with_lock(true, || {
+            self.write_snapshot(&dir, true)?;
+            self.write_consumed_report(&dir, true)?;
+            open_journal_truncated(&dir).map(|_| ())
+        })
     }
 
     /// What a gateway has charged each key id, as persisted in `dir` (for the CLI): the

@@ -24,6 +24,9 @@ enum Command {
         /// The YAML config file.
         #[arg(short, long, default_value = "conf/keygate.yaml")]
         config: PathBuf,
+        /// Take the listeners over from the running keygate (then send it SIGQUIT).
+        #[arg(short, long)]
+        upgrade: bool,
     },
     /// Validate the config and the sync file; exit non-zero with the problem.
     Check {
@@ -199,7 +202,7 @@ fn main() {
 
 fn real_main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Run { config } => run(&config),
+        Command::Run { config, upgrade } => run(&config, upgrade),
         Command::Check { config } => check(&config),
         Command::Demo {
             listen,
@@ -229,8 +232,9 @@ fn load(path: &std::path::Path) -> anyhow::Result<(Config, Gate)> {
     Ok((config, gate))
 }
 
-fn run(path: &std::path::Path) -> anyhow::Result<()> {
-    let (config, gate) = load(path)?;
+fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let gate = Gate::from_config_with(&config, upgrade).map_err(anyhow::Error::msg)?;
     let table = gate.table();
     log::info!(
         "loaded {} keys (revision {}) from {}",
@@ -240,7 +244,7 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     );
     keygate::reload::Reloader::new(gate.clone(), &config.sync_file)
         .spawn(config.watch_sync_file)?;
-    let (server, _bound) = keygate::server::build(&config, gate.clone())?;
+    let (server, _bound) = keygate::server::build(&config, gate.clone(), upgrade)?;
     keygate::server::run(server, &gate);
     Ok(())
 }
@@ -280,7 +284,7 @@ fn demo(listen: &str, metrics_listen: &str) -> anyhow::Result<()> {
         "{}",
         keygate::demo::curl_lines(&format!("http://{listen}"), &keys)
     );
-    let (server, _bound) = keygate::server::build(&config, gate.clone())?;
+    let (server, _bound) = keygate::server::build(&config, gate.clone(), false)?;
     keygate::server::run(server, &gate);
     Ok(())
 }

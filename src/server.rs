@@ -48,12 +48,42 @@ pub struct Bound {
 /// Run a built server until it has shut down (SIGTERM: graceful, within
 /// `grace_period_seconds`), then write the ledger's exact values and flush the usage log.
 pub fn run(server: Server, gate: &Gate) {
+    use pingora::server::ExecutionPhase;
+    let mut phases = server.watch_execution_phase();
+    // Once an upgrade or a shutdown starts, close connections after each response.
+    let mut watcher = server.watch_execution_phase();
+    let draining = gate.clone();
+    let _ = std::thread::Builder::new()
+        .name("keygate-phase".into())
+        .spawn(move || loop {
+            match watcher.blocking_recv() {
+                Ok(
+                    ExecutionPhase::GracefulUpgradeTransferringFds
+                    | ExecutionPhase::GracefulTerminate,
+                ) => {
+                    draining.set_draining();
+                    return;
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return,
+            }
+        });
     server.run(pingora::server::RunArgs::default());
-    gate.shutdown();
+    let mut handed_over = false;
+    while let Ok(phase) = phases.try_recv() {
+        handed_over |= matches!(
+            phase,
+            ExecutionPhase::GracefulUpgradeTransferringFds
+                | ExecutionPhase::GracefulUpgradeCloseTimeout
+        );
+    }
+    gate.shutdown(handed_over);
 }
 
-/// Build the server for `config` around `gate`. Prints the bound addresses on stdout.
-pub fn build(config: &Config, gate: Gate) -> anyhow::Result<(Server, Bound)> {
+/// Build the server for `config` around `gate`. Prints the bound addresses on stdout. With
+/// `upgrade`, take the listening sockets over from the running process (which must then get
+/// SIGQUIT) through `upgrade_sock`.
+pub fn build(config: &Config, gate: Gate, upgrade: bool) -> anyhow::Result<(Server, Bound)> {
     let conf = ServerConf {
         threads: config
             .threads
@@ -61,9 +91,25 @@ pub fn build(config: &Config, gate: Gate) -> anyhow::Result<(Server, Bound)> {
         grace_period_seconds: Some(config.grace_period_seconds),
         graceful_shutdown_timeout_seconds: Some(config.grace_period_seconds.clamp(1, 10)),
         upstream_keepalive_pool_size: config.upstream_pool_size,
+        upgrade_sock: config
+            .upgrade_sock
+            .clone()
+            .unwrap_or_else(|| config.state_dir.join("upgrade.sock"))
+            .to_string_lossy()
+            .into_owned(),
+        pid_file: config
+            .state_dir
+            .join("keygate.pid")
+            .to_string_lossy()
+            .into_owned(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(Option::<Opt>::None, conf);
+    std::fs::create_dir_all(&config.state_dir)?;
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(

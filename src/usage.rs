@@ -372,35 +372,36 @@ impl UsageLog {
     }
 }
 
-fn writer(rx: Receiver<Msg>, file: std::fs::File, name: &str) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, file);
-    let mut dirty = false;
+/// Buffers whole lines and writes them with one `write` on an `O_APPEND` file, so lines from two
+/// processes (old and new binary during an upgrade) never interleave.
+fn writer(rx: Receiver<Msg>, mut file: std::fs::File, name: &str) {
+    const FLUSH_AT: usize = 64 * 1024;
+    let mut buf: Vec<u8> = Vec::with_capacity(FLUSH_AT + 1024);
+    let mut flush = |buf: &mut Vec<u8>| {
+        if !buf.is_empty() {
+            if let Err(e) = file.write_all(buf) {
+                log::error!("usage log {name}: {e}");
+            }
+            buf.clear();
+        }
+    };
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(Msg::Record(r)) => {
-                if let Ok(line) = serde_json::to_vec(&r) {
-                    let ok = out.write_all(&line).and_then(|_| out.write_all(b"\n"));
-                    if let Err(e) = ok {
-                        log::error!("usage log {name}: {e}");
-                    }
-                    dirty = true;
+                if serde_json::to_writer(&mut buf, &r).is_ok() {
+                    buf.push(b'\n');
+                }
+                if buf.len() >= FLUSH_AT {
+                    flush(&mut buf);
                 }
             }
             Ok(Msg::Flush(done)) => {
-                let _ = out.flush();
-                dirty = false;
+                flush(&mut buf);
                 let _ = done.send(());
             }
-            Err(RecvTimeoutError::Timeout) => {
-                if dirty {
-                    if let Err(e) = out.flush() {
-                        log::error!("usage log {name}: {e}");
-                    }
-                    dirty = false;
-                }
-            }
+            Err(RecvTimeoutError::Timeout) => flush(&mut buf),
             Err(RecvTimeoutError::Disconnected) => {
-                let _ = out.flush();
+                flush(&mut buf);
                 return;
             }
         }

@@ -112,6 +112,11 @@ impl Gateway {
             .unwrap()
     }
 
+    /// Wait for the process to exit by itself.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+
     /// SIGTERM, then wait for the process to exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")
@@ -227,6 +232,11 @@ pub fn start_gateway(dir: &Path, opts: &Opts, upstream_url: &str) -> Gateway {
 
 /// Start `keygate run -c config` and wait until its proxy port accepts connections.
 pub fn spawn_keygate(dir: &Path, config: &Path) -> Gateway {
+    spawn_keygate_with(dir, config, &[])
+}
+
+/// [`spawn_keygate`] with extra arguments to `keygate run`.
+pub fn spawn_keygate_with(dir: &Path, config: &Path, extra: &[&str]) -> Gateway {
     // The gateway's log (access log included) goes to a file beside its config.
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -237,6 +247,7 @@ pub fn spawn_keygate(dir: &Path, config: &Path) -> Gateway {
         .arg("run")
         .arg("-c")
         .arg(config)
+        .args(extra)
         .env("KG_TEST_UPSTREAM_KEY", UPSTREAM_SECRET)
         .env("RUST_LOG", "keygate=info,warn")
         .stdout(Stdio::piped())
