@@ -32,7 +32,8 @@ fn key(i: usize) -> String {
 }
 
 fn write_sync(path: &Path, revision: u64) {
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path.with_extension("tmp")).unwrap());
+    let mut out =
+        std::io::BufWriter::new(std::fs::File::create(path.with_extension("tmp")).unwrap());
     write!(
         out,
         "{{\"revision\":{revision},\"groups\":{{\"default\":{{\"ratio\":1.0,\"models\":[\"gpt-*\"]}}}},\"models\":{{\"gpt-4o-mini\":{{\"ratio\":0.075,\"completion_ratio\":4}}}},\"keys\":["
@@ -73,7 +74,11 @@ fn main() {
     let t = Instant::now();
     write_sync(&sync, 1);
     let size = std::fs::metadata(&sync).unwrap().len();
-    println!("wrote {KEYS} keys ({} MB of JSON) in {:.1} s", size / 1_000_000, t.elapsed().as_secs_f64());
+    println!(
+        "wrote {KEYS} keys ({} MB of JSON) in {:.1} s",
+        size / 1_000_000,
+        t.elapsed().as_secs_f64()
+    );
 
     let rss_before = rss_kib("VmRSS:");
     let t = Instant::now();
@@ -122,7 +127,11 @@ fn main() {
     }
     std::thread::spawn(move || for _ in lines {});
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let client = reqwest::Client::new();
         let ready = |rev: u64| {

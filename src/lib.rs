@@ -75,6 +75,7 @@ pub mod credential;
 pub mod demo;
 pub mod errors;
 pub mod fsutil;
+pub mod fuzzing;
 pub mod gate;
 pub mod import;
 pub mod keys;
