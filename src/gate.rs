@@ -152,12 +152,11 @@ pub fn find_model<'a>(
     body: &'a [u8],
 ) -> std::result::Result<(Option<Cow<'a, str>>, BodyFacts), Denial> {
     let mut facts = BodyFacts::default();
-    if let Some(m) = credential::gemini_model(path) {
-        return Ok((Some(Cow::Borrowed(m)), facts));
-    }
     let ct = content_type.unwrap_or("").trim_start().to_ascii_lowercase();
-    let mut model = None;
-    if ct.starts_with("multipart/form-data") {
+    let mut model = credential::gemini_model(path).map(Cow::Borrowed);
+    if model.is_some() {
+        // The model is in the path; the body is the upstream's business.
+    } else if ct.starts_with("multipart/form-data") {
         model = credential::multipart_model(content_type.unwrap_or(""), body).map(Cow::Owned);
     } else if ct.contains("json") || body.trim_ascii_start().first() == Some(&b'{') {
         let fields = credential::parse_json_fields(body)?;
@@ -1508,6 +1507,12 @@ mod tests {
             )
             .unwrap_err()
             .reason,
+            Reason::InvalidModel
+        );
+        // Found by fuzzing: the path is bounded like the body.
+        let path = format!("/v1beta/models/{}:generateContent", "g".repeat(300));
+        assert_eq!(
+            find_model(&path, None, None, b"{}").unwrap_err().reason,
             Reason::InvalidModel
         );
         assert_eq!(
