@@ -263,14 +263,23 @@ impl<'de> de::Deserialize<'de> for Field {
                 f.write_str("a member name")
             }
             fn visit_str<E>(self, v: &str) -> Result<Field, E> {
-                Ok(match v {
-                    "model" => Field::Model,
-                    "stream" => Field::Stream,
-                    "stream_options" => Field::StreamOptions,
-                    "max_completion_tokens" => Field::MaxCompletionTokens,
-                    "max_tokens" => Field::MaxTokens,
-                    "max_output_tokens" => Field::MaxOutputTokens,
-                    _ => Field::Other,
+                // Case-insensitive, as Go's encoding/json matches keys (Ollama, new-api and
+                // one-api relays): `MODEL` must not slip past a check on `model`.
+                let is = |name: &str| v.eq_ignore_ascii_case(name);
+                Ok(if is("model") {
+                    Field::Model
+                } else if is("stream") {
+                    Field::Stream
+                } else if is("stream_options") {
+                    Field::StreamOptions
+                } else if is("max_completion_tokens") {
+                    Field::MaxCompletionTokens
+                } else if is("max_tokens") {
+                    Field::MaxTokens
+                } else if is("max_output_tokens") {
+                    Field::MaxOutputTokens
+                } else {
+                    Field::Other
                 })
             }
         }
@@ -290,7 +299,7 @@ impl<'de> de::Deserialize<'de> for IncludeUsageKey {
                 f.write_str("a member name")
             }
             fn visit_str<E>(self, v: &str) -> Result<IncludeUsageKey, E> {
-                Ok(IncludeUsageKey(v == "include_usage"))
+                Ok(IncludeUsageKey(v.eq_ignore_ascii_case("include_usage")))
             }
         }
         d.deserialize_identifier(V)
@@ -478,34 +487,49 @@ pub fn gemini_model(path: &str) -> Option<&str> {
     (!model.is_empty() && !model.contains('/')).then_some(model)
 }
 
-/// The value of the `model` field of a `multipart/form-data` body.
-pub fn multipart_model(content_type: &str, body: &[u8]) -> Option<String> {
+/// The value of the `model` field of a `multipart/form-data` body; two `model` fields are an
+/// error (servers disagree on which one wins).
+pub fn multipart_model(content_type: &str, body: &[u8]) -> Result<Option<String>, Denial> {
     let boundary = content_type.split(';').find_map(|p| {
-        let p = p.trim();
-        let v = p
-            .strip_prefix("boundary=")
-            .or_else(|| p.strip_prefix("BOUNDARY="))?;
-        Some(v.trim_matches('"'))
-    })?;
-    if boundary.is_empty() {
-        return None;
-    }
+        let (k, v) = p.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| v.trim().trim_matches('"'))
+    });
+    let Some(boundary) = boundary.filter(|b| !b.is_empty()) else {
+        return Ok(None);
+    };
     let delim = format!("--{boundary}");
-    let finder = memchr::memmem::Finder::new(delim.as_bytes());
-    let mut pos = finder.find(body)? + delim.len();
+    let next_delim = format!("\r\n{delim}");
+    let Some(first) = memchr::memmem::find(body, delim.as_bytes()) else {
+        return Ok(None);
+    };
+    let mut pos = first + delim.len();
+    let mut found: Option<String> = None;
     loop {
-        let rest = body.get(pos..)?;
+        let Some(rest) = body.get(pos..) else {
+            return Ok(found);
+        };
         if rest.starts_with(b"--") {
-            return None;
+            return Ok(found);
         }
-        let head_end = memchr::memmem::find(rest, b"\r\n\r\n")?;
-        let head = &rest[..head_end];
+        let Some(head_end) = memchr::memmem::find(rest, b"\r\n\r\n") else {
+            return Ok(found);
+        };
         let value_start = head_end + 4;
-        let value_len =
-            memchr::memmem::find(&rest[value_start..], format!("\r\n{delim}").as_bytes())?;
-        if is_model_part(head) {
-            let v = std::str::from_utf8(&rest[value_start..value_start + value_len]).ok()?;
-            return Some(v.trim().to_string());
+        let Some(value_len) = memchr::memmem::find(&rest[value_start..], next_delim.as_bytes())
+        else {
+            return Ok(found);
+        };
+        if is_model_part(&rest[..head_end]) {
+            if found.is_some() {
+                return Err(Denial::with_message(
+                    Reason::InvalidModel,
+                    "The form has more than one model field.",
+                ));
+            }
+            let v = &rest[value_start..value_start + value_len];
+            found = Some(String::from_utf8_lossy(v).trim().to_string());
         }
         pos += value_start + value_len + 2 + delim.len();
     }
@@ -641,6 +665,7 @@ mod tests {
             ModelField::Absent
         );
         assert!(parse_json_fields(br#"{"model":"a","model":"b"}"#).is_err());
+        assert!(parse_json_fields(br#"{"model":"a","MODEL":"b"}"#).is_err());
         let f = parse_json_fields(br#"{"model":"m","stream":"yes","max_tokens":-3}"#).unwrap();
         assert!(!f.stream);
         assert_eq!(f.max_tokens, None);
@@ -659,15 +684,22 @@ mod tests {
     #[test]
     fn multipart() {
         let body = b"--XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\r\n--XX\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XX--\r\n";
+        let m = |ct: &str, b: &[u8]| multipart_model(ct, b).map_err(|d| d.reason);
         assert_eq!(
-            multipart_model("multipart/form-data; boundary=XX", body).as_deref(),
-            Some("whisper-1")
+            m("multipart/form-data; boundary=XX", body),
+            Ok(Some("whisper-1".into()))
         );
         assert_eq!(
-            multipart_model("multipart/form-data; boundary=YY", body),
-            None
+            m("multipart/form-data; Boundary=XX", body),
+            Ok(Some("whisper-1".into()))
         );
-        assert_eq!(multipart_model("multipart/form-data", body), None);
+        assert_eq!(m("multipart/form-data; boundary=YY", body), Ok(None));
+        assert_eq!(m("multipart/form-data", body), Ok(None));
+        let twice = b"--XX\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\na\r\n--XX\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nb\r\n--XX--\r\n";
+        assert_eq!(
+            m("multipart/form-data; boundary=XX", twice),
+            Err(Reason::InvalidModel)
+        );
     }
 
     #[test]

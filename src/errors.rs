@@ -41,6 +41,8 @@ pub enum Reason {
     InvalidJson,
     /// A chunked body too large to be buffered without a declared length.
     LengthRequired,
+    /// The request head is too large.
+    HeadersTooLarge,
     /// The client closed or stalled before sending the whole body it announced.
     IncompleteBody,
     /// The upstream could not be reached or failed before answering.
@@ -51,7 +53,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for metrics pre-registration and docs.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::MissingApiKey,
         Reason::InvalidApiKey,
         Reason::KeyDisabled,
@@ -67,6 +69,7 @@ impl Reason {
         Reason::RequestTooLarge,
         Reason::InvalidJson,
         Reason::LengthRequired,
+        Reason::HeadersTooLarge,
         Reason::IncompleteBody,
         Reason::UpstreamError,
         Reason::UpstreamTimeout,
@@ -82,6 +85,7 @@ impl Reason {
             Reason::IncompleteBody => 400,
             Reason::ModelNotFound => 404,
             Reason::LengthRequired => 411,
+            Reason::HeadersTooLarge => 431,
             Reason::RequestTooLarge => 413,
             Reason::InsufficientQuota => 429,
             Reason::UpstreamError => 502,
@@ -108,6 +112,7 @@ impl Reason {
             Reason::RequestTooLarge => "request_too_large",
             Reason::InvalidJson => "invalid_json",
             Reason::LengthRequired => "length_required",
+            Reason::HeadersTooLarge => "request_header_fields_too_large",
             Reason::IncompleteBody => "incomplete_body",
             Reason::UpstreamError => "upstream_error",
             Reason::UpstreamTimeout => "upstream_timeout",
@@ -137,6 +142,7 @@ impl Reason {
                 "A chunked request body this large needs a Content-Length header."
             }
             Reason::IncompleteBody => "The request body ended before its announced length.",
+            Reason::HeadersTooLarge => "The request head is too large.",
             Reason::UpstreamError => "The upstream service could not be reached.",
             Reason::UpstreamTimeout => "The upstream service did not answer in time.",
         }

@@ -46,6 +46,7 @@ pub fn request(data: &[u8]) {
     let _ = credential::strip_query_key(&query);
     let _ = credential::strip_ws_key_protocol(get(3));
     let _ = credential::multipart_model(&content_type, body);
+    let _ = credential::parse_json_fields(body);
 }
 
 /// An SSE stream cut at arbitrary places: the bytes sent and the usage found must not depend on

@@ -157,7 +157,7 @@ pub fn find_model<'a>(
     if model.is_some() {
         // The model is in the path; the body is the upstream's business.
     } else if ct.starts_with("multipart/form-data") {
-        model = credential::multipart_model(content_type.unwrap_or(""), body).map(Cow::Owned);
+        model = credential::multipart_model(content_type.unwrap_or(""), body)?.map(Cow::Owned);
     } else if ct.contains("json") || body.trim_ascii_start().first() == Some(&b'{') {
         let fields = credential::parse_json_fields(body)?;
         facts = BodyFacts {
@@ -176,7 +176,9 @@ pub fn find_model<'a>(
         // A body with no content type that is not a JSON object.
         credential::parse_json_fields(body)?;
     }
-    if model.is_none() {
+    if model.is_none() && body.is_empty() {
+        // `?model=` names the model only for requests without a body (realtime): a body that
+        // names none must not be routed and priced by the query while it says otherwise.
         model = query.and_then(|q| credential::query_param(q, "model"));
     }
     match model {
@@ -734,10 +736,11 @@ impl Gate {
     async fn read_body(&self, session: &mut Session) -> std::result::Result<Bytes, BodyError> {
         let cap = self.inner.options.max_body_bytes;
         let headers = &session.req_header().headers;
-        let chunked = headers
-            .get(http::header::TRANSFER_ENCODING)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+        // Whether there is a body is Pingora's call (it frames the request); any
+        // Transfer-Encoding means the length is unknown, whatever the Content-Length says.
+        let has_te = headers.contains_key(http::header::TRANSFER_ENCODING);
         let declared = match headers.get(http::header::CONTENT_LENGTH) {
+            _ if has_te => None,
             None => None,
             Some(v) => Some(
                 std::str::from_utf8(v.as_bytes())
@@ -762,7 +765,7 @@ impl Gate {
         let expects_continue = headers
             .get(http::header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        if session.is_body_empty() || (declared.is_none() && !chunked) {
+        if session.is_body_empty() {
             return Ok(Bytes::new());
         }
         if expects_continue {
@@ -802,6 +805,11 @@ impl Gate {
         }
         if session.retry_buffer_truncated() {
             return Err(BodyError::Denied(Denial::new(Reason::LengthRequired)));
+        }
+        if !buf.is_empty() && session.get_retry_buffer().is_none() {
+            // The whole body came in one read with an oversized head, before the tail could be
+            // buffered: Pingora could not forward it. Refuse rather than hang the upstream.
+            return Err(BodyError::Denied(Denial::new(Reason::HeadersTooLarge)));
         }
         Ok(buf.freeze())
     }
@@ -1355,6 +1363,13 @@ impl Gate {
     }
 }
 
+/// A request's summary for Pingora's error and retry logs without any credential: method and
+/// path only (the query may hold `key=`). Hosts embedding [`Gate`] should return this from
+/// `ProxyHttp::request_summary`.
+pub fn request_summary(req: &RequestHeader) -> String {
+    format!("{} {}", req.method, req.uri.path())
+}
+
 /// Whether `e` means the client went away (closed, reset, or stopped reading).
 pub fn is_client_gone(e: &Error) -> bool {
     matches!(e.esource(), pingora::ErrorSource::Downstream)
@@ -1442,6 +1457,8 @@ pub fn strip_client_credentials(req: &mut RequestHeader) -> Result<()> {
     req.remove_header(&http::header::AUTHORIZATION);
     req.remove_header("x-api-key");
     req.remove_header("x-goog-api-key");
+    // Azure OpenAI's header: never a keygate credential, but a client key must not ride along.
+    req.remove_header("api-key");
     if let Some(v) = req.remove_header(&http::header::SEC_WEBSOCKET_PROTOCOL) {
         if let Some(kept) = credential::strip_ws_key_protocol(v.as_bytes()) {
             req.insert_header(http::header::SEC_WEBSOCKET_PROTOCOL, kept)?;

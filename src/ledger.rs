@@ -31,6 +31,10 @@ const HANDOFF: &str = "ledger.handoff";
 const LOCK: &str = "ledger.lock";
 const COMPACT_AFTER_BYTES: u64 = 4 * 1024 * 1024;
 
+/// The most one call may reserve or be charged (2^53 units, 18 billion USD at the default
+/// `quota_per_unit`): far below `i64::MAX`, so counters never overflow.
+pub const MAX_AMOUNT: i64 = 1 << 53;
+
 /// The counters of one key id.
 #[derive(Debug, Default)]
 pub struct KeyCounter {
@@ -233,7 +237,7 @@ impl Ledger {
         amount: i64,
     ) -> Result<Reservation, ReserveError> {
         let counter = self.counter(key_id);
-        let amount = amount.max(0);
+        let amount = amount.clamp(0, MAX_AMOUNT);
         let previous = counter
             .committed
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| match limit {
@@ -334,15 +338,17 @@ impl Ledger {
             }
             let mut lines = String::new();
             let mut raised = Vec::with_capacity(batch.len());
+            let mut raised_ids = Vec::with_capacity(batch.len());
             for id in batch {
                 let Some(c) = self.shared.counters.get(&id).map(|c| c.clone()) else {
                     continue;
                 };
-                c.queued.store(false, Ordering::Release);
-                let target = c.wanted.load(Ordering::Acquire).max(c.committed());
-                if target > c.durable.load(Ordering::Acquire) {
+                c.queued.store(false, Ordering::SeqCst);
+                let target = c.wanted.load(Ordering::SeqCst).max(c.committed());
+                if target > c.durable.load(Ordering::SeqCst) {
                     lines.push_str(&format!("{id} {target}\n"));
                     raised.push((c, target));
+                    raised_ids.push(id);
                 }
             }
             if raised.is_empty() {
@@ -365,8 +371,12 @@ impl Ledger {
                     self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
                     log::error!("ledger: journal write failed: {e}");
                     std::thread::sleep(Duration::from_millis(100));
-                    for (c, _) in raised {
-                        c.queued.store(true, Ordering::Release);
+                    // Put the ids back so they are tried again (their `queued` flags are set).
+                    if let Ok(mut q) = self.shared.queue.lock() {
+                        for (c, _) in &raised {
+                            c.queued.store(true, Ordering::SeqCst);
+                        }
+                        q.extend(raised_ids);
                     }
                 }
             }
@@ -576,12 +586,14 @@ impl Ledger {
 
 /// Ask the writer to raise `counter`'s durable ceiling to at least `target` (never waits).
 fn request_ceiling(shared: &Shared, key_id: u64, counter: &KeyCounter, target: i64) {
-    counter.wanted.fetch_max(target, Ordering::AcqRel);
+    // SeqCst pairs with the writer's clear-then-read of `queued` and `wanted`: either the writer
+    // sees this `wanted`, or this swap sees `queued` cleared and queues the id again.
+    counter.wanted.fetch_max(target, Ordering::SeqCst);
     if shared.dir.is_none() {
         counter.durable.store(i64::MAX, Ordering::Release);
         return;
     }
-    if !counter.queued.swap(true, Ordering::AcqRel) {
+    if !counter.queued.swap(true, Ordering::SeqCst) {
         if let Ok(mut q) = shared.queue.lock() {
             q.push(key_id);
         }
@@ -670,7 +682,7 @@ impl Reservation {
 
     /// Charge `actual` units instead of the reservation (the difference may be negative).
     pub fn settle(mut self, actual: i64) {
-        let actual = actual.max(0);
+        let actual = actual.clamp(0, MAX_AMOUNT);
         self.counter
             .committed
             .fetch_add(actual - self.amount, Ordering::AcqRel);

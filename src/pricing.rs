@@ -47,8 +47,8 @@ impl PriceRule {
 fn ceil_units(x: f64) -> i64 {
     let rounded = (x * 1e6).round() / 1e6;
     let c = rounded.ceil();
-    if c >= i64::MAX as f64 {
-        i64::MAX
+    if c.is_nan() || c >= crate::ledger::MAX_AMOUNT as f64 {
+        crate::ledger::MAX_AMOUNT
     } else if c <= 0.0 {
         0
     } else {

@@ -329,6 +329,10 @@ impl ProxyHttp for KeygateProxy {
         self.gate.logging(session, e, ctx).await
     }
 
+    fn request_summary(&self, session: &Session, _ctx: &GateCtx) -> String {
+        crate::gate::request_summary(session.req_header())
+    }
+
     fn suppress_error_log(
         &self,
         _session: &Session,

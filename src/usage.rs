@@ -102,7 +102,7 @@ pub fn usage_from_json(doc: &[u8]) -> PartialUsage {
             prompt: g.prompt_token_count,
             completion: match (g.candidates_token_count, g.thoughts_token_count) {
                 (None, None) => None,
-                (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+                (a, b) => Some(a.unwrap_or(0).saturating_add(b.unwrap_or(0))),
             },
         });
     }
