@@ -142,6 +142,7 @@ fn sync_file(n: usize) -> SyncFile {
     SyncFile {
         revision: 1,
         quota_per_unit: 500_000.0,
+        next_id: None,
         groups,
         models: BTreeMap::new(),
         keys,

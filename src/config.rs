@@ -398,6 +398,10 @@ pub struct SyncFile {
     /// Quota units per USD.
     #[serde(default = "default_quota_per_unit")]
     pub quota_per_unit: f64,
+    /// The next id `keygate keys create` hands out: ids are never reused, since consumed quota
+    /// stays attached to an id after its key is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_id: Option<u64>,
     /// Groups by name.
     #[serde(default)]
     pub groups: BTreeMap<String, GroupEntry>,

@@ -153,7 +153,9 @@ pub fn find_model<'a>(
 ) -> std::result::Result<(Option<Cow<'a, str>>, BodyFacts), Denial> {
     let mut facts = BodyFacts::default();
     let ct = content_type.unwrap_or("").trim_start().to_ascii_lowercase();
-    let mut model = credential::gemini_model(path).map(Cow::Borrowed);
+    // Percent-decoded, as the upstream will read it (`gemini-1.5-pr%6F` is `gemini-1.5-pro`).
+    let mut model = credential::gemini_model(path)
+        .map(|m| percent_encoding::percent_decode_str(m).decode_utf8_lossy());
     if model.is_some() {
         // The model is in the path; the body is the upstream's business.
     } else if ct.starts_with("multipart/form-data") {
@@ -263,6 +265,28 @@ pub struct GateCtx {
     json_len: usize,
     charged: Option<(Usage, i64)>,
     embedding: bool,
+    json_response: bool,
+}
+
+impl Drop for GateCtx {
+    /// A request dropped with its reservation still held (its task was cancelled: a shutdown
+    /// past the grace period) was being answered: charge what was streamed rather than refund.
+    fn drop(&mut self) {
+        let Some(r) = self.reservation.take() else {
+            return;
+        };
+        if !(200..400).contains(&self.status) {
+            return; // dropped unsettled: the reservation refunds itself
+        }
+        let (Some(table), Some(key)) = (self.table.as_ref(), self.key_record()) else {
+            return;
+        };
+        let (usage, _) = final_usage(self, true);
+        let quota = self.price.map_or(0, |p| {
+            pricing::quota_for(p, table.group_of(key).ratio, table.quota_per_unit, usage)
+        });
+        r.settle(quota);
+    }
 }
 
 impl GateCtx {
@@ -1082,10 +1106,10 @@ impl Gate {
         }
         ctx.first_byte = Some(Instant::now());
         ctx.status = resp.status.as_u16();
-        let sse = resp
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let content_type = resp.headers.get(http::header::CONTENT_TYPE);
+        let sse = content_type.is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        ctx.json_response =
+            content_type.is_some_and(|v| memchr::memmem::find(v.as_bytes(), b"json").is_some());
         if sse && ctx.status < 400 {
             let strip = ctx.strip_usage;
             if strip {
@@ -1125,7 +1149,7 @@ impl Gate {
             }
         } else if let Some(chunk) = body.as_ref() {
             ctx.json_len += chunk.len();
-            if ctx.json_len <= MAX_USAGE_BODY {
+            if ctx.json_response && ctx.json_len <= MAX_USAGE_BODY {
                 ctx.json_body.push(chunk.clone());
             }
         }
@@ -1135,7 +1159,18 @@ impl Gate {
 
     /// What the call used: the usage the upstream reported, else an estimate from what was
     /// streamed. The flag says whether usage was reported.
-    fn final_usage(&self, ctx: &GateCtx) -> (Usage, bool) {
+    fn final_usage(&self, ctx: &GateCtx, cut_short: bool) -> (Usage, bool) {
+        final_usage(ctx, cut_short)
+    }
+}
+
+/// What the call used: the usage the upstream reported, else an estimate from what was
+/// streamed (one token per SSE event; a quarter of a JSON body's bytes; nothing for other
+/// bodies). When the stream was `cut_short` (the client left), a reported completion count is
+/// only a lower bound (Anthropic reports 1 output token at the start), so the larger of the two
+/// is used. The flag says whether usage was reported.
+fn final_usage(ctx: &GateCtx, cut_short: bool) -> (Usage, bool) {
+    {
         let reported = match &ctx.sse {
             Some(t) => t.usage(),
             None if ctx.json_len > 0 && ctx.json_len <= MAX_USAGE_BODY => {
@@ -1147,23 +1182,29 @@ impl Gate {
             }
             None => PartialUsage::default(),
         };
-        if let Some(u) = reported.usage() {
-            return (u, true);
-        }
-        let completion = match &ctx.sse {
+        let streamed = match &ctx.sse {
             // One token per streamed event is close for OpenAI-style streams.
             Some(t) => t.events(),
-            None => (ctx.json_len as u64) / 4,
+            None if ctx.json_response => (ctx.json_len as u64) / 4,
+            None => 0,
         };
+        if let Some(mut u) = reported.usage() {
+            if cut_short {
+                u.completion_tokens = u.completion_tokens.max(streamed);
+            }
+            return (u, true);
+        }
         (
             Usage {
                 prompt_tokens: ctx.estimate.prompt_tokens,
-                completion_tokens: completion,
+                completion_tokens: streamed,
             },
             false,
         )
     }
+}
 
+impl Gate {
     /// Settle the reservation exactly once: a refund when the upstream failed or answered with
     /// an error, otherwise the price of what was used; then the usage record and the metrics.
     fn settle(&self, e: Option<&Error>, ctx: &mut GateCtx) {
@@ -1187,7 +1228,7 @@ impl Gate {
             };
             (Usage::default(), 0, status)
         } else {
-            let (usage, reported) = self.final_usage(ctx);
+            let (usage, reported) = self.final_usage(ctx, client_gone || e.is_some());
             if !reported && !client_gone && e.is_none() {
                 m.usage_missing.inc();
             }
@@ -1289,6 +1330,9 @@ impl Gate {
     /// access-log line.
     pub async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut GateCtx) {
         self.settle(e, ctx);
+        if let (Some(id), Some(_)) = (ctx.key_id(), ctx.charged) {
+            self.inner.ledger.make_committed_durable(id).await;
+        }
         let m = &self.inner.metrics;
         m.gate_duration.observe(ctx.gate_time.as_secs_f64());
         if let (Some(started), Some(u)) = (

@@ -87,7 +87,8 @@ pub fn import_new_api(editor: &SyncEditor, export: &[u8]) -> Result<ImportReport
             })
             .collect();
         let groups: HashSet<&str> = file.groups.keys().map(|g| g.as_str()).collect();
-        let mut next_id = ids.iter().max().copied().unwrap_or(0) + 1;
+        let high_water = crate::keys::next_free_id(file);
+        let mut next_id = high_water;
         let mut new_entries = Vec::new();
         for (i, row) in rows.into_iter().enumerate() {
             let label_name = row
@@ -111,7 +112,8 @@ pub fn import_new_api(editor: &SyncEditor, export: &[u8]) -> Result<ImportReport
                         report.skipped.push((label, "key already present".into()));
                         continue;
                     }
-                    entry.id = match t.id.filter(|id| *id > 0 && !ids.contains(id)) {
+                    // A new-api id is kept when it is free and was never handed out here.
+                    entry.id = match t.id.filter(|id| *id >= high_water && !ids.contains(id)) {
                         Some(id) => id,
                         None => {
                             while ids.contains(&next_id) {
@@ -127,6 +129,7 @@ pub fn import_new_api(editor: &SyncEditor, export: &[u8]) -> Result<ImportReport
             }
         }
         file.keys.extend(new_entries);
+        file.next_id = Some(crate::keys::next_free_id(file));
         Ok(report)
     })
 }

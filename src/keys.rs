@@ -121,6 +121,12 @@ impl KeySpec {
     }
 }
 
+/// The lowest id above every id in use or ever handed out.
+pub fn next_free_id(file: &SyncFile) -> u64 {
+    let above_used = file.keys.iter().map(|k| k.id).max().unwrap_or(0) + 1;
+    above_used.max(file.next_id.unwrap_or(1))
+}
+
 fn entry_mut(file: &mut SyncFile, id: u64) -> Result<&mut KeyEntry, String> {
     file.keys
         .iter_mut()
@@ -133,7 +139,8 @@ pub fn create(editor: &SyncEditor, spec: &KeySpec) -> Result<(u64, String), Stri
     let key = generate_key().map_err(|e| format!("cannot generate a key: {e}"))?;
     let hash = digest_hex(&key_digest(key.as_bytes()));
     let id = editor.edit(|file| {
-        let id = file.keys.iter().map(|k| k.id).max().unwrap_or(0) + 1;
+        let id = next_free_id(file);
+        file.next_id = Some(id + 1);
         let mut entry = KeyEntry {
             id,
             name: String::new(),
@@ -175,6 +182,8 @@ pub fn set_status(editor: &SyncEditor, id: u64, status: KeyStatus) -> Result<(),
 /// Delete key `id` (its consumed counter stays in the ledger under its id).
 pub fn delete(editor: &SyncEditor, id: u64) -> Result<(), String> {
     editor.edit(|file| {
+        // Remember the highest id so it is never handed out again.
+        file.next_id = Some(next_free_id(file));
         let before = file.keys.len();
         file.keys.retain(|k| k.id != id);
         if file.keys.len() == before {
@@ -307,6 +316,17 @@ mod tests {
         let t = KeyTable::load(&path).unwrap();
         assert!(t.lookup(&key_digest(key.as_bytes())).is_some());
         assert_eq!(t.revision, 1);
+    }
+
+    #[test]
+    fn ids_are_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ed = SyncEditor::new(&dir.path().join("keys.json"));
+        create(&ed, &KeySpec::default()).unwrap();
+        let (two, _) = create(&ed, &KeySpec::default()).unwrap();
+        delete(&ed, two).unwrap();
+        let (next, _) = create(&ed, &KeySpec::default()).unwrap();
+        assert_eq!((two, next), (2, 3));
     }
 
     #[test]

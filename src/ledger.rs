@@ -97,6 +97,8 @@ struct Shared {
     /// A successor (binary upgrade) started at this time with these values, and waits for its
     /// predecessor's exact final values to correct them.
     successor: Mutex<Option<(i64, HashMap<u64, i64>)>>,
+    /// The writer thread, joined before the final write.
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// The ledger. Cheap to clone.
@@ -153,9 +155,12 @@ impl Ledger {
             }
         }
         let writer = ledger.clone();
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("keygate-ledger".into())
             .spawn(move || writer.writer_loop())?;
+        if let Ok(mut w) = ledger.shared.writer.lock() {
+            *w = Some(handle);
+        }
         Ok(ledger)
     }
 
@@ -183,6 +188,7 @@ impl Ledger {
                 wait_timeout: Duration::from_secs(5),
                 lock: None,
                 successor: Mutex::new(None),
+                writer: Mutex::new(None),
             }),
         }
     }
@@ -261,6 +267,19 @@ impl Ledger {
         let needed = previous.saturating_add(amount);
         self.make_durable(key_id, &counter, needed, limit).await?;
         Ok(reservation)
+    }
+
+    /// After a settle above its reservation, wait (at most the usual timeout) until the key's
+    /// durable ceiling covers what is committed, so a crash right after cannot give the
+    /// overage back. Nothing to wait for in the common case (settled at or below the estimate).
+    pub async fn make_committed_durable(&self, key_id: u64) {
+        let Some(counter) = self.shared.counters.get(&key_id).map(|c| c.clone()) else {
+            return;
+        };
+        let committed = counter.committed();
+        if committed > counter.durable.load(Ordering::Acquire) {
+            let _ = self.make_durable(key_id, &counter, committed, None).await;
+        }
     }
 
     /// Make sure `counter`'s durable ceiling covers `needed`: ask the writer a chunk ahead when
@@ -396,6 +415,16 @@ impl Ledger {
         }
     }
 
+    /// Stop the writer thread and wait for it, so the final write races nothing.
+    fn stop_writer(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.notify_all();
+        let handle = self.shared.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
     fn with_lock<T>(
         &self,
         exclusive: bool,
@@ -448,8 +477,7 @@ impl Ledger {
     /// the successor (which started from this process's ceilings) instead of rewriting the
     /// shared snapshot and journal.
     pub fn handoff(&self) -> std::io::Result<()> {
-        self.shared.stop.store(true, Ordering::Release);
-        self.shared.wake.notify_all();
+        self.stop_writer();
         let Some(dir) = self.shared.dir.clone() else {
             return Ok(());
         };
@@ -549,8 +577,7 @@ impl Ledger {
     /// Clean shutdown: write exact values to the snapshot and empty the journal, so nothing is
     /// stranded. Call after the server has stopped serving.
     pub fn shutdown(&self) -> std::io::Result<()> {
-        self.shared.stop.store(true, Ordering::Release);
-        self.shared.wake.notify_all();
+        self.stop_writer();
         let Some(dir) = self.shared.dir.clone() else {
             return Ok(());
         };

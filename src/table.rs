@@ -478,9 +478,21 @@ impl KeyTable {
         self.prices.keys().map(|k| &**k).filter(|k| *k != "*")
     }
 
-    /// The price entry for `model` (exact, then the `"*"` entry).
+    /// The price entry for `model`: its exact entry, else the longest matching `prefix*`
+    /// entry, else the `"*"` entry.
     pub fn price(&self, model: &str) -> Option<&ModelPrice> {
-        self.prices.get(model).or_else(|| self.prices.get("*"))
+        if let Some(p) = self.prices.get(model) {
+            return Some(p);
+        }
+        self.prices
+            .iter()
+            .filter_map(|(k, v)| {
+                let prefix = k.strip_suffix('*').filter(|p| !p.is_empty())?;
+                model.starts_with(prefix).then_some((prefix.len(), v))
+            })
+            .max_by_key(|(len, _)| *len)
+            .map(|(_, v)| v)
+            .or_else(|| self.prices.get("*"))
     }
 }
 
@@ -586,6 +598,19 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 51);
         assert!(a.starts_with("sk-") && a[3..].bytes().all(|c| c.is_ascii_alphanumeric()));
+    }
+
+    #[test]
+    fn prices_match_exact_then_longest_prefix_then_star() {
+        let t = table(
+            r#"{"models":{"gpt-4o":{"ratio":1},"gpt-4o*":{"ratio":2},"gpt-*":{"ratio":3},"*":{"ratio":4}}}"#,
+        )
+        .unwrap();
+        let r = |m: &str| t.price(m).and_then(|p| p.ratio);
+        assert_eq!(r("gpt-4o"), Some(1.0));
+        assert_eq!(r("gpt-4o-mini"), Some(2.0));
+        assert_eq!(r("gpt-3.5"), Some(3.0));
+        assert_eq!(r("claude"), Some(4.0));
     }
 
     #[test]

@@ -206,6 +206,14 @@ impl SseTracker {
     /// Strip mode: emit every complete event, without the usage-only chunk and without
     /// `"usage":null`; keep an incomplete last event for the next chunk (all of it at the end).
     fn drain_complete_events(&mut self, at_end: bool) -> Bytes {
+        if self.pending.len() > MAX_HELD_BACK {
+            // No event boundary in sight: not an SSE stream keygate understands. Stop holding
+            // back and pass everything through unchanged from here on.
+            self.strip = false;
+            let rest = self.pending.split().freeze();
+            self.scan_lines(&rest);
+            return rest;
+        }
         let mut out = BytesMut::with_capacity(self.pending.len());
         loop {
             let lf = find(&self.pending, b"\n\n").map(|i| i + 2);
@@ -224,11 +232,9 @@ impl SseTracker {
             for l in event[..].split(|&b| b == b'\n') {
                 let before = self.usage;
                 self.line(l);
-                if self.usage != before
-                    && l.strip_prefix(b"data:")
-                        .is_some_and(|d| find(d, b"\"choices\":[]").is_some())
-                {
-                    usage_only = true;
+                if self.usage != before {
+                    let data = l.strip_suffix(b"\r").unwrap_or(l);
+                    usage_only |= data.strip_prefix(b"data:").is_some_and(is_usage_only_chunk);
                 }
             }
             if !usage_only {
@@ -237,6 +243,21 @@ impl SseTracker {
         }
         out.freeze()
     }
+}
+
+/// Most of a stream held back while looking for the end of an event in strip mode.
+const MAX_HELD_BACK: usize = 1024 * 1024;
+
+/// Whether an event is the usage-only chunk `include_usage` adds: `choices` an empty array and
+/// a `usage` object (decided on the parsed JSON, whatever its spacing).
+fn is_usage_only_chunk(data: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Chunk {
+        choices: Option<Vec<serde::de::IgnoredAny>>,
+        usage: Option<serde::de::IgnoredAny>,
+    }
+    serde_json::from_slice::<Chunk>(data.trim_ascii())
+        .is_ok_and(|c| c.choices.is_some_and(|v| v.is_empty()) && c.usage.is_some())
 }
 
 /// Whether an event's JSON has a `"usage": {` or `"usageMetadata": {` member: a cheap test that
@@ -504,6 +525,35 @@ mod tests {
                 completion_tokens: 2
             })
         );
+    }
+
+    #[test]
+    fn strip_mode_recognizes_the_usage_chunk_whatever_its_spacing() {
+        let s = "data: {\"id\": \"c\", \"choices\": [{\"delta\": {\"content\": \"Hi\"}}]}\n\ndata: {\"id\": \"c\", \"choices\": [], \"usage\": {\"prompt_tokens\": 3, \"completion_tokens\": 1}}\n\ndata: [DONE]\n\n";
+        let mut t = SseTracker::new(true);
+        let out = run(&mut t, s.as_bytes(), &[]);
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.contains("prompt_tokens"), "{out}");
+        assert!(out.contains("Hi") && out.ends_with("data: [DONE]\n\n"));
+        assert_eq!(
+            t.usage().usage(),
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 1
+            })
+        );
+    }
+
+    #[test]
+    fn strip_mode_gives_up_on_a_stream_without_event_boundaries() {
+        let blob = vec![b'x'; 3 * 1024 * 1024];
+        let mut t = SseTracker::new(true);
+        let mut out = Vec::new();
+        for c in blob.chunks(64 * 1024) {
+            out.extend_from_slice(&t.feed(Bytes::copy_from_slice(c)));
+        }
+        out.extend_from_slice(&t.finish());
+        assert_eq!(out, blob);
     }
 
     #[test]

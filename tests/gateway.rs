@@ -842,3 +842,69 @@ async fn a_client_still_sending_an_oversized_body_reads_the_413() {
         assert_eq!(denial(r).await.1, "request_too_large");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_model_check_cannot_be_sidestepped() {
+    let env = Env::start().await;
+    // A Transfer-Encoding the client lists oddly still means a body keygate reads.
+    let b = chat_body("gpt-4o");
+    let req = format!(
+        "POST /v1/chat/completions?model=gpt-4o-mini HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {MINI_ONLY}\r\nTransfer-Encoding: identity, chunked\r\nConnection: close\r\n\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+        b.len()
+    );
+    let out = raw_exchange(env.gw.addr, req.as_bytes(), false, Duration::from_secs(5));
+    assert!(!out.starts_with("HTTP/1.1 200"), "{out}");
+    // ?model= does not stand in for a body that names another model (or none).
+    let r = client()
+        .post(env.url("/v1/chat/completions?model=gpt-4o-mini"))
+        .bearer_auth(MINI_ONLY)
+        .body(r#"{"messages":[]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denial(r).await.1, "model_required");
+    // A case variant of `model` is a second model field, as Go's JSON decoder sees it.
+    let r = client()
+        .post(env.url("/v1/chat/completions"))
+        .bearer_auth(MINI_ONLY)
+        .body(r#"{"model":"gpt-4o-mini","MODEL":"gpt-4o"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denial(r).await.1, "invalid_json");
+    // Two model fields in a form.
+    let form = reqwest::multipart::Form::new()
+        .text("model", "gpt-4o-mini")
+        .text("model", "gpt-4o");
+    let r = client()
+        .post(env.url("/v1/audio/transcriptions"))
+        .bearer_auth(MINI_ONLY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denial(r).await.1, "invalid_model");
+    assert_eq!(env.mock.request_count(), 0, "{:?}", env.mock.requests());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn query_keys_never_reach_the_error_log() {
+    let env = Env::with(Opts {
+        upstream_url: Some("http://127.0.0.1:1".into()),
+        ..Opts::default()
+    })
+    .await;
+    let r = client()
+        .post(env.url(&format!(
+            "/v1beta/models/gemini-1.5-pro:generateContent?key={OK}"
+        )))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = env.gw.log();
+    assert!(log.contains("Fail to proxy"), "{log}");
+    assert!(!log.contains(&OK[3..]), "a key reached the log: {log}");
+}
