@@ -70,6 +70,9 @@
 //! }
 //! ```
 
+// No panics on input: `unwrap`/`expect` are for tests only (CI runs clippy with -D warnings).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod config;
 pub mod credential;
 pub mod demo;

@@ -1,4 +1,5 @@
 //! The `keygate` binary: CLI, load config, build the Pingora server, run.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};

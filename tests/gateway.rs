@@ -908,3 +908,38 @@ async fn query_keys_never_reach_the_error_log() {
     assert!(log.contains("Fail to proxy"), "{log}");
     assert!(!log.contains(&OK[3..]), "a key reached the log: {log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_upstream_times_out_with_504_and_a_refund_but_a_live_stream_is_never_cut() {
+    let env = Env::with(Opts {
+        upstream_extra: "    read_timeout_seconds: 1\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let r = client()
+        .post(env.url("/v1/chat/completions"))
+        .bearer_auth(OK)
+        .header("x-mock-delay-ms", "3000")
+        .body(chat_body("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = denial(r).await;
+    assert_eq!((status, code.as_str()), (504, "upstream_timeout"));
+    // A stream whose events come every 0.7 s outlives the 1 s read timeout many times over.
+    let r = client()
+        .post(env.url("/v1/chat/completions"))
+        .bearer_auth(OK)
+        .header("x-mock-delay-ms", "700")
+        .header("x-mock-chunks", "5")
+        .body(json!({"model": "gpt-4o-mini", "stream": true, "messages": []}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("[DONE]"));
+    let records = env.gw.wait_records(2).await;
+    assert_eq!(records[0]["quota"], 0, "the timed-out call was refunded");
+    assert_eq!(records[0]["status"], 504);
+    assert!(records[1]["quota"].as_i64().unwrap() > 0);
+}
