@@ -7,6 +7,11 @@ use keygate::config::Config;
 use keygate::{Gate, KeyTable};
 use std::path::PathBuf;
 
+// mimalloc: measured 15-25% more throughput than the system allocator on a bare Pingora proxy
+// (issue 6). Only the binary sets it; hosts embedding the library choose their own.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "keygate",

@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# End-to-end load benchmark on loopback (issue 6). In one run it measures, against the same
+# fixed-response upstream (nginx `return 200` with a chat completion that has `usage`):
+#   (a) a bare Pingora passthrough (examples/passthrough.rs, same profile and allocator),
+#   (b) keygate with 1M keys loaded, the request's key among them with a model list and an IP
+#       whitelist, quota reserve and settle, usage parsing, metrics, usage log,
+#   (c) nginx as a plain reverse proxy;
+# plus a streaming case (SSE, 50 events and a usage chunk) and a denial-heavy case (unknown keys).
+# Method: the proxy alone on core 0 with one worker thread; wrk and the upstream on core 1; a
+# warm-up; A/B interleaved repetitions; the median requests/s, p50/p99 latency and the proxy's
+# CPU time per request (utime+stime from /proc). Bounded: REPS × cases × DURATION seconds.
+#
+# Usage: benches/e2e.sh [REPS] [DURATION_SECONDS]      (defaults: 3 reps of 10 s)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPS=${1:-3}
+DURATION=${2:-10}
+CONNS=32
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v taskset >/dev/null || need+=(util-linux)
+if ((${#need[@]})); then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+./scripts/bootstrap.sh
+cargo build --release --bin keygate --example passthrough 2>&1 | tail -1
+KEYGATE=target/release/keygate
+PASS=target/release/examples/passthrough
+
+W=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+U_JSON=$(port); U_SSE=$(port); P_PASS=$(port); P_PASS_SSE=$(port); P_KG=$(port); P_KG_M=$(port); P_NGX=$(port)
+
+# --- the fixed-response upstream (core 1) ---
+python3 - "$W" <<'PY'
+import json, sys
+w = sys.argv[1]
+body = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000, "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello! How can I help you today?"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21}}
+open(f"{w}/chat.json", "w").write(json.dumps(body))
+ev = []
+for i in range(50):
+    ev.append("data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1700000000, "model": "gpt-stream",
+              "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}], "usage": None}, separators=(",", ":")) + "\n\n")
+ev.append("data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1700000000, "model": "gpt-stream", "choices": [],
+          "usage": {"prompt_tokens": 12, "completion_tokens": 50, "total_tokens": 62}}, separators=(",", ":")) + "\n\n")
+ev.append("data: [DONE]\n\n")
+open(f"{w}/stream.sse", "w").write("".join(ev))
+PY
+cat > "$W/upstream.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $W/upstream.pid;
+error_log $W/upstream.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$U_JSON; location / { default_type application/json; alias $W/chat.json; } }
+  server { listen 127.0.0.1:$U_SSE;  location / { default_type text/event-stream; alias $W/stream.sse; } }
+}
+EOF
+# nginx serves static files for GET; POST to a static file is 405, so turn POST into GET.
+sed -i 's|location / { default_type application/json; alias|location / { error_page 405 =200 $uri; default_type application/json; alias|; s|location / { default_type text/event-stream; alias|location / { error_page 405 =200 $uri; default_type text/event-stream; alias|' "$W/upstream.conf"
+taskset -c 1 "$NGINX" -c "$W/upstream.conf" -p "$W" & PIDS+=($!)
+
+# --- nginx as a plain reverse proxy (core 0) ---
+cat > "$W/proxy.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $W/proxy.pid;
+error_log $W/proxy.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream up { server 127.0.0.1:$U_JSON; keepalive 256; }
+  server { listen 127.0.0.1:$P_NGX; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+}
+EOF
+
+# --- 1M keys; the benchmark's keys have a model list and an IP whitelist ---
+python3 - "$W" <<'PY'
+import hashlib, sys
+w = sys.argv[1]
+with open(f"{w}/keys.json", "w") as f:
+    f.write('{"revision":1,"groups":{"default":{"ratio":1.0,"models":["gpt-*"]}},'
+            '"models":{"gpt-4o-mini":{"ratio":0.075,"completion_ratio":4},"gpt-stream":{"ratio":0.075,"completion_ratio":4}},"keys":[')
+    for i in range(1_000_000):
+        h = hashlib.sha256(b"sk-%048d" % i).hexdigest()
+        f.write(('' if i == 0 else ',') +
+                f'{{"id":{i+1},"name":"key {i}","key_sha256":"{h}","quota":1000000000000,'
+                f'"models":["gpt-4o-mini","gpt-stream"],"allow_ips":["127.0.0.1","10.0.0.0/8"]}}')
+    f.write(']}')
+PY
+cat > "$W/keygate.yaml" <<EOF
+listen: "127.0.0.1:$P_KG"
+threads: 1
+metrics_listen: "127.0.0.1:$P_KG_M"
+sync_file: keys.json
+state_dir: var
+usage_log: var/usage.jsonl
+access_log: false
+grace_period_seconds: 0
+upstreams:
+  - name: json
+    url: "http://127.0.0.1:$U_JSON"
+    models: ["gpt-4o-mini"]
+  - name: sse
+    url: "http://127.0.0.1:$U_SSE"
+    models: ["gpt-stream"]
+EOF
+
+start_proxies() {
+  taskset -c 0 "$PASS" "127.0.0.1:$P_PASS" "127.0.0.1:$U_JSON" >/dev/null & PIDS+=($!); PASS_PID=$!
+  taskset -c 0 "$PASS" "127.0.0.1:$P_PASS_SSE" "127.0.0.1:$U_SSE" >/dev/null & PIDS+=($!); PASS_SSE_PID=$!
+  local rss0; rss0=$(ps -o rss= -p $$ | tr -d ' ')
+  RUST_LOG=warn taskset -c 0 "$KEYGATE" run -c "$W/keygate.yaml" >"$W/keygate.out" 2>&1 & PIDS+=($!); KG_PID=$!
+  taskset -c 0 "$NGINX" -c "$W/proxy.conf" -p "$W" & PIDS+=($!); NGX_MASTER=$!
+  for p in $P_PASS $P_PASS_SSE $P_KG $P_NGX; do
+    for _ in $(seq 1 600); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
+  done
+  sleep 1
+  NGX_PID=$(pgrep -P "$NGX_MASTER" | head -1)
+  echo "keygate RSS with 1M keys: $(( $(awk '/VmRSS/{print $2}' /proc/$KG_PID/status) / 1024 )) MB"
+}
+
+cat > "$W/post.lua" <<'EOF'
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local model = os.getenv("KG_MODEL") or "gpt-4o-mini"
+local stream = os.getenv("KG_STREAM") == "1"
+local bad = os.getenv("KG_BADKEY") == "1"
+wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user","content":"Hello there, how are you?"}],"max_tokens":64' .. (stream and ',"stream":true' or '') .. '}'
+local i = 0
+request = function()
+  i = i + 1
+  local key = string.format("sk-%048d", (i * 7919) % 1000000)
+  if bad then key = string.format("sk-bad%045d", i) end
+  wrk.headers["Authorization"] = "Bearer " .. key
+  return wrk.format()
+end
+EOF
+
+ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+
+# run NAME PID PORT [env...] -> appends "name rps p50_ms p99_ms cpu_us_per_req" to results
+run() {
+  local name=$1 pid=$2 port=$3; shift 3
+  local t0 t1 out
+  t0=$(ticks "$pid")
+  out=$(env "$@" taskset -c 1 wrk -t1 -c$CONNS -d${DURATION}s --latency -s "$W/post.lua" "http://127.0.0.1:$port/v1/chat/completions")
+  t1=$(ticks "$pid")
+  local rps total p50 p99
+  rps=$(awk '/Requests\/sec/{print $2}' <<<"$out")
+  total=$(awk '/requests in/{print $1}' <<<"$out")
+  p50=$(awk '$1=="50%"{print $2}' <<<"$out")
+  p99=$(awk '$1=="99%"{print $2}' <<<"$out")
+  local non2xx; non2xx=$(awk '/Non-2xx/{print $4}' <<<"$out")
+  local cpu_us; cpu_us=$(python3 -c "print(round(($t1-$t0)/$HZ*1e6/max($total,1),2))")
+  echo "$name $rps $(tomillis "$p50") $(tomillis "$p99") $cpu_us ${non2xx:-0}" >>"$W/results"
+}
+tomillis() { python3 -c "
+v='$1'
+for u,m in (('us',1e-3),('ms',1.0),('s',1e3)):
+    if v.endswith(u): print(round(float(v[:-len(u)])*m,3)); break
+else: print(v)"; }
+
+start_proxies
+echo "warm-up"
+for p in $P_PASS $P_KG $P_NGX; do taskset -c 1 wrk -t1 -c$CONNS -d3s -s "$W/post.lua" "http://127.0.0.1:$p/v1/chat/completions" >/dev/null; done
+: >"$W/results"
+for r in $(seq 1 "$REPS"); do
+  echo "repetition $r/$REPS"
+  run passthrough "$PASS_PID" "$P_PASS"
+  run keygate "$KG_PID" "$P_KG"
+  run nginx "$NGX_PID" "$P_NGX"
+  run passthrough_sse "$PASS_SSE_PID" "$P_PASS_SSE" KG_MODEL=gpt-stream KG_STREAM=1
+  run keygate_sse "$KG_PID" "$P_KG" KG_MODEL=gpt-stream KG_STREAM=1
+  run keygate_denied "$KG_PID" "$P_KG" KG_BADKEY=1
+done
+
+python3 - "$W/results" <<'PY'
+import statistics, sys, collections
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    name, rps, p50, p99, cpu, non2xx = line.split()
+    rows[name].append((float(rps), float(p50), float(p99), float(cpu), int(non2xx)))
+med = {n: tuple(statistics.median(x[i] for x in v) for i in range(4)) + (sum(x[4] for x in v),) for n, v in rows.items()}
+print(f"\n{'case':18} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} {'non-2xx':>8}")
+for n in ["passthrough", "keygate", "nginx", "passthrough_sse", "keygate_sse", "keygate_denied"]:
+    if n in med:
+        r = med[n]
+        print(f"{n:18} {r[0]:9.0f} {r[1]:8.3f} {r[2]:8.3f} {r[3]:11.2f} {r[4]:8d}")
+def ratio(a, b, i, label):
+    if a in med and b in med and med[b][i]:
+        print(f"{label:44} {med[a][i] / med[b][i]:.3f}")
+print()
+ratio("keygate", "passthrough", 3, "CPU/request keygate / passthrough")
+ratio("keygate", "passthrough", 0, "req/s keygate / passthrough")
+ratio("nginx", "passthrough", 0, "req/s nginx / passthrough")
+ratio("keygate_sse", "passthrough_sse", 3, "CPU/request keygate / passthrough (SSE)")
+ratio("keygate_sse", "passthrough_sse", 0, "req/s keygate / passthrough (SSE)")
+ratio("keygate_denied", "passthrough", 3, "CPU/request keygate denying / passthrough")
+PY
