@@ -5,7 +5,7 @@
 #   (b) keygate with 1M keys loaded, the request's key among them with a model list and an IP
 #       whitelist, quota reserve and settle, usage parsing, metrics, usage log,
 #   (c) nginx as a plain reverse proxy;
-# plus a streaming case (SSE, 50 events and a usage chunk) and a denial-heavy case (unknown keys).
+# plus a streaming case (SSE, 50 events and a usage chunk, from keygate's mock backend) and a denial-heavy case (unknown keys).
 # Method: the proxy alone on core 0 with one worker thread; wrk and the upstream on core 1; a
 # warm-up; A/B interleaved repetitions; the median requests/s, p50/p99 latency and the proxy's
 # CPU time per request (utime+stime from /proc). Bounded: REPS × cases × DURATION seconds.
@@ -55,6 +55,8 @@ ev.append("data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "
 ev.append("data: [DONE]\n\n")
 open(f"{w}/stream.sse", "w").write("".join(ev))
 PY
+# nginx `return 200` with the body inlined (literal newlines are allowed in quoted strings).
+CHAT_BODY=$(cat "$W/chat.json")
 cat > "$W/upstream.conf" <<EOF
 worker_processes 1;
 daemon off;
@@ -64,13 +66,13 @@ events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 1000000;
-  server { listen 127.0.0.1:$U_JSON; location / { default_type application/json; alias $W/chat.json; } }
-  server { listen 127.0.0.1:$U_SSE;  location / { default_type text/event-stream; alias $W/stream.sse; } }
+  server { listen 127.0.0.1:$U_JSON; location / { default_type application/json; return 200 '$CHAT_BODY'; } }
 }
 EOF
-# nginx serves static files for GET; POST to a static file is 405, so turn POST into GET.
-sed -i 's|location / { default_type application/json; alias|location / { error_page 405 =200 $uri; default_type application/json; alias|; s|location / { default_type text/event-stream; alias|location / { error_page 405 =200 $uri; default_type text/event-stream; alias|' "$W/upstream.conf"
 taskset -c 1 "$NGINX" -c "$W/upstream.conf" -p "$W" & PIDS+=($!)
+# The SSE upstream: nginx cannot inline a 50-event body, so keygate's own mock backend serves it
+# (50 events, and the usage chunk when asked for), for the passthrough and keygate alike.
+taskset -c 1 "$KEYGATE" mock --listen "127.0.0.1:$U_SSE" >/dev/null & PIDS+=($!)
 
 # --- nginx as a plain reverse proxy (core 0) ---
 cat > "$W/proxy.conf" <<EOF
@@ -110,6 +112,7 @@ state_dir: var
 usage_log: var/usage.jsonl
 access_log: false
 grace_period_seconds: 0
+${KG_EXTRA_CONFIG:-}
 upstreams:
   - name: json
     url: "http://127.0.0.1:$U_JSON"
@@ -136,6 +139,7 @@ start_proxies() {
 cat > "$W/post.lua" <<'EOF'
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["x-mock-chunks"] = "50"
 local model = os.getenv("KG_MODEL") or "gpt-4o-mini"
 local stream = os.getenv("KG_STREAM") == "1"
 local bad = os.getenv("KG_BADKEY") == "1"
@@ -143,7 +147,9 @@ wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user","content":"Hel
 local i = 0
 request = function()
   i = i + 1
-  local key = string.format("sk-%048d", (i * 7919) % 1000000)
+  -- 100 active keys spread over the 1M-key table (each key's first call after start waits for
+  -- one ledger journal fsync; a run over 1M distinct keys measures that instead).
+  local key = string.format("sk-%048d", ((i % 100) * 7919) % 1000000)
   if bad then key = string.format("sk-bad%045d", i) end
   wrk.headers["Authorization"] = "Bearer " .. key
   return wrk.format()
@@ -165,7 +171,7 @@ run() {
   total=$(awk '/requests in/{print $1}' <<<"$out")
   p50=$(awk '$1=="50%"{print $2}' <<<"$out")
   p99=$(awk '$1=="99%"{print $2}' <<<"$out")
-  local non2xx; non2xx=$(awk '/Non-2xx/{print $4}' <<<"$out")
+  local non2xx; non2xx=$(awk '/Non-2xx/{print $NF}' <<<"$out")
   local cpu_us; cpu_us=$(python3 -c "print(round(($t1-$t0)/$HZ*1e6/max($total,1),2))")
   echo "$name $rps $(tomillis "$p50") $(tomillis "$p99") $cpu_us ${non2xx:-0}" >>"$W/results"
 }
@@ -176,6 +182,15 @@ for u,m in (('us',1e-3),('ms',1.0),('s',1e3)):
 else: print(v)"; }
 
 start_proxies
+# Sanity: every path answers 200 before anything is measured.
+for p in $P_PASS $P_KG $P_NGX; do
+  code=$(curl -s -o "$W/sample.$p" -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
+    -H "Authorization: Bearer sk-$(printf '%048d' 7919)" \
+    -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"max_tokens":64}' \
+    "http://127.0.0.1:$p/v1/chat/completions")
+  echo "sanity: port $p answered $code: $(head -c 200 "$W/sample.$p")"
+  [ "$code" = 200 ] || { echo "a proxy does not answer 200; see above" >&2; cat "$W"/*.err "$W/keygate.out" >&2; exit 1; }
+done
 echo "warm-up"
 for p in $P_PASS $P_KG $P_NGX; do taskset -c 1 wrk -t1 -c$CONNS -d3s -s "$W/post.lua" "http://127.0.0.1:$p/v1/chat/completions" >/dev/null; done
 : >"$W/results"
@@ -189,6 +204,7 @@ for r in $(seq 1 "$REPS"); do
   run keygate_denied "$KG_PID" "$P_KG" KG_BADKEY=1
 done
 
+cat "$W/results"
 python3 - "$W/results" <<'PY'
 import statistics, sys, collections
 rows = collections.defaultdict(list)

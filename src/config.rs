@@ -179,7 +179,7 @@ pub struct Config {
     /// Default: `upgrade.sock` in `state_dir`.
     #[serde(default)]
     pub upgrade_sock: Option<PathBuf>,
-    /// One structured access-log line per request (on stderr, target `keygate::access`).
+    /// One structured access-log line per request (`keygate::access {json}` on stderr).
     /// Default true.
     #[serde(default = "default_true")]
     pub access_log: bool,

@@ -382,6 +382,7 @@ struct Inner {
     metrics: Arc<Metrics>,
     ledger: Ledger,
     usage_log: Option<UsageLog>,
+    access_log: Option<crate::usage::LineSink>,
     id_prefix: String,
     id_counter: AtomicU64,
     draining: std::sync::atomic::AtomicBool,
@@ -417,6 +418,11 @@ impl Gate {
             }
             None => None,
         };
+        let access_log = if options.access_log {
+            Some(crate::usage::LineSink::stderr().map_err(|e| format!("access log: {e}"))?)
+        } else {
+            None
+        };
         let mut seed = [0u8; 4];
         let _ = getrandom::fill(&mut seed);
         let metrics = Metrics::new();
@@ -437,6 +443,7 @@ impl Gate {
                 metrics,
                 ledger,
                 usage_log,
+                access_log,
                 id_prefix: hex::encode(seed),
                 id_counter: AtomicU64::new(0),
                 draining: std::sync::atomic::AtomicBool::new(false),
@@ -1383,10 +1390,11 @@ impl Gate {
                 }
             }
         }
-        if self.inner.options.access_log {
+        if let Some(sink) = &self.inner.access_log {
             let status = session.response_written().map_or(0, |r| r.status.as_u16());
             let ms = |t: Option<Instant>| t.map(|t| t.elapsed().as_secs_f64() * 1000.0);
             let line = serde_json::json!({
+                "time": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
                 "request_id": ctx.request_id(),
                 "method": session.req_header().method.as_str(),
                 "path": session.req_header().uri.path(),
@@ -1402,7 +1410,10 @@ impl Gate {
                 "upstream_ms": ms(ctx.upstream_started),
                 "gate_us": ctx.gate_time.as_secs_f64() * 1e6,
             });
-            log::info!(target: "keygate::access", "{line}");
+            let mut bytes = b"keygate::access ".to_vec();
+            if serde_json::to_writer(&mut bytes, &line).is_ok() {
+                sink.line(bytes);
+            }
         }
     }
 }

@@ -332,6 +332,54 @@ pub struct UsageRecord {
     pub first_byte_ms: Option<u64>,
 }
 
+/// Lines written to stderr by a background thread through a bounded channel (the access log):
+/// the request path never blocks on stderr; when the channel is full a line is dropped and
+/// counted.
+#[derive(Clone)]
+pub struct LineSink {
+    tx: SyncSender<Vec<u8>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl LineSink {
+    /// Start the stderr writer.
+    pub fn stderr() -> std::io::Result<LineSink> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(UsageLog::CAPACITY);
+        std::thread::Builder::new()
+            .name("keygate-access-log".into())
+            .spawn(move || {
+                while let Ok(mut line) = rx.recv() {
+                    // Batch what is already queued into one write. The stderr lock is taken per
+                    // write only: the rest of the log writes to stderr too.
+                    while let Ok(more) = rx.try_recv() {
+                        line.extend_from_slice(&more);
+                        if line.len() > 64 * 1024 {
+                            break;
+                        }
+                    }
+                    let _ = std::io::stderr().lock().write_all(&line);
+                }
+            })?;
+        Ok(LineSink {
+            tx,
+            dropped: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Queue one line (a newline is added). Never blocks.
+    pub fn line(&self, mut line: Vec<u8>) {
+        line.push(b'\n');
+        if self.tx.try_send(line).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Lines dropped because the writer could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
 enum Msg {
     Record(Box<UsageRecord>),
     Flush(SyncSender<()>),
