@@ -282,10 +282,7 @@ impl Drop for GateCtx {
             return;
         };
         let (usage, _) = final_usage(self, true);
-        let quota = self.price.map_or(0, |p| {
-            pricing::quota_for(p, table.group_of(key).ratio, table.quota_per_unit, usage)
-        });
-        r.settle(quota);
+        r.settle(price_of(table, key, self.price, usage));
     }
 }
 
@@ -658,7 +655,7 @@ impl Gate {
             ctx.facts.max_tokens,
             default_completion,
         );
-        let amount = self.price_of(&table, &key, ctx.price, ctx.estimate);
+        let amount = price_of(&table, &key, ctx.price, ctx.estimate);
         let limit = (!key.unlimited_quota).then(|| key.quota.saturating_sub(key.used));
         match self.inner.ledger.reserve(key.id, limit, amount).await {
             Ok(r) => {
@@ -674,18 +671,6 @@ impl Gate {
             )),
             Err(ReserveError::NotDurable) => Err(Denial::new(Reason::QuotaBackendUnavailable)),
         }
-    }
-
-    fn price_of(
-        &self,
-        table: &KeyTable,
-        key: &KeyRecord,
-        rule: Option<PriceRule>,
-        u: Usage,
-    ) -> i64 {
-        rule.map_or(0, |r| {
-            pricing::quota_for(r, table.group_of(key).ratio, table.quota_per_unit, u)
-        })
     }
 
     /// A streaming chat call whose client did not ask for the usage chunk gets
@@ -1163,12 +1148,13 @@ impl Gate {
         ctx.gate_time += started.elapsed();
         Ok(None)
     }
+}
 
-    /// What the call used: the usage the upstream reported, else an estimate from what was
-    /// streamed. The flag says whether usage was reported.
-    fn final_usage(&self, ctx: &GateCtx, cut_short: bool) -> (Usage, bool) {
-        final_usage(ctx, cut_short)
-    }
+/// The price of `u` for `key` under `rule` (0 when the model has no price).
+fn price_of(table: &KeyTable, key: &KeyRecord, rule: Option<PriceRule>, u: Usage) -> i64 {
+    rule.map_or(0, |r| {
+        pricing::quota_for(r, table.group_of(key).ratio, table.quota_per_unit, u)
+    })
 }
 
 /// What the call used: the usage the upstream reported, else an estimate from what was
@@ -1235,11 +1221,11 @@ impl Gate {
             };
             (Usage::default(), 0, status)
         } else {
-            let (usage, reported) = self.final_usage(ctx, client_gone || e.is_some());
+            let (usage, reported) = final_usage(ctx, client_gone || e.is_some());
             if !reported && !client_gone && e.is_none() {
                 m.usage_missing.inc();
             }
-            let quota = self.price_of(&table, &key, ctx.price, usage);
+            let quota = price_of(&table, &key, ctx.price, usage);
             reservation.settle(quota);
             let status = if client_gone { 499 } else { ctx.status };
             (usage, quota, status)

@@ -462,14 +462,7 @@ impl Ledger {
             let e = values.entry(*entry.key()).or_insert(v);
             *e = (*e).max(v);
         }
-        let mut out = String::from("{\"version\":1,\"ceilings\":{");
-        for (i, (id, v)) in values.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str(&format!("\"{id}\":{v}"));
-        }
-        out.push_str("}}\n");
+        let out = id_map_json("\"version\":1", "ceilings", values);
         crate::fsutil::write_atomic(&dir.join(SNAPSHOT), out.as_bytes())
     }
 
@@ -481,17 +474,12 @@ impl Ledger {
         let Some(dir) = self.shared.dir.clone() else {
             return Ok(());
         };
-        let mut out = format!(
-            "{{\"written_at\":{},\"committed\":{{",
-            crate::gate::unix_now()
-        );
-        for (i, e) in self.shared.counters.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str(&format!("\"{}\":{}", e.key(), e.value().committed()));
-        }
-        out.push_str("}}\n");
+        let values = self
+            .shared
+            .counters
+            .iter()
+            .map(|e| (*e.key(), e.value().committed()));
+        let out = id_map_json(&written_at(), "committed", values);
         crate::fsutil::write_atomic(&dir.join(HANDOFF), out.as_bytes())
     }
 
@@ -558,19 +546,12 @@ impl Ledger {
         if !changed {
             return Ok(());
         }
-        let mut out = format!(
-            "{{\"written_at\":{},\"consumed\":{{",
-            crate::gate::unix_now()
-        );
-        let mut first = true;
-        for e in self.shared.counters.iter() {
-            if !first {
-                out.push(',');
-            }
-            first = false;
-            out.push_str(&format!("\"{}\":{}", e.key(), e.value().consumed()));
-        }
-        out.push_str("}}\n");
+        let values = self
+            .shared
+            .counters
+            .iter()
+            .map(|e| (*e.key(), e.value().consumed()));
+        let out = id_map_json(&written_at(), "consumed", values);
         crate::fsutil::write_atomic(&dir.join(CONSUMED), out.as_bytes())
     }
 
@@ -609,6 +590,25 @@ impl Ledger {
         }
         Ok(out)
     }
+}
+
+/// `"written_at":<unix seconds>`, the header of the handoff and consumed files.
+fn written_at() -> String {
+    format!("\"written_at\":{}", crate::gate::unix_now())
+}
+
+/// `{<header>,"<name>":{"<id>":<value>,…}}` plus a newline: the shape of every ledger file.
+fn id_map_json(header: &str, name: &str, values: impl IntoIterator<Item = (u64, i64)>) -> String {
+    use std::fmt::Write as _;
+    let mut out = format!("{{{header},\"{name}\":{{");
+    for (i, (id, v)) in values.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "\"{id}\":{v}");
+    }
+    out.push_str("}}\n");
+    out
 }
 
 /// Ask the writer to raise `counter`'s durable ceiling to at least `target` (never waits).
