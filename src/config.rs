@@ -192,6 +192,39 @@ pub struct Config {
     /// Completion tokens reserved for a call that names no `max_tokens`. Default 1024.
     #[serde(default = "default_max_tokens")]
     pub default_max_tokens: u64,
+    /// Seconds a request head may take from its first byte (a new connection: from accept);
+    /// 408 after that. Default 15.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_seconds: u64,
+    /// Largest request head (request line and headers), bytes; 431 above. Default 32768.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Seconds the whole request body may take to arrive; 408 after that. Default 60.
+    #[serde(default = "default_body_read_timeout")]
+    pub body_read_timeout_seconds: u64,
+    /// Seconds an idle keep-alive client connection is kept open. Default 60.
+    #[serde(default = "default_keepalive_timeout")]
+    pub keepalive_timeout_seconds: u64,
+    /// Requests served on one client connection before it is closed; 0 for no limit.
+    /// Default 1000.
+    #[serde(default = "default_max_requests_per_connection")]
+    pub max_requests_per_connection: u32,
+}
+
+fn default_header_read_timeout() -> u64 {
+    15
+}
+fn default_max_header_bytes() -> usize {
+    32 * 1024
+}
+fn default_body_read_timeout() -> u64 {
+    60
+}
+fn default_keepalive_timeout() -> u64 {
+    60
+}
+fn default_max_requests_per_connection() -> u32 {
+    1000
 }
 
 impl Config {
@@ -258,6 +291,22 @@ impl Config {
         }
         if self.max_body_bytes == 0 {
             return Err("max_body_bytes: must be at least 1".into());
+        }
+        for (name, value) in [
+            (
+                "header_read_timeout_seconds",
+                self.header_read_timeout_seconds,
+            ),
+            ("body_read_timeout_seconds", self.body_read_timeout_seconds),
+            ("keepalive_timeout_seconds", self.keepalive_timeout_seconds),
+        ] {
+            if value == 0 {
+                return Err(format!("{name}: must be at least 1"));
+            }
+        }
+        // Pingora refuses heads over 1 MiB with 400 before keygate sees them.
+        if !(1024..=1024 * 1024).contains(&self.max_header_bytes) {
+            return Err("max_header_bytes: must be between 1024 and 1048576".into());
         }
         for c in &self.trusted_proxies {
             crate::policy::parse_cidr(c).map_err(|e| format!("trusted_proxies: {e}"))?;

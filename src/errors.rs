@@ -45,6 +45,8 @@ pub enum Reason {
     HeadersTooLarge,
     /// The client closed or stalled before sending the whole body it announced.
     IncompleteBody,
+    /// The request head or body was not received within its time limit.
+    RequestTimeout,
     /// The upstream could not be reached or failed before answering.
     UpstreamError,
     /// The upstream did not answer in time.
@@ -53,7 +55,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for metrics pre-registration and docs.
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 20] = [
         Reason::MissingApiKey,
         Reason::InvalidApiKey,
         Reason::KeyDisabled,
@@ -71,6 +73,7 @@ impl Reason {
         Reason::LengthRequired,
         Reason::HeadersTooLarge,
         Reason::IncompleteBody,
+        Reason::RequestTimeout,
         Reason::UpstreamError,
         Reason::UpstreamTimeout,
     ];
@@ -84,6 +87,7 @@ impl Reason {
             Reason::ModelRequired | Reason::InvalidModel | Reason::InvalidJson => 400,
             Reason::IncompleteBody => 400,
             Reason::ModelNotFound => 404,
+            Reason::RequestTimeout => 408,
             Reason::LengthRequired => 411,
             Reason::HeadersTooLarge => 431,
             Reason::RequestTooLarge => 413,
@@ -114,6 +118,7 @@ impl Reason {
             Reason::LengthRequired => "length_required",
             Reason::HeadersTooLarge => "request_header_fields_too_large",
             Reason::IncompleteBody => "incomplete_body",
+            Reason::RequestTimeout => "request_timeout",
             Reason::UpstreamError => "upstream_error",
             Reason::UpstreamTimeout => "upstream_timeout",
         }
@@ -142,6 +147,7 @@ impl Reason {
                 "A chunked request body this large needs a Content-Length header."
             }
             Reason::IncompleteBody => "The request body ended before its announced length.",
+            Reason::RequestTimeout => "The request was not received in time.",
             Reason::HeadersTooLarge => "The request head is too large.",
             Reason::UpstreamError => "The upstream service could not be reached.",
             Reason::UpstreamTimeout => "The upstream service did not answer in time.",
@@ -181,7 +187,7 @@ impl Reason {
             404 => "NOT_FOUND",
             429 => "RESOURCE_EXHAUSTED",
             502 | 503 => "UNAVAILABLE",
-            504 => "DEADLINE_EXCEEDED",
+            408 | 504 => "DEADLINE_EXCEEDED",
             _ => "INVALID_ARGUMENT",
         }
     }

@@ -41,6 +41,8 @@ const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
 /// A refused request whose unread body is at most this large is drained so the connection can
 /// be kept alive; a larger one closes the connection.
 const DRAIN_LIMIT: u64 = 64 * 1024;
+/// How long that drain may take.
+const DRAIN_TIME: Duration = Duration::from_secs(1);
 
 /// A JSON response larger than this is not parsed for usage (the call is charged an estimate).
 const MAX_USAGE_BODY: usize = 16 * 1024 * 1024;
@@ -341,6 +343,11 @@ impl GateCtx {
 pub struct GateOptions {
     /// Largest request body accepted, bytes.
     pub max_body_bytes: u64,
+    /// Time the whole request body may take to arrive (408 after it).
+    pub body_read_timeout: Duration,
+    /// Seconds a kept-alive client connection may idle before its next request; `None` leaves
+    /// Pingora's default (no limit once a request has been served).
+    pub keepalive_timeout_seconds: Option<u64>,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
     /// Completion tokens reserved when a call names no `max_tokens`.
@@ -361,6 +368,8 @@ impl Default for GateOptions {
     fn default() -> Self {
         GateOptions {
             max_body_bytes: 10 * 1024 * 1024,
+            body_read_timeout: Duration::from_secs(60),
+            keepalive_timeout_seconds: Some(60),
             trusted_proxies: Vec::new(),
             default_max_tokens: 1024,
             state_dir: None,
@@ -503,6 +512,8 @@ impl Gate {
             upstreams,
             GateOptions {
                 max_body_bytes: config.max_body_bytes,
+                body_read_timeout: Duration::from_secs(config.body_read_timeout_seconds),
+                keepalive_timeout_seconds: Some(config.keepalive_timeout_seconds),
                 trusted_proxies,
                 default_max_tokens: config.default_max_tokens,
                 state_dir: Some(config.state_dir.clone()),
@@ -551,6 +562,11 @@ impl Gate {
                 return v.clone();
             }
         }
+        self.new_request_id()
+    }
+
+    /// A fresh request id (`kg-{process}-{n}`), for answers given outside a request's phases.
+    pub fn new_request_id(&self) -> HeaderValue {
         let n = self.inner.id_counter.fetch_add(1, Ordering::Relaxed);
         let id = format!("kg-{}-{n:x}", self.inner.id_prefix);
         HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("kg"))
@@ -561,6 +577,12 @@ impl Gate {
     pub async fn request_filter(&self, session: &mut Session, ctx: &mut GateCtx) -> Result<bool> {
         let started = Instant::now();
         ctx.started = Some(started);
+        // Pingora keeps an HTTP/1.1 connection open without limit once a request is read.
+        if let Some(idle) = self.inner.options.keepalive_timeout_seconds {
+            if session.get_keepalive().is_some() {
+                session.set_keepalive(Some(idle));
+            }
+        }
         let req = session.req_header();
         ctx.request_id = Some(self.request_id_for(req));
         ctx.shape = ErrorShape::for_path(req.uri.path());
@@ -794,13 +816,25 @@ impl Gate {
         let capacity = declared.map_or(RETRY_BUFFER_LIMIT as u64, |l| l.min(cap));
         let mut buf = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
         let mut buffering = false;
+        let timeout = self.inner.options.body_read_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let remaining = declared.map(|l| l.saturating_sub(buf.len() as u64));
             if !buffering && remaining.is_none_or(|r| r <= RETRY_BUFFER_LIMIT as u64) {
                 session.enable_retry_buffering();
                 buffering = true;
             }
-            match session.read_request_body().await {
+            let read = tokio::time::timeout_at(deadline, session.read_request_body()).await;
+            let Ok(read) = read else {
+                return Err(BodyError::Denied(Denial::with_message(
+                    Reason::RequestTimeout,
+                    format!(
+                        "The request body was not received within {} s.",
+                        timeout.as_secs_f64()
+                    ),
+                )));
+            };
+            match read {
                 Ok(Some(chunk)) => {
                     if (buf.len() + chunk.len()) as u64 > cap {
                         return Err(BodyError::Denied(Denial::with_message(
@@ -987,8 +1021,12 @@ impl Gate {
                         .parse::<u64>()
                         .ok()
                 });
+            // A client that stalls its body does not hold the answer back.
             keep_alive = match declared {
-                Some(len) if len <= DRAIN_LIMIT => session.drain_request_body().await.is_ok(),
+                Some(len) if len <= DRAIN_LIMIT => matches!(
+                    tokio::time::timeout(DRAIN_TIME, session.drain_request_body()).await,
+                    Ok(Ok(()))
+                ),
                 _ => false,
             };
         }

@@ -83,6 +83,7 @@ pub mod gate;
 pub mod import;
 pub mod keys;
 pub mod ledger;
+pub mod limits;
 pub mod metrics;
 pub mod mock;
 pub mod policy;

@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::gate::Gate;
+use crate::limits::{ConnLimits, Limited};
 use crate::metrics::MetricsApp;
 use crate::proxy::KeygateProxy;
 use pingora::apps::http_app::HttpServer;
@@ -34,6 +35,17 @@ pub fn resolve_port_zero(addr: &str) -> std::io::Result<String> {
     // Deliberately kept open (not listening) until the process exits.
     std::mem::forget(holder);
     Ok(bound.to_string())
+}
+
+/// The connection limits the configuration asks for.
+pub fn conn_limits(config: &Config) -> ConnLimits {
+    ConnLimits {
+        header_read_timeout: std::time::Duration::from_secs(config.header_read_timeout_seconds),
+        max_header_bytes: config.max_header_bytes,
+        keepalive_timeout_seconds: config.keepalive_timeout_seconds,
+        max_requests_per_connection: (config.max_requests_per_connection > 0)
+            .then_some(config.max_requests_per_connection),
+    }
 }
 
 /// The addresses the server will listen on, after port-0 resolution.
@@ -112,10 +124,10 @@ pub fn build(config: &Config, gate: Gate, upgrade: bool) -> anyhow::Result<(Serv
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        KeygateProxy::new(gate.clone()),
-        "keygate proxy",
+    let app = pingora::proxy::http_proxy(&server.configuration, KeygateProxy::new(gate.clone()));
+    let mut proxy = Service::new(
+        "keygate proxy".to_string(),
+        Limited::new(app, conn_limits(config), gate.clone()),
     );
     let mut bound = Bound {
         proxy: Vec::new(),

@@ -126,3 +126,40 @@ fn missing_config_file_is_named() {
     assert!(!ok);
     assert!(out.contains("/nonexistent/keygate.yaml"), "{out}");
 }
+
+#[test]
+fn out_of_range_limits_are_refused_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    for (line, expect) in [
+        (
+            "header_read_timeout_seconds: 0",
+            "header_read_timeout_seconds: must be at least 1",
+        ),
+        (
+            "body_read_timeout_seconds: 0",
+            "body_read_timeout_seconds: must be at least 1",
+        ),
+        (
+            "keepalive_timeout_seconds: 0",
+            "keepalive_timeout_seconds: must be at least 1",
+        ),
+        ("max_header_bytes: 100", "max_header_bytes: must be between"),
+        (
+            "max_header_bytes: 2000000",
+            "max_header_bytes: must be between",
+        ),
+        (
+            "max_requests_per_connection: -1",
+            "max_requests_per_connection",
+        ),
+    ] {
+        let path = write(
+            dir.path(),
+            &format!("{}\n{line}\n", good_config()),
+            &good_sync(),
+        );
+        let (ok, out) = keygate_cli(&["check", "-c", &path]);
+        assert!(!ok, "{line} accepted");
+        assert!(out.contains(expect), "{line}: {out}");
+    }
+}

@@ -211,8 +211,13 @@ impl Env {
 /// The config YAML for `opts` (relative paths: they resolve against the config's folder).
 pub fn config_yaml(opts: &Opts, upstream_url: &str) -> String {
     format!(
-        "listen: \"{listen}\"\nthreads: 2\nmetrics_listen: \"127.0.0.1:0\"\nsync_file: keys.json\nstate_dir: var\nusage_log: var/usage.jsonl\nmax_body_bytes: 2097152\ngrace_period_seconds: 0\n{extra}\nupstreams:\n  - name: mock\n    url: \"{upstream_url}\"\n    api_key_env: KG_TEST_UPSTREAM_KEY\n    models: [\"gpt-*\", \"claude-*\", \"gemini-*\", \"text-embedding-*\", \"whisper-*\"]\n{uextra}",
+        "listen: \"{listen}\"\nthreads: 2\nmetrics_listen: \"127.0.0.1:0\"\nsync_file: keys.json\nstate_dir: var\nusage_log: var/usage.jsonl\n{body_cap}grace_period_seconds: 0\n{extra}\nupstreams:\n  - name: mock\n    url: \"{upstream_url}\"\n    api_key_env: KG_TEST_UPSTREAM_KEY\n    models: [\"gpt-*\", \"claude-*\", \"gemini-*\", \"text-embedding-*\", \"whisper-*\"]\n{uextra}",
         listen = opts.listen,
+        body_cap = if opts.extra.contains("max_body_bytes:") {
+            ""
+        } else {
+            "max_body_bytes: 2097152\n"
+        },
         extra = opts.extra,
         uextra = opts.upstream_extra,
     )
