@@ -11,6 +11,9 @@
 # CPU time per request (utime+stime from /proc). Bounded: REPS × cases × DURATION seconds.
 #
 # Usage: benches/e2e.sh [REPS] [DURATION_SECONDS]      (defaults: 3 reps of 10 s)
+# PROFILE=1: build with symbols (cargo profile `profiling`: release plus line tables) and, after
+# the measured runs, record keygate with perf during one more run and print where its CPU time
+# goes (flat self time by function, and rolled up by crate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=${1:-3}
@@ -26,9 +29,11 @@ if ((${#need[@]})); then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 ./scripts/bootstrap.sh
-cargo build --release --bin keygate --example passthrough 2>&1 | tail -1
-KEYGATE=target/release/keygate
-PASS=target/release/examples/passthrough
+BUILD=release
+[ "${PROFILE:-0}" = 1 ] && BUILD=profiling
+cargo build --profile "$BUILD" --bin keygate --example passthrough 2>&1 | tail -1
+KEYGATE=target/$BUILD/keygate
+PASS=target/$BUILD/examples/passthrough
 
 W=$(mktemp -d)
 PIDS=()
@@ -228,3 +233,48 @@ ratio("keygate_sse", "passthrough_sse", 3, "CPU/request keygate / passthrough (S
 ratio("keygate_sse", "passthrough_sse", 0, "req/s keygate / passthrough (SSE)")
 ratio("keygate_denied", "passthrough", 3, "CPU/request keygate denying / passthrough")
 PY
+
+if [ "${PROFILE:-0}" = 1 ]; then
+  command -v perf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null; }
+  echo
+  echo "perf: keygate (JSON case) and the passthrough, ${DURATION}s each"
+  for target in "keygate $KG_PID $P_KG" "passthrough $PASS_PID $P_PASS"; do
+    set -- $target
+    perf record -F 1999 -o "$W/$1.perf" -p "$2" -- sleep "$DURATION" >/dev/null 2>&1 &
+    rec=$!
+    taskset -c 1 wrk -t1 -c$CONNS -d${DURATION}s -s "$W/post.lua" "http://127.0.0.1:$3/v1/chat/completions" >/dev/null
+    wait $rec || true
+    perf report -i "$W/$1.perf" --stdio --no-children --sort symbol 2>/dev/null >"$W/$1.report" || true
+    python3 - "$W/$1.report" "$1" <<'PY'
+import re, sys, collections
+rows = []
+for line in open(sys.argv[1]):
+    m = re.match(r"\s*([\d.]+)%\s+\[(.)\]\s+(.*)", line)
+    if m:
+        rows.append((float(m.group(1)), m.group(2), m.group(3).strip()))
+def crate(kind, sym):
+    if kind == "k":
+        return "kernel"
+    s = sym.lstrip("<").replace("_<", "")
+    for c in ("keygate", "pingora", "tokio", "h2", "hyper", "http", "httparse", "mimalloc", "prometheus",
+              "serde_json", "sha2", "dashmap", "arc_swap", "bytes", "core", "alloc", "std"):
+        if s.startswith(c + "::") or s.startswith(c + "_"):
+            return c
+    if s.startswith("mi_") or s.startswith("_mi_"):
+        return "mimalloc"
+    if s.startswith("__memcpy") or s.startswith("__memmove") or s.startswith("__mem") or "libc" in s:
+        return "libc"
+    return "other"
+roll = collections.Counter()
+for pct, kind, sym in rows:
+    roll[crate(kind, sym)] += pct
+print(f"\n{sys.argv[2]}: self time by crate (% of its samples)")
+for c, pct in roll.most_common():
+    if pct >= 0.5:
+        print(f"  {c:12} {pct:6.1f}")
+print(f"{sys.argv[2]}: top functions")
+for pct, kind, sym in rows[:25]:
+    print(f"  {pct:5.2f}% [{kind}] {sym[:110]}")
+PY
+  done
+fi

@@ -37,6 +37,9 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// `keygate_config_revision`
     pub revision: IntGauge,
+    /// `keygate_sync_file_reads_total`: times the sync file was read and hashed to look for a
+    /// change (each costs a read of the whole file).
+    pub sync_file_reads: prometheus::IntCounter,
     /// `keygate_config_loaded_timestamp_seconds`: when the table in force was loaded.
     pub loaded_at: IntGauge,
     /// `keygate_quota_consumed_total{model,group}`
@@ -151,6 +154,11 @@ impl Metrics {
             &["upstream", "kind"],
         )
         .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let sync_file_reads = prometheus::IntCounter::new(
+            "keygate_sync_file_reads_total",
+            "Times the sync file was read and hashed to look for a change.",
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
         let key_requests = IntCounterVec::new(
             Opts::new(
                 "keygate_key_requests_total",
@@ -184,6 +192,7 @@ impl Metrics {
             Box::new(keys.clone()),
             Box::new(reloads.clone()),
             Box::new(revision.clone()),
+            Box::new(sync_file_reads.clone()),
         ] {
             registry
                 .register(c)
@@ -200,6 +209,7 @@ impl Metrics {
             keys,
             reloads,
             revision,
+            sync_file_reads,
             loaded_at,
             quota_consumed,
             tokens,

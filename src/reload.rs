@@ -3,7 +3,8 @@
 //! Every way a file can change is covered: an atomic rename over it, an in-place rewrite, and a
 //! Kubernetes ConfigMap mount (`keys.json` a symlink into `..data/`, with `..data` swapped). The
 //! file's folder is watched (inotify through `notify`), events are debounced, and a cheap `stat`
-//! every second plus a content hash every 60 s catch what events miss. SIGHUP forces a reload.
+//! every second plus a content hash every 5 minutes catch what events miss. SIGHUP forces a
+//! reload.
 //! Parsing and compiling happen on the reload thread, never on the request path; a table is
 //! published with one `arc-swap` store, so a request sees the whole old table or the whole new
 //! one. A file that fails validation is rejected whole: the last good table stays, the error is
@@ -17,9 +18,10 @@ use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-/// How often the file is re-read and hashed even when `stat` shows no change (a fallback for
-/// lost events and coarse timestamps). A 1M-key file costs about half a second of CPU to hash.
-const FULL_HASH_EVERY: Duration = Duration::from_secs(60);
+/// How often the file is re-read and hashed even when neither an event nor `stat` shows a
+/// change (a fallback for lost events and same-size rewrites within one timestamp tick). A
+/// 1M-key file costs about half a second of CPU to read and hash.
+const FULL_HASH_EVERY: Duration = Duration::from_secs(300);
 
 /// What a check did.
 #[derive(Debug, PartialEq, Eq)]
@@ -86,6 +88,7 @@ impl Reloader {
             *s = stamp(&self.path);
         }
         let started = Instant::now();
+        self.gate.metrics().sync_file_reads.inc();
         let bytes = match std::fs::read(&self.path) {
             Ok(b) => b,
             Err(e) => return self.reject(None, format!("sync file {}: {e}", self.path.display())),
@@ -186,9 +189,12 @@ impl Reloader {
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
             .to_path_buf();
+        let name = self.path.file_name().map(|n| n.to_os_string());
         let handler = move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
-                let _ = tx.send(Wake::FileEvent);
+            if let Ok(event) = res {
+                if concerns_sync_file(&event, name.as_deref()) {
+                    let _ = tx.send(Wake::FileEvent);
+                }
             }
         };
         match notify::recommended_watcher(handler) {
@@ -205,6 +211,25 @@ impl Reloader {
             }
         }
     }
+}
+
+/// Whether a folder event can mean the sync file changed. Opening or reading a file is not a
+/// change: without this filter, reading the file to check it fires an event that checks it
+/// again, for ever (a 1M-key file is re-read and hashed several times a second). Events about
+/// other files in the folder are not either, except a Kubernetes ConfigMap's `..data` swap.
+fn concerns_sync_file(event: &notify::Event, name: Option<&std::ffi::OsStr>) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
+        EventKind::Access(_) => return false,
+        _ => {}
+    }
+    // Without paths (an overflow, say) the event may concern anything.
+    event.paths.is_empty()
+        || event.paths.iter().any(|p| {
+            p.file_name()
+                .is_some_and(|f| Some(f) == name || f.as_encoded_bytes().starts_with(b".."))
+        })
 }
 
 fn spawn_sighup(tx: Sender<Wake>) -> std::io::Result<()> {

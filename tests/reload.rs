@@ -300,3 +300,34 @@ async fn a_running_request_keeps_the_table_it_started_with() {
         "the stream was still charged"
     );
 }
+
+fn sync_file_reads(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keygate_sync_file_reads_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("keygate_sync_file_reads_total exported")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reading_the_sync_file_or_writing_other_files_does_not_reread_it() {
+    let env = Env::start().await;
+    let path = env.dir.path().join("keys.json");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = sync_file_reads(&env.gw.metrics_text().await);
+    // Readers of the file (the keys CLI, backups, `cat`) and other files in its folder: no
+    // change to the sync file, so no re-read. (Opening a file fires a watch event; reacting to
+    // it made the gateway re-read its own file for ever.)
+    for i in 0..10 {
+        let _ = std::fs::read(&path).unwrap();
+        std::fs::write(env.dir.path().join("notes.txt"), format!("{i}")).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = sync_file_reads(&env.gw.metrics_text().await);
+    assert_eq!(after, before, "the sync file was re-read without a change");
+    // A real change is still seen (and counted).
+    write_atomic(&path, &with_new_key(8));
+    wait_for_status(&env, NEW_KEY, 200).await;
+    assert!(sync_file_reads(&env.gw.metrics_text().await) > after);
+}
