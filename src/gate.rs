@@ -18,7 +18,7 @@ use crate::policy;
 use crate::pricing::{self, PriceRule, Usage};
 use crate::proxy::Upstreams;
 use crate::table::{key_digest, Digest, KeyRecord, KeyTable};
-use crate::usage::{PartialUsage, SseTracker, UsageLog, UsageRecord};
+use crate::usage::{PartialUsage, SettledCall, SseTracker, UsageLog};
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue};
@@ -59,6 +59,8 @@ pub fn unix_now() -> i64 {
 pub struct KeyAdmission {
     /// The key's digest in the table snapshot.
     pub digest: Digest,
+    /// Its slot in that snapshot ([`KeyTable::at_slot`]).
+    pub slot: u32,
     /// The key's id.
     pub key_id: u64,
     /// Where the client put the key.
@@ -103,7 +105,7 @@ pub fn admit_key_for(
 ) -> std::result::Result<KeyAdmission, Denial> {
     let cred = credential::find_credential(headers, query).ok_or(Reason::MissingApiKey)?;
     let digest = key_digest(&cred.secret);
-    let key = table.lookup(&digest).ok_or(Reason::InvalidApiKey)?;
+    let (slot, key) = table.lookup_slot(&digest).ok_or(Reason::InvalidApiKey)?;
     policy::check_key_state(key, now_unix.unwrap_or(i64::MIN))?;
     let client_ip = if trusted_proxies.is_empty() {
         policy::canonical_ip(peer)
@@ -118,6 +120,7 @@ pub fn admit_key_for(
     policy::check_ip(key, client_ip)?;
     Ok(KeyAdmission {
         digest,
+        slot,
         key_id: key.id,
         style: cred.style,
         client_ip,
@@ -334,7 +337,7 @@ impl GateCtx {
     }
     fn key_record(&self) -> Option<&KeyRecord> {
         let key = self.key.as_ref()?;
-        self.table.as_ref()?.lookup(&key.digest)
+        self.table.as_ref()?.at_slot(key.slot)
     }
 }
 
@@ -647,14 +650,18 @@ impl Gate {
 
     /// Price the call and reserve its estimate on the key's counter (one atomic operation).
     async fn reserve(&self, ctx: &mut GateCtx) -> std::result::Result<(), Denial> {
-        let (Some(table), Some(key), Some(model)) = (
+        // The table is shared (an `Arc`): the key is borrowed from it, not copied.
+        let (Some(table), Some(slot), Some(model)) = (
             ctx.table.clone(),
-            ctx.key_record().cloned(),
-            ctx.model.clone(),
+            ctx.key.map(|k| k.slot),
+            ctx.model.as_deref(),
         ) else {
             return Err(Denial::new(Reason::InvalidApiKey));
         };
-        let rule = table.price(&model).and_then(PriceRule::from_entry);
+        let Some(key) = table.at_slot(slot) else {
+            return Err(Denial::new(Reason::InvalidApiKey));
+        };
+        let rule = table.price(model).and_then(PriceRule::from_entry);
         if rule.is_none() && !key.unlimited_quota {
             return Err(Denial::with_message(
                 Reason::ModelNotPriced,
@@ -677,7 +684,7 @@ impl Gate {
             ctx.facts.max_tokens,
             default_completion,
         );
-        let amount = price_of(&table, &key, ctx.price, ctx.estimate);
+        let amount = price_of(&table, key, ctx.price, ctx.estimate);
         let limit = (!key.unlimited_quota).then(|| key.quota.saturating_sub(key.used));
         match self.inner.ledger.reserve(key.id, limit, amount).await {
             Ok(r) => {
@@ -1242,13 +1249,16 @@ impl Gate {
         let Some(reservation) = ctx.reservation.take() else {
             return;
         };
-        let (Some(table), Some(key)) = (ctx.table.clone(), ctx.key_record().cloned()) else {
+        // The table is shared (an `Arc`): the key and its group are borrowed from it.
+        let (Some(table), Some(slot)) = (ctx.table.clone(), ctx.key.map(|k| k.slot)) else {
+            return;
+        };
+        let Some(key) = table.at_slot(slot) else {
             return;
         };
         let client_gone = e.is_some_and(is_client_gone);
         let m = &self.inner.metrics;
-        let group = table.group_of(&key).name.clone();
-        let model = ctx.model.clone().unwrap_or_default();
+        let group = &*table.group_of(key).name;
         let (usage, quota, status) = if ctx.status == 0 || ctx.status >= 400 {
             drop(reservation);
             let status = match (ctx.status, ctx.outcome) {
@@ -1263,41 +1273,42 @@ impl Gate {
             if !reported && !client_gone && e.is_none() {
                 m.usage_missing.inc();
             }
-            let quota = price_of(&table, &key, ctx.price, usage);
+            let quota = price_of(&table, key, ctx.price, usage);
             reservation.settle(quota);
             let status = if client_gone { 499 } else { ctx.status };
             (usage, quota, status)
         };
         ctx.charged = Some((usage, quota));
-        let label = model_label(&table, Some(&model));
+        let label = model_label(&table, ctx.model.as_deref());
         m.quota_consumed
-            .with_label_values(&[label, &group])
+            .with_label_values(&[label, group])
             .inc_by(quota.max(0) as u64);
         m.tokens
-            .with_label_values(&[label, &group, "prompt"])
+            .with_label_values(&[label, group, "prompt"])
             .inc_by(usage.prompt_tokens);
         m.tokens
-            .with_label_values(&[label, &group, "completion"])
+            .with_label_values(&[label, group, "completion"])
             .inc_by(usage.completion_tokens);
         if let Some(log) = &self.inner.usage_log {
             let since = |t: Option<Instant>| {
                 t.zip(ctx.started)
                     .map(|(t, s)| t.saturating_duration_since(s).as_millis() as u64)
             };
-            log.record(UsageRecord {
+            log.record(SettledCall {
                 created_at: unix_now(),
-                request_id: ctx.request_id().unwrap_or("").to_string(),
-                key_id: key.id,
-                key_name: key.name.to_string(),
-                group: group.to_string(),
-                model,
-                prompt_tokens: usage.prompt_tokens,
-                completion_tokens: usage.completion_tokens,
+                request_id: ctx
+                    .request_id
+                    .clone()
+                    .unwrap_or(HeaderValue::from_static("")),
+                slot,
+                model: ctx.model.clone().unwrap_or_default(),
+                usage,
                 quota,
                 is_stream: ctx.sse.is_some(),
                 status,
                 duration_ms: since(Some(Instant::now())).unwrap_or(0),
                 first_byte_ms: since(ctx.first_byte),
+                table,
             });
         }
     }

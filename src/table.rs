@@ -459,11 +459,24 @@ impl KeyTable {
     /// The key with this digest.
     #[inline]
     pub fn lookup(&self, digest: &Digest) -> Option<&KeyRecord> {
-        let &i = self.index.get(digest)?;
-        if i & ALIAS == 0 {
-            self.records.get(i as usize)
+        self.lookup_slot(digest).map(|(_, k)| k)
+    }
+
+    /// [`KeyTable::lookup`], with the record's slot: [`KeyTable::at_slot`] finds the record
+    /// again in this table without hashing.
+    #[inline]
+    pub fn lookup_slot(&self, digest: &Digest) -> Option<(u32, &KeyRecord)> {
+        let &slot = self.index.get(digest)?;
+        Some((slot, self.at_slot(slot)?))
+    }
+
+    /// The record in `slot` (from [`KeyTable::lookup_slot`] on this same table).
+    #[inline]
+    pub fn at_slot(&self, slot: u32) -> Option<&KeyRecord> {
+        if slot & ALIAS == 0 {
+            self.records.get(slot as usize)
         } else {
-            self.aliases.get((i & !ALIAS) as usize)
+            self.aliases.get((slot & !ALIAS) as usize)
         }
     }
 

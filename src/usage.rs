@@ -3,12 +3,13 @@
 //! usage log (one JSON line per settled call, written off the request path).
 
 use crate::pricing::Usage;
+use crate::table::KeyTable;
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -301,21 +302,22 @@ fn append_without_null_usage(out: &mut BytesMut, event: &[u8]) {
     }
 }
 
-/// One settled call, as written to the usage log. Never holds key material.
+/// One settled call, as written to the usage log (one JSON object per line). Never holds key
+/// material. `S` is `String` when reading a log back and `&str` when writing it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct UsageRecord {
+pub struct UsageRecord<S = String> {
     /// Unix seconds.
     pub created_at: i64,
     /// The request id.
-    pub request_id: String,
+    pub request_id: S,
     /// The key's id.
     pub key_id: u64,
     /// The key's name.
-    pub key_name: String,
+    pub key_name: S,
     /// The key's group.
-    pub group: String,
+    pub group: S,
     /// The model.
-    pub model: String,
+    pub model: S,
     /// Prompt tokens charged.
     pub prompt_tokens: u64,
     /// Completion tokens charged.
@@ -330,6 +332,56 @@ pub struct UsageRecord {
     pub duration_ms: u64,
     /// Request start to the first response byte, milliseconds.
     pub first_byte_ms: Option<u64>,
+}
+
+/// A settled call as the request path queues it for the usage log: the key's name and group
+/// are looked up in the table snapshot, and the line formatted, by the writer thread.
+#[derive(Debug)]
+pub struct SettledCall {
+    /// Unix seconds.
+    pub created_at: i64,
+    /// The request id.
+    pub request_id: http::HeaderValue,
+    /// The table the call was admitted with, and the key's slot in it.
+    pub table: Arc<KeyTable>,
+    /// The key's slot in `table`.
+    pub slot: u32,
+    /// The model.
+    pub model: String,
+    /// Tokens charged.
+    pub usage: Usage,
+    /// Quota units charged.
+    pub quota: i64,
+    /// Whether the response was a stream.
+    pub is_stream: bool,
+    /// The HTTP status the client got.
+    pub status: u16,
+    /// Request start to end, milliseconds.
+    pub duration_ms: u64,
+    /// Request start to the first response byte, milliseconds.
+    pub first_byte_ms: Option<u64>,
+}
+
+impl SettledCall {
+    /// The log line's record.
+    pub fn record(&self) -> UsageRecord<&str> {
+        let key = self.table.at_slot(self.slot);
+        UsageRecord {
+            created_at: self.created_at,
+            request_id: self.request_id.to_str().unwrap_or(""),
+            key_id: key.map_or(0, |k| k.id),
+            key_name: key.map_or("", |k| &*k.name),
+            group: key.map_or("", |k| &*self.table.group_of(k).name),
+            model: &self.model,
+            prompt_tokens: self.usage.prompt_tokens,
+            completion_tokens: self.usage.completion_tokens,
+            quota: self.quota,
+            is_stream: self.is_stream,
+            status: self.status,
+            duration_ms: self.duration_ms,
+            first_byte_ms: self.first_byte_ms,
+        }
+    }
 }
 
 /// Lines written to stderr by a background thread through a bounded channel (the access log):
@@ -347,17 +399,31 @@ impl LineSink {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(UsageLog::CAPACITY);
         std::thread::Builder::new()
             .name("keygate-access-log".into())
-            .spawn(move || {
-                while let Ok(mut line) = rx.recv() {
-                    // Batch what is already queued into one write. The stderr lock is taken per
-                    // write only: the rest of the log writes to stderr too.
-                    while let Ok(more) = rx.try_recv() {
-                        line.extend_from_slice(&more);
-                        if line.len() > 64 * 1024 {
-                            break;
+            .spawn(move || loop {
+                // Woken by a timer, not by each line: a wake-up per request costs the request
+                // thread a futex call and the core two context switches.
+                std::thread::sleep(DRAIN_EVERY);
+                let mut batch = Vec::new();
+                let closed = loop {
+                    match rx.try_recv() {
+                        Ok(line) => {
+                            batch.extend_from_slice(&line);
+                            if batch.len() > 64 * 1024 {
+                                // The stderr lock is taken per write only: the rest of the log
+                                // writes to stderr too.
+                                let _ = std::io::stderr().lock().write_all(&batch);
+                                batch.clear();
+                            }
                         }
+                        Err(TryRecvError::Empty) => break false,
+                        Err(TryRecvError::Disconnected) => break true,
                     }
-                    let _ = std::io::stderr().lock().write_all(&line);
+                };
+                if !batch.is_empty() {
+                    let _ = std::io::stderr().lock().write_all(&batch);
+                }
+                if closed {
+                    return;
                 }
             })?;
         Ok(LineSink {
@@ -381,7 +447,7 @@ impl LineSink {
 }
 
 enum Msg {
-    Record(Box<UsageRecord>),
+    Record(Box<SettledCall>),
     Flush(SyncSender<()>),
 }
 
@@ -418,7 +484,7 @@ impl UsageLog {
     }
 
     /// Queue a record (never blocks).
-    pub fn record(&self, r: UsageRecord) {
+    pub fn record(&self, r: SettledCall) {
         match self.tx.try_send(Msg::Record(Box::new(r))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -454,28 +520,37 @@ fn writer(rx: Receiver<Msg>, mut file: std::fs::File, name: &str) {
             buf.clear();
         }
     };
+    // Woken by a timer, not by each record (see `LineSink`): what arrived meanwhile is written
+    // in one go.
     loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(Msg::Record(r)) => {
-                if serde_json::to_writer(&mut buf, &r).is_ok() {
-                    buf.push(b'\n');
+        std::thread::sleep(DRAIN_EVERY);
+        loop {
+            match rx.try_recv() {
+                Ok(Msg::Record(r)) => {
+                    if serde_json::to_writer(&mut buf, &r.record()).is_ok() {
+                        buf.push(b'\n');
+                    }
+                    if buf.len() >= FLUSH_AT {
+                        flush(&mut buf);
+                    }
                 }
-                if buf.len() >= FLUSH_AT {
+                Ok(Msg::Flush(done)) => {
                     flush(&mut buf);
+                    let _ = done.send(());
                 }
-            }
-            Ok(Msg::Flush(done)) => {
-                flush(&mut buf);
-                let _ = done.send(());
-            }
-            Err(RecvTimeoutError::Timeout) => flush(&mut buf),
-            Err(RecvTimeoutError::Disconnected) => {
-                flush(&mut buf);
-                return;
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    flush(&mut buf);
+                    return;
+                }
             }
         }
+        flush(&mut buf);
     }
 }
+
+/// How often the log writers collect what was queued.
+const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
 #[cfg(test)]
 mod tests {
@@ -662,7 +737,30 @@ mod tests {
             duration_ms: 4,
             first_byte_ms: Some(2),
         };
-        log.record(r.clone());
+        let table = KeyTable::from_json(
+            br#"{"revision":1,"keys":[{"id":3,"name":"k","key":"sk-x","quota":10}]}"#,
+            "test",
+        )
+        .unwrap();
+        let (slot, _) = table
+            .lookup_slot(&crate::table::key_digest(b"sk-x"))
+            .unwrap();
+        log.record(SettledCall {
+            created_at: 1,
+            request_id: http::HeaderValue::from_static("r"),
+            table: Arc::new(table),
+            slot,
+            model: "m".into(),
+            usage: Usage {
+                prompt_tokens: 1,
+                completion_tokens: 2,
+            },
+            quota: 3,
+            is_stream: false,
+            status: 200,
+            duration_ms: 4,
+            first_byte_ms: Some(2),
+        });
         log.flush(Duration::from_secs(5));
         let text = std::fs::read_to_string(&path).unwrap();
         let back: UsageRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
