@@ -91,6 +91,10 @@ pub fn sse(data: &[u8]) {
 pub fn json_usage(data: &[u8]) {
     let u = usage_from_json(data);
     let _ = u.usage();
+    // The scanning fast path must agree with the full parse on every valid document.
+    if serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok() {
+        assert_eq!(u, crate::usage::usage_from_json_parsed(data));
+    }
     let _ = credential::parse_json_fields(data);
 }
 

@@ -21,7 +21,7 @@ use crate::table::{key_digest, Digest, KeyRecord, KeyTable};
 use crate::usage::{PartialUsage, SettledCall, SseTracker, UsageLog};
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
@@ -571,8 +571,9 @@ impl Gate {
     /// A fresh request id (`kg-{process}-{n}`), for answers given outside a request's phases.
     pub fn new_request_id(&self) -> HeaderValue {
         let n = self.inner.id_counter.fetch_add(1, Ordering::Relaxed);
-        let id = format!("kg-{}-{n:x}", self.inner.id_prefix);
-        HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("kg"))
+        let mut id = [0u8; 64];
+        let len = request_id_text(self.inner.id_prefix.as_bytes(), n, &mut id);
+        HeaderValue::from_bytes(&id[..len]).unwrap_or(HeaderValue::from_static("kg"))
     }
 
     /// Phase `request_filter`: every check, the body read, the model and the upstream.
@@ -1047,7 +1048,7 @@ impl Gate {
         resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
         resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
         if let Some(id) = &ctx.request_id {
-            resp.insert_header("x-request-id", id.clone())?;
+            resp.insert_header(&X_REQUEST_ID, id.clone())?;
         }
         if !keep_alive {
             resp.insert_header(http::header::CONNECTION, "close")?;
@@ -1085,9 +1086,9 @@ impl Gate {
         ctx: &mut GateCtx,
     ) -> Result<()> {
         strip_client_credentials(req)?;
-        req.remove_header(&http::header::EXPECT);
+        drop_header(req, &http::header::EXPECT);
         // Usage is read from the response body: ask for it uncompressed.
-        req.remove_header(&http::header::ACCEPT_ENCODING);
+        drop_header(req, &http::header::ACCEPT_ENCODING);
         let upstream = ctx
             .upstream
             .and_then(|i| self.inner.upstreams.get(i))
@@ -1095,10 +1096,10 @@ impl Gate {
         let style = ctx.key.map(|k| k.style).unwrap_or_default();
         upstream.prepare_request(req, style)?;
         if let Some(id) = &ctx.request_id {
-            req.insert_header("x-request-id", id.clone())?;
+            req.insert_header(&X_REQUEST_ID, id.clone())?;
         }
         if let Some(body) = &ctx.body {
-            req.remove_header(&http::header::TRANSFER_ENCODING);
+            drop_header(req, &http::header::TRANSFER_ENCODING);
             req.insert_header(http::header::CONTENT_LENGTH, body.len())?;
         }
         ctx.upstream_started = Some(Instant::now());
@@ -1132,7 +1133,7 @@ impl Gate {
         ctx: &mut GateCtx,
     ) -> Result<()> {
         if let Some(id) = &ctx.request_id {
-            resp.insert_header("x-request-id", id.clone())?;
+            resp.insert_header(&X_REQUEST_ID, id.clone())?;
         }
         if self.draining() {
             session.set_keepalive(None);
@@ -1507,6 +1508,22 @@ pub fn go_float(x: f64) -> String {
     }
 }
 
+/// `kg-{prefix}-{n:x}` into `out`, written by hand (no formatting machinery: this runs for
+/// every request without an id); returns the length. The prefix is cut to fit.
+fn request_id_text(prefix: &[u8], n: u64, out: &mut [u8; 64]) -> usize {
+    let prefix = &prefix[..prefix.len().min(out.len() - 3 - 1 - 16)];
+    let head = 3 + prefix.len() + 1;
+    out[..3].copy_from_slice(b"kg-");
+    out[3..head - 1].copy_from_slice(prefix);
+    out[head - 1] = b'-';
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
+    for i in 0..digits {
+        let nibble = (n >> (4 * (digits - 1 - i))) & 0xf;
+        out[head + i] = b"0123456789abcdef"[nibble as usize];
+    }
+    head + digits
+}
+
 /// Go's `encoding/json` escapes `<`, `>`, `&`, U+2028 and U+2029 inside strings.
 fn go_escape(json: String) -> Vec<u8> {
     if !json.contains(['<', '>', '&', '\u{2028}', '\u{2029}']) {
@@ -1541,15 +1558,31 @@ fn model_object(id: &str, owner: &str) -> serde_json::Value {
     serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": owner})
 }
 
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+static X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
+static AZURE_API_KEY: HeaderName = HeaderName::from_static("api-key");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Remove a header when present. Pingora's removal converts the name and updates its
+/// case-preserving name map even for an absent header; most requests carry none of these, and
+/// a lookup is much cheaper.
+fn drop_header(req: &mut RequestHeader, name: &HeaderName) -> Option<HeaderValue> {
+    if req.headers.contains_key(name) {
+        req.remove_header(name)
+    } else {
+        None
+    }
+}
+
 /// Remove every place a client credential can be: `Authorization`, `x-api-key`,
 /// `x-goog-api-key`, the key part of `Sec-WebSocket-Protocol`, and `?key=`.
 pub fn strip_client_credentials(req: &mut RequestHeader) -> Result<()> {
-    req.remove_header(&http::header::AUTHORIZATION);
-    req.remove_header("x-api-key");
-    req.remove_header("x-goog-api-key");
+    drop_header(req, &http::header::AUTHORIZATION);
+    drop_header(req, &X_API_KEY);
+    drop_header(req, &X_GOOG_API_KEY);
     // Azure OpenAI's header: never a keygate credential, but a client key must not ride along.
-    req.remove_header("api-key");
-    if let Some(v) = req.remove_header(&http::header::SEC_WEBSOCKET_PROTOCOL) {
+    drop_header(req, &AZURE_API_KEY);
+    if let Some(v) = drop_header(req, &http::header::SEC_WEBSOCKET_PROTOCOL) {
         if let Some(kept) = credential::strip_ws_key_protocol(v.as_bytes()) {
             req.insert_header(http::header::SEC_WEBSOCKET_PROTOCOL, kept)?;
         }
@@ -1574,6 +1607,18 @@ pub fn strip_client_credentials(req: &mut RequestHeader) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_read_like_the_format() {
+        for n in [0u64, 1, 9, 10, 255, 256, 0xdead_beef, u64::MAX] {
+            let mut out = [0u8; 64];
+            let len = request_id_text(b"228d056c", n, &mut out);
+            assert_eq!(&out[..len], format!("kg-228d056c-{n:x}").as_bytes());
+        }
+        let mut out = [0u8; 64];
+        let len = request_id_text(&[b'a'; 100], u64::MAX, &mut out);
+        assert_eq!(len, 64);
+    }
 
     #[test]
     fn model_sources_in_order() {

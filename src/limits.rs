@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 /// The limits, from the configuration (see the README for the defaults).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -204,7 +204,10 @@ pub struct HeadGuard {
     head_bytes: usize,
     scanner: HeadScanner,
     /// The deadline of the current head, or of the lingering close.
-    deadline: Option<Pin<Box<Sleep>>>,
+    deadline: Option<Instant>,
+    /// A timer for `deadline`, made only when a read has to wait: most heads arrive in one
+    /// read and never need one.
+    timer: Option<Pin<Box<Sleep>>>,
     answer: Vec<u8>,
     refusal: Refusal,
     reason: Reason,
@@ -223,7 +226,7 @@ impl fmt::Debug for HeadGuard {
 impl HeadGuard {
     fn new(inner: Stream, shared: Arc<Shared>) -> Self {
         // The first head's time runs from accept.
-        let deadline = Box::pin(tokio::time::sleep(shared.limits.header_read_timeout));
+        let deadline = Instant::now() + shared.limits.header_read_timeout;
         HeadGuard {
             inner,
             shared,
@@ -231,6 +234,7 @@ impl HeadGuard {
             head_bytes: 0,
             scanner: HeadScanner::default(),
             deadline: Some(deadline),
+            timer: None,
             answer: Vec::new(),
             refusal: Refusal::Finished,
             reason: Reason::RequestTimeout,
@@ -279,7 +283,7 @@ impl HeadGuard {
         self.reason = reason;
         self.phase = Phase::Refusing;
         self.refusal = Refusal::Writing(0);
-        self.deadline = Some(Box::pin(tokio::time::sleep(LINGER_TIME)));
+        self.deadline = Some(Instant::now() + LINGER_TIME);
         self.shared
             .gate
             .metrics()
@@ -298,10 +302,23 @@ impl HeadGuard {
             .unwrap_or_else(|| "?".into())
     }
 
+    /// Whether the deadline has passed; if not, the task is woken when it does.
     fn deadline_passed(&mut self, cx: &mut Context<'_>) -> bool {
-        self.deadline
-            .as_mut()
-            .is_some_and(|d| d.as_mut().poll(cx).is_ready())
+        let Some(deadline) = self.deadline else {
+            return false;
+        };
+        let timer = match &mut self.timer {
+            Some(t) => {
+                if t.deadline() != deadline {
+                    t.as_mut().reset(deadline);
+                }
+                t
+            }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        timer.as_mut().poll(cx).is_ready()
     }
 
     /// Drive the refusal: write the answer, shut the write side, drain, then fail the read.
@@ -362,25 +379,26 @@ impl AsyncRead for HeadGuard {
             Phase::Refusing => return this.poll_refusal(cx),
             Phase::Head => {}
         }
-        if this.deadline_passed(cx) {
-            if this.head_bytes == 0 {
-                // Nothing of a request arrived: close quietly.
-                return Poll::Ready(Ok(()));
-            }
-            this.refuse(Reason::RequestTimeout);
-            return this.poll_refusal(cx);
-        }
         let before = buf.filled().len();
-        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {
+                // Waiting for the rest of a head (or for the first one on a new connection).
+                if !this.deadline_passed(cx) {
+                    return Poll::Pending;
+                }
+                if this.head_bytes == 0 {
+                    // Nothing of a request arrived: close quietly.
+                    return Poll::Ready(Ok(()));
+                }
+                this.refuse(Reason::RequestTimeout);
+                return this.poll_refusal(cx);
+            }
+        }
         let filled = buf.filled().len();
         if filled == before {
             return Poll::Ready(Ok(()));
-        }
-        if this.deadline.is_none() {
-            // First byte of a head on a reused connection.
-            this.deadline = Some(Box::pin(tokio::time::sleep(
-                this.shared.limits.header_read_timeout,
-            )));
         }
         let end = this.scanner.feed(&buf.filled()[before..filled]);
         this.head_bytes += end.unwrap_or(filled - before);
@@ -392,6 +410,9 @@ impl AsyncRead for HeadGuard {
         if end.is_some() {
             this.phase = Phase::Done;
             this.deadline = None;
+        } else if this.deadline.is_none() {
+            // The first bytes of a head on a reused connection, and not the whole of it.
+            this.deadline = Some(Instant::now() + this.shared.limits.header_read_timeout);
         }
         Poll::Ready(Ok(()))
     }

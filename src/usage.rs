@@ -85,10 +85,158 @@ impl UsageObject {
 }
 
 /// Usage in a JSON document (a whole response body or one SSE event's data).
+///
+/// Only the top-level members that can carry usage are parsed: the rest of the document (the
+/// completion's text, for one) is skipped by a scanner that looks for quotes and brackets, which
+/// is several times faster than parsing it. Anything the scanner does not expect (an escaped
+/// member name, a repeated usage member, malformed JSON) falls back to the full parse, so the
+/// answer is the same for every valid document (checked by a property test and the fuzzer).
 pub fn usage_from_json(doc: &[u8]) -> PartialUsage {
-    let Ok(c) = serde_json::from_slice::<UsageCarrier>(doc) else {
-        return PartialUsage::default();
+    match carrier_by_scan(doc) {
+        Some(c) => usage_in(c),
+        None => usage_from_json_parsed(doc),
+    }
+}
+
+/// [`usage_from_json`] by a full parse of the document.
+pub fn usage_from_json_parsed(doc: &[u8]) -> PartialUsage {
+    match serde_json::from_slice::<UsageCarrier>(doc) {
+        Ok(c) => usage_in(c),
+        Err(_) => PartialUsage::default(),
+    }
+}
+
+/// The usage-carrying members of a JSON object, found by [`top_level_members`]; `None` when the
+/// scan cannot decide alone.
+fn carrier_by_scan(doc: &[u8]) -> Option<UsageCarrier> {
+    fn parse<T: serde::de::DeserializeOwned>(
+        slot: &mut Option<T>,
+        seen: &mut bool,
+        v: &[u8],
+    ) -> bool {
+        if std::mem::replace(seen, true) {
+            return false; // a repeated member: serde refuses the document
+        }
+        match serde_json::from_slice::<Option<T>>(v) {
+            Ok(t) => {
+                *slot = t;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+    let mut c = UsageCarrier::default();
+    let mut seen = [false; 4];
+    let mut ok = true;
+    top_level_members(doc, |key, value| {
+        ok &= match key {
+            b"usage" => parse(&mut c.usage, &mut seen[0], value),
+            b"usageMetadata" => parse(&mut c.usage_metadata, &mut seen[1], value),
+            b"message" => parse(&mut c.message, &mut seen[2], value),
+            b"response" => parse(&mut c.response, &mut seen[3], value),
+            _ => true,
+        };
+    })?;
+    ok.then_some(c)
+}
+
+/// Call `member(name, raw value)` for each member of the JSON object `doc`, skipping values
+/// without parsing them. `None` when `doc` is not a plain object as expected (the caller then
+/// parses it fully): escaped member names, trailing commas, missing separators, trailing data.
+fn top_level_members<'a>(doc: &'a [u8], mut member: impl FnMut(&'a [u8], &'a [u8])) -> Option<()> {
+    let ws = |i: usize| {
+        let mut i = i;
+        while doc
+            .get(i)
+            .is_some_and(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+        {
+            i += 1;
+        }
+        i
     };
+    let mut i = ws(0);
+    if doc.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = ws(i + 1);
+    if doc.get(i) == Some(&b'}') {
+        return (ws(i + 1) == doc.len()).then_some(());
+    }
+    loop {
+        if doc.get(i) != Some(&b'"') {
+            return None;
+        }
+        let end = skip_string(doc, i)?;
+        let key = &doc[i + 1..end - 1];
+        if key.contains(&b'\\') {
+            return None;
+        }
+        i = ws(end);
+        if doc.get(i) != Some(&b':') {
+            return None;
+        }
+        let start = ws(i + 1);
+        let stop = skip_value(doc, start)?;
+        member(key, &doc[start..stop]);
+        i = ws(stop);
+        match doc.get(i) {
+            Some(b',') => i = ws(i + 1),
+            Some(b'}') => return (ws(i + 1) == doc.len()).then_some(()),
+            _ => return None,
+        }
+    }
+}
+
+/// The index just past the string that starts at `doc[i]` (a quote).
+fn skip_string(doc: &[u8], i: usize) -> Option<usize> {
+    let mut j = i + 1;
+    loop {
+        let k = j + memchr::memchr2(b'"', b'\\', doc.get(j..)?)?;
+        if doc[k] == b'"' {
+            return Some(k + 1);
+        }
+        j = k + 2;
+    }
+}
+
+/// The index just past the JSON value that starts at `doc[i]`.
+fn skip_value(doc: &[u8], i: usize) -> Option<usize> {
+    match *doc.get(i)? {
+        b'"' => skip_string(doc, i),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            while let Some(&b) = doc.get(j) {
+                match b {
+                    b'"' => {
+                        j = skip_string(doc, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+            None
+        }
+        _ => {
+            // A number or a literal: up to the next separator.
+            let len = doc[i..]
+                .iter()
+                .position(|b| matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n'))
+                .unwrap_or(doc.len() - i);
+            (len > 0).then_some(i + len)
+        }
+    }
+}
+
+fn usage_in(c: UsageCarrier) -> PartialUsage {
     let mut out = PartialUsage::default();
     for m in [c.message, c.response].into_iter().flatten() {
         if let Some(u) = m.usage {
@@ -555,6 +703,7 @@ const DRAIN_EVERY: Duration = Duration::from_millis(50);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn json_usage_in_each_dialect() {
@@ -699,7 +848,6 @@ mod tests {
 
     mod props {
         use super::*;
-        use proptest::prelude::*;
 
         proptest! {
             /// Whatever the chunk boundaries, the usage found and the bytes sent are the same.
@@ -715,6 +863,76 @@ mod tests {
                 prop_assert_eq!(t.events(), whole.events());
             }
         }
+    }
+
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::Value;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<u32>().prop_map(Value::from),
+            (-1000i64..1000).prop_map(Value::from),
+            "[a-z\\\\\"{}\\[\\],: ]{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 40, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(serde_json::Value::Array),
+                prop::collection::vec(
+                    (
+                        prop_oneof![
+                            Just("usage".to_string()),
+                            Just("prompt_tokens".to_string()),
+                            Just("completion_tokens".to_string()),
+                            Just("input_tokens".to_string()),
+                            Just("message".to_string()),
+                            Just("response".to_string()),
+                            Just("usageMetadata".to_string()),
+                            Just("promptTokenCount".to_string()),
+                            "[a-z\\\\\"]{1,8}",
+                        ],
+                        inner
+                    ),
+                    0..6
+                )
+                .prop_map(|kv| serde_json::Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// The scanning fast path gives the full parse's answer on every valid document, also
+        /// when written with whitespace, and with a member repeated (serde refuses those).
+        #[test]
+        fn scanning_agrees_with_the_full_parse(
+            v in json_value(),
+            pretty in any::<bool>(),
+            dup in any::<bool>(),
+        ) {
+            let mut doc = if pretty {
+                serde_json::to_vec_pretty(&v).unwrap()
+            } else {
+                serde_json::to_vec(&v).unwrap()
+            };
+            if dup && doc.first() == Some(&b'{') && doc.len() > 2 {
+                let mut d = br#"{"usage":{"prompt_tokens":1},"#.to_vec();
+                d.extend_from_slice(&doc[1..]);
+                doc = d;
+            }
+            prop_assert_eq!(usage_from_json(&doc), usage_from_json_parsed(&doc));
+        }
+    }
+
+    #[test]
+    fn scanning_finds_usage_past_the_text() {
+        let doc = br#"{"id":"x","choices":[{"message":{"content":"a \"usage\": {\"prompt_tokens\": 99} ]}"}}],"usage":{"prompt_tokens":12,"completion_tokens":9}}"#;
+        assert!(carrier_by_scan(doc).is_some());
+        assert_eq!(
+            usage_from_json(doc).usage(),
+            Some(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 9
+            })
+        );
     }
 
     #[test]
