@@ -127,10 +127,24 @@ upstreams:
     models: ["gpt-stream"]
 EOF
 
+# Resident memory per key: keygate with one key, then with the 1M keys (both after start).
+rss_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
+measure_rss_per_key() {
+  local small; small=$(sed -e "s/^sync_file: keys.json/sync_file: keys1.json/" -e "s/^listen: .*/listen: \"127.0.0.1:0\"/" \
+    -e "s/^metrics_listen: .*/metrics_listen: \"127.0.0.1:0\"/" -e "s/^state_dir: var/state_dir: var1/" \
+    -e "s/^usage_log: .*//" "$W/keygate.yaml")
+  echo "$small" >"$W/keygate1.yaml"
+  python3 -c "import json; print(json.dumps({'revision':1,'keys':[{'id':1,'name':'one','key':'sk-one','quota':1}]}))" >"$W/keys1.json"
+  "$KEYGATE" run -c "$W/keygate1.yaml" >"$W/keygate1.out" 2>&1 & local pid=$!
+  for _ in $(seq 1 100); do grep -q "proxy on" "$W/keygate1.out" 2>/dev/null && break; sleep 0.1; done
+  sleep 1
+  RSS_ONE=$(rss_kb $pid)
+  kill $pid; wait $pid 2>/dev/null || true
+}
+
 start_proxies() {
   taskset -c 0 "$PASS" "127.0.0.1:$P_PASS" "127.0.0.1:$U_JSON" >/dev/null & PIDS+=($!); PASS_PID=$!
   taskset -c 0 "$PASS" "127.0.0.1:$P_PASS_SSE" "127.0.0.1:$U_SSE" >/dev/null & PIDS+=($!); PASS_SSE_PID=$!
-  local rss0; rss0=$(ps -o rss= -p $$ | tr -d ' ')
   RUST_LOG=warn taskset -c 0 "$KEYGATE" run -c "$W/keygate.yaml" >"$W/keygate.out" 2>&1 & PIDS+=($!); KG_PID=$!
   taskset -c 0 "$NGINX" -c "$W/proxy.conf" -p "$W" & PIDS+=($!); NGX_MASTER=$!
   for p in $P_PASS $P_PASS_SSE $P_KG $P_NGX; do
@@ -138,7 +152,9 @@ start_proxies() {
   done
   sleep 1
   NGX_PID=$(pgrep -P "$NGX_MASTER" | head -1)
-  echo "keygate RSS with 1M keys: $(( $(awk '/VmRSS/{print $2}' /proc/$KG_PID/status) / 1024 )) MB"
+  measure_rss_per_key
+  local rss_m; rss_m=$(rss_kb $KG_PID)
+  echo "keygate RSS: $((RSS_ONE / 1024)) MB with 1 key, $((rss_m / 1024)) MB with 1M keys: $(( (rss_m - RSS_ONE) * 1024 / 1000000 )) bytes per key"
 }
 
 cat > "$W/post.lua" <<'EOF'

@@ -503,7 +503,13 @@ impl Gate {
 
     /// [`Gate::from_config`], as the new binary of an upgrade when `upgrade`.
     pub fn from_config_with(config: &Config, upgrade: bool) -> std::result::Result<Gate, String> {
-        let table = KeyTable::load(&config.sync_file).map_err(|e| e.to_string())?;
+        // Loaded on a thread that then exits, as reloads are: an allocator returns a table's
+        // memory to the system only through a thread that collects (see `memory`), and the
+        // thread calling this one parks in the server for good.
+        let path = &config.sync_file;
+        let table = std::thread::scope(|s| s.spawn(|| KeyTable::load(path)).join())
+            .map_err(|_| "loading the sync file failed".to_string())?
+            .map_err(|e| e.to_string())?;
         let upstreams = Upstreams::from_config(&config.upstreams)?;
         let trusted_proxies = config
             .trusted_proxies

@@ -84,6 +84,7 @@ pub mod import;
 pub mod keys;
 pub mod ledger;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod mock;
 pub mod policy;

@@ -195,7 +195,14 @@ enum ImportSource {
     },
 }
 
+/// mimalloc keeps freed pages for reuse; after a sync-file load they are returned.
+fn release_free_memory() {
+    // SAFETY: `mi_collect` only walks mimalloc's own heaps; any thread may call it.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 fn main() {
+    keygate::memory::set_release_hook(release_free_memory);
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("keygate=info,warn"),
     )
@@ -241,13 +248,16 @@ fn load(path: &std::path::Path) -> anyhow::Result<(Config, Gate)> {
 fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let gate = Gate::from_config_with(&config, upgrade).map_err(anyhow::Error::msg)?;
-    let table = gate.table();
-    log::info!(
-        "loaded {} keys (revision {}) from {}",
-        table.len(),
-        table.revision,
-        config.sync_file.display()
-    );
+    {
+        // Not kept: holding the first table here would keep it in memory after every reload.
+        let table = gate.table();
+        log::info!(
+            "loaded {} keys (revision {}) from {}",
+            table.len(),
+            table.revision,
+            config.sync_file.display()
+        );
+    }
     keygate::reload::Reloader::new(gate.clone(), &config.sync_file)
         .spawn(config.watch_sync_file)?;
     let (server, _bound) = keygate::server::build(&config, gate.clone(), upgrade)?;

@@ -97,10 +97,15 @@ impl Reloader {
         if !force && digest == self.gate.table().source_digest {
             return ReloadOutcome::Unchanged;
         }
-        match KeyTable::from_json(&bytes, &self.path.display().to_string()) {
+        let compiled = KeyTable::from_json(&bytes, &self.path.display().to_string());
+        drop(bytes);
+        crate::memory::release_free_memory();
+        match compiled {
             Ok(table) => {
                 let (revision, keys) = (table.revision, table.len());
                 self.gate.swap_table(table);
+                // The previous table is usually gone now (unless requests still hold it).
+                crate::memory::release_free_memory();
                 let m = self.gate.metrics();
                 m.reloads.with_label_values(&["ok"]).inc();
                 m.loaded_at.set(unix_now());

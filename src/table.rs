@@ -269,7 +269,12 @@ impl KeyTable {
             source_name: name.clone(),
             message: e.to_string(),
         })?;
-        Self::from_json(&bytes, &name)
+        let table = Self::from_json(&bytes, &name);
+        drop(bytes);
+        // The file's bytes and its parsed form (several times the table's size at 1M keys)
+        // are free now.
+        crate::memory::release_free_memory();
+        table
     }
 
     /// Parse, validate and compile sync-file JSON; `source_name` is used in error messages.
