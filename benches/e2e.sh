@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end load benchmark on loopback (issue 6). In one run it measures, against the same
 # fixed-response upstream (nginx `return 200` with a chat completion that has `usage`):
-#   (a) a bare Pingora passthrough (examples/passthrough.rs, same profile and allocator),
+#   (a) a bare Pingora passthrough (examples/passthrough.rs, same profile and allocator), and
+#       the same passthrough built with Cargo's default release settings and the system
+#       allocator (the "default-built" baseline for throughput),
 #   (b) keygate with 1M keys loaded, the request's key among them with a model list and an IP
 #       whitelist, quota reserve and settle, usage parsing, metrics, usage log,
 #   (c) nginx as a plain reverse proxy;
@@ -32,8 +34,12 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 BUILD=release
 [ "${PROFILE:-0}" = 1 ] && BUILD=profiling
 cargo build --profile "$BUILD" --bin keygate --example passthrough 2>&1 | tail -1
+# The same passthrough built as `cargo build --release` would without this repo's profile (no
+# LTO, 16 codegen units) and with the system allocator: the "default-built" baseline.
+cargo build --profile default-release --features system-alloc --example passthrough 2>&1 | tail -1
 KEYGATE=target/$BUILD/keygate
 PASS=target/$BUILD/examples/passthrough
+PASS_DEFAULT=target/default-release/examples/passthrough
 
 W=$(mktemp -d)
 PIDS=()
@@ -41,7 +47,7 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-U_JSON=$(port); U_SSE=$(port); P_PASS=$(port); P_PASS_SSE=$(port); P_KG=$(port); P_KG_M=$(port); P_NGX=$(port)
+U_JSON=$(port); U_SSE=$(port); P_PASS=$(port); P_PASS_DEF=$(port); P_PASS_SSE=$(port); P_KG=$(port); P_KG_M=$(port); P_NGX=$(port)
 
 # --- the fixed-response upstream (core 1) ---
 python3 - "$W" <<'PY'
@@ -145,9 +151,10 @@ measure_rss_per_key() {
 start_proxies() {
   taskset -c 0 "$PASS" "127.0.0.1:$P_PASS" "127.0.0.1:$U_JSON" >/dev/null & PIDS+=($!); PASS_PID=$!
   taskset -c 0 "$PASS" "127.0.0.1:$P_PASS_SSE" "127.0.0.1:$U_SSE" >/dev/null & PIDS+=($!); PASS_SSE_PID=$!
+  taskset -c 0 "$PASS_DEFAULT" "127.0.0.1:$P_PASS_DEF" "127.0.0.1:$U_JSON" >/dev/null & PIDS+=($!); PASS_DEF_PID=$!
   RUST_LOG=warn taskset -c 0 "$KEYGATE" run -c "$W/keygate.yaml" >"$W/keygate.out" 2>&1 & PIDS+=($!); KG_PID=$!
   taskset -c 0 "$NGINX" -c "$W/proxy.conf" -p "$W" & PIDS+=($!); NGX_MASTER=$!
-  for p in $P_PASS $P_PASS_SSE $P_KG $P_NGX; do
+  for p in $P_PASS $P_PASS_DEF $P_PASS_SSE $P_KG $P_NGX; do
     for _ in $(seq 1 600); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
   done
   sleep 1
@@ -204,7 +211,7 @@ else: print(v)"; }
 
 start_proxies
 # Sanity: every path answers 200 before anything is measured.
-for p in $P_PASS $P_KG $P_NGX; do
+for p in $P_PASS $P_PASS_DEF $P_KG $P_NGX; do
   code=$(curl -s -o "$W/sample.$p" -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
     -H "Authorization: Bearer sk-$(printf '%048d' 7919)" \
     -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"max_tokens":64}' \
@@ -213,11 +220,12 @@ for p in $P_PASS $P_KG $P_NGX; do
   [ "$code" = 200 ] || { echo "a proxy does not answer 200; see above" >&2; cat "$W"/*.err "$W/keygate.out" >&2; exit 1; }
 done
 echo "warm-up"
-for p in $P_PASS $P_KG $P_NGX; do taskset -c 1 wrk -t1 -c$CONNS -d3s -s "$W/post.lua" "http://127.0.0.1:$p/v1/chat/completions" >/dev/null; done
+for p in $P_PASS $P_PASS_DEF $P_KG $P_NGX; do taskset -c 1 wrk -t1 -c$CONNS -d3s -s "$W/post.lua" "http://127.0.0.1:$p/v1/chat/completions" >/dev/null; done
 : >"$W/results"
 for r in $(seq 1 "$REPS"); do
   echo "repetition $r/$REPS"
   run passthrough "$PASS_PID" "$P_PASS"
+  run passthrough_default "$PASS_DEF_PID" "$P_PASS_DEF"
   run keygate "$KG_PID" "$P_KG"
   run nginx "$NGX_PID" "$P_NGX"
   run passthrough_sse "$PASS_SSE_PID" "$P_PASS_SSE" KG_MODEL=gpt-stream KG_STREAM=1
@@ -234,7 +242,7 @@ for line in open(sys.argv[1]):
     rows[name].append((float(rps), float(p50), float(p99), float(cpu), int(non2xx)))
 med = {n: tuple(statistics.median(x[i] for x in v) for i in range(4)) + (sum(x[4] for x in v),) for n, v in rows.items()}
 print(f"\n{'case':18} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} {'non-2xx':>8}")
-for n in ["passthrough", "keygate", "nginx", "passthrough_sse", "keygate_sse", "keygate_denied"]:
+for n in ["passthrough", "passthrough_default", "keygate", "nginx", "passthrough_sse", "keygate_sse", "keygate_denied"]:
     if n in med:
         r = med[n]
         print(f"{n:18} {r[0]:9.0f} {r[1]:8.3f} {r[2]:8.3f} {r[3]:11.2f} {r[4]:8d}")
@@ -244,6 +252,8 @@ def ratio(a, b, i, label):
 print()
 ratio("keygate", "passthrough", 3, "CPU/request keygate / passthrough")
 ratio("keygate", "passthrough", 0, "req/s keygate / passthrough")
+ratio("keygate", "passthrough_default", 0, "req/s keygate / default-built passthrough")
+ratio("passthrough", "passthrough_default", 0, "req/s passthrough / default-built passthrough")
 ratio("nginx", "passthrough", 0, "req/s nginx / passthrough")
 ratio("keygate_sse", "passthrough_sse", 3, "CPU/request keygate / passthrough (SSE)")
 ratio("keygate_sse", "passthrough_sse", 0, "req/s keygate / passthrough (SSE)")

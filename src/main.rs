@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 // mimalloc: measured 15-25% more throughput than the system allocator on a bare Pingora proxy
 // (issue 6). Only the binary sets it; hosts embedding the library choose their own.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -196,12 +197,14 @@ enum ImportSource {
 }
 
 /// mimalloc keeps freed pages for reuse; after a sync-file load they are returned.
+#[cfg(not(feature = "system-alloc"))]
 fn release_free_memory() {
     // SAFETY: `mi_collect` only walks mimalloc's own heaps; any thread may call it.
     unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 fn main() {
+    #[cfg(not(feature = "system-alloc"))]
     keygate::memory::set_release_hook(release_free_memory);
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("keygate=info,warn"),
