@@ -288,11 +288,8 @@ impl HeadGuard {
             .gate
             .metrics()
             .count_request("denied", Some(reason), "", "");
-        log::info!(
-            "keygate: closing connection from {}: {}",
-            self.peer(),
-            reason.code()
-        );
+        // Counted in the metrics; a flood of these must not flood the log.
+        log::debug!("closing connection from {}: {}", self.peer(), reason.code());
     }
 
     fn peer(&self) -> String {
