@@ -70,13 +70,7 @@ pub fn sse(data: &[u8]) {
     cuts.dedup();
     let run = |cuts: &[usize]| {
         let mut t = SseTracker::new(strip);
-        let mut out = Vec::new();
-        let mut prev = 0;
-        for &c in cuts.iter().chain(std::iter::once(&stream.len())) {
-            out.extend_from_slice(&t.feed(Bytes::copy_from_slice(&stream[prev..c])));
-            prev = c;
-        }
-        out.extend_from_slice(&t.finish());
+        let out = feed_in_pieces(&mut t, stream, cuts);
         (out, t.usage(), t.events())
     };
     let whole = run(&[]);
@@ -85,6 +79,19 @@ pub fn sse(data: &[u8]) {
     if !strip {
         assert_eq!(whole.0, stream, "pass-through mode changed the stream");
     }
+}
+
+/// Feed `stream` to `t` in pieces cut at `cuts` (ascending, inside the stream), then finish it;
+/// everything `t` passed on. Shared by the `sse` target and the tracker's tests.
+pub fn feed_in_pieces(t: &mut SseTracker, stream: &[u8], cuts: &[usize]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut prev = 0;
+    for &c in cuts.iter().chain(std::iter::once(&stream.len())) {
+        out.extend_from_slice(&t.feed(Bytes::copy_from_slice(&stream[prev..c])));
+        prev = c;
+    }
+    out.extend_from_slice(&t.finish());
+    out
 }
 
 /// A response body: usage extraction and request-field parsing never panic.

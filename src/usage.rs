@@ -704,6 +704,7 @@ const DRAIN_EVERY: Duration = Duration::from_millis(50);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzzing::feed_in_pieces as run;
     use proptest::prelude::*;
 
     #[test]
@@ -743,17 +744,6 @@ mod tests {
         "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2}}\n\n",
         "data: [DONE]\n\n"
     );
-
-    fn run(t: &mut SseTracker, stream: &[u8], cuts: &[usize]) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut prev = 0;
-        for &c in cuts.iter().chain(std::iter::once(&stream.len())) {
-            out.extend_from_slice(&t.feed(Bytes::copy_from_slice(&stream[prev..c])));
-            prev = c;
-        }
-        out.extend_from_slice(&t.finish());
-        out
-    }
 
     #[test]
     fn usage_object_test() {
