@@ -84,6 +84,14 @@ impl Reloader {
     /// Read the file; if its content differs from the loaded table's (or `force`), validate,
     /// compile and publish it.
     pub fn check(&self, force: bool) -> ReloadOutcome {
+        let outcome = self.read_and_swap(force);
+        // The file's bytes, their parse and (usually: unless requests still hold it) the
+        // previous table are all free now.
+        crate::memory::release_free_memory();
+        outcome
+    }
+
+    fn read_and_swap(&self, force: bool) -> ReloadOutcome {
         if let Ok(mut s) = self.last_stamp.lock() {
             *s = stamp(&self.path);
         }
@@ -97,15 +105,10 @@ impl Reloader {
         if !force && digest == self.gate.table().source_digest {
             return ReloadOutcome::Unchanged;
         }
-        let compiled = KeyTable::from_json(&bytes, &self.path.display().to_string());
-        drop(bytes);
-        crate::memory::release_free_memory();
-        match compiled {
+        match KeyTable::from_json(&bytes, &self.path.display().to_string()) {
             Ok(table) => {
                 let (revision, keys) = (table.revision, table.len());
                 self.gate.swap_table(table);
-                // The previous table is usually gone now (unless requests still hold it).
-                crate::memory::release_free_memory();
                 let m = self.gate.metrics();
                 m.reloads.with_label_values(&["ok"]).inc();
                 m.loaded_at.set(unix_now());
