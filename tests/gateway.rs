@@ -203,15 +203,7 @@ async fn multipart_model_field_is_found() {
 async fn sse_is_streamed_as_it_arrives() {
     let env = Env::start().await;
     let started = Instant::now();
-    let r = client()
-        .post(env.url("/v1/chat/completions"))
-        .bearer_auth(OK)
-        .header("x-mock-delay-ms", "300")
-        .header("x-mock-chunks", "5")
-        .body(json!({"model": "gpt-4o-mini", "stream": true, "messages": []}).to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = slow_stream(&env.gw.base, 300, 5).await;
     assert_eq!(r.status(), 200);
     let mut stream = r.bytes_stream();
     let first = stream.next().await.unwrap().unwrap();
@@ -927,15 +919,7 @@ async fn a_silent_upstream_times_out_with_504_and_a_refund_but_a_live_stream_is_
     let (status, code, _) = denial(r).await;
     assert_eq!((status, code.as_str()), (504, "upstream_timeout"));
     // A stream whose events come every 0.7 s outlives the 1 s read timeout many times over.
-    let r = client()
-        .post(env.url("/v1/chat/completions"))
-        .bearer_auth(OK)
-        .header("x-mock-delay-ms", "700")
-        .header("x-mock-chunks", "5")
-        .body(json!({"model": "gpt-4o-mini", "stream": true, "messages": []}).to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = slow_stream(&env.gw.base, 700, 5).await;
     assert_eq!(r.status(), 200);
     assert!(r.text().await.unwrap().contains("[DONE]"));
     let records = env.gw.wait_records(2).await;

@@ -261,15 +261,7 @@ async fn sigterm_lets_in_flight_streams_finish_and_flushes_usage() {
     .unwrap();
     std::fs::write(dir.path().join("keygate.yaml"), yaml).unwrap();
     let mut gw = spawn_keygate(dir.path(), &dir.path().join("keygate.yaml"));
-    let r = client()
-        .post(format!("{}/v1/chat/completions", gw.base))
-        .bearer_auth(OK)
-        .header("x-mock-delay-ms", "250")
-        .header("x-mock-chunks", "8")
-        .body(json!({"model": "gpt-4o-mini", "stream": true, "messages": []}).to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = slow_stream(&gw.base, 250, 8).await;
     assert_eq!(r.status(), 200);
     gw.signal("TERM");
     let body = r.text().await.unwrap();

@@ -276,15 +276,7 @@ async fn a_reload_never_resets_consumed_quota() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_running_request_keeps_the_table_it_started_with() {
     let env = Env::start().await;
-    let r = client()
-        .post(env.url("/v1/chat/completions"))
-        .bearer_auth(OK)
-        .header("x-mock-delay-ms", "200")
-        .header("x-mock-chunks", "8")
-        .body(json!({"model": "gpt-4o-mini", "stream": true, "messages": []}).to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = slow_stream(&env.gw.base, 200, 8).await;
     assert_eq!(r.status(), 200);
     // Disable the key mid-stream.
     let mut s = standard_sync();

@@ -326,6 +326,20 @@ pub async fn chat(env: &Env, key: &str, model: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// POST a streaming chat call with the `OK` key to the gateway at `base`, the mock sending
+/// `chunks` events `delay_ms` apart.
+pub async fn slow_stream(base: &str, delay_ms: u32, chunks: u32) -> reqwest::Response {
+    client()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(OK)
+        .header("x-mock-delay-ms", delay_ms.to_string())
+        .header("x-mock-chunks", chunks.to_string())
+        .body(json!({"model": "gpt-4o-mini", "stream": true, "messages": []}).to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Status, `error.code` (OpenAI shape) and the x-request-id of a response.
 pub async fn denial(resp: reqwest::Response) -> (u16, String, Option<String>) {
     let status = resp.status().as_u16();
