@@ -20,13 +20,23 @@ async fn env_with(extra: &str) -> Env {
     .await
 }
 
+/// The head of a chat call with the `OK` key, with `headers` (each ending in CRLF) added.
+fn chat_head(headers: &str) -> String {
+    format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OK}\r\n{headers}\r\n")
+}
+
 fn chat_request(extra_headers: &str, connection_close: bool) -> String {
     let body = chat_body("gpt-4o-mini");
-    format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OK}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra_headers}{}\r\n{body}",
+    let head = chat_head(&format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n{extra_headers}{}",
         body.len(),
-        if connection_close { "Connection: close\r\n" } else { "" },
-    )
+        if connection_close {
+            "Connection: close\r\n"
+        } else {
+            ""
+        },
+    ));
+    head + &body
 }
 
 /// Read one HTTP/1.1 response with a Content-Length body; `None` if the peer closed first.
@@ -251,10 +261,7 @@ async fn a_body_that_takes_too_long_gets_408_and_nothing_reaches_the_upstream() 
     let env = env_with("body_read_timeout_seconds: 1").await;
     // Content-Length body: half of it, then silence.
     let body = chat_body("gpt-4o-mini");
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OK}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
+    let head = chat_head(&format!("Content-Length: {}\r\n", body.len()));
     let mut s = TcpStream::connect(env.gw.addr).await.unwrap();
     s.write_all(head.as_bytes()).await.unwrap();
     s.write_all(&body.as_bytes()[..body.len() / 2])
@@ -268,14 +275,9 @@ async fn a_body_that_takes_too_long_gets_408_and_nothing_reaches_the_upstream() 
 
     // Chunked body: a chunk every 300 ms, each read well inside Pingora's per-read timeout.
     let mut s = TcpStream::connect(env.gw.addr).await.unwrap();
-    s.write_all(
-        format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OK}\r\nTransfer-Encoding: chunked\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    s.write_all(chat_head("Transfer-Encoding: chunked\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut chunks_sent = 0;
     let started = Instant::now();
     let got = loop {
@@ -303,10 +305,10 @@ async fn a_body_that_takes_too_long_gets_408_and_nothing_reaches_the_upstream() 
 async fn a_slow_body_inside_its_deadline_is_not_cut_by_the_head_deadline() {
     let env = env_with("header_read_timeout_seconds: 1\nbody_read_timeout_seconds: 10").await;
     let body = chat_body("gpt-4o-mini");
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OK}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+    let head = chat_head(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n",
         body.len()
-    );
+    ));
     let mut s = TcpStream::connect(env.gw.addr).await.unwrap();
     s.write_all(head.as_bytes()).await.unwrap();
     // The body over 2 s: twice the head deadline.
@@ -331,10 +333,10 @@ async fn a_long_stream_outlives_every_request_deadline() {
         "messages": [{"role": "user", "content": "Hello"}]
     })
     .to_string();
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OK}\r\nContent-Length: {}\r\nx-mock-chunks: 12\r\nx-mock-delay-ms: 250\r\nConnection: close\r\n\r\n{body}",
+    let req = chat_head(&format!(
+        "Content-Length: {}\r\nx-mock-chunks: 12\r\nx-mock-delay-ms: 250\r\nConnection: close\r\n",
         body.len()
-    );
+    )) + &body;
     let mut s = TcpStream::connect(env.gw.addr).await.unwrap();
     s.write_all(req.as_bytes()).await.unwrap();
     let got = read_to_close(&mut s, Duration::from_secs(20)).await;
@@ -346,14 +348,9 @@ async fn a_long_stream_outlives_every_request_deadline() {
 async fn a_chunked_body_crossing_the_cap_gets_413_while_it_is_still_arriving() {
     let env = env_with("max_body_bytes: 16384").await;
     let mut s = TcpStream::connect(env.gw.addr).await.unwrap();
-    s.write_all(
-        format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OK}\r\nTransfer-Encoding: chunked\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    s.write_all(chat_head("Transfer-Encoding: chunked\r\n").as_bytes())
+        .await
+        .unwrap();
     // 5 chunks of 4 KiB (20 KiB), and never the last chunk: the body is not finished.
     let chunk = format!("1000\r\n{}\r\n", "x".repeat(4096));
     for _ in 0..5 {
