@@ -66,39 +66,32 @@ ev.append("data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "
 ev.append("data: [DONE]\n\n")
 open(f"{w}/stream.sse", "w").write("".join(ev))
 PY
-# nginx `return 200` with the body inlined (literal newlines are allowed in quoted strings).
-CHAT_BODY=$(cat "$W/chat.json")
-cat > "$W/upstream.conf" <<EOF
+# nginx_conf NAME HTTP_BLOCK: a one-worker, foreground nginx config in $W/NAME.conf.
+nginx_conf() {
+  cat > "$W/$1.conf" <<EOF
 worker_processes 1;
 daemon off;
-pid $W/upstream.pid;
-error_log $W/upstream.err warn;
+pid $W/$1.pid;
+error_log $W/$1.err warn;
 events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 1000000;
-  server { listen 127.0.0.1:$U_JSON; location / { default_type application/json; return 200 '$CHAT_BODY'; } }
+  $2
 }
 EOF
+}
+# nginx `return 200` with the body inlined (literal newlines are allowed in quoted strings).
+CHAT_BODY=$(cat "$W/chat.json")
+nginx_conf upstream "server { listen 127.0.0.1:$U_JSON; location / { default_type application/json; return 200 '$CHAT_BODY'; } }"
 taskset -c 1 "$NGINX" -c "$W/upstream.conf" -p "$W" & PIDS+=($!)
 # The SSE upstream: nginx cannot inline a 50-event body, so keygate's own mock backend serves it
 # (50 events, and the usage chunk when asked for), for the passthrough and keygate alike.
 taskset -c 1 "$KEYGATE" mock --listen "127.0.0.1:$U_SSE" >/dev/null & PIDS+=($!)
 
 # --- nginx as a plain reverse proxy (core 0) ---
-cat > "$W/proxy.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $W/proxy.pid;
-error_log $W/proxy.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream up { server 127.0.0.1:$U_JSON; keepalive 256; }
-  server { listen 127.0.0.1:$P_NGX; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } }
-}
-EOF
+nginx_conf proxy "upstream up { server 127.0.0.1:$U_JSON; keepalive 256; }
+  server { listen 127.0.0.1:$P_NGX; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
 
 # --- 1M keys; the benchmark's keys have a model list and an IP whitelist ---
 python3 - "$W" <<'PY'
