@@ -548,32 +548,19 @@ impl LineSink {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(UsageLog::CAPACITY);
         std::thread::Builder::new()
             .name("keygate-access-log".into())
-            .spawn(move || loop {
-                // Woken by a timer, not by each line: a wake-up per request costs the request
-                // thread a futex call and the core two context switches.
-                std::thread::sleep(DRAIN_EVERY);
-                let mut batch = Vec::new();
-                let closed = loop {
-                    match rx.try_recv() {
-                        Ok(line) => {
-                            batch.extend_from_slice(&line);
-                            if batch.len() > 64 * 1024 {
-                                // The stderr lock is taken per write only: the rest of the log
-                                // writes to stderr too.
-                                let _ = std::io::stderr().lock().write_all(&batch);
-                                batch.clear();
-                            }
-                        }
-                        Err(TryRecvError::Empty) => break false,
-                        Err(TryRecvError::Disconnected) => break true,
-                    }
-                };
-                if !batch.is_empty() {
-                    let _ = std::io::stderr().lock().write_all(&batch);
-                }
-                if closed {
-                    return;
-                }
+            .spawn(move || {
+                drain_on_timer(
+                    rx,
+                    |line, batch| {
+                        batch.extend_from_slice(&line);
+                        None
+                    },
+                    // The stderr lock is taken per write only: the rest of the log writes to
+                    // stderr too.
+                    |batch| {
+                        let _ = std::io::stderr().lock().write_all(batch);
+                    },
+                )
             })?;
         Ok(LineSink {
             tx,
@@ -659,33 +646,58 @@ impl UsageLog {
 /// Buffers whole lines and writes them with one `write` on an `O_APPEND` file, so lines from two
 /// processes (old and new binary during an upgrade) never interleave.
 fn writer(rx: Receiver<Msg>, mut file: std::fs::File, name: &str) {
+    drain_on_timer(
+        rx,
+        |msg, buf| match msg {
+            Msg::Record(r) => {
+                if serde_json::to_writer(&mut *buf, &r.record()).is_ok() {
+                    buf.push(b'\n');
+                }
+                None
+            }
+            Msg::Flush(done) => Some(done),
+        },
+        |buf| {
+            if let Err(e) = file.write_all(buf) {
+                log::error!("usage log {name}: {e}");
+            }
+        },
+    )
+}
+
+/// How often the log writers collect what was queued.
+const DRAIN_EVERY: Duration = Duration::from_millis(50);
+
+/// The log writers' loop. Every [`DRAIN_EVERY`] it takes what was queued on `rx`: `add`
+/// appends each item to a buffer, which goes to `write` at 64 KiB, at the end of each round,
+/// when `add` returns a flush request (answered once written) and when the senders are gone.
+/// Woken by a timer, not by each item: a wake-up per request would cost the request thread a
+/// futex call and the core two context switches.
+fn drain_on_timer<T>(
+    rx: Receiver<T>,
+    mut add: impl FnMut(T, &mut Vec<u8>) -> Option<SyncSender<()>>,
+    mut write: impl FnMut(&[u8]),
+) {
     const FLUSH_AT: usize = 64 * 1024;
     let mut buf: Vec<u8> = Vec::with_capacity(FLUSH_AT + 1024);
     let mut flush = |buf: &mut Vec<u8>| {
         if !buf.is_empty() {
-            if let Err(e) = file.write_all(buf) {
-                log::error!("usage log {name}: {e}");
-            }
+            write(buf);
             buf.clear();
         }
     };
-    // Woken by a timer, not by each record (see `LineSink`): what arrived meanwhile is written
-    // in one go.
     loop {
         std::thread::sleep(DRAIN_EVERY);
         loop {
             match rx.try_recv() {
-                Ok(Msg::Record(r)) => {
-                    if serde_json::to_writer(&mut buf, &r.record()).is_ok() {
-                        buf.push(b'\n');
-                    }
-                    if buf.len() >= FLUSH_AT {
+                Ok(item) => {
+                    let ack = add(item, &mut buf);
+                    if ack.is_some() || buf.len() >= FLUSH_AT {
                         flush(&mut buf);
                     }
-                }
-                Ok(Msg::Flush(done)) => {
-                    flush(&mut buf);
-                    let _ = done.send(());
+                    if let Some(ack) = ack {
+                        let _ = ack.send(());
+                    }
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
@@ -697,9 +709,6 @@ fn writer(rx: Receiver<Msg>, mut file: std::fs::File, name: &str) {
         flush(&mut buf);
     }
 }
-
-/// How often the log writers collect what was queued.
-const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
 #[cfg(test)]
 mod tests {
