@@ -229,8 +229,9 @@ fn admit_full(
     now: i64,
 ) -> usize {
     let admission = admit_key(table, headers, None, peer, &[], now).expect("key admitted");
+    // As the gate does: the admission's slot, not a second hash lookup.
     let key = table
-        .lookup(&admission.digest)
+        .at_slot(admission.slot)
         .expect("admitted key is in the table");
     admit_model(table, key, upstreams, MODEL).expect("model admitted")
 }
