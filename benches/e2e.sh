@@ -7,7 +7,10 @@
 #   (b) keygate with 1M keys loaded, the request's key among them with a model list and an IP
 #       whitelist, quota reserve and settle, usage parsing, metrics, usage log,
 #   (c) nginx as a plain reverse proxy;
-# plus a streaming case (SSE, 50 events and a usage chunk, from keygate's mock backend) and a denial-heavy case (unknown keys).
+# plus a streaming case (SSE, 50 events and a usage chunk, from keygate's mock backend), a
+# denial-heavy case (unknown keys), and keygate on the shared ledger (`ledger.backend: redis`,
+# a redis-server on core 1): its CPU per request against `backend: local`, and the Redis
+# operations it makes per 1,000 calls.
 # Method: the proxy alone on core 0 with one worker thread; wrk and the upstream on core 1; a
 # warm-up; A/B interleaved repetitions; the median requests/s, p50/p99 latency and the proxy's
 # CPU time per request (utime+stime from /proc). Bounded: REPS × cases × DURATION seconds.
@@ -26,6 +29,7 @@ need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v taskset >/dev/null || need+=(util-linux)
+command -v redis-server >/dev/null || need+=(redis-server)
 if ((${#need[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
@@ -48,6 +52,7 @@ trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 U_JSON=$(port); U_SSE=$(port); P_PASS=$(port); P_PASS_DEF=$(port); P_PASS_SSE=$(port); P_KG=$(port); P_KG_M=$(port); P_NGX=$(port)
+P_KGR=$(port); P_KGR_M=$(port); P_REDIS=$(port)
 
 # --- the fixed-response upstream (core 1) ---
 python3 - "$W" <<'PY'
@@ -89,6 +94,9 @@ taskset -c 1 "$NGINX" -c "$W/upstream.conf" -p "$W" & PIDS+=($!)
 # (50 events, and the usage chunk when asked for), for the passthrough and keygate alike.
 taskset -c 1 "$KEYGATE" mock --listen "127.0.0.1:$U_SSE" >/dev/null & PIDS+=($!)
 
+# The shared ledger's Redis (core 1, with the upstream and wrk), no persistence.
+taskset -c 1 redis-server --port "$P_REDIS" --bind 127.0.0.1 --save "" --appendonly no --daemonize no >"$W/redis.log" 2>&1 & PIDS+=($!)
+
 # --- nginx as a plain reverse proxy (core 0) ---
 nginx_conf proxy "upstream up { server 127.0.0.1:$U_JSON; keepalive 256; }
   server { listen 127.0.0.1:$P_NGX; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
@@ -125,6 +133,11 @@ upstreams:
     url: "http://127.0.0.1:$U_SSE"
     models: ["gpt-stream"]
 EOF
+# keygate on the shared ledger: the same config on other ports, counters in Redis.
+sed -e "s/^listen: .*/listen: \"127.0.0.1:$P_KGR\"/" -e "s/^metrics_listen: .*/metrics_listen: \"127.0.0.1:$P_KGR_M\"/" \
+  -e "s/^state_dir: var/state_dir: var_redis/" -e "s|^usage_log: .*|usage_log: var_redis/usage.jsonl|" \
+  "$W/keygate.yaml" >"$W/keygate_redis.yaml"
+printf 'ledger:\n  backend: redis\n  redis_url: "redis://127.0.0.1:%s"\n' "$P_REDIS" >>"$W/keygate_redis.yaml"
 
 # Resident memory per key: keygate with one key, then with the 1M keys (both after start).
 rss_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
@@ -146,8 +159,9 @@ start_proxies() {
   taskset -c 0 "$PASS" "127.0.0.1:$P_PASS_SSE" "127.0.0.1:$U_SSE" >/dev/null & PIDS+=($!); PASS_SSE_PID=$!
   taskset -c 0 "$PASS_DEFAULT" "127.0.0.1:$P_PASS_DEF" "127.0.0.1:$U_JSON" >/dev/null & PIDS+=($!); PASS_DEF_PID=$!
   RUST_LOG=warn taskset -c 0 "$KEYGATE" run -c "$W/keygate.yaml" >"$W/keygate.out" 2>&1 & PIDS+=($!); KG_PID=$!
+  RUST_LOG=warn taskset -c 0 "$KEYGATE" run -c "$W/keygate_redis.yaml" >"$W/keygate_redis.out" 2>&1 & PIDS+=($!); KGR_PID=$!
   taskset -c 0 "$NGINX" -c "$W/proxy.conf" -p "$W" & PIDS+=($!); NGX_MASTER=$!
-  for p in $P_PASS $P_PASS_DEF $P_PASS_SSE $P_KG $P_NGX; do
+  for p in $P_PASS $P_PASS_DEF $P_PASS_SSE $P_KG $P_KGR $P_NGX; do
     for _ in $(seq 1 600); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
   done
   sleep 1
@@ -178,15 +192,20 @@ end
 EOF
 
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# The shared ledger's Redis calls so far (keygate_ledger_backend_operations_total).
+ledger_ops() { curl -s "http://127.0.0.1:$P_KGR_M/metrics" | awk '/^keygate_ledger_backend_operations_total/{print $2}'; }
 HZ=$(getconf CLK_TCK)
 
-# run NAME PID PORT [env...] -> appends "name rps p50_ms p99_ms cpu_us_per_req" to results
+# run NAME PID PORT [env...] -> appends "name rps p50_ms p99_ms cpu_us_per_req non2xx
+# ledger_ops_per_1000" to results (the last is 0 but for keygate on Redis)
 run() {
   local name=$1 pid=$2 port=$3; shift 3
-  local t0 t1 out
+  local t0 t1 out ops0=0 ops1=0
+  [ "$pid" = "$KGR_PID" ] && ops0=$(ledger_ops)
   t0=$(ticks "$pid")
   out=$(env "$@" taskset -c 1 wrk -t1 -c$CONNS -d${DURATION}s --latency -s "$W/post.lua" "http://127.0.0.1:$port/v1/chat/completions")
   t1=$(ticks "$pid")
+  [ "$pid" = "$KGR_PID" ] && ops1=$(ledger_ops)
   local rps total p50 p99
   rps=$(awk '/Requests\/sec/{print $2}' <<<"$out")
   total=$(awk '/requests in/{print $1}' <<<"$out")
@@ -194,7 +213,8 @@ run() {
   p99=$(awk '$1=="99%"{print $2}' <<<"$out")
   local non2xx; non2xx=$(awk '/Non-2xx/{print $NF}' <<<"$out")
   local cpu_us; cpu_us=$(python3 -c "print(round(($t1-$t0)/$HZ*1e6/max($total,1),2))")
-  echo "$name $rps $(tomillis "$p50") $(tomillis "$p99") $cpu_us ${non2xx:-0}" >>"$W/results"
+  local ops; ops=$(python3 -c "print(round(($ops1-$ops0)*1000/max($total,1),3))")
+  echo "$name $rps $(tomillis "$p50") $(tomillis "$p99") $cpu_us ${non2xx:-0} $ops" >>"$W/results"
 }
 tomillis() { python3 -c "
 v='$1'
@@ -204,7 +224,7 @@ else: print(v)"; }
 
 start_proxies
 # Sanity: every path answers 200 before anything is measured.
-for p in $P_PASS $P_PASS_DEF $P_KG $P_NGX; do
+for p in $P_PASS $P_PASS_DEF $P_KG $P_KGR $P_NGX; do
   code=$(curl -s -o "$W/sample.$p" -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
     -H "Authorization: Bearer sk-$(printf '%048d' 7919)" \
     -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"max_tokens":64}' \
@@ -213,13 +233,14 @@ for p in $P_PASS $P_PASS_DEF $P_KG $P_NGX; do
   [ "$code" = 200 ] || { echo "a proxy does not answer 200; see above" >&2; cat "$W"/*.err "$W/keygate.out" >&2; exit 1; }
 done
 echo "warm-up"
-for p in $P_PASS $P_PASS_DEF $P_KG $P_NGX; do taskset -c 1 wrk -t1 -c$CONNS -d3s -s "$W/post.lua" "http://127.0.0.1:$p/v1/chat/completions" >/dev/null; done
+for p in $P_PASS $P_PASS_DEF $P_KG $P_KGR $P_NGX; do taskset -c 1 wrk -t1 -c$CONNS -d3s -s "$W/post.lua" "http://127.0.0.1:$p/v1/chat/completions" >/dev/null; done
 : >"$W/results"
 for r in $(seq 1 "$REPS"); do
   echo "repetition $r/$REPS"
   run passthrough "$PASS_PID" "$P_PASS"
   run passthrough_default "$PASS_DEF_PID" "$P_PASS_DEF"
   run keygate "$KG_PID" "$P_KG"
+  run keygate_redis "$KGR_PID" "$P_KGR"
   run nginx "$NGX_PID" "$P_NGX"
   run passthrough_sse "$PASS_SSE_PID" "$P_PASS_SSE" KG_MODEL=gpt-stream KG_STREAM=1
   run keygate_sse "$KG_PID" "$P_KG" KG_MODEL=gpt-stream KG_STREAM=1
@@ -231,11 +252,11 @@ python3 - "$W/results" <<'PY'
 import statistics, sys, collections
 rows = collections.defaultdict(list)
 for line in open(sys.argv[1]):
-    name, rps, p50, p99, cpu, non2xx = line.split()
-    rows[name].append((float(rps), float(p50), float(p99), float(cpu), int(non2xx)))
-med = {n: tuple(statistics.median(x[i] for x in v) for i in range(4)) + (sum(x[4] for x in v),) for n, v in rows.items()}
+    name, rps, p50, p99, cpu, non2xx, ops = line.split()
+    rows[name].append((float(rps), float(p50), float(p99), float(cpu), int(non2xx), float(ops)))
+med = {n: tuple(statistics.median(x[i] for x in v) for i in range(4)) + (sum(x[4] for x in v), statistics.median(x[5] for x in v)) for n, v in rows.items()}
 print(f"\n{'case':18} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} {'non-2xx':>8}")
-for n in ["passthrough", "passthrough_default", "keygate", "nginx", "passthrough_sse", "keygate_sse", "keygate_denied"]:
+for n in ["passthrough", "passthrough_default", "keygate", "keygate_redis", "nginx", "passthrough_sse", "keygate_sse", "keygate_denied"]:
     if n in med:
         r = med[n]
         print(f"{n:18} {r[0]:9.0f} {r[1]:8.3f} {r[2]:8.3f} {r[3]:11.2f} {r[4]:8d}")
@@ -251,6 +272,10 @@ ratio("nginx", "passthrough", 0, "req/s nginx / passthrough")
 ratio("keygate_sse", "passthrough_sse", 3, "CPU/request keygate / passthrough (SSE)")
 ratio("keygate_sse", "passthrough_sse", 0, "req/s keygate / passthrough (SSE)")
 ratio("keygate_denied", "passthrough", 3, "CPU/request keygate denying / passthrough")
+ratio("keygate_redis", "keygate", 3, "CPU/request keygate on Redis / on local ledger")
+ratio("keygate_redis", "keygate", 0, "req/s keygate on Redis / on local ledger")
+if "keygate_redis" in med:
+    print(f"{'Redis operations per 1,000 calls':44} {med['keygate_redis'][5]:.2f}")
 PY
 
 if [ "${PROFILE:-0}" = 1 ]; then

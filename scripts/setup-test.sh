@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian/Ubuntu machine: cmake and a C toolchain
-# (Pingora), curl, the openai and anthropic Python SDKs (tests/sdk.rs) and promtool
-# (tests/ops.rs). Idempotent: installs only what is missing.
+# (Pingora), curl, the openai and anthropic Python SDKs (tests/sdk.rs), promtool
+# (tests/ops.rs) and redis-server with redis-cli (tests/shared_ledger.rs). Idempotent: installs
+# only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/bootstrap.sh
@@ -10,10 +11,14 @@ if ! python3 -c "import openai, anthropic" >/dev/null 2>&1; then
   python3 -m pip install -q --disable-pip-version-check openai anthropic \
     || python3 -m pip install -q --disable-pip-version-check --break-system-packages openai anthropic
 fi
-if ! command -v promtool >/dev/null 2>&1; then
-  echo "keygate test: installing promtool (Debian's prometheus package)" >&2
+packages=()
+command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
+command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || packages+=(redis-tools)
+if ((${#packages[@]})); then
+  echo "keygate test: installing ${packages[*]} (Debian packages)" >&2
   sudo=""
   [[ $(id -u) -eq 0 ]] || sudo=sudo
   $sudo apt-get update -qq
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi

@@ -76,6 +76,121 @@ pub struct MetricsConfig {
     pub per_key: bool,
 }
 
+/// Where quota counters live (`ledger.backend`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LedgerBackend {
+    /// In this process, persisted in `state_dir`.
+    #[default]
+    Local,
+    /// One Redis (or Valkey) server shared by several gateways.
+    Redis,
+    /// A Redis Cluster shared by several gateways.
+    RedisCluster,
+}
+
+/// What a gateway on a shared ledger does while Redis cannot be reached
+/// (`ledger.on_unavailable`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnUnavailable {
+    /// Spend the allowance this gateway already holds, then refuse with 503.
+    #[default]
+    Lease,
+    /// Refuse every metered call with 503 at once.
+    Deny,
+    /// Admit and count locally; the count is added to Redis when it is back.
+    Allow,
+}
+
+/// `ledger:` options.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// `local` (default), `redis` or `redis-cluster`.
+    #[serde(default)]
+    pub backend: LedgerBackend,
+    /// `redis://host:port[/db]`; for `redis-cluster` a comma-separated list of seed nodes.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// `lease` (default), `deny` or `allow`.
+    #[serde(default)]
+    pub on_unavailable: OnUnavailable,
+    /// Longest a Redis call may take before Redis counts as unreachable, milliseconds.
+    /// Default 250.
+    #[serde(default = "default_redis_timeout_ms")]
+    pub redis_timeout_ms: u64,
+    /// Seconds a gateway's lease record lives without renewal; after that, what the gateway
+    /// held counts as spent (a dead gateway's lease is stranded, never given back). Live
+    /// gateways renew every third of it. Default 30.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_seconds: u64,
+}
+
+fn default_lease_ttl() -> u64 {
+    30
+}
+
+fn default_redis_timeout_ms() -> u64 {
+    250
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            backend: LedgerBackend::Local,
+            redis_url: None,
+            on_unavailable: OnUnavailable::Lease,
+            redis_timeout_ms: default_redis_timeout_ms(),
+            lease_ttl_seconds: default_lease_ttl(),
+        }
+    }
+}
+
+impl LedgerConfig {
+    /// The Redis seed addresses (`redis_url` split at commas, blanks dropped).
+    pub fn redis_urls(&self) -> Vec<String> {
+        self.redis_url
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.backend == LedgerBackend::Local {
+            return Ok(());
+        }
+        let urls = self.redis_urls();
+        if urls.is_empty() {
+            return Err("ledger: redis_url is needed for a redis backend".into());
+        }
+        if self.backend == LedgerBackend::Redis && urls.len() > 1 {
+            return Err(
+                "ledger: redis_url: one address for backend redis (a list is for redis-cluster)"
+                    .into(),
+            );
+        }
+        for u in &urls {
+            if !(u.starts_with("redis://") || u.starts_with("valkey://")) {
+                return Err(format!(
+                    "ledger: redis_url: {u:?} is not a redis:// address"
+                ));
+            }
+        }
+        if !(10..=60_000).contains(&self.redis_timeout_ms) {
+            return Err("ledger: redis_timeout_ms: must be between 10 and 60000".into());
+        }
+        if !(2..=86_400).contains(&self.lease_ttl_seconds) {
+            return Err("ledger: lease_ttl_seconds: must be between 2 and 86400".into());
+        }
+        Ok(())
+    }
+}
+
 /// One backend.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -209,6 +324,9 @@ pub struct Config {
     /// Default 1000.
     #[serde(default = "default_max_requests_per_connection")]
     pub max_requests_per_connection: u32,
+    /// Where quota counters live: this process (default) or Redis shared by several gateways.
+    #[serde(default)]
+    pub ledger: LedgerConfig,
 }
 
 fn default_header_read_timeout() -> u64 {
@@ -311,6 +429,7 @@ impl Config {
         for c in &self.trusted_proxies {
             crate::policy::parse_cidr(c).map_err(|e| format!("trusted_proxies: {e}"))?;
         }
+        self.ledger.validate()?;
         if self.upstreams.is_empty() {
             return Err("upstreams: at least one upstream is needed".into());
         }

@@ -355,8 +355,11 @@ pub struct GateOptions {
     pub trusted_proxies: Vec<IpNet>,
     /// Completion tokens reserved when a call names no `max_tokens`.
     pub default_max_tokens: u64,
-    /// Where consumed quota is persisted; `None` keeps it in memory only.
+    /// Where consumed quota is persisted; `None` keeps it in memory only. With a shared
+    /// ledger, only read: what it holds is added to Redis once (see [`Ledger::redis`]).
     pub state_dir: Option<PathBuf>,
+    /// Keep the counters in Redis, shared with other gateways, instead of this process.
+    pub shared_ledger: Option<crate::ledger::RedisSettings>,
     /// The usage log; `None` for none.
     pub usage_log: Option<PathBuf>,
     /// One access-log line per request.
@@ -376,6 +379,7 @@ impl Default for GateOptions {
             trusted_proxies: Vec::new(),
             default_max_tokens: 1024,
             state_dir: None,
+            shared_ledger: None,
             usage_log: None,
             access_log: false,
             per_key_metrics: false,
@@ -416,10 +420,12 @@ impl Gate {
         upstreams: Upstreams,
         options: GateOptions,
     ) -> std::result::Result<Gate, String> {
-        let ledger = match &options.state_dir {
-            Some(dir) => Ledger::open_with(dir, options.upgrade)
+        let ledger = match (&options.shared_ledger, &options.state_dir) {
+            (Some(settings), dir) => Ledger::redis(settings.clone(), dir.as_deref())
+                .map_err(|e| format!("ledger: {e}"))?,
+            (None, Some(dir)) => Ledger::open_with(dir, options.upgrade)
                 .map_err(|e| format!("state_dir {}: {e}", dir.display()))?,
-            None => Ledger::in_memory(),
+            (None, None) => Ledger::in_memory(),
         };
         let usage_log = match &options.usage_log {
             Some(p) => {
@@ -526,6 +532,7 @@ impl Gate {
                 trusted_proxies,
                 default_max_tokens: config.default_max_tokens,
                 state_dir: Some(config.state_dir.clone()),
+                shared_ledger: crate::ledger::RedisSettings::from_config(&config.ledger),
                 usage_log: config.usage_log.clone(),
                 access_log: config.access_log,
                 per_key_metrics: config.metrics.per_key,
@@ -621,6 +628,11 @@ impl Gate {
             }
         }
 
+        if read_only {
+            if let Some(id) = ctx.key_id() {
+                self.inner.ledger.refresh(id).await;
+            }
+        }
         if let Some(answer) = self.local_answer(session.req_header(), ctx) {
             ctx.outcome = Outcome::Local;
             ctx.gate_time += started.elapsed();
@@ -705,7 +717,9 @@ impl Gate {
                     remaining.max(0)
                 ),
             )),
-            Err(ReserveError::NotDurable) => Err(Denial::new(Reason::QuotaBackendUnavailable)),
+            Err(ReserveError::NotDurable | ReserveError::BackendUnavailable) => {
+                Err(Denial::new(Reason::QuotaBackendUnavailable))
+            }
         }
     }
 

@@ -15,6 +15,10 @@
 //! for the writer; with chunks raised at half use this happens about once per key per chunk.
 //! A clean shutdown writes exact values.
 
+mod lease;
+
+pub use lease::RedisSettings;
+
 use dashmap::DashMap;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -79,6 +83,21 @@ pub enum ReserveError {
     },
     /// The ceiling could not be made durable in time (slow or failing disk).
     NotDurable,
+    /// The shared ledger (Redis) cannot be reached and `on_unavailable` refuses the call.
+    BackendUnavailable,
+}
+
+/// The state of a shared ledger, for `/readyz` and `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendState {
+    /// Whether Redis answered the last call.
+    pub up: bool,
+    /// What the gateway does while it does not.
+    pub on_unavailable: crate::config::OnUnavailable,
+    /// Redis calls made so far.
+    pub ops: u64,
+    /// Redis calls that failed or timed out.
+    pub errors: u64,
 }
 
 struct Shared {
@@ -105,6 +124,8 @@ struct Shared {
 #[derive(Clone)]
 pub struct Ledger {
     shared: Arc<Shared>,
+    /// The shared ledger on Redis, when configured: counters live there, not in `shared`.
+    lease: Option<Arc<lease::LeaseLedger>>,
 }
 
 /// The chunk a key's durable ceiling is raised by: 2% of its limit, between 1 000 and
@@ -120,6 +141,36 @@ impl Ledger {
     /// A ledger that lives in memory only (nothing survives the process). For embedding and tests.
     pub fn in_memory() -> Ledger {
         Ledger::build(None, HashMap::new())
+    }
+
+    /// A ledger shared with other gateways through Redis (see the `lease` module). What this
+    /// gateway charged before, in its local ledger in `history` (if any), is added to Redis
+    /// once per key (the first gateway to seed a key wins).
+    pub fn redis(settings: RedisSettings, history: Option<&Path>) -> std::io::Result<Ledger> {
+        let seed = history.map(lease::local_history).unwrap_or_default();
+        let mut ledger = Ledger::in_memory();
+        ledger.lease = Some(lease::LeaseLedger::start(settings, seed)?);
+        Ok(ledger)
+    }
+
+    /// The shared ledger's state; `None` for a local one.
+    pub fn backend_state(&self) -> Option<BackendState> {
+        let l = self.lease.as_ref()?;
+        let (ops, errors) = l.ops();
+        Some(BackendState {
+            up: l.is_up(),
+            on_unavailable: l.mode(),
+            ops,
+            errors,
+        })
+    }
+
+    /// Bring the cached consumption of `key_id` up to date before [`Ledger::consumed`] is read
+    /// (a shared ledger reads Redis, within its timeout; a local one has nothing to do).
+    pub async fn refresh(&self, key_id: u64) {
+        if let Some(l) = &self.lease {
+            l.refresh(key_id).await;
+        }
     }
 
     /// Open (or create) the persisted ledger in `dir` and start its writer thread.
@@ -176,6 +227,7 @@ impl Ledger {
         }
         let (flushed, _) = tokio::sync::watch::channel(0);
         Ledger {
+            lease: None,
             shared: Arc::new(Shared {
                 counters,
                 dir,
@@ -218,6 +270,9 @@ impl Ledger {
 
     /// What keygate has charged `key_id` (settled calls), without creating a counter.
     pub fn consumed(&self, key_id: u64) -> i64 {
+        if let Some(l) = &self.lease {
+            return l.consumed(key_id);
+        }
         self.shared
             .counters
             .get(&key_id)
@@ -226,7 +281,8 @@ impl Ledger {
 
     /// Reservations outstanding across all keys.
     pub fn outstanding(&self) -> i64 {
-        self.shared.outstanding_total.load(Ordering::Relaxed)
+        let leased = self.lease.as_ref().map_or(0, |l| l.outstanding());
+        self.shared.outstanding_total.load(Ordering::Relaxed) + leased
     }
 
     /// Failed journal or snapshot writes so far.
@@ -242,6 +298,18 @@ impl Ledger {
         limit: Option<i64>,
         amount: i64,
     ) -> Result<Reservation, ReserveError> {
+        let amount = amount.clamp(0, MAX_AMOUNT);
+        if let Some(l) = &self.lease {
+            let slot = l.reserve(key_id, limit, amount).await?;
+            return Ok(Reservation {
+                amount,
+                done: false,
+                hold: Hold::Lease {
+                    slot,
+                    ledger: l.clone(),
+                },
+            });
+        }
         let counter = self.counter(key_id);
         let amount = amount.clamp(0, MAX_AMOUNT);
         let previous = counter
@@ -258,11 +326,13 @@ impl Ledger {
             .outstanding_total
             .fetch_add(1, Ordering::Relaxed);
         let reservation = Reservation {
-            key_id,
-            counter: counter.clone(),
-            ledger: self.shared.clone(),
             amount,
             done: false,
+            hold: Hold::Counter {
+                key_id,
+                counter: counter.clone(),
+                ledger: self.shared.clone(),
+            },
         };
         let needed = previous.saturating_add(amount);
         self.make_durable(key_id, &counter, needed, limit).await?;
@@ -470,6 +540,10 @@ impl Ledger {
     /// the successor (which started from this process's ceilings) instead of rewriting the
     /// shared snapshot and journal.
     pub fn handoff(&self) -> std::io::Result<()> {
+        if let Some(l) = &self.lease {
+            l.shutdown(Duration::from_secs(3));
+            return Ok(());
+        }
         self.stop_writer();
         let Some(dir) = self.shared.dir.clone() else {
             return Ok(());
@@ -558,6 +632,10 @@ impl Ledger {
     /// Clean shutdown: write exact values to the snapshot and empty the journal, so nothing is
     /// stranded. Call after the server has stopped serving.
     pub fn shutdown(&self) -> std::io::Result<()> {
+        if let Some(l) = &self.lease {
+            l.shutdown(Duration::from_secs(3));
+            return Ok(());
+        }
         self.stop_writer();
         let Some(dir) = self.shared.dir.clone() else {
             return Ok(());
@@ -688,11 +766,24 @@ fn load_state(dir: &Path) -> std::io::Result<HashMap<u64, i64>> {
 /// Quota held for one call. Settle it once with [`Reservation::settle`]; dropped unsettled, it
 /// refunds itself in full.
 pub struct Reservation {
-    key_id: u64,
-    counter: Arc<KeyCounter>,
-    ledger: Arc<Shared>,
     amount: i64,
     done: bool,
+    hold: Hold,
+}
+
+/// Where a reservation's units were taken from.
+enum Hold {
+    /// This process's counter for the key.
+    Counter {
+        key_id: u64,
+        counter: Arc<KeyCounter>,
+        ledger: Arc<Shared>,
+    },
+    /// This gateway's lease on the key, in a shared ledger.
+    Lease {
+        slot: Arc<lease::Slot>,
+        ledger: Arc<lease::LeaseLedger>,
+    },
 }
 
 impl std::fmt::Debug for Reservation {
@@ -709,35 +800,40 @@ impl Reservation {
 
     /// Charge `actual` units instead of the reservation (the difference may be negative).
     pub fn settle(mut self, actual: i64) {
-        let actual = actual.clamp(0, MAX_AMOUNT);
-        self.counter
-            .committed
-            .fetch_add(actual - self.amount, Ordering::AcqRel);
-        self.counter.consumed.fetch_add(actual, Ordering::AcqRel);
-        self.finish();
-        let committed = self.counter.committed();
-        if committed > self.counter.durable.load(Ordering::Acquire) {
-            // A settle above the reservation may pass the ceiling: ask the writer (no wait).
-            request_ceiling(&self.ledger, self.key_id, &self.counter, committed);
-        }
+        self.close(actual.clamp(0, MAX_AMOUNT));
     }
 
-    fn finish(&mut self) {
+    /// Charge `actual` units (a refund charges 0 and does not count as consumed).
+    fn close(&mut self, actual: i64) {
         self.done = true;
-        self.counter.outstanding.fetch_sub(1, Ordering::AcqRel);
-        self.ledger
-            .outstanding_total
-            .fetch_sub(1, Ordering::Relaxed);
+        match &self.hold {
+            Hold::Lease { slot, ledger } => ledger.settle(slot, self.amount, actual),
+            Hold::Counter {
+                key_id,
+                counter,
+                ledger,
+            } => {
+                counter
+                    .committed
+                    .fetch_add(actual - self.amount, Ordering::AcqRel);
+                counter.consumed.fetch_add(actual, Ordering::AcqRel);
+                counter.outstanding.fetch_sub(1, Ordering::AcqRel);
+                ledger.outstanding_total.fetch_sub(1, Ordering::Relaxed);
+                let committed = counter.committed();
+                if committed > counter.durable.load(Ordering::Acquire) {
+                    // A settle above the reservation may pass the ceiling: ask the writer
+                    // (no wait).
+                    request_ceiling(ledger, *key_id, counter, committed);
+                }
+            }
+        }
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.done {
-            self.counter
-                .committed
-                .fetch_sub(self.amount, Ordering::AcqRel);
-            self.finish();
+            self.close(0);
         }
     }
 }

@@ -54,6 +54,13 @@ pub struct Metrics {
     pub usage_log_dropped: prometheus::IntCounter,
     /// `keygate_ledger_write_errors_total`, brought up to date at scrape time.
     pub ledger_write_errors: prometheus::IntCounter,
+    /// `keygate_ledger_backend_up`: 1 while the quota ledger's backend answers (always 1 for
+    /// the local ledger), 0 while Redis cannot be reached. Set at scrape time.
+    pub ledger_backend_up: IntGauge,
+    /// `keygate_ledger_backend_operations_total`: calls made to Redis (scripts and probes).
+    pub ledger_backend_ops: prometheus::IntCounter,
+    /// `keygate_ledger_backend_errors_total`: Redis calls that failed or timed out.
+    pub ledger_backend_errors: prometheus::IntCounter,
     /// `keygate_upstream_errors_total{upstream,kind}`: connect, timeout, broken, status_5xx.
     pub upstream_errors: IntCounterVec,
     /// `keygate_key_requests_total{key_id,key_name,outcome}` (only with `metrics.per_key`).
@@ -140,6 +147,22 @@ impl Metrics {
             "Failed ledger journal or snapshot writes.",
         )
         .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let ledger_backend_up = IntGauge::new(
+            "keygate_ledger_backend_up",
+            "1 while the quota ledger's backend answers (always 1 for the local ledger).",
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        ledger_backend_up.set(1);
+        let ledger_backend_ops = prometheus::IntCounter::new(
+            "keygate_ledger_backend_operations_total",
+            "Calls made to the shared ledger's Redis (scripts and probes).",
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let ledger_backend_errors = prometheus::IntCounter::new(
+            "keygate_ledger_backend_errors_total",
+            "Calls to the shared ledger's Redis that failed or timed out.",
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
         let loaded_at = IntGauge::new(
             "keygate_config_loaded_timestamp_seconds",
             "Unix time the key table in force was loaded (its age: time() minus this).",
@@ -186,6 +209,9 @@ impl Metrics {
             Box::new(usage_missing.clone()),
             Box::new(usage_log_dropped.clone()),
             Box::new(ledger_write_errors.clone()),
+            Box::new(ledger_backend_up.clone()),
+            Box::new(ledger_backend_ops.clone()),
+            Box::new(ledger_backend_errors.clone()),
             Box::new(requests.clone()),
             Box::new(gate_duration.clone()),
             Box::new(upstream_duration.clone()),
@@ -217,6 +243,9 @@ impl Metrics {
             usage_missing,
             usage_log_dropped,
             ledger_write_errors,
+            ledger_backend_up,
+            ledger_backend_ops,
+            ledger_backend_errors,
             upstream_errors,
             key_requests,
             key_quota,
@@ -302,6 +331,11 @@ impl ServeHttp for MetricsApp {
                 let ledger = self.gate.ledger();
                 self.metrics.outstanding.set(ledger.outstanding());
                 catch_up(&self.metrics.ledger_write_errors, ledger.write_errors());
+                if let Some(b) = ledger.backend_state() {
+                    self.metrics.ledger_backend_up.set(i64::from(b.up));
+                    catch_up(&self.metrics.ledger_backend_ops, b.ops);
+                    catch_up(&self.metrics.ledger_backend_errors, b.errors);
+                }
                 if let Some(log) = self.gate.usage_log() {
                     catch_up(&self.metrics.usage_log_dropped, log.dropped());
                 }
@@ -310,12 +344,27 @@ impl ServeHttp for MetricsApp {
             "/healthz" => response(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
                 let table = self.table.load();
-                let body = serde_json::json!({
+                let mut body = serde_json::json!({
                     "ready": true,
                     "revision": table.revision,
                     "keys": table.len(),
                 });
-                response(200, "application/json", body.to_string().into_bytes())
+                let mut status = 200;
+                if let Some(b) = self.gate.ledger().backend_state() {
+                    // Degraded: Redis is away. With `deny` nothing metered can be served, so
+                    // the gateway is not ready; with `lease` or `allow` it still serves.
+                    let ready = b.up || b.on_unavailable != crate::config::OnUnavailable::Deny;
+                    body["ready"] = ready.into();
+                    body["ledger"] = serde_json::json!({
+                        "backend": "redis",
+                        "state": if b.up { "ok" } else { "degraded" },
+                        "on_unavailable": b.on_unavailable,
+                    });
+                    if !ready {
+                        status = 503;
+                    }
+                }
+                response(status, "application/json", body.to_string().into_bytes())
             }
             _ => response(404, "text/plain", b"not found\n".to_vec()),
         }

@@ -386,3 +386,4 @@ pub fn keygate_cli(args: &[&str]) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+pub mod redis;
