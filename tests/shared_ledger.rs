@@ -232,11 +232,12 @@ async fn consumption_survives_kill_9_of_a_gateway() {
         after[0],
         actual()
     );
-    // What the kill stranded is bounded by the lease it held: at most two grants (the lease
-    // and a refill), each at most an eighth of the room left, plus the call in flight.
+    // What the kill stranded is bounded by the lease it held: sized to 2 s of the key's
+    // recent spending and topped up at half, so about 3 s of it. The load ran 1.5 s: about
+    // twice the calls made, at their reservation (three times, for a load that sped up).
     let stranded = after[0] - completed * actual();
     assert!(
-        stranded <= 1_000_000 / 4 + reserved(),
+        stranded <= 3 * completed * reserved(),
         "stranded {stranded} for {completed} calls"
     );
     eprintln!("kill -9 stranded {stranded} units ({completed} calls made)");
@@ -278,9 +279,9 @@ async fn redis_outage_with_lease_spends_what_is_held_then_503() {
         statuses.push(status);
     }
     assert_eq!(statuses.last(), Some(&503), "{statuses:?}");
-    // The lease it held was spent first.
+    // The lease it held (four calls' worth after the first call, at least) was spent first.
     assert!(
-        statuses.iter().filter(|s| **s == 200).count() >= 1,
+        statuses.iter().filter(|s| **s == 200).count() >= 3,
         "{statuses:?}"
     );
     assert!(statuses[..statuses.len() - 1].iter().all(|s| *s == 200));

@@ -55,7 +55,9 @@ local need, want = tonumber(ARGV[4]), tonumber(ARGV[5])
 local give, deficit, held = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local ttl = tonumber(ARGV[9])
 local committed = tonumber(redis.call('HGET', KEYS[1], 'committed') or '0')
-local granted = 0
+-- A record removed (a day after it expired) while its gateway was away: trust the gateway,
+-- whose grants are already in `committed`.
+local granted = known
 local rec = redis.call('HGET', KEYS[2], gw)
 if rec then granted = tonumber(string.match(rec, '^(%S+)')) end
 local applied, grant = 0, 0
@@ -84,7 +86,7 @@ local holding = 0
 local records = redis.call('HGETALL', KEYS[2])
 for i = 1, #records, 2 do
   local g, h, e = string.match(records[i + 1], '^(%S+) (%S+) (%S+)$')
-  e = tonumber(e)
+  e = tonumber(e or '0')
   if e >= now then
     holding = holding + tonumber(h)
   elseif e < now - 86400000 then
@@ -103,7 +105,7 @@ local holding = 0
 local records = redis.call('HGETALL', KEYS[2])
 for i = 1, #records, 2 do
   local g, h, e = string.match(records[i + 1], '^(%S+) (%S+) (%S+)$')
-  if tonumber(e) >= now then holding = holding + tonumber(h) end
+  if tonumber(e or '0') >= now then holding = holding + tonumber(h) end
 end
 return committed - holding
 ";
@@ -182,10 +184,10 @@ struct Stats {
 }
 
 /// Where a waiting reservation learns whether it was granted.
-type Reply = oneshot::Sender<Result<(), ReserveError>>;
+type Reply = oneshot::Sender<Result<Granted, ReserveError>>;
 
-/// Reservations waiting for a refill: (amount, reply), in arrival order.
-type Waiters = Vec<(i64, Reply)>;
+/// Reservations waiting for a refill: (amount, reply, rounds waited), in arrival order.
+type Waiters = Vec<(i64, Reply, u8)>;
 
 enum Msg {
     /// A reservation that its lease cannot cover waits for a refill.
@@ -194,6 +196,7 @@ enum Msg {
         slot: Arc<Slot>,
         amount: i64,
         reply: Reply,
+        rounds: u8,
     },
     /// A lease ran low: refill it in the background.
     Refill(u64),
@@ -326,13 +329,18 @@ impl LeaseLedger {
             slot: slot.clone(),
             amount,
             reply,
+            rounds: 0,
         };
         if self.tx.send(need).is_err() {
             return Err(ReserveError::BackendUnavailable);
         }
-        // The worker answers within one script call; the bound is for a stuck worker.
+        // The worker answers within a few script calls; the bound is for a stuck worker. Units
+        // granted after it passed go back to the lease (see `Granted`).
         match tokio::time::timeout(self.timeout * 4 + Duration::from_secs(1), answer).await {
-            Ok(Ok(Ok(()))) => Ok(slot),
+            Ok(Ok(Ok(granted))) => {
+                granted.claim();
+                Ok(slot)
+            }
             Ok(Ok(Err(e))) => Err(e),
             _ => Err(ReserveError::BackendUnavailable),
         }
@@ -418,20 +426,72 @@ fn redis_keys(key_id: u64) -> (String, String) {
     )
 }
 
+/// A Lua script: its text and SHA-1. Sent with `EVALSHA`, and with `EVAL` when the node does
+/// not have it yet (`NOSCRIPT`), so on a cluster it is loaded only on the key's own node.
+struct Script {
+    code: &'static str,
+    sha: String,
+}
+
+impl Script {
+    fn new(code: &'static str) -> Script {
+        Script {
+            code,
+            sha: redis::Script::new(code).get_hash().to_string(),
+        }
+    }
+
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut Conn,
+        keys: &[&str],
+        args: &[i64],
+        gateway: Option<&str>,
+    ) -> redis::RedisResult<T> {
+        let command = |name: &str, script: &str| {
+            let mut c = redis::cmd(name);
+            c.arg(script).arg(keys.len()).arg(keys);
+            if let Some(g) = gateway {
+                c.arg(g);
+            }
+            c.arg(args);
+            c
+        };
+        match command("EVALSHA", &self.sha).query_async(conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                command("EVAL", self.code).query_async(conn).await
+            }
+            other => other,
+        }
+    }
+}
+
 struct Scripts {
-    sync: redis::Script,
-    read: redis::Script,
-    seed: redis::Script,
+    sync: Script,
+    read: Script,
+    seed: Script,
 }
 
 impl Scripts {
     fn new() -> Scripts {
         Scripts {
-            sync: redis::Script::new(SYNC_SCRIPT),
-            read: redis::Script::new(READ_SCRIPT),
-            seed: redis::Script::new(SEED_SCRIPT),
+            sync: Script::new(SYNC_SCRIPT),
+            read: Script::new(READ_SCRIPT),
+            seed: Script::new(SEED_SCRIPT),
         }
     }
+}
+
+/// Whether an error means Redis (or the key's node) cannot be reached, as opposed to a fault
+/// of one call (a script error, a wrong type), which is refused for that key alone.
+fn unreachable(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind as S};
+    !matches!(
+        e.kind(),
+        ErrorKind::Parse
+            | ErrorKind::UnexpectedReturnType
+            | ErrorKind::Server(S::ResponseError | S::ExecAbort | S::CrossSlot | S::NoPerm)
+    )
 }
 
 /// A connection to one server (reconnecting by itself) or to a cluster (following redirects
@@ -500,6 +560,9 @@ struct Ask {
     slot: Arc<Slot>,
     /// What this gateway believes Redis granted it (its record's `granted`).
     known: i64,
+    /// A give-back whose answer was lost: held back from `avail` until an answer shows
+    /// whether Redis applied it.
+    pending: i64,
     need: i64,
     want: i64,
     give: i64,
@@ -508,7 +571,17 @@ struct Ask {
     waiters: Waiters,
 }
 
-/// The ledger thread: owns the connection and every key's `known` grant.
+/// One script call's outcome.
+enum Outcome {
+    /// `(applied, granted, committed, consumption)`.
+    Answered(i64, i64, i64, i64),
+    /// Redis (or the key's node) could not be reached in time.
+    Unreachable,
+    /// Redis refused this call (a script error, a wrong type at the key).
+    Refused,
+}
+
+/// The ledger thread: owns the connection and what it knows of each key.
 struct Worker {
     ledger: Arc<LeaseLedger>,
     settings: RedisSettings,
@@ -524,12 +597,18 @@ struct Worker {
 struct KeyState {
     /// What Redis granted this gateway, as far as it knows (its record's `granted`).
     known: i64,
+    /// A give-back sent without an answer (see [`Ask::pending`]).
+    pending_give: i64,
     /// The rate mark: units debited at `rate_at` (ms).
     rate_debited: i64,
     rate_at: u64,
     /// When the record was last written (ms).
     synced_at: u64,
 }
+
+/// A waiting reservation gets another round (a grant taken by a faster call, an answer that
+/// corrected this gateway instead of granting) this many times before it is refused.
+const WAIT_ROUNDS: u8 = 3;
 
 impl Worker {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
@@ -551,7 +630,7 @@ impl Worker {
             }
             if !self.ensure_ready().await {
                 self.answer_unavailable(msgs);
-                next_flush = Instant::now() + FLUSH_EVERY / 2;
+                next_flush = Instant::now() + FLUSH_EVERY;
                 continue;
             }
             let mut shutdown = None;
@@ -564,22 +643,25 @@ impl Worker {
                         slot,
                         amount,
                         reply,
+                        rounds,
                     } => needs
                         .entry(key_id)
                         .or_insert_with(|| (slot, Vec::new()))
                         .1
-                        .push((amount, reply)),
+                        .push((amount, reply, rounds)),
                     Msg::Refill(id) => refills.push(id),
                     Msg::Read(id, done) => self.spawn_read(id, done),
                     Msg::Shutdown(done) => shutdown = Some(done),
                 }
             }
             let flush = Instant::now() >= next_flush || shutdown.is_some();
-            let asks = self.plan(needs, refills, flush, shutdown.is_some());
-            if asks.is_empty() && flush && !self.ledger.is_up() {
+            let (urgent, background) = self.plan(needs, refills, flush, shutdown.is_some());
+            if urgent.is_empty() && background.is_empty() && flush && !self.ledger.is_up() {
                 self.probe().await;
             }
-            self.sync(asks).await;
+            // Calls that wait go first, in their own round.
+            self.sync(urgent).await;
+            self.sync(background).await;
             if flush {
                 next_flush = Instant::now() + FLUSH_EVERY;
             }
@@ -603,15 +685,15 @@ impl Worker {
             let seed: Vec<(u64, i64)> = self.seed.iter().map(|(k, v)| (*k, *v)).collect();
             for chunk in seed.chunks(CONCURRENT_CALLS) {
                 let calls = chunk.iter().map(|(id, v)| {
-                    let mut conn = self.conn.clone();
+                    let conn = self.conn.clone();
                     let script = &self.scripts.seed;
                     let timeout = self.settings.timeout;
                     async move {
-                        let conn = conn.as_mut()?;
+                        let mut conn = conn?;
                         let (k, _) = redis_keys(*id);
-                        let mut invocation = script.key(k);
-                        let call = invocation.arg(*v).invoke_async::<i64>(conn);
-                        tokio::time::timeout(timeout, call).await.ok()?.ok()
+                        let (keys, args) = ([k.as_str()], [*v]);
+                        let call = script.call::<i64>(&mut conn, &keys, &args, None);
+                        Some(tokio::time::timeout(timeout, call).await)
                     }
                 });
                 let results = futures_util::future::join_all(calls).await;
@@ -619,11 +701,18 @@ impl Worker {
                     .stats
                     .ops
                     .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                if results.iter().any(Option::is_none) {
-                    return self.failed("seeding from the local ledger failed");
-                }
-                let applied = results.iter().flatten().filter(|r| **r == 1).count();
-                for (id, _) in chunk {
+                let mut applied = 0;
+                for ((id, _), r) in chunk.iter().zip(results) {
+                    match r {
+                        Some(Ok(Ok(1))) => applied += 1,
+                        Some(Ok(Ok(_))) => {}
+                        Some(Ok(Err(e))) if !unreachable(&e) => {
+                            // This key cannot be seeded (say, a foreign value at its Redis
+                            // key); the others can.
+                            log::error!("ledger: seeding key {id}: {e}");
+                        }
+                        _ => return self.failed("seeding from the local ledger failed"),
+                    }
                     self.seed.remove(id);
                 }
                 log::info!(
@@ -680,9 +769,7 @@ impl Worker {
                     amount,
                     reply,
                     ..
-                } => {
-                    let _ = reply.send(self.admit_without_redis(&slot, amount));
-                }
+                } => self.admit_without_redis(&slot, amount, reply),
                 Msg::Refill(id) => {
                     if let Some(s) = self.ledger.slots.get(&id) {
                         s.queued.store(false, Ordering::Release);
@@ -698,12 +785,24 @@ impl Worker {
         }
     }
 
-    fn admit_without_redis(&self, slot: &Slot, amount: i64) -> Result<(), ReserveError> {
-        if self.ledger.mode == OnUnavailable::Allow {
+    /// A waiting call without Redis: admitted and counted locally with `allow`, else refused.
+    fn admit_without_redis(&self, slot: &Arc<Slot>, amount: i64, reply: Reply) {
+        let answer = if self.ledger.mode == OnUnavailable::Allow {
             self.ledger.debit(slot, amount);
-            Ok(())
+            Ok(self.granted(slot, amount))
         } else {
             Err(ReserveError::BackendUnavailable)
+        };
+        let _ = reply.send(answer);
+    }
+
+    /// Units already debited for a waiting call, refunded if the call gave up meanwhile.
+    fn granted(&self, slot: &Arc<Slot>, amount: i64) -> Granted {
+        Granted {
+            slot: slot.clone(),
+            ledger: self.ledger.clone(),
+            amount,
+            claimed: false,
         }
     }
 
@@ -717,8 +816,8 @@ impl Worker {
         let scripts = self.scripts.clone();
         tokio::spawn(async move {
             let (k, leases) = redis_keys(key_id);
-            let mut invocation = scripts.read.key(k);
-            let call = invocation.key(leases).invoke_async::<i64>(&mut conn);
+            let keys = [k.as_str(), leases.as_str()];
+            let call = scripts.read.call::<i64>(&mut conn, &keys, &[], None);
             ledger.stats.ops.fetch_add(1, Ordering::Relaxed);
             match tokio::time::timeout(timeout, call).await {
                 Ok(Ok(v)) => {
@@ -734,37 +833,46 @@ impl Worker {
         });
     }
 
-    /// The sync calls this round makes: keys with waiting calls, keys whose lease ran low, and
-    /// on a flush every key with something to report, renew or give back.
+    /// This round's sync calls: first the keys with waiting calls, then keys whose lease ran
+    /// low and, on a flush, every key with something to report, renew or give back.
     fn plan(
         &mut self,
         needs: HashMap<u64, (Arc<Slot>, Waiters)>,
         refills: Vec<u64>,
         flush: bool,
         closing: bool,
-    ) -> Vec<Ask> {
+    ) -> (Vec<Ask>, Vec<Ask>) {
         let now = self.ledger.now_ms();
         let renew_after = self.settings.lease_ttl.as_millis() as u64 / 3;
-        let mut asks: HashMap<u64, Ask> = HashMap::new();
+        let mut urgent = Vec::new();
+        let mut planned = std::collections::HashSet::new();
         for (key_id, (slot, waiters)) in needs {
-            let total: i64 = waiters.iter().map(|(a, _)| *a).sum();
+            let total = waiters
+                .iter()
+                .fold(0i64, |sum, (a, _, _)| sum.saturating_add(*a));
             let mut ask = self.ask(key_id, slot, now);
-            ask.need = (total - ask.held.max(0)).max(0);
-            ask.want = ask.need + self.lease_size(key_id, &ask.slot, now);
+            ask.need = total.saturating_sub(ask.held.max(0)).max(0);
+            ask.want = ask
+                .need
+                .saturating_add(self.lease_size(key_id, &ask.slot, now))
+                .min(super::MAX_AMOUNT);
             ask.waiters = waiters;
-            asks.insert(key_id, ask);
+            planned.insert(key_id);
+            urgent.push(ask);
         }
+        let mut background = Vec::new();
         for key_id in refills {
-            if asks.contains_key(&key_id) {
-                continue;
-            }
             let Some(slot) = self.ledger.slots.get(&key_id).map(|s| s.clone()) else {
                 continue;
             };
             slot.queued.store(false, Ordering::Release);
+            if !planned.insert(key_id) {
+                continue;
+            }
             let mut ask = self.ask(key_id, slot, now);
-            ask.want = self.lease_size(key_id, &ask.slot, now);
-            asks.insert(key_id, ask);
+            // Top the lease up to its size, not beyond.
+            ask.want = (self.lease_size(key_id, &ask.slot, now) - ask.held.max(0)).max(0);
+            background.push(ask);
         }
         if flush {
             let slots: Vec<(u64, Arc<Slot>)> = self
@@ -774,50 +882,49 @@ impl Worker {
                 .map(|e| (*e.key(), e.value().clone()))
                 .collect();
             for (key_id, slot) in slots {
-                if asks.contains_key(&key_id) {
+                if planned.contains(&key_id) {
                     continue;
                 }
                 let avail = slot.avail.load(Ordering::Acquire);
                 let idle = now.saturating_sub(slot.last_use.load(Ordering::Relaxed)) >= IDLE_MS;
-                let stale = self
-                    .keys
-                    .get(&key_id)
-                    .is_some_and(|k| avail != 0 && now.saturating_sub(k.synced_at) >= renew_after);
+                let state = self.keys.get(&key_id).copied().unwrap_or_default();
+                let stale = avail != 0 && now.saturating_sub(state.synced_at) >= renew_after;
                 let dirty = slot.dirty.swap(false, Ordering::AcqRel);
-                if dirty || avail < 0 || stale || ((idle || closing) && avail > 0) {
-                    let mut ask = self.ask(key_id, slot, now);
-                    if (idle || closing) && ask.held > 0 {
-                        // Give the lease back: taken out of `avail` first, so it is not spent
-                        // meanwhile; put back if the call fails.
-                        let taken =
-                            ask.slot
-                                .avail
-                                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
-                                    (a > 0).then_some(0)
-                                });
-                        ask.give = taken.unwrap_or(0).max(0);
-                        ask.held = ask.slot.avail.load(Ordering::Acquire);
-                    }
-                    asks.insert(key_id, ask);
+                let give_back = (idle || closing) && avail > 0;
+                if !(dirty || avail < 0 || stale || give_back || state.pending_give != 0) {
+                    continue;
                 }
+                let mut ask = self.ask(key_id, slot, now);
+                if give_back {
+                    // Taken out of `avail` first, so it is not spent meanwhile.
+                    let taken =
+                        ask.slot
+                            .avail
+                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                                (a > 0).then_some(0)
+                            });
+                    ask.give = taken.unwrap_or(0).max(0);
+                    ask.held = ask.slot.avail.load(Ordering::Acquire);
+                    ask.deficit = (-ask.held).max(0);
+                }
+                background.push(ask);
             }
         }
-        asks.into_values().collect()
+        (urgent, background)
     }
 
     fn ask(&mut self, key_id: u64, slot: Arc<Slot>, now: u64) -> Ask {
-        let known = self
-            .keys
-            .entry(key_id)
-            .or_insert(KeyState {
-                rate_at: now,
-                ..KeyState::default()
-            })
-            .known;
+        let debited = slot.debited.load(Ordering::Relaxed);
+        let state = self.keys.entry(key_id).or_insert(KeyState {
+            rate_debited: debited,
+            rate_at: now,
+            ..KeyState::default()
+        });
         let held = slot.avail.load(Ordering::Acquire);
         Ask {
             key_id,
-            known,
+            known: state.known,
+            pending: state.pending_give,
             need: 0,
             want: 0,
             give: 0,
@@ -829,67 +936,66 @@ impl Worker {
     }
 
     /// The lease to hold beyond what waiting calls need: about `LEASE_COVERS` of the key's
-    /// recent spending, at least four of its last reservations. Redis caps it near the limit.
+    /// spending over the last second or more, at least four of its last reservations. Redis
+    /// caps what it grants near the limit.
     fn lease_size(&mut self, key_id: u64, slot: &Slot, now: u64) -> i64 {
         let debited = slot.debited.load(Ordering::Relaxed);
         let last = slot.last_amount.load(Ordering::Relaxed).max(1);
-        let state = self.keys.entry(key_id).or_insert(KeyState {
-            rate_debited: debited,
-            rate_at: now,
-            ..KeyState::default()
-        });
-        let elapsed = now.saturating_sub(state.rate_at).max(1);
+        let state = self.keys.entry(key_id).or_default();
+        let elapsed = now.saturating_sub(state.rate_at);
         let spent = (debited - state.rate_debited).max(0);
-        let by_rate = (spent as f64 * LEASE_COVERS.as_millis() as f64 / elapsed as f64) as i64;
+        let window = elapsed.max(1_000) as f64;
+        let by_rate = (spent as f64 * LEASE_COVERS.as_millis() as f64 / window) as i64;
         if elapsed >= 1_000 {
             state.rate_debited = debited;
             state.rate_at = now;
         }
-        let size = by_rate.max(4 * last).min(super::MAX_AMOUNT);
+        let size = by_rate.max(last.saturating_mul(4)).min(super::MAX_AMOUNT);
         slot.low_water.store(size / 2, Ordering::Relaxed);
         size
     }
 
-    /// Run this round's script calls (several at once) and apply their answers.
+    /// Run script calls (several at once) and apply their answers. Once Redis proves
+    /// unreachable, the rest are not sent this round.
     async fn sync(&mut self, asks: Vec<Ask>) {
-        if asks.is_empty() {
-            return;
-        }
-        let limit_of = |s: &Slot| s.limit.load(Ordering::Relaxed);
         let mut asks = asks;
         while !asks.is_empty() {
             let rest = asks.split_off(asks.len().min(CONCURRENT_CALLS));
             let batch = std::mem::replace(&mut asks, rest);
             let calls = batch.iter().map(|a| {
-                let mut conn = self.conn.clone();
+                let conn = self.conn.clone();
                 let script = &self.scripts.sync;
                 let gateway = self.gateway.as_str();
                 let timeout = self.settings.timeout;
-                let ttl = self.settings.lease_ttl.as_millis() as u64;
-                let limit = limit_of(&a.slot);
+                let args = [
+                    a.known,
+                    a.slot.limit.load(Ordering::Relaxed),
+                    a.need,
+                    a.want,
+                    a.give,
+                    a.deficit,
+                    a.held,
+                    self.settings.lease_ttl.as_millis() as i64,
+                ];
                 async move {
-                    let conn = conn.as_mut()?;
+                    let Some(mut conn) = conn else {
+                        return Outcome::Unreachable;
+                    };
                     let (k, leases) = redis_keys(a.key_id);
-                    let mut invocation = script.key(k);
-                    let call = invocation
-                        .key(leases)
-                        .arg(gateway)
-                        .arg(a.known)
-                        .arg(limit)
-                        .arg(a.need)
-                        .arg(a.want)
-                        .arg(a.give)
-                        .arg(a.deficit)
-                        .arg(a.held)
-                        .arg(ttl)
-                        .invoke_async::<(i64, i64, i64, i64)>(conn);
+                    let keys = [k.as_str(), leases.as_str()];
+                    let call =
+                        script.call::<(i64, i64, i64, i64)>(&mut conn, &keys, &args, Some(gateway));
                     match tokio::time::timeout(timeout, call).await {
-                        Ok(Ok(r)) => Some(r),
-                        Ok(Err(e)) => {
-                            log::debug!("ledger: sync of key {}: {e}", a.key_id);
-                            None
+                        Ok(Ok((x, g, c, u))) => Outcome::Answered(x, g, c, u),
+                        Ok(Err(e)) if !unreachable(&e) => {
+                            log::error!("ledger: key {}: Redis refused: {e}", a.key_id);
+                            Outcome::Refused
                         }
-                        Err(_) => None,
+                        Ok(Err(e)) => {
+                            log::debug!("ledger: key {}: {e}", a.key_id);
+                            Outcome::Unreachable
+                        }
+                        Err(_) => Outcome::Unreachable,
                     }
                 }
             });
@@ -898,77 +1004,129 @@ impl Worker {
                 .stats
                 .ops
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            let mut failed = false;
-            if results.iter().any(Option::is_some) {
-                self.reached();
-            }
+            let reached = results.iter().any(|r| !matches!(r, Outcome::Unreachable));
             for (ask, result) in batch.into_iter().zip(results) {
                 match result {
-                    Some(r) => self.apply(ask, r),
-                    None => {
-                        failed = true;
-                        self.abandon(ask);
+                    Outcome::Answered(applied, granted, committed, consumption) => {
+                        self.apply(ask, applied == 1, granted, committed, consumption)
                     }
+                    outcome => self.abandon(ask, matches!(outcome, Outcome::Refused)),
                 }
             }
-            if failed {
-                self.failed("a script call failed or timed out");
+            if reached {
+                self.reached();
+            } else {
+                self.failed("script calls failed or timed out");
+                for ask in std::mem::take(&mut asks) {
+                    self.abandon(ask, false);
+                }
             }
         }
     }
 
     /// Apply one answer: credit what Redis granted beyond what this gateway knew (a grant, an
-    /// overdraft turned into committed quota, or a lost earlier answer), then serve the waiting
-    /// calls in order.
-    fn apply(
-        &mut self,
-        ask: Ask,
-        (applied, granted, committed, consumption): (i64, i64, i64, i64),
-    ) {
+    /// overdraft turned into committed quota, a lost earlier answer) and settle a give-back
+    /// whose answer was lost, then serve the waiting calls in order.
+    fn apply(&mut self, ask: Ask, applied: bool, granted: i64, committed: i64, consumption: i64) {
         let slot = ask.slot;
-        let now = self.ledger.now_ms();
         let state = self.keys.entry(ask.key_id).or_default();
         state.known = granted;
-        state.synced_at = now;
-        slot.avail
-            .fetch_add(granted - ask.known + ask.give, Ordering::AcqRel);
-        if applied == 1 {
+        state.pending_give -= ask.pending;
+        state.synced_at = self.ledger.now_ms();
+        // Applied: `granted − known` is −give + deficit + grant, so this adds deficit + grant
+        // (the give was taken out of `avail` beforehand). Not applied: it restores the give and
+        // corrects `avail` by what Redis shows. A lost give-back (`pending`) is restored here
+        // and taken off again by `granted − known` if Redis had applied it.
+        let delta = granted - ask.known + ask.give + ask.pending;
+        slot.avail.fetch_add(delta, Ordering::AcqRel);
+        if ask.pending != 0 {
+            // Redis's record does not show the restored give-back yet.
+            slot.dirty.store(true, Ordering::Release);
+        }
+        if applied {
             slot.recorded
-                .store(ask.held + granted - ask.known + ask.give, Ordering::Release);
+                .store(ask.held + delta - ask.pending, Ordering::Release);
+            let got = delta - ask.pending - ask.deficit;
+            if ask.want > 0 && got < ask.want {
+                // Redis capped the lease near the limit: ask again only once half of what it
+                // gave is spent, not at every call.
+                slot.low_water.store(got / 2, Ordering::Relaxed);
+            }
         } else {
-            // Not applied: the record was ahead of this gateway (a lost answer). It is now
-            // corrected; report again next round.
+            // The record was ahead of this gateway (a lost answer). It is corrected now;
+            // report again next round.
             slot.dirty.store(true, Ordering::Release);
         }
         slot.consumption.store(consumption, Ordering::Release);
-        for (amount, reply) in ask.waiters {
-            let ok = slot
+        let limit = slot.limit.load(Ordering::Relaxed);
+        for (amount, reply, rounds) in ask.waiters {
+            let taken = slot
                 .avail
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
                     (a >= amount).then(|| a - amount)
                 })
                 .is_ok();
-            let answer = if ok {
+            if taken {
                 self.ledger.outstanding.fetch_add(1, Ordering::Relaxed);
                 slot.debited.fetch_add(amount, Ordering::Relaxed);
-                Ok(())
-            } else {
-                let limit = slot.limit.load(Ordering::Relaxed);
-                Err(ReserveError::Insufficient {
-                    remaining: (limit - committed).max(0),
-                })
-            };
-            let _ = reply.send(answer);
+                let _ = reply.send(Ok(self.granted(&slot, amount)));
+                continue;
+            }
+            let room = limit < 0 || limit.saturating_sub(committed) >= amount;
+            if (room || !applied) && rounds < WAIT_ROUNDS {
+                // There is room, or this answer only corrected the gateway: one more round.
+                let _ = self.ledger.tx.send(Msg::Need {
+                    key_id: ask.key_id,
+                    slot: slot.clone(),
+                    amount,
+                    reply,
+                    rounds: rounds + 1,
+                });
+                continue;
+            }
+            let _ = reply.send(Err(ReserveError::Insufficient {
+                remaining: limit.saturating_sub(committed).max(0),
+            }));
         }
     }
 
-    /// A call that failed: put back a lease being given back, answer waiters as
-    /// `on_unavailable` says; the report is retried next round.
-    fn abandon(&self, ask: Ask) {
-        ask.slot.avail.fetch_add(ask.give, Ordering::AcqRel);
+    /// A call without an answer: a give-back stays held back until an answer shows whether
+    /// Redis applied it; waiting calls are answered as `on_unavailable` says (or refused, when
+    /// Redis refused the call); the report is retried next round.
+    fn abandon(&mut self, ask: Ask, refused: bool) {
+        if ask.give > 0 {
+            self.keys.entry(ask.key_id).or_default().pending_give += ask.give;
+        }
         ask.slot.dirty.store(true, Ordering::Release);
-        for (amount, reply) in ask.waiters {
-            let _ = reply.send(self.admit_without_redis(&ask.slot, amount));
+        for (amount, reply, _) in ask.waiters {
+            if refused {
+                let _ = reply.send(Err(ReserveError::BackendUnavailable));
+            } else {
+                self.admit_without_redis(&ask.slot, amount, reply);
+            }
+        }
+    }
+}
+
+/// Units debited from a lease for a call that waited for a refill. The call claims them; if
+/// it gave up meanwhile (its deadline passed, its client went away), they go back to the lease.
+pub(crate) struct Granted {
+    slot: Arc<Slot>,
+    ledger: Arc<LeaseLedger>,
+    amount: i64,
+    claimed: bool,
+}
+
+impl Granted {
+    fn claim(mut self) {
+        self.claimed = true;
+    }
+}
+
+impl Drop for Granted {
+    fn drop(&mut self) {
+        if !self.claimed {
+            self.ledger.settle(&self.slot, self.amount, 0);
         }
     }
 }
@@ -984,5 +1142,195 @@ pub(crate) fn local_history(dir: &Path) -> HashMap<u64, i64> {
             log::warn!("ledger: local ledger in {} not read: {e}", dir.display());
             HashMap::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The scripts' guarantees, against a real redis-server (skipped when it is not installed,
+    //! unless `KEYGATE_REQUIRE_REDIS` is set).
+    use super::*;
+
+    struct Server(std::process::Child, u16);
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    async fn server() -> Option<(Server, Conn)> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .ok()?
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn();
+        let Ok(child) = child else {
+            assert!(
+                std::env::var_os("KEYGATE_REQUIRE_REDIS").is_none(),
+                "redis-server is not installed"
+            );
+            return None;
+        };
+        let server = Server(child, port);
+        let settings = RedisSettings {
+            urls: vec![format!("redis://127.0.0.1:{}", server.1)],
+            cluster: false,
+            on_unavailable: OnUnavailable::Lease,
+            timeout: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(30),
+        };
+        for _ in 0..200 {
+            if let Ok(conn) = connect(&settings).await {
+                return Some((server, conn));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("redis-server did not start");
+    }
+
+    /// One SYNC call: (applied, granted, committed, consumption).
+    #[allow(clippy::too_many_arguments)]
+    async fn sync(
+        conn: &mut Conn,
+        gw: &str,
+        known: i64,
+        limit: i64,
+        need: i64,
+        want: i64,
+        give: i64,
+        deficit: i64,
+        held: i64,
+        ttl_ms: i64,
+    ) -> (i64, i64, i64, i64) {
+        let (k, l) = redis_keys(7);
+        let args = [known, limit, need, want, give, deficit, held, ttl_ms];
+        Script::new(SYNC_SCRIPT)
+            .call(conn, &[k.as_str(), l.as_str()], &args, Some(gw))
+            .await
+            .unwrap()
+    }
+
+    async fn read(conn: &mut Conn) -> i64 {
+        let (k, l) = redis_keys(7);
+        Script::new(READ_SCRIPT)
+            .call(conn, &[k.as_str(), l.as_str()], &[], None)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_repeated_call_is_never_applied_twice() {
+        let Some((_s, mut c)) = server().await else {
+            return;
+        };
+        // A grant whose answer is lost, sent again with the same `known`: applied once.
+        let first = sync(&mut c, "a", 0, 1_000, 10, 100, 0, 0, 0, 30_000).await;
+        assert_eq!(first, (1, 100, 100, 0));
+        let again = sync(&mut c, "a", 0, 1_000, 10, 100, 0, 0, 0, 30_000).await;
+        assert_eq!(
+            again,
+            (0, 100, 100, 0),
+            "not applied; the gateway learns 100"
+        );
+        // A give-back likewise.
+        let give = sync(&mut c, "a", 100, 1_000, 0, 0, 40, 0, 60, 30_000).await;
+        assert_eq!(give, (1, 60, 60, 0));
+        let again = sync(&mut c, "a", 100, 1_000, 0, 0, 40, 0, 60, 30_000).await;
+        assert_eq!(again.0, 0);
+        assert_eq!(again.2, 60, "given back once");
+    }
+
+    #[tokio::test]
+    async fn leases_come_only_out_of_the_room_and_shrink_near_the_limit() {
+        let Some((_s, mut c)) = server().await else {
+            return;
+        };
+        // Room 1000: at most an eighth of it beyond what is needed.
+        assert_eq!(
+            sync(&mut c, "a", 0, 1_000, 10, 900, 0, 0, 0, 30_000)
+                .await
+                .1,
+            125
+        );
+        assert_eq!(
+            sync(&mut c, "b", 0, 1_000, 10, 900, 0, 0, 0, 30_000)
+                .await
+                .1,
+            109
+        );
+        // What is needed, when it fits, even past an eighth.
+        let (_, g, committed, _) = sync(&mut c, "b", 109, 1_000, 700, 900, 0, 0, 109, 30_000).await;
+        assert_eq!((g, committed), (809, 934));
+        // Never past the limit: only the room left, then nothing.
+        let (_, g, committed, _) = sync(&mut c, "a", 125, 1_000, 500, 900, 0, 0, 125, 30_000).await;
+        assert_eq!((g, committed), (191, 1_000));
+        let (_, g, committed, _) = sync(&mut c, "a", 191, 1_000, 10, 900, 0, 0, 191, 30_000).await;
+        assert_eq!((g, committed), (191, 1_000));
+        // An overdraft (a settle above its reservation) is committed even past the limit.
+        let (_, g, committed, _) = sync(&mut c, "a", 191, 1_000, 0, 0, 0, 30, -30, 30_000).await;
+        assert_eq!((g, committed), (221, 1_030));
+    }
+
+    #[tokio::test]
+    async fn a_dead_gateways_lease_counts_as_spent_never_given_back() {
+        let Some((_s, mut c)) = server().await else {
+            return;
+        };
+        // `a` holds 100 unspent of 100 on a short-lived record; `b` spent 30 of 50.
+        sync(&mut c, "a", 0, 1_000, 0, 100, 0, 0, 0, 300).await;
+        sync(&mut c, "b", 0, 1_000, 0, 50, 0, 0, 0, 30_000).await;
+        let (_, _, committed, used) = sync(&mut c, "b", 50, 1_000, 0, 0, 0, 0, 20, 30_000).await;
+        assert_eq!((committed, used), (150, 30));
+        assert_eq!(read(&mut c).await, 30);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // `a` stopped renewing: what it held is spent (stranded), and stays committed.
+        assert_eq!(read(&mut c).await, 130);
+        let (_, _, committed, used) = sync(&mut c, "b", 50, 1_000, 0, 0, 0, 0, 20, 30_000).await;
+        assert_eq!((committed, used), (150, 130));
+    }
+
+    #[tokio::test]
+    async fn a_removed_record_trusts_the_gateway_and_keeps_committed() {
+        let Some((_s, mut c)) = server().await else {
+            return;
+        };
+        sync(&mut c, "a", 0, 1_000, 0, 100, 0, 0, 0, 30_000).await;
+        let (_, l) = redis_keys(7);
+        let _: i64 = redis::cmd("DEL").arg(&l).query_async(&mut c).await.unwrap();
+        let (applied, g, committed, _) =
+            sync(&mut c, "a", 100, 1_000, 0, 0, 0, 0, 100, 30_000).await;
+        assert_eq!((applied, g, committed), (1, 100, 100));
+    }
+
+    #[tokio::test]
+    async fn seeding_adds_once() {
+        let Some((_s, mut c)) = server().await else {
+            return;
+        };
+        let (k, _) = redis_keys(7);
+        let seed = Script::new(SEED_SCRIPT);
+        let first: i64 = seed
+            .call(&mut c, &[k.as_str()], &[500], None)
+            .await
+            .unwrap();
+        let second: i64 = seed
+            .call(&mut c, &[k.as_str()], &[500], None)
+            .await
+            .unwrap();
+        assert_eq!((first, second), (1, 0));
+        let committed: i64 = redis::cmd("HGET")
+            .arg(&k)
+            .arg("committed")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(committed, 500);
+        assert_eq!(read(&mut c).await, 500);
     }
 }
