@@ -524,3 +524,66 @@ async fn unlimited_keys_are_counted_across_gateways() {
     let seen = wait_total_used(&[&a, &b], expected).await;
     assert_eq!(seen, vec![expected, expected]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_failover_is_followed() {
+    if !available() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let mut cluster = RedisCluster::start_with_replicas(data.path(), 1);
+    let env = Env::with(Opts {
+        extra: ledger_yaml("redis-cluster", &cluster.url(), "lease"),
+        ..Opts::default()
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(call(&env.gw, 0).await.status(), 200);
+    }
+    let before = env.gw.total_used(OK).await;
+    assert_eq!(before, 3 * actual());
+    // The primary holding key 1's slot dies; its replica takes over (cluster-node-timeout 2 s),
+    // and the client library finds it.
+    let primary = cluster.primary_for("keygate:{1}");
+    cluster.nodes[primary].kill9();
+    let started = Instant::now();
+    let mut made = 3;
+    loop {
+        let r = call(&env.gw, 0).await;
+        if r.status() == 200 {
+            made += 1;
+            if started.elapsed() > Duration::from_secs(2)
+                && readyz(&env.gw).await.1["ledger"]["state"] == "ok"
+            {
+                break;
+            }
+        } else {
+            assert_eq!(denial(r).await.1, "quota_backend_unavailable");
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let log = env.gw.log();
+            let nodes = std::process::Command::new("redis-cli")
+                .args([
+                    "-p",
+                    &cluster.nodes[(primary + 1) % 6].port.to_string(),
+                    "cluster",
+                    "nodes",
+                ])
+                .output()
+                .unwrap();
+            panic!(
+                "never served again after the failover ({made} calls)\n{}\n{}",
+                &log[log.len().saturating_sub(3000)..],
+                String::from_utf8_lossy(&nodes.stdout)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Served again, and counting on the new primary. (Redis replicates asynchronously: a
+    // failover may lose the old primary's last writes; here the key was idle when it died.)
+    let new_primary = cluster.primary_for("keygate:{1}");
+    assert_ne!(new_primary, primary);
+    let expected = made * actual();
+    let seen = wait_total_used(&[&env.gw], expected).await;
+    assert_eq!(seen, vec![expected]);
+}

@@ -89,6 +89,8 @@ impl RedisServer {
                     "nodes.conf",
                     "--cluster-node-timeout",
                     "2000",
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ]
                 .map(String::from),
             );
@@ -181,14 +183,19 @@ impl Drop for RedisServer {
     }
 }
 
-/// A 3-node Redis Cluster (no replicas), its slots spread by `redis-cli --cluster create`.
+/// A Redis Cluster of 3 primaries (and `replicas` replicas each), its slots spread by
+/// `redis-cli --cluster create`.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
 
 impl RedisCluster {
     pub fn start(dir: &Path) -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..3)
+        RedisCluster::start_with_replicas(dir, 0)
+    }
+
+    pub fn start_with_replicas(dir: &Path, replicas: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3 * (1 + replicas))
             .map(|_| RedisServer::start_with(dir, free_port(), true))
             .collect();
         let addrs: Vec<String> = nodes
@@ -198,7 +205,7 @@ impl RedisCluster {
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli runs");
         assert!(
@@ -206,7 +213,7 @@ impl RedisCluster {
             "redis-cli --cluster create: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(30);
         for n in &nodes {
             loop {
                 let info = Command::new("redis-cli")
@@ -220,6 +227,21 @@ impl RedisCluster {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        // Replicas that never synced cannot take over: wait for their first sync.
+        for n in &nodes {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string(), "info", "replication"])
+                    .output()
+                    .expect("redis-cli runs");
+                let text = String::from_utf8_lossy(&info.stdout).to_string();
+                if text.contains("role:master") || text.contains("master_link_status:up") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "a replica never synced");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         RedisCluster { nodes }
     }
 
@@ -230,5 +252,42 @@ impl RedisCluster {
             .map(|n| n.url())
             .collect::<Vec<_>>()
             .join(",")
+    }
+}
+
+impl RedisCluster {
+    /// The node serving `key` as primary now (`CLUSTER KEYSLOT`, then `CLUSTER NODES`).
+    pub fn primary_for(&self, key: &str) -> usize {
+        let cli = |args: &[&str]| {
+            let out = Command::new("redis-cli")
+                .args(["-p", &self.nodes[0].port.to_string()])
+                .args(args)
+                .output()
+                .expect("redis-cli runs");
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        let slot: u32 = cli(&["cluster", "keyslot", key]).trim().parse().unwrap();
+        for line in cli(&["cluster", "nodes"]).lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            let port: u16 = f[1]
+                .split('@')
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .unwrap();
+            let owns = f[8..].iter().any(|r| {
+                let mut ends = r.split('-').map(|x| x.parse::<u32>().unwrap_or(u32::MAX));
+                let lo = ends.next().unwrap_or(u32::MAX);
+                let hi = ends.next().unwrap_or(lo);
+                (lo..=hi).contains(&slot)
+            });
+            if owns {
+                return self.nodes.iter().position(|n| n.port == port).unwrap();
+            }
+        }
+        panic!("no primary serves slot {slot}");
     }
 }
