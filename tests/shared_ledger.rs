@@ -60,6 +60,44 @@ fn two_gateways(root: &Path, mock: &keygate::mock::MockBackend, opts: &Opts) -> 
     })
 }
 
+/// A redis-server, a mock upstream and two gateways on both (in `root/a` and `root/b`), with
+/// `sync` and `on_unavailable`. Dropped in this order: gateways first.
+struct Fleet {
+    a: Gateway,
+    b: Gateway,
+    redis: RedisServer,
+    mock: keygate::mock::MockBackend,
+    root: tempfile::TempDir,
+    _data: tempfile::TempDir,
+}
+
+/// A [`Fleet`]; `None` (the test passes, saying why) when redis-server is not installed.
+async fn fleet(sync: Value, on_unavailable: &str) -> Option<Fleet> {
+    if !available() {
+        return None;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(data.path());
+    let mock = keygate::mock::MockBackend::start("127.0.0.1:0")
+        .await
+        .unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let opts = Opts {
+        sync,
+        extra: ledger_yaml("redis", &redis.url(), on_unavailable),
+        ..Opts::default()
+    };
+    let [a, b] = two_gateways(root.path(), &mock, &opts);
+    Some(Fleet {
+        a,
+        b,
+        redis,
+        mock,
+        root,
+        _data: data,
+    })
+}
+
 async fn call(gw: &Gateway, delay_ms: u32) -> reqwest::Response {
     client()
         .post(format!("{}/v1/chat/completions", gw.base))
@@ -175,23 +213,12 @@ async fn two_gateways_on_a_redis_cluster_share_one_quota() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn consumption_survives_kill_9_of_a_gateway() {
-    if !available() {
+    let Some(mut f) = fleet(sync_with_quota(1_000_000), "lease").await else {
         return;
-    }
-    let data = tempfile::tempdir().unwrap();
-    let redis = RedisServer::start(data.path());
-    let mock = keygate::mock::MockBackend::start("127.0.0.1:0")
-        .await
-        .unwrap();
-    let root = tempfile::tempdir().unwrap();
-    let opts = Opts {
-        sync: sync_with_quota(1_000_000),
-        extra: ledger_yaml("redis", &redis.url(), "lease"),
-        ..Opts::default()
     };
-    let [mut a, b] = two_gateways(root.path(), &mock, &opts);
+    let (a, b, root) = (&mut f.a, &f.b, f.root.path().to_path_buf());
     for _ in 0..4 {
-        assert_eq!(call(&b, 0).await.status(), 200);
+        assert_eq!(call(b, 0).await.status(), 200);
     }
     // A steady load on `a`, killed with -9 in the middle of it: its last calls are not
     // reported yet, and calls are in flight.
@@ -220,7 +247,7 @@ async fn consumption_survives_kill_9_of_a_gateway() {
     let _ = load.await;
     let completed = done.load(std::sync::atomic::Ordering::Relaxed) + 4;
     assert!(completed > 10, "the load ran ({completed} calls)");
-    let a = spawn_keygate(&root.path().join("a"), &root.path().join("a/keygate.yaml"));
+    *a = spawn_keygate(&root.join("a"), &root.join("a/keygate.yaml"));
     // Once the dead gateway's lease record expires (lease_ttl_seconds: 3), what it held
     // counts as spent: nothing it charged is lost, on either gateway.
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -242,7 +269,7 @@ async fn consumption_survives_kill_9_of_a_gateway() {
     );
     eprintln!("kill -9 stranded {stranded} units ({completed} calls made)");
     // It still serves, and counts on from there.
-    assert_eq!(call(&a, 0).await.status(), 200);
+    assert_eq!(call(a, 0).await.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -353,33 +380,23 @@ async fn redis_outage_with_deny_refuses_at_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_outage_with_allow_admits_and_reconciles() {
-    if !available() {
+    let Some(mut f) = fleet(standard_sync(), "allow").await else {
         return;
-    }
-    let data = tempfile::tempdir().unwrap();
-    let mut redis = RedisServer::start(data.path());
-    let root = tempfile::tempdir().unwrap();
-    let mock = keygate::mock::MockBackend::start("127.0.0.1:0")
-        .await
-        .unwrap();
-    let opts = Opts {
-        extra: ledger_yaml("redis", &redis.url(), "allow"),
-        ..Opts::default()
     };
-    let [a, b] = two_gateways(root.path(), &mock, &opts);
-    assert_eq!(call(&a, 0).await.status(), 200);
+    let (a, b, redis, mock) = (&f.a, &f.b, &mut f.redis, &f.mock);
+    assert_eq!(call(a, 0).await.status(), 200);
     redis.kill9();
-    wait_ledger_state(&a, "degraded").await;
+    wait_ledger_state(a, "degraded").await;
     // Far more than any lease: all admitted, counted locally.
     for _ in 0..20 {
-        assert_eq!(call(&a, 0).await.status(), 200);
+        assert_eq!(call(a, 0).await.status(), 200);
     }
     redis.restart();
-    wait_ledger_state(&a, "ok").await;
+    wait_ledger_state(a, "ok").await;
     // Reconciled: both gateways show every call `a` made, the outage's included (each call
     // that reached the upstream was admitted and charged).
     let expected = mock.request_count() as i64 * actual();
-    let seen = wait_total_used(&[&a, &b], expected).await;
+    let seen = wait_total_used(&[a, b], expected).await;
     assert_eq!(seen, vec![expected, expected]);
 }
 
@@ -470,23 +487,12 @@ fn ledger_config_is_checked() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_clean_stop_gives_the_lease_back() {
-    if !available() {
+    let Some(mut f) = fleet(sync_with_quota(1_000_000), "lease").await else {
         return;
-    }
-    let data = tempfile::tempdir().unwrap();
-    let redis = RedisServer::start(data.path());
-    let mock = keygate::mock::MockBackend::start("127.0.0.1:0")
-        .await
-        .unwrap();
-    let root = tempfile::tempdir().unwrap();
-    let opts = Opts {
-        sync: sync_with_quota(1_000_000),
-        extra: ledger_yaml("redis", &redis.url(), "lease"),
-        ..Opts::default()
     };
-    let [mut a, b] = two_gateways(root.path(), &mock, &opts);
+    let (a, b) = (&mut f.a, &f.b);
     // `a` takes a lease of several calls and spends one.
-    assert_eq!(call(&a, 0).await.status(), 200);
+    assert_eq!(call(a, 0).await.status(), 200);
     a.terminate();
     // Past the lease TTL (3 s) a dead gateway's lease would count as spent; a stopped one
     // gave it back, so only the call shows.
@@ -496,32 +502,18 @@ async fn a_clean_stop_gives_the_lease_back() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unlimited_keys_are_counted_across_gateways() {
-    if !available() {
-        return;
-    }
-    let data = tempfile::tempdir().unwrap();
-    let redis = RedisServer::start(data.path());
-    let mock = keygate::mock::MockBackend::start("127.0.0.1:0")
-        .await
-        .unwrap();
-    let root = tempfile::tempdir().unwrap();
     let mut sync = standard_sync();
     sync["keys"][0]["unlimited_quota"] = json!(true);
     sync["keys"][0]["quota"] = json!(0);
-    let opts = Opts {
-        sync,
-        extra: ledger_yaml("redis", &redis.url(), "lease"),
-        ..Opts::default()
+    let Some(f) = fleet(sync, "lease").await else {
+        return;
     };
-    let [a, b] = two_gateways(root.path(), &mock, &opts);
+    let (a, b) = (&f.a, &f.b);
     for i in 0..10 {
-        assert_eq!(
-            call(if i % 2 == 0 { &a } else { &b }, 0).await.status(),
-            200
-        );
+        assert_eq!(call(if i % 2 == 0 { a } else { b }, 0).await.status(), 200);
     }
     let expected = 10 * actual();
-    let seen = wait_total_used(&[&a, &b], expected).await;
+    let seen = wait_total_used(&[a, b], expected).await;
     assert_eq!(seen, vec![expected, expected]);
 }
 
