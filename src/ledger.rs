@@ -90,8 +90,10 @@ pub enum ReserveError {
 /// The state of a shared ledger, for `/readyz` and `/metrics`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackendState {
-    /// Whether Redis answered the last call.
+    /// Whether Redis answered the last call (true before the first call is made).
     pub up: bool,
+    /// Whether Redis has answered at least once since the gateway started.
+    pub connected: bool,
     /// What the gateway does while it does not.
     pub on_unavailable: crate::config::OnUnavailable,
     /// Redis calls made so far.
@@ -159,6 +161,7 @@ impl Ledger {
         let (ops, errors) = l.ops();
         Some(BackendState {
             up: l.is_up(),
+            connected: l.has_reached(),
             on_unavailable: l.mode(),
             ops,
             errors,

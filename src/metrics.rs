@@ -332,7 +332,9 @@ impl ServeHttp for MetricsApp {
                 self.metrics.outstanding.set(ledger.outstanding());
                 catch_up(&self.metrics.ledger_write_errors, ledger.write_errors());
                 if let Some(b) = ledger.backend_state() {
-                    self.metrics.ledger_backend_up.set(i64::from(b.up));
+                    self.metrics
+                        .ledger_backend_up
+                        .set(i64::from(b.up && b.connected));
                     catch_up(&self.metrics.ledger_backend_ops, b.ops);
                     catch_up(&self.metrics.ledger_backend_errors, b.errors);
                 }
@@ -357,7 +359,11 @@ impl ServeHttp for MetricsApp {
                     body["ready"] = ready.into();
                     body["ledger"] = serde_json::json!({
                         "backend": "redis",
-                        "state": if b.up { "ok" } else { "degraded" },
+                        "state": match (b.connected, b.up) {
+                            (_, false) => "degraded",
+                            (false, true) => "connecting",
+                            (true, true) => "ok",
+                        },
                         "on_unavailable": b.on_unavailable,
                     });
                     if !ready {

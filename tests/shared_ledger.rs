@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::redis::{available, RedisCluster, RedisServer};
+use common::redis::{available, free_port, RedisCluster, RedisServer};
 use common::*;
 use keygate::pricing::{quota_for, PriceRule, Usage};
 use serde_json::{json, Value};
@@ -578,4 +578,35 @@ async fn a_cluster_failover_is_followed() {
     let expected = made * actual();
     let seen = wait_total_used(&[&env.gw], expected).await;
     assert_eq!(seen, vec![expected]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_started_before_redis_refuses_then_serves() {
+    if !available() {
+        return;
+    }
+    let port = free_port();
+    let env = Env::with(Opts {
+        extra: ledger_yaml("redis", &format!("redis://127.0.0.1:{port}"), "lease"),
+        ..Opts::default()
+    })
+    .await;
+    // It starts and answers, without Redis: quickly, and never "ok".
+    let started = Instant::now();
+    let (status, code, _) = denial(call(&env.gw, 0).await).await;
+    assert_eq!((status, code.as_str()), (503, "quota_backend_unavailable"));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let (status, body) = readyz(&env.gw).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["ledger"]["state"], "degraded");
+    assert!(env
+        .gw
+        .metrics_text()
+        .await
+        .contains("keygate_ledger_backend_up 0"));
+    // Redis comes up: calls are admitted.
+    let data = tempfile::tempdir().unwrap();
+    let _redis = RedisServer::start_on(data.path(), port);
+    wait_until_admitted(&env.gw).await;
+    assert_eq!(readyz(&env.gw).await.1["ledger"]["state"], "ok");
 }

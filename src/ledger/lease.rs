@@ -211,6 +211,8 @@ pub(crate) struct LeaseLedger {
     slots: DashMap<u64, Arc<Slot>>,
     mode: OnUnavailable,
     up: AtomicBool,
+    /// Redis has answered at least once.
+    reached: AtomicBool,
     stats: Stats,
     outstanding: AtomicI64,
     timeout: Duration,
@@ -238,6 +240,7 @@ impl LeaseLedger {
             mode: settings.on_unavailable,
             // Not known to be down: the first calls wait for the worker's first connection.
             up: AtomicBool::new(true),
+            reached: AtomicBool::new(false),
             stats: Stats::default(),
             outstanding: AtomicI64::new(0),
             timeout: settings.timeout,
@@ -262,9 +265,14 @@ impl LeaseLedger {
         Ok(ledger)
     }
 
-    /// Whether the last Redis call succeeded.
+    /// Whether the last Redis call succeeded (or none was made yet).
     pub(crate) fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// Whether Redis has answered at least once.
+    pub(crate) fn has_reached(&self) -> bool {
+        self.reached.load(Ordering::Acquire)
     }
 
     /// What to do while Redis is unreachable.
@@ -744,6 +752,7 @@ impl Worker {
     }
 
     fn reached(&self) {
+        self.ledger.reached.store(true, Ordering::Release);
         if !self.ledger.up.swap(true, Ordering::AcqRel) {
             log::info!("ledger: Redis reachable again");
         }

@@ -47,6 +47,11 @@ impl RedisServer {
         RedisServer::start_with(dir, free_port(), false)
     }
 
+    /// A server on `port` (one picked with [`free_port`] before, say).
+    pub fn start_on(dir: &Path, port: u16) -> RedisServer {
+        RedisServer::start_with(dir, port, false)
+    }
+
     fn start_with(dir: &Path, port: u16, cluster: bool) -> RedisServer {
         let dir = dir.join(format!("redis-{port}"));
         std::fs::create_dir_all(&dir).unwrap();
