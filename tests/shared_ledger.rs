@@ -610,3 +610,19 @@ async fn a_gateway_started_before_redis_refuses_then_serves() {
     wait_until_admitted(&env.gw).await;
     assert_eq!(readyz(&env.gw).await.1["ledger"]["state"], "ok");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_key_gives_its_lease_back() {
+    let Some(mut f) = fleet(sync_with_quota(1_000_000), "lease").await else {
+        return;
+    };
+    let (a, b) = (&mut f.a, &f.b);
+    // `a` takes a lease of several calls and spends one; then the key is idle past the lease
+    // TTL (3 s), and `a` gives the lease back by itself.
+    assert_eq!(call(a, 0).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    // So a kill -9 now strands nothing: past the TTL, only the call shows.
+    a.kill9();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(b.total_used(OK).await, actual());
+}

@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Settle differences and consumption are reported at least this often.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
-/// A key unused for this long gives its lease back.
+/// A key unused for this long (or the lease TTL, if shorter) gives its lease back.
 const IDLE_MS: u64 = 10_000;
 /// A lease covers about this much of a key's recent spending.
 const LEASE_COVERS: Duration = Duration::from_secs(2);
@@ -852,7 +852,9 @@ impl Worker {
         closing: bool,
     ) -> (Vec<Ask>, Vec<Ask>) {
         let now = self.ledger.now_ms();
-        let renew_after = self.settings.lease_ttl.as_millis() as u64 / 3;
+        let ttl = self.settings.lease_ttl.as_millis() as u64;
+        let renew_after = ttl / 3;
+        let idle_after = IDLE_MS.min(ttl);
         let mut urgent = Vec::new();
         let mut planned = std::collections::HashSet::new();
         for (key_id, (slot, waiters)) in needs {
@@ -895,7 +897,7 @@ impl Worker {
                     continue;
                 }
                 let avail = slot.avail.load(Ordering::Acquire);
-                let idle = now.saturating_sub(slot.last_use.load(Ordering::Relaxed)) >= IDLE_MS;
+                let idle = now.saturating_sub(slot.last_use.load(Ordering::Relaxed)) >= idle_after;
                 let state = self.keys.get(&key_id).copied().unwrap_or_default();
                 let stale = avail != 0 && now.saturating_sub(state.synced_at) >= renew_after;
                 let dirty = slot.dirty.swap(false, Ordering::AcqRel);
