@@ -630,7 +630,11 @@ impl Gate {
 
         if read_only {
             if let Some(id) = ctx.key_id() {
-                self.inner.ledger.refresh(id).await;
+                if !self.inner.ledger.refresh(id).await {
+                    // Usage that only this gateway knows of would be wrong, not stale.
+                    let d = Denial::new(Reason::QuotaBackendUnavailable);
+                    return self.deny(session, ctx, d).await;
+                }
             }
         }
         if let Some(answer) = self.local_answer(session.req_header(), ctx) {

@@ -170,9 +170,12 @@ impl Ledger {
 
     /// Bring the cached consumption of `key_id` up to date before [`Ledger::consumed`] is read
     /// (a shared ledger reads Redis, within its timeout; a local one has nothing to do).
-    pub async fn refresh(&self, key_id: u64) {
-        if let Some(l) = &self.lease {
-            l.refresh(key_id).await;
+    /// False when a shared ledger has never been able to read it: [`Ledger::consumed`] would
+    /// only know this gateway's part.
+    pub async fn refresh(&self, key_id: u64) -> bool {
+        match &self.lease {
+            Some(l) => l.refresh(key_id).await,
+            None => true,
         }
     }
 

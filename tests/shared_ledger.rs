@@ -604,11 +604,15 @@ async fn a_gateway_started_before_redis_refuses_then_serves() {
         .metrics_text()
         .await
         .contains("keygate_ledger_backend_up 0"));
+    // Its usage endpoint cannot know what other gateways charged: it says so.
+    let (status, body) = env.gw.get("/api/usage/token/", OK).await;
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
     // Redis comes up: calls are admitted.
     let data = tempfile::tempdir().unwrap();
     let _redis = RedisServer::start_on(data.path(), port);
     wait_until_admitted(&env.gw).await;
     assert_eq!(readyz(&env.gw).await.1["ledger"]["state"], "ok");
+    assert_eq!(env.gw.total_used(OK).await, actual());
 }
 
 #[tokio::test(flavor = "multi_thread")]

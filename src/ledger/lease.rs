@@ -172,6 +172,8 @@ pub(crate) struct Slot {
     low_water: AtomicI64,
     /// All gateways' consumption, as of the last script answer.
     consumption: AtomicI64,
+    /// `consumption` has been read from Redis at least once.
+    known: AtomicBool,
     /// `avail` as recorded in Redis by that answer.
     recorded: AtomicI64,
 }
@@ -401,13 +403,14 @@ impl LeaseLedger {
     }
 
     /// Read `key_id`'s consumption from Redis now (bounded by the timeout; the last value read
-    /// stays when Redis does not answer).
-    pub(crate) async fn refresh(&self, key_id: u64) {
-        self.slot(key_id);
+    /// stays when Redis does not answer). False when no value was ever read for it.
+    pub(crate) async fn refresh(&self, key_id: u64) -> bool {
+        let slot = self.slot(key_id);
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Msg::Read(key_id, tx)).is_ok() {
             let _ = tokio::time::timeout(self.timeout + Duration::from_millis(50), rx).await;
         }
+        slot.known.load(Ordering::Acquire)
     }
 
     /// Give every lease back and report what is left, waiting at most `wait`.
@@ -826,16 +829,27 @@ impl Worker {
         tokio::spawn(async move {
             let (k, leases) = redis_keys(key_id);
             let keys = [k.as_str(), leases.as_str()];
-            let call = scripts.read.call::<i64>(&mut conn, &keys, &[], None);
-            ledger.stats.ops.fetch_add(1, Ordering::Relaxed);
-            match tokio::time::timeout(timeout, call).await {
-                Ok(Ok(v)) => {
-                    if let Some(slot) = ledger.slots.get(&key_id) {
-                        slot.consumption.store(v, Ordering::Release);
+            let deadline = tokio::time::Instant::now() + timeout;
+            // A connection broken by a Redis restart fails its first command and reconnects:
+            // one more try, within the same time.
+            for _ in 0..2 {
+                ledger.stats.ops.fetch_add(1, Ordering::Relaxed);
+                let call = scripts.read.call::<i64>(&mut conn, &keys, &[], None);
+                match tokio::time::timeout_at(deadline, call).await {
+                    Ok(Ok(v)) => {
+                        if let Some(slot) = ledger.slots.get(&key_id) {
+                            slot.consumption.store(v, Ordering::Release);
+                            slot.known.store(true, Ordering::Release);
+                        }
+                        break;
                     }
-                }
-                _ => {
-                    ledger.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    Ok(Err(_)) => {
+                        ledger.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        ledger.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
                 }
             }
             let _ = done.send(());
@@ -1069,6 +1083,7 @@ impl Worker {
             slot.dirty.store(true, Ordering::Release);
         }
         slot.consumption.store(consumption, Ordering::Release);
+        slot.known.store(true, Ordering::Release);
         let limit = slot.limit.load(Ordering::Relaxed);
         for (amount, reply, rounds) in ask.waiters {
             let taken = slot
