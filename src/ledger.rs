@@ -317,7 +317,6 @@ impl Ledger {
             });
         }
         let counter = self.counter(key_id);
-        let amount = amount.clamp(0, MAX_AMOUNT);
         let previous = counter
             .committed
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| match limit {
@@ -546,9 +545,9 @@ impl Ledger {
     /// the successor (which started from this process's ceilings) instead of rewriting the
     /// shared snapshot and journal.
     pub fn handoff(&self) -> std::io::Result<()> {
-        if let Some(l) = &self.lease {
-            l.shutdown(Duration::from_secs(3));
-            return Ok(());
+        if self.lease.is_some() {
+            // Nothing to hand off: Redis holds the counters, and the leases go back to it.
+            return self.shutdown();
         }
         self.stop_writer();
         let Some(dir) = self.shared.dir.clone() else {

@@ -173,7 +173,7 @@ pub(crate) struct Slot {
     /// All gateways' consumption, as of the last script answer.
     consumption: AtomicI64,
     /// `consumption` has been read from Redis at least once.
-    known: AtomicBool,
+    consumption_read: AtomicBool,
     /// `avail` as recorded in Redis by that answer.
     recorded: AtomicI64,
 }
@@ -358,17 +358,10 @@ impl LeaseLedger {
 
     /// Debit `amount` if the lease covers it; ask for a refill when it runs low.
     fn try_debit(&self, key_id: u64, slot: &Slot, amount: i64) -> bool {
-        let taken = slot
-            .avail
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
-                (a >= amount).then(|| a - amount)
-            });
-        let Ok(before) = taken else {
+        let Some(left) = self.take(slot, amount) else {
             return false;
         };
-        self.outstanding.fetch_add(1, Ordering::Relaxed);
-        slot.debited.fetch_add(amount, Ordering::Relaxed);
-        if before - amount < slot.low_water.load(Ordering::Relaxed)
+        if left < slot.low_water.load(Ordering::Relaxed)
             && !slot.queued.swap(true, Ordering::AcqRel)
         {
             let _ = self.tx.send(Msg::Refill(key_id));
@@ -376,12 +369,29 @@ impl LeaseLedger {
         true
     }
 
+    /// Take `amount` from the lease if it covers it, counting the reservation; what is left.
+    fn take(&self, slot: &Slot, amount: i64) -> Option<i64> {
+        let before = slot
+            .avail
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                (a >= amount).then(|| a - amount)
+            })
+            .ok()?;
+        self.count_reservation(slot, amount);
+        Some(before - amount)
+    }
+
     /// Debit unconditionally (unlimited keys; `allow` mode while Redis is away).
     fn debit(&self, slot: &Slot, amount: i64) {
         slot.avail.fetch_sub(amount, Ordering::AcqRel);
-        slot.debited.fetch_add(amount, Ordering::Relaxed);
         slot.dirty.store(true, Ordering::Release);
+        self.count_reservation(slot, amount);
+    }
+
+    /// One more reservation outstanding, and `amount` more debited (the rate leases follow).
+    fn count_reservation(&self, slot: &Slot, amount: i64) {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
+        slot.debited.fetch_add(amount, Ordering::Relaxed);
     }
 
     /// A reservation of `amount` settled at `actual`: the difference goes back to (or comes
@@ -410,7 +420,7 @@ impl LeaseLedger {
         if self.tx.send(Msg::Read(key_id, tx)).is_ok() {
             let _ = tokio::time::timeout(self.timeout + Duration::from_millis(50), rx).await;
         }
-        slot.known.load(Ordering::Acquire)
+        slot.consumption_read.load(Ordering::Acquire)
     }
 
     /// Give every lease back and report what is left, waiting at most `wait`.
@@ -839,7 +849,7 @@ impl Worker {
                     Ok(Ok(v)) => {
                         if let Some(slot) = ledger.slots.get(&key_id) {
                             slot.consumption.store(v, Ordering::Release);
-                            slot.known.store(true, Ordering::Release);
+                            slot.consumption_read.store(true, Ordering::Release);
                         }
                         break;
                     }
@@ -1083,18 +1093,10 @@ impl Worker {
             slot.dirty.store(true, Ordering::Release);
         }
         slot.consumption.store(consumption, Ordering::Release);
-        slot.known.store(true, Ordering::Release);
+        slot.consumption_read.store(true, Ordering::Release);
         let limit = slot.limit.load(Ordering::Relaxed);
         for (amount, reply, rounds) in ask.waiters {
-            let taken = slot
-                .avail
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
-                    (a >= amount).then(|| a - amount)
-                })
-                .is_ok();
-            if taken {
-                self.ledger.outstanding.fetch_add(1, Ordering::Relaxed);
-                slot.debited.fetch_add(amount, Ordering::Relaxed);
+            if self.ledger.take(&slot, amount).is_some() {
                 let _ = reply.send(Ok(self.granted(&slot, amount)));
                 continue;
             }
