@@ -79,6 +79,19 @@ async fn read_to_close(s: &mut TcpStream, timeout: Duration) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
+/// A connection that has had one chat call answered 200 and was kept alive.
+async fn kept_alive_after_one_call(env: &Env) -> TcpStream {
+    let mut s = TcpStream::connect(env.gw.addr).await.unwrap();
+    s.write_all(chat_request("", false).as_bytes())
+        .await
+        .unwrap();
+    let first = read_response(&mut s, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    s
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_head_trickled_byte_by_byte_gets_408_and_a_close() {
     let env = env_with("header_read_timeout_seconds: 1").await;
@@ -127,14 +140,7 @@ async fn a_connection_that_sends_nothing_is_closed_quietly() {
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_time_between_requests_does_not_count_against_the_head_deadline() {
     let env = env_with("header_read_timeout_seconds: 1").await;
-    let mut s = TcpStream::connect(env.gw.addr).await.unwrap();
-    s.write_all(chat_request("", false).as_bytes())
-        .await
-        .unwrap();
-    let first = read_response(&mut s, Duration::from_secs(10))
-        .await
-        .unwrap();
-    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let mut s = kept_alive_after_one_call(&env).await;
     // Idle for longer than the head deadline, then a normal request on the same connection.
     tokio::time::sleep(Duration::from_millis(1800)).await;
     s.write_all(chat_request("", true).as_bytes())
@@ -150,14 +156,7 @@ async fn idle_time_between_requests_does_not_count_against_the_head_deadline() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_second_head_on_a_connection_has_a_deadline_too() {
     let env = env_with("header_read_timeout_seconds: 1").await;
-    let mut s = TcpStream::connect(env.gw.addr).await.unwrap();
-    s.write_all(chat_request("", false).as_bytes())
-        .await
-        .unwrap();
-    let first = read_response(&mut s, Duration::from_secs(10))
-        .await
-        .unwrap();
-    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let mut s = kept_alive_after_one_call(&env).await;
     // Half a head, then silence.
     s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
         .await
@@ -169,14 +168,7 @@ async fn the_second_head_on_a_connection_has_a_deadline_too() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_keep_alive_connection_is_closed_after_its_timeout() {
     let env = env_with("keepalive_timeout_seconds: 1").await;
-    let mut s = TcpStream::connect(env.gw.addr).await.unwrap();
-    s.write_all(chat_request("", false).as_bytes())
-        .await
-        .unwrap();
-    let first = read_response(&mut s, Duration::from_secs(10))
-        .await
-        .unwrap();
-    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let mut s = kept_alive_after_one_call(&env).await;
     let idle = Instant::now();
     let rest = read_to_close(&mut s, Duration::from_secs(10)).await;
     assert_eq!(rest, "");

@@ -554,19 +554,10 @@ async fn a_cluster_failover_is_followed() {
         }
         if started.elapsed() > Duration::from_secs(30) {
             let log = env.gw.log();
-            let nodes = std::process::Command::new("redis-cli")
-                .args([
-                    "-p",
-                    &cluster.nodes[(primary + 1) % 6].port.to_string(),
-                    "cluster",
-                    "nodes",
-                ])
-                .output()
-                .unwrap();
+            let nodes = cluster.nodes[(primary + 1) % 6].cli(&["cluster", "nodes"]);
             panic!(
-                "never served again after the failover ({made} calls)\n{}\n{}",
+                "never served again after the failover ({made} calls)\n{}\n{nodes}",
                 &log[log.len().saturating_sub(3000)..],
-                String::from_utf8_lossy(&nodes.stdout)
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

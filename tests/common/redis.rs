@@ -119,6 +119,25 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// `redis-cli -p <port> args…`: what it printed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Poll `redis-cli args…` until what it prints satisfies `ready`; panics with `what` past
+    /// `deadline`.
+    fn wait_for(&self, args: &[&str], ready: impl Fn(&str) -> bool, what: &str, deadline: Instant) {
+        while !ready(&self.cli(args)) {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Send one inline command; the first line of the answer.
     pub fn command(&self, cmd: &str) -> Option<String> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
@@ -161,24 +180,6 @@ impl RedisServer {
                 .status();
         }
     }
-
-    /// Total commands this server processed (`INFO stats`).
-    pub fn commands_processed(&self) -> u64 {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        s.write_all(b"INFO stats\r\n").unwrap();
-        let mut text = String::new();
-        let mut buf = [0u8; 8192];
-        while !text.contains("total_commands_processed:") || !text.ends_with("\r\n") {
-            let n = s.read(&mut buf).unwrap();
-            assert!(n > 0);
-            text.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-        text.lines()
-            .find_map(|l| l.strip_prefix("total_commands_processed:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap()
-    }
 }
 
 impl Drop for RedisServer {
@@ -220,32 +221,23 @@ impl RedisCluster {
         );
         let deadline = Instant::now() + Duration::from_secs(30);
         for n in &nodes {
-            loop {
-                let info = Command::new("redis-cli")
-                    .args(["-p", &n.port.to_string(), "cluster", "info"])
-                    .output()
-                    .expect("redis-cli runs");
-                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "the cluster did not become ok");
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            let ok = |t: &str| t.contains("cluster_state:ok");
+            n.wait_for(
+                &["cluster", "info"],
+                ok,
+                "the cluster did not become ok",
+                deadline,
+            );
         }
         // Replicas that never synced cannot take over: wait for their first sync.
         for n in &nodes {
-            loop {
-                let info = Command::new("redis-cli")
-                    .args(["-p", &n.port.to_string(), "info", "replication"])
-                    .output()
-                    .expect("redis-cli runs");
-                let text = String::from_utf8_lossy(&info.stdout).to_string();
-                if text.contains("role:master") || text.contains("master_link_status:up") {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "a replica never synced");
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            let synced = |t: &str| t.contains("role:master") || t.contains("master_link_status:up");
+            n.wait_for(
+                &["info", "replication"],
+                synced,
+                "a replica never synced",
+                deadline,
+            );
         }
         RedisCluster { nodes }
     }
@@ -258,19 +250,10 @@ impl RedisCluster {
             .collect::<Vec<_>>()
             .join(",")
     }
-}
 
-impl RedisCluster {
     /// The node serving `key` as primary now (`CLUSTER KEYSLOT`, then `CLUSTER NODES`).
     pub fn primary_for(&self, key: &str) -> usize {
-        let cli = |args: &[&str]| {
-            let out = Command::new("redis-cli")
-                .args(["-p", &self.nodes[0].port.to_string()])
-                .args(args)
-                .output()
-                .expect("redis-cli runs");
-            String::from_utf8_lossy(&out.stdout).to_string()
-        };
+        let cli = |args: &[&str]| self.nodes[0].cli(args);
         let slot: u32 = cli(&["cluster", "keyslot", key]).trim().parse().unwrap();
         for line in cli(&["cluster", "nodes"]).lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
