@@ -69,161 +69,185 @@ pub struct Metrics {
     pub key_quota: IntCounterVec,
 }
 
+/// `made`, registered in `registry`. A definition or registration that fails is a programming
+/// error (a bad name, a name used twice): it panics at start-up.
+fn registered<M>(registry: &Registry, made: prometheus::Result<M>) -> M
+where
+    M: prometheus::core::Collector + Clone + 'static,
+{
+    let m = made.unwrap_or_else(|e| panic!("metric definition: {e}"));
+    registry
+        .register(Box::new(m.clone()))
+        .unwrap_or_else(|e| panic!("metric registration: {e}"));
+    m
+}
+
 impl Metrics {
     /// Create and register every series.
     pub fn new() -> Arc<Metrics> {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new("keygate_requests_total", "Requests by outcome and reason."),
-            &["outcome", "reason", "model", "group"],
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let gate_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "keygate_gate_duration_seconds",
-                "Time spent in keygate's own logic per request (not I/O).",
-            )
-            .buckets(vec![
-                1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3,
-            ]),
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let upstream_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "keygate_upstream_duration_seconds",
-                "Time from forwarding a request to the end of the upstream's response.",
-            )
-            .buckets(vec![
-                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-            ]),
-            &["upstream"],
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let keys = IntGaugeVec::new(
-            Opts::new("keygate_keys", "Keys in the loaded table by state."),
-            &["state"],
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let reloads = IntCounterVec::new(
-            Opts::new("keygate_config_reloads_total", "Sync-file loads by result."),
-            &["result"],
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let revision = IntGauge::new(
-            "keygate_config_revision",
-            "Revision of the loaded sync file.",
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let quota_consumed = IntCounterVec::new(
-            Opts::new("keygate_quota_consumed_total", "Quota units charged."),
-            &["model", "group"],
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let tokens = IntCounterVec::new(
-            Opts::new(
-                "keygate_tokens_total",
-                "Tokens charged, by kind (prompt, completion).",
+        let requests = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("keygate_requests_total", "Requests by outcome and reason."),
+                &["outcome", "reason", "model", "group"],
             ),
-            &["model", "group", "kind"],
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let outstanding = IntGauge::new(
-            "keygate_reservations_outstanding",
-            "Quota reservations taken and not yet settled.",
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let usage_missing = prometheus::IntCounter::new(
-            "keygate_usage_missing_total",
-            "Successful responses without usage, charged an estimate.",
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let usage_log_dropped = prometheus::IntCounter::new(
-            "keygate_usage_log_dropped_total",
-            "Usage records dropped because the log writer could not keep up.",
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let ledger_write_errors = prometheus::IntCounter::new(
-            "keygate_ledger_write_errors_total",
-            "Failed ledger journal or snapshot writes.",
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let ledger_backend_up = IntGauge::new(
-            "keygate_ledger_backend_up",
-            "1 while the quota ledger's backend answers (always 1 for the local ledger).",
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        );
+        let gate_duration = registered(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "keygate_gate_duration_seconds",
+                    "Time spent in keygate's own logic per request (not I/O).",
+                )
+                .buckets(vec![
+                    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3,
+                ]),
+            ),
+        );
+        let upstream_duration = registered(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "keygate_upstream_duration_seconds",
+                    "Time from forwarding a request to the end of the upstream's response.",
+                )
+                .buckets(vec![
+                    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+                ]),
+                &["upstream"],
+            ),
+        );
+        let keys = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new("keygate_keys", "Keys in the loaded table by state."),
+                &["state"],
+            ),
+        );
+        let reloads = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("keygate_config_reloads_total", "Sync-file loads by result."),
+                &["result"],
+            ),
+        );
+        let revision = registered(
+            &registry,
+            IntGauge::new(
+                "keygate_config_revision",
+                "Revision of the loaded sync file.",
+            ),
+        );
+        let quota_consumed = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("keygate_quota_consumed_total", "Quota units charged."),
+                &["model", "group"],
+            ),
+        );
+        let tokens = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "keygate_tokens_total",
+                    "Tokens charged, by kind (prompt, completion).",
+                ),
+                &["model", "group", "kind"],
+            ),
+        );
+        let outstanding = registered(
+            &registry,
+            IntGauge::new(
+                "keygate_reservations_outstanding",
+                "Quota reservations taken and not yet settled.",
+            ),
+        );
+        let usage_missing = registered(
+            &registry,
+            prometheus::IntCounter::new(
+                "keygate_usage_missing_total",
+                "Successful responses without usage, charged an estimate.",
+            ),
+        );
+        let usage_log_dropped = registered(
+            &registry,
+            prometheus::IntCounter::new(
+                "keygate_usage_log_dropped_total",
+                "Usage records dropped because the log writer could not keep up.",
+            ),
+        );
+        let ledger_write_errors = registered(
+            &registry,
+            prometheus::IntCounter::new(
+                "keygate_ledger_write_errors_total",
+                "Failed ledger journal or snapshot writes.",
+            ),
+        );
+        let ledger_backend_up = registered(
+            &registry,
+            IntGauge::new(
+                "keygate_ledger_backend_up",
+                "1 while the quota ledger's backend answers (always 1 for the local ledger).",
+            ),
+        );
         ledger_backend_up.set(1);
-        let ledger_backend_ops = prometheus::IntCounter::new(
-            "keygate_ledger_backend_operations_total",
-            "Calls made to the shared ledger's Redis (scripts and probes).",
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let ledger_backend_errors = prometheus::IntCounter::new(
-            "keygate_ledger_backend_errors_total",
-            "Calls to the shared ledger's Redis that failed or timed out.",
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let loaded_at = IntGauge::new(
-            "keygate_config_loaded_timestamp_seconds",
-            "Unix time the key table in force was loaded (its age: time() minus this).",
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        let ledger_backend_ops = registered(
+            &registry,
+            prometheus::IntCounter::new(
+                "keygate_ledger_backend_operations_total",
+                "Calls made to the shared ledger's Redis (scripts and probes).",
+            ),
+        );
+        let ledger_backend_errors = registered(
+            &registry,
+            prometheus::IntCounter::new(
+                "keygate_ledger_backend_errors_total",
+                "Calls to the shared ledger's Redis that failed or timed out.",
+            ),
+        );
+        let loaded_at = registered(
+            &registry,
+            IntGauge::new(
+                "keygate_config_loaded_timestamp_seconds",
+                "Unix time the key table in force was loaded (its age: time() minus this).",
+            ),
+        );
         loaded_at.set(crate::gate::unix_now());
-        let upstream_errors = IntCounterVec::new(
+        let upstream_errors = registered(&registry, IntCounterVec::new(
             Opts::new(
                 "keygate_upstream_errors_total",
                 "Upstream failures by upstream and kind (connect, timeout, broken, status_5xx).",
             ),
             &["upstream", "kind"],
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let sync_file_reads = prometheus::IntCounter::new(
-            "keygate_sync_file_reads_total",
-            "Times the sync file was read and hashed to look for a change.",
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let key_requests = IntCounterVec::new(
-            Opts::new(
-                "keygate_key_requests_total",
-                "Requests per key (metrics.per_key).",
+        ));
+        let sync_file_reads = registered(
+            &registry,
+            prometheus::IntCounter::new(
+                "keygate_sync_file_reads_total",
+                "Times the sync file was read and hashed to look for a change.",
             ),
-            &["key_id", "key_name", "outcome"],
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        let key_quota = IntCounterVec::new(
-            Opts::new(
-                "keygate_key_quota_consumed_total",
-                "Quota units charged per key (metrics.per_key).",
+        );
+        let key_requests = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "keygate_key_requests_total",
+                    "Requests per key (metrics.per_key).",
+                ),
+                &["key_id", "key_name", "outcome"],
             ),
-            &["key_id", "key_name"],
-        )
-        .unwrap_or_else(|e| panic!("metric definition: {e}"));
-        for c in [
-            Box::new(upstream_errors.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(key_requests.clone()),
-            Box::new(key_quota.clone()),
-            Box::new(loaded_at.clone()),
-            Box::new(quota_consumed.clone()),
-            Box::new(tokens.clone()),
-            Box::new(outstanding.clone()),
-            Box::new(usage_missing.clone()),
-            Box::new(usage_log_dropped.clone()),
-            Box::new(ledger_write_errors.clone()),
-            Box::new(ledger_backend_up.clone()),
-            Box::new(ledger_backend_ops.clone()),
-            Box::new(ledger_backend_errors.clone()),
-            Box::new(requests.clone()),
-            Box::new(gate_duration.clone()),
-            Box::new(upstream_duration.clone()),
-            Box::new(keys.clone()),
-            Box::new(reloads.clone()),
-            Box::new(revision.clone()),
-            Box::new(sync_file_reads.clone()),
-        ] {
-            registry
-                .register(c)
-                .unwrap_or_else(|e| panic!("metric registration: {e}"));
-        }
+        );
+        let key_quota = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "keygate_key_quota_consumed_total",
+                    "Quota units charged per key (metrics.per_key).",
+                ),
+                &["key_id", "key_name"],
+            ),
+        );
         for r in ["ok", "error"] {
             reloads.with_label_values(&[r]);
         }
