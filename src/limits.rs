@@ -140,14 +140,20 @@ where
 }
 
 /// Where a connection is in its current request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 enum Phase {
     /// Waiting for a head (idle on a reused connection: no deadline until the first byte).
     Head,
     /// The head is complete: pass everything through.
     Done,
     /// The head broke a limit: answering and closing.
-    Refusing,
+    Refusing {
+        /// The whole answer (head and body).
+        answer: Vec<u8>,
+        /// Why.
+        reason: Reason,
+        progress: Refusal,
+    },
 }
 
 /// Progress of a refusal.
@@ -208,9 +214,6 @@ pub struct HeadGuard {
     /// A timer for `deadline`, made only when a read has to wait: most heads arrive in one
     /// read and never need one.
     timer: Option<Pin<Box<Sleep>>>,
-    answer: Vec<u8>,
-    refusal: Refusal,
-    reason: Reason,
 }
 
 impl fmt::Debug for HeadGuard {
@@ -235,16 +238,13 @@ impl HeadGuard {
             scanner: HeadScanner::default(),
             deadline: Some(deadline),
             timer: None,
-            answer: Vec::new(),
-            refusal: Refusal::Finished,
-            reason: Reason::RequestTimeout,
         }
     }
 
     /// The previous request is finished and the connection is kept: the next head is awaited
     /// (its deadline starts with its first byte).
     fn next_request(&mut self) {
-        if self.phase == Phase::Refusing {
+        if matches!(self.phase, Phase::Refusing { .. }) {
             return;
         }
         self.phase = Phase::Head;
@@ -279,10 +279,11 @@ impl HeadGuard {
         )
         .into_bytes();
         answer.extend_from_slice(&body);
-        self.answer = answer;
-        self.reason = reason;
-        self.phase = Phase::Refusing;
-        self.refusal = Refusal::Writing(0);
+        self.phase = Phase::Refusing {
+            answer,
+            reason,
+            progress: Refusal::Writing(0),
+        };
         self.deadline = Some(Instant::now() + LINGER_TIME);
         self.shared
             .gate
@@ -321,18 +322,32 @@ impl HeadGuard {
     /// Drive the refusal: write the answer, shut the write side, drain, then fail the read.
     fn poll_refusal(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            if self.refusal != Refusal::Finished && self.deadline_passed(cx) {
-                self.refusal = Refusal::Finished;
+            let finished = matches!(
+                self.phase,
+                Phase::Refusing {
+                    progress: Refusal::Finished,
+                    ..
+                }
+            );
+            let expired = !finished && self.deadline_passed(cx);
+            let Phase::Refusing {
+                answer,
+                reason,
+                progress,
+            } = &mut self.phase
+            else {
+                return Poll::Ready(Ok(()));
+            };
+            if expired {
+                *progress = Refusal::Finished;
             }
             let inner = Pin::new(&mut self.inner);
-            self.refusal = match self.refusal {
-                Refusal::Writing(done) if done >= self.answer.len() => Refusal::Flushing,
-                Refusal::Writing(done) => {
-                    match ready!(inner.poll_write(cx, &self.answer[done..])) {
-                        Ok(0) | Err(_) => Refusal::Finished,
-                        Ok(n) => Refusal::Writing(done + n),
-                    }
-                }
+            *progress = match *progress {
+                Refusal::Writing(done) if done >= answer.len() => Refusal::Flushing,
+                Refusal::Writing(done) => match ready!(inner.poll_write(cx, &answer[done..])) {
+                    Ok(0) | Err(_) => Refusal::Finished,
+                    Ok(n) => Refusal::Writing(done + n),
+                },
                 Refusal::Flushing => match ready!(inner.poll_flush(cx)) {
                     Ok(()) => Refusal::Closing,
                     Err(_) => Refusal::Finished,
@@ -353,7 +368,7 @@ impl HeadGuard {
                     }
                 }
                 Refusal::Finished => {
-                    let what = match self.reason {
+                    let what = match reason {
                         Reason::HeadersTooLarge => "request head too large (answered 431)",
                         _ => "request head not received in time (answered 408)",
                     };
@@ -373,7 +388,7 @@ impl AsyncRead for HeadGuard {
         let this = self.get_mut();
         match this.phase {
             Phase::Done => return Pin::new(&mut this.inner).poll_read(cx, buf),
-            Phase::Refusing => return this.poll_refusal(cx),
+            Phase::Refusing { .. } => return this.poll_refusal(cx),
             Phase::Head => {}
         }
         let before = buf.filled().len();
