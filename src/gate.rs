@@ -32,6 +32,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Pingora's retry buffer holds this much of a request body; a body read early must reach the
@@ -348,8 +349,10 @@ pub struct GateOptions {
     pub max_body_bytes: u64,
     /// Time the whole request body may take to arrive (408 after it).
     pub body_read_timeout: Duration,
-    /// Seconds a kept-alive client connection may idle before its next request; `None` leaves
-    /// Pingora's default (no limit once a request has been served).
+    /// Seconds a kept-alive client connection may idle before its next request, set on each
+    /// session as Pingora's keep-alive timeout; `None` leaves it to the connection layer (the
+    /// keygate server's [`crate::limits::Limited`] times it; Pingora alone has no limit once a
+    /// request has been served).
     pub keepalive_timeout_seconds: Option<u64>,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
@@ -528,7 +531,8 @@ impl Gate {
             GateOptions {
                 max_body_bytes: config.max_body_bytes,
                 body_read_timeout: Duration::from_secs(config.body_read_timeout_seconds),
-                keepalive_timeout_seconds: Some(config.keepalive_timeout_seconds),
+                // The server's connection guard times it (see `server::conn_limits`).
+                keepalive_timeout_seconds: None,
                 trusted_proxies,
                 default_max_tokens: config.default_max_tokens,
                 state_dir: Some(config.state_dir.clone()),
@@ -849,14 +853,26 @@ impl Gate {
         let mut buf = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
         let mut buffering = false;
         let timeout = self.inner.options.body_read_timeout;
-        let deadline = tokio::time::Instant::now() + timeout;
+        // Set when a read first has to wait: a small body has come with the head, and its read
+        // needs no timer.
+        let mut deadline = None;
         loop {
             let remaining = declared.map(|l| l.saturating_sub(buf.len() as u64));
             if !buffering && remaining.is_none_or(|r| r <= RETRY_BUFFER_LIMIT as u64) {
                 session.enable_retry_buffering();
                 buffering = true;
             }
-            let read = tokio::time::timeout_at(deadline, session.read_request_body()).await;
+            let read = {
+                let mut read = std::pin::pin!(session.read_request_body());
+                match futures_util::poll!(read.as_mut()) {
+                    Poll::Ready(r) => Ok(r),
+                    Poll::Pending => {
+                        let at =
+                            *deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
+                        tokio::time::timeout_at(at, read).await
+                    }
+                }
+            };
             let Ok(read) = read else {
                 return Err(BodyError::Denied(Denial::with_message(
                     Reason::RequestTimeout,
@@ -1123,8 +1139,14 @@ impl Gate {
             req.insert_header(&X_REQUEST_ID, id.clone())?;
         }
         if let Some(body) = &ctx.body {
-            drop_header(req, &http::header::TRANSFER_ENCODING);
-            req.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+            let framed = drop_header(req, &http::header::TRANSFER_ENCODING).is_none()
+                && req
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .is_some_and(|v| states_length(v.as_bytes(), body.len()));
+            if !framed {
+                req.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+            }
         }
         ctx.upstream_started = Some(Instant::now());
         Ok(())
@@ -1598,6 +1620,16 @@ fn drop_header(req: &mut RequestHeader, name: &HeaderName) -> Option<HeaderValue
     }
 }
 
+/// Whether a Content-Length value states exactly `len`, written canonically (no sign, no
+/// leading zero, no space): then it can be forwarded as it is.
+fn states_length(v: &[u8], len: usize) -> bool {
+    !v.is_empty()
+        && v.len() <= 19
+        && (v[0] != b'0' || v.len() == 1)
+        && v.iter().all(u8::is_ascii_digit)
+        && v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')) == len as u64
+}
+
 /// Remove every place a client credential can be: `Authorization`, `x-api-key`,
 /// `x-goog-api-key`, the key part of `Sec-WebSocket-Protocol`, and `?key=`.
 pub fn strip_client_credentials(req: &mut RequestHeader) -> Result<()> {
@@ -1631,6 +1663,23 @@ pub fn strip_client_credentials(req: &mut RequestHeader) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_canonical_content_length_is_forwarded_as_it_is() {
+        assert!(states_length(b"106", 106));
+        assert!(states_length(b"0", 0));
+        for (v, len) in [
+            (&b"105"[..], 106),
+            (b"0106", 106),
+            (b"+106", 106),
+            (b" 106", 106),
+            (b"106 ", 106),
+            (b"", 0),
+            (b"99999999999999999999", 0),
+        ] {
+            assert!(!states_length(v, len), "{:?}", String::from_utf8_lossy(v));
+        }
+    }
 
     #[test]
     fn request_ids_read_like_the_format() {

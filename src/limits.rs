@@ -107,7 +107,8 @@ where
         if *shutdown.borrow() {
             session.set_keepalive(None);
         } else {
-            session.set_keepalive(Some(limits.keepalive_timeout_seconds));
+            // Reuse without a Pingora timeout: the guard times the keep-alive wait.
+            session.set_keepalive(Some(0));
         }
         // Pingora counts reuses: the first request is not one.
         session.set_keepalive_reuses_remaining(
@@ -209,10 +210,14 @@ pub struct HeadGuard {
     /// Head bytes seen so far in the current head.
     head_bytes: usize,
     scanner: HeadScanner,
-    /// The deadline of the current head, or of the lingering close.
+    /// The deadline of the current head, of the keep-alive wait before it, or of the
+    /// lingering close.
     deadline: Option<Instant>,
+    /// `deadline` is the end of a keep-alive wait: no byte of the next head has come yet.
+    idle: bool,
     /// A timer for `deadline`, made only when a read has to wait: most heads arrive in one
-    /// read and never need one.
+    /// read and never need one. It may be set earlier than `deadline` (see
+    /// [`HeadGuard::deadline_passed`]).
     timer: Option<Pin<Box<Sleep>>>,
 }
 
@@ -237,12 +242,14 @@ impl HeadGuard {
             head_bytes: 0,
             scanner: HeadScanner::default(),
             deadline: Some(deadline),
+            idle: false,
             timer: None,
         }
     }
 
-    /// The previous request is finished and the connection is kept: the next head is awaited
-    /// (its deadline starts with its first byte).
+    /// The previous request is finished and the connection is kept: the next head is awaited,
+    /// for at most the keep-alive timeout (set when a read first has to wait), and then has its
+    /// own deadline from its first byte.
     fn next_request(&mut self) {
         if matches!(self.phase, Phase::Refusing { .. }) {
             return;
@@ -301,22 +308,30 @@ impl HeadGuard {
     }
 
     /// Whether the deadline has passed; if not, the task is woken when it does.
+    ///
+    /// The timer is moved only when it would fire too late. One that fires before the deadline
+    /// is moved on then: a busy keep-alive connection's deadline moves with every request, and
+    /// this moves its timer once per keep-alive timeout instead of once per request (Pingora's
+    /// own keep-alive timeout registers a timer for every request).
     fn deadline_passed(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(deadline) = self.deadline else {
             return false;
         };
-        let timer = match &mut self.timer {
-            Some(t) => {
-                if t.deadline() != deadline {
-                    t.as_mut().reset(deadline);
-                }
-                t
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return false;
             }
-            None => self
-                .timer
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
-        };
-        timer.as_mut().poll(cx).is_ready()
+            if timer.deadline() >= deadline {
+                return true;
+            }
+            timer.as_mut().reset(deadline);
+        }
     }
 
     /// Drive the refusal: write the answer, shut the write side, drain, then fail the read.
@@ -396,7 +411,13 @@ impl AsyncRead for HeadGuard {
             Poll::Ready(Ok(())) => {}
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => {
-                // Waiting for the rest of a head (or for the first one on a new connection).
+                // Waiting for a head, or for the rest of one.
+                if this.deadline.is_none() {
+                    // Between requests: the keep-alive wait starts.
+                    let idle = Duration::from_secs(this.shared.limits.keepalive_timeout_seconds);
+                    this.deadline = Some(Instant::now() + idle);
+                    this.idle = true;
+                }
                 if !this.deadline_passed(cx) {
                     return Poll::Pending;
                 }
@@ -422,10 +443,11 @@ impl AsyncRead for HeadGuard {
         if end.is_some() {
             this.phase = Phase::Done;
             this.deadline = None;
-        } else if this.deadline.is_none() {
+        } else if this.deadline.is_none() || this.idle {
             // The first bytes of a head on a reused connection, and not the whole of it.
             this.deadline = Some(Instant::now() + this.shared.limits.header_read_timeout);
         }
+        this.idle = false;
         Poll::Ready(Ok(()))
     }
 }

@@ -179,6 +179,39 @@ async fn an_idle_keep_alive_connection_is_closed_after_its_timeout() {
     );
 }
 
+/// The keep-alive timeout runs from the latest request, not from the first wait: a connection
+/// used more often than its timeout stays open past it, and closes a timeout after its last call.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_keep_alive_timeout_runs_from_the_latest_request() {
+    let env = env_with("keepalive_timeout_seconds: 1").await;
+    let mut s = kept_alive_after_one_call(&env).await;
+    let opened = Instant::now();
+    for i in 2..=6 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        s.write_all(chat_request("", false).as_bytes())
+            .await
+            .unwrap();
+        let r = read_response(&mut s, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "call {i}, {:?} after the first, got no answer",
+                    opened.elapsed()
+                )
+            });
+        assert!(r.starts_with("HTTP/1.1 200"), "call {i}: {r}");
+    }
+    let idle = Instant::now();
+    let rest = read_to_close(&mut s, Duration::from_secs(10)).await;
+    assert_eq!(rest, "");
+    assert!(
+        idle.elapsed() >= Duration::from_millis(900),
+        "closed {:?} after the last call, before the keep-alive timeout",
+        idle.elapsed()
+    );
+    assert_eq!(env.mock.request_count(), 6);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_connection_serves_at_most_max_requests_per_connection() {
     let env = env_with("max_requests_per_connection: 3").await;
