@@ -130,7 +130,14 @@ fn carrier_by_scan(doc: &[u8]) -> Option<UsageCarrier> {
     let mut ok = true;
     top_level_members(doc, |key, value| {
         ok &= match key {
-            b"usage" => parse(&mut c.usage, &mut seen[0], value),
+            b"usage" => match usage_object_by_scan(value) {
+                Some(u) if !std::mem::replace(&mut seen[0], true) => {
+                    c.usage = Some(u);
+                    true
+                }
+                Some(_) => false, // repeated
+                None => parse(&mut c.usage, &mut seen[0], value),
+            },
             b"usageMetadata" => parse(&mut c.usage_metadata, &mut seen[1], value),
             b"message" => parse(&mut c.message, &mut seen[2], value),
             b"response" => parse(&mut c.response, &mut seen[3], value),
@@ -138,6 +145,49 @@ fn carrier_by_scan(doc: &[u8]) -> Option<UsageCarrier> {
         };
     })?;
     ok.then_some(c)
+}
+
+/// A usage object by scanning: the counts are plain integers or `null`, the other members are
+/// skipped. `None` when serde could answer otherwise (a repeated count, a count that is not a
+/// canonical `u64`, not an object): the caller then parses it.
+fn usage_object_by_scan(v: &[u8]) -> Option<UsageObject> {
+    let mut u = UsageObject::default();
+    let mut seen = [false; 4];
+    let mut ok = true;
+    top_level_members(v, |key, value| {
+        let (slot, seen) = match key {
+            b"prompt_tokens" => (&mut u.prompt_tokens, &mut seen[0]),
+            b"completion_tokens" => (&mut u.completion_tokens, &mut seen[1]),
+            b"input_tokens" => (&mut u.input_tokens, &mut seen[2]),
+            b"output_tokens" => (&mut u.output_tokens, &mut seen[3]),
+            _ => return,
+        };
+        ok &= !std::mem::replace(seen, true);
+        match json_count(value) {
+            Some(n) => *slot = n,
+            None => ok = false,
+        }
+    })?;
+    ok.then_some(u)
+}
+
+/// A JSON `null` (`Some(None)`) or a non-negative integer written canonically that fits a
+/// `u64`; `None` for anything else.
+fn json_count(v: &[u8]) -> Option<Option<u64>> {
+    if v == b"null" {
+        return Some(None);
+    }
+    if v.is_empty() || (v[0] == b'0' && v.len() > 1) {
+        return None;
+    }
+    v.iter()
+        .try_fold(0u64, |n, &d| {
+            if !d.is_ascii_digit() {
+                return None;
+            }
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
+        .map(Some)
 }
 
 /// Call `member(name, raw value)` for each member of the JSON object `doc`, skipping values
@@ -169,7 +219,7 @@ fn top_level_members<'a>(doc: &'a [u8], mut member: impl FnMut(&'a [u8], &'a [u8
         let end = skip_string(doc, i)?;
         let key = &doc[i + 1..end - 1];
         // Escapes and invalid UTF-8 make serde decode (or refuse) the name: its call.
-        if key.contains(&b'\\') || std::str::from_utf8(key).is_err() {
+        if key.contains(&b'\\') || (!key.is_ascii() && std::str::from_utf8(key).is_err()) {
             return None;
         }
         i = ws(end);
@@ -928,6 +978,35 @@ mod tests {
         let doc = b"{\"c\xff\xff\xff\xffdates\":[],\"usageMetadata\":{\"promptTokenCount\":5}}";
         assert!(carrier_by_scan(doc).is_none());
         assert_eq!(usage_from_json(doc), usage_from_json_parsed(doc));
+    }
+
+    #[test]
+    fn usage_counts_serde_would_read_otherwise_are_left_to_it() {
+        for (doc, scanned) in [
+            (
+                &br#"{"usage":{"prompt_tokens":12,"completion_tokens":null,"x":{"y":[1]}}}"#[..],
+                true,
+            ),
+            (
+                br#"{"usage":{"input_tokens":0,"output_tokens":18446744073709551615}}"#,
+                true,
+            ),
+            (
+                br#"{"usage":{"prompt_tokens":18446744073709551616}}"#,
+                false,
+            ),
+            (br#"{"usage":{"prompt_tokens":12.0}}"#, false),
+            (br#"{"usage":{"prompt_tokens":1e3}}"#, false),
+            (br#"{"usage":{"prompt_tokens":-1}}"#, false),
+            (br#"{"usage":{"prompt_tokens":"12"}}"#, false),
+            (br#"{"usage":{"prompt_tokens":1,"prompt_tokens":2}}"#, false),
+            (br#"{"usage":null}"#, false),
+        ] {
+            let text = String::from_utf8_lossy(doc);
+            let usage = &doc[9..doc.len() - 1];
+            assert_eq!(usage_object_by_scan(usage).is_some(), scanned, "{text}");
+            assert_eq!(usage_from_json(doc), usage_from_json_parsed(doc), "{text}");
+        }
     }
 
     #[test]
