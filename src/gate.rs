@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::credential::{self, CredentialStyle, ModelField};
 use crate::errors::{Denial, ErrorShape, Reason};
 use crate::ledger::{Ledger, Reservation, ReserveError};
-use crate::metrics::{model_label, Metrics};
+use crate::metrics::{model_label, CallSeries, Metrics};
 use crate::policy;
 use crate::pricing::{self, PriceRule, Usage};
 use crate::proxy::Upstreams;
@@ -27,6 +27,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, Session};
 use pingora::{Error, ErrorType, Result};
+use prometheus::Histogram;
 use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -270,6 +271,8 @@ pub struct GateCtx {
     json_body: Vec<Bytes>,
     json_len: usize,
     charged: Option<(Usage, i64)>,
+    /// The series the settled call was counted in.
+    series: Option<Arc<CallSeries>>,
     embedding: bool,
     json_response: bool,
 }
@@ -396,6 +399,8 @@ struct Inner {
     upstreams: Upstreams,
     options: GateOptions,
     metrics: Arc<Metrics>,
+    /// `keygate_upstream_duration_seconds` of each upstream, in their order.
+    upstream_durations: Vec<Histogram>,
     ledger: Ledger,
     usage_log: Option<UsageLog>,
     access_log: Option<crate::usage::LineSink>,
@@ -453,12 +458,21 @@ impl Gate {
             }
         }
         metrics.reloads.with_label_values(&["ok"]).inc();
+        let upstream_durations = upstreams
+            .iter()
+            .map(|u| {
+                metrics
+                    .upstream_duration
+                    .with_label_values(&[u.name.as_str()])
+            })
+            .collect();
         Ok(Gate {
             inner: Arc::new(Inner {
                 table: Arc::new(ArcSwap::from_pointee(table)),
                 upstreams,
                 options,
                 metrics,
+                upstream_durations,
                 ledger,
                 usage_log,
                 access_log,
@@ -1326,16 +1340,11 @@ impl Gate {
             (usage, quota, status)
         };
         ctx.charged = Some((usage, quota));
-        let label = model_label(&table, ctx.model.as_deref());
-        m.quota_consumed
-            .with_label_values(&[label, group])
-            .inc_by(quota.max(0) as u64);
-        m.tokens
-            .with_label_values(&[label, group, "prompt"])
-            .inc_by(usage.prompt_tokens);
-        m.tokens
-            .with_label_values(&[label, group, "completion"])
-            .inc_by(usage.completion_tokens);
+        let series = m.call_series(model_label(&table, ctx.model.as_deref()), group);
+        series.quota.inc_by(quota.max(0) as u64);
+        series.prompt_tokens.inc_by(usage.prompt_tokens);
+        series.completion_tokens.inc_by(usage.completion_tokens);
+        ctx.series = Some(series);
         if let Some(log) = &self.inner.usage_log {
             let since = |t: Option<Instant>| {
                 t.zip(ctx.started)
@@ -1424,13 +1433,12 @@ impl Gate {
         }
         let m = &self.inner.metrics;
         m.gate_duration.observe(ctx.gate_time.as_secs_f64());
-        if let (Some(started), Some(u)) = (
+        if let (Some(started), Some(timer)) = (
             ctx.upstream_started,
-            ctx.upstream.and_then(|i| self.inner.upstreams.get(i)),
+            ctx.upstream
+                .and_then(|i| self.inner.upstream_durations.get(i)),
         ) {
-            m.upstream_duration
-                .with_label_values(&[u.name.as_str()])
-                .observe(started.elapsed().as_secs_f64());
+            timer.observe(started.elapsed().as_secs_f64());
         }
         if ctx.outcome == Outcome::Admitted && e.is_some_and(|e| !is_client_gone(e)) {
             ctx.outcome = Outcome::Failed(Reason::UpstreamError);
@@ -1451,14 +1459,19 @@ impl Gate {
             }
         }
         let (outcome, reason) = ctx.outcome.label();
-        let (model, group) = match ctx.table.as_ref() {
-            Some(t) => (
-                model_label(t, ctx.model.as_deref()),
-                ctx.key_record().map_or("", |k| &*t.group_of(k).name),
-            ),
-            None => ("", ""),
-        };
-        m.count_request(outcome, reason, model, group);
+        match (&ctx.series, ctx.outcome) {
+            (Some(series), Outcome::Admitted) => series.admitted.inc(),
+            _ => {
+                let (model, group) = match ctx.table.as_ref() {
+                    Some(t) => (
+                        model_label(t, ctx.model.as_deref()),
+                        ctx.key_record().map_or("", |k| &*t.group_of(k).name),
+                    ),
+                    None => ("", ""),
+                };
+                m.count_request(outcome, reason, model, group);
+            }
+        }
         if self.inner.options.per_key_metrics {
             if let Some(k) = ctx.key_record() {
                 let id = k.id.to_string();

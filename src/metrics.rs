@@ -8,10 +8,11 @@ use async_trait::async_trait;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
 
 /// The model label for `model`: itself when the sync file prices it, else `other`.
 pub fn model_label<'a>(table: &KeyTable, model: Option<&'a str>) -> &'a str {
@@ -67,6 +68,25 @@ pub struct Metrics {
     pub key_requests: IntCounterVec,
     /// `keygate_key_quota_consumed_total{key_id,key_name}` (only with `metrics.per_key`).
     pub key_quota: IntCounterVec,
+    /// The series of [`CallSeries`], by model label and group: resolving four labelled series
+    /// for every call (each hashes its label values and locks its family) is most of what
+    /// counting a call costs.
+    calls: RwLock<HashMap<Box<str>, SeriesByGroup>>,
+}
+
+/// [`CallSeries`] of one model label, by group.
+type SeriesByGroup = HashMap<Box<str>, Arc<CallSeries>>;
+
+/// The series a settled call adds to, for one model label and group.
+pub struct CallSeries {
+    /// `keygate_requests_total{outcome="admitted",reason="",model,group}`
+    pub admitted: IntCounter,
+    /// `keygate_quota_consumed_total{model,group}`
+    pub quota: IntCounter,
+    /// `keygate_tokens_total{model,group,kind="prompt"}`
+    pub prompt_tokens: IntCounter,
+    /// `keygate_tokens_total{model,group,kind="completion"}`
+    pub completion_tokens: IntCounter,
 }
 
 /// `made`, registered in `registry`. A definition or registration that fails is a programming
@@ -273,7 +293,37 @@ impl Metrics {
             upstream_errors,
             key_requests,
             key_quota,
+            calls: RwLock::default(),
         })
+    }
+
+    /// The series a call on `model` (a [`model_label`]) in `group` adds to.
+    pub fn call_series(&self, model: &str, group: &str) -> Arc<CallSeries> {
+        let known = self
+            .calls
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(model)
+            .and_then(|groups| groups.get(group))
+            .cloned();
+        if let Some(series) = known {
+            return series;
+        }
+        let series = Arc::new(CallSeries {
+            admitted: self
+                .requests
+                .with_label_values(&["admitted", "", model, group]),
+            quota: self.quota_consumed.with_label_values(&[model, group]),
+            prompt_tokens: self.tokens.with_label_values(&[model, group, "prompt"]),
+            completion_tokens: self.tokens.with_label_values(&[model, group, "completion"]),
+        });
+        self.calls
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(model.into())
+            .or_default()
+            .insert(group.into(), series.clone());
+        series
     }
 
     /// Count one finished request.

@@ -83,10 +83,24 @@ async fn access_log_has_one_structured_line_per_request_and_never_a_key() {
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_cover_the_spec_with_bounded_labels() {
     let env = Env::start().await;
+    // Twice: the second call counts in series the first one resolved.
+    chat(&env, OK, "gpt-4o-mini").await;
     chat(&env, OK, "gpt-4o-mini").await;
     chat(&env, OK, "totally-unknown-model-1").await;
     chat(&env, "sk-unknown", "gpt-4o").await;
-    let text = wait_for_metric(&env.gw, "keygate_gate_duration_seconds_count 3").await;
+    let text = wait_for_metric(&env.gw, "keygate_gate_duration_seconds_count 4").await;
+    // The mock reports 1 + body/4 prompt tokens and 20 completion tokens.
+    let prompt = 1 + chat_body("gpt-4o-mini").len() / 4;
+    for line in [
+        r#"keygate_requests_total{group="default",model="gpt-4o-mini",outcome="admitted",reason=""} 2"#.to_string(),
+        format!(r#"keygate_tokens_total{{group="default",kind="prompt",model="gpt-4o-mini"}} {}"#, 2 * prompt),
+        r#"keygate_tokens_total{group="default",kind="completion",model="gpt-4o-mini"} 40"#.to_string(),
+        r#"keygate_requests_total{group="",model="",outcome="denied",reason="invalid_api_key"} 1"#.to_string(),
+        r#"keygate_requests_total{group="default",model="other",outcome="denied",reason="model_not_found"} 1"#.to_string(),
+        r#"keygate_upstream_duration_seconds_count{upstream="mock"} 2"#.to_string(),
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+    }
     for name in [
         "keygate_requests_total{",
         "keygate_quota_consumed_total{",
