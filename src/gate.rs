@@ -51,8 +51,12 @@ const MAX_USAGE_BODY: usize = 16 * 1024 * 1024;
 
 /// Current unix time in seconds.
 pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+    unix_secs(SystemTime::now())
+}
+
+/// `t` in unix seconds.
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
@@ -260,6 +264,8 @@ pub struct GateCtx {
     outcome: Outcome,
     gate_time: Duration,
     started: Option<Instant>,
+    /// The wall-clock time at `started`.
+    started_at: Option<SystemTime>,
     upstream_started: Option<Instant>,
     first_byte: Option<Instant>,
     reservation: Option<Reservation>,
@@ -611,7 +617,9 @@ impl Gate {
     /// Returns `Ok(true)` when keygate has answered (a refusal or a local endpoint).
     pub async fn request_filter(&self, session: &mut Session, ctx: &mut GateCtx) -> Result<bool> {
         let started = Instant::now();
+        let now = SystemTime::now();
         ctx.started = Some(started);
+        ctx.started_at = Some(now);
         // Pingora keeps an HTTP/1.1 connection open without limit once a request is read.
         if let Some(idle) = self.inner.options.keepalive_timeout_seconds {
             if session.get_keepalive().is_some() {
@@ -635,7 +643,7 @@ impl Gate {
             req.uri.query(),
             peer,
             &self.inner.options.trusted_proxies,
-            (!read_only).then(unix_now),
+            (!read_only).then(|| unix_secs(now)),
         );
         ctx.table = Some(table);
         match admitted {
@@ -661,25 +669,23 @@ impl Gate {
             self.write_answer(session, ctx, 200, answer).await?;
             return Ok(true);
         }
-        ctx.gate_time += started.elapsed();
 
-        let body = match self.read_body(session).await {
+        // Time spent waiting for the body is not keygate's: it is taken out of the gate time.
+        let (body, waited) = match self.read_body(session).await {
             Ok(b) => b,
             Err(BodyError::Denied(d)) => return self.deny(session, ctx, d).await,
             Err(BodyError::Fault(e)) => return Err(e),
         };
-
-        let started = Instant::now();
         let decided = self.admit_call(session.req_header(), &body, ctx);
         if let Err(d) = decided {
-            ctx.gate_time += started.elapsed();
+            ctx.gate_time += started.elapsed().saturating_sub(waited);
             return self.deny(session, ctx, d).await;
         }
         let body = self.maybe_ask_for_usage(session.req_header(), body, ctx);
         if !body.is_empty() {
             ctx.body = Some(body);
         }
-        ctx.gate_time += started.elapsed();
+        ctx.gate_time += started.elapsed().saturating_sub(waited);
         match self.reserve(ctx).await {
             Ok(()) => {
                 ctx.outcome = Outcome::Admitted;
@@ -821,7 +827,12 @@ impl Gate {
     /// `request_body_filter`, and [`Gate::request_body_filter`] swaps in the whole body. A
     /// chunked body has no known tail, so it is buffered from the start and must fit in 64 KiB
     /// (411 `length_required` above that).
-    async fn read_body(&self, session: &mut Session) -> std::result::Result<Bytes, BodyError> {
+    ///
+    /// Returns the body and the time spent waiting for it to arrive.
+    async fn read_body(
+        &self,
+        session: &mut Session,
+    ) -> std::result::Result<(Bytes, Duration), BodyError> {
         let cap = self.inner.options.max_body_bytes;
         let headers = &session.req_header().headers;
         // Whether there is a body is Pingora's call (it frames the request); any
@@ -854,7 +865,7 @@ impl Gate {
             .get(http::header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         if session.is_body_empty() {
-            return Ok(Bytes::new());
+            return Ok((Bytes::new(), Duration::ZERO));
         }
         if expects_continue {
             session
@@ -867,9 +878,9 @@ impl Gate {
         let mut buf = BytesMut::with_capacity(usize::try_from(capacity).unwrap_or(0));
         let mut buffering = false;
         let timeout = self.inner.options.body_read_timeout;
-        // Set when a read first has to wait: a small body has come with the head, and its read
-        // needs no timer.
-        let mut deadline = None;
+        // When a read first had to wait: a small body has come with the head, and its read
+        // needs no timer (nor a clock read).
+        let mut waiting_since = None;
         loop {
             let remaining = declared.map(|l| l.saturating_sub(buf.len() as u64));
             if !buffering && remaining.is_none_or(|r| r <= RETRY_BUFFER_LIMIT as u64) {
@@ -881,9 +892,8 @@ impl Gate {
                 match futures_util::poll!(read.as_mut()) {
                     Poll::Ready(r) => Ok(r),
                     Poll::Pending => {
-                        let at =
-                            *deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
-                        tokio::time::timeout_at(at, read).await
+                        let since = *waiting_since.get_or_insert_with(tokio::time::Instant::now);
+                        tokio::time::timeout_at(since + timeout, read).await
                     }
                 }
             };
@@ -923,7 +933,8 @@ impl Gate {
             // buffered: Pingora could not forward it. Refuse rather than hang the upstream.
             return Err(BodyError::Denied(Denial::new(Reason::HeadersTooLarge)));
         }
-        Ok(buf.freeze())
+        let waited = waiting_since.map_or(Duration::ZERO, |t| t.elapsed());
+        Ok((buf.freeze(), waited))
     }
 
     /// Answers keygate gives itself for an admitted key: `GET /v1/models[/{id}]`.
@@ -1232,8 +1243,10 @@ impl Gate {
         if ctx.reservation.is_none() || ctx.status >= 400 {
             return Ok(None);
         }
-        let started = Instant::now();
         if let Some(tracker) = ctx.sse.as_mut() {
+            // Timed: the events are read here. A JSON body's chunks are only kept (no clock
+            // read for that), and read once in `logging`.
+            let started = Instant::now();
             if let Some(chunk) = body.take() {
                 *body = Some(tracker.feed(chunk));
             }
@@ -1245,13 +1258,13 @@ impl Gate {
                     *body = Some(all.freeze());
                 }
             }
+            ctx.gate_time += started.elapsed();
         } else if let Some(chunk) = body.as_ref() {
             ctx.json_len += chunk.len();
             if ctx.json_response && ctx.json_len <= MAX_USAGE_BODY {
                 ctx.json_body.push(chunk.clone());
             }
         }
-        ctx.gate_time += started.elapsed();
         Ok(None)
     }
 }
@@ -1306,7 +1319,7 @@ fn final_usage(ctx: &GateCtx, cut_short: bool) -> (Usage, bool) {
 impl Gate {
     /// Settle the reservation exactly once: a refund when the upstream failed or answered with
     /// an error, otherwise the price of what was used; then the usage record and the metrics.
-    fn settle(&self, e: Option<&Error>, ctx: &mut GateCtx) {
+    fn settle(&self, e: Option<&Error>, ctx: &mut GateCtx, finished: Instant) {
         let Some(reservation) = ctx.reservation.take() else {
             return;
         };
@@ -1350,8 +1363,15 @@ impl Gate {
                 t.zip(ctx.started)
                     .map(|(t, s)| t.saturating_duration_since(s).as_millis() as u64)
             };
+            // From the clock reads the call made anyway.
+            let created_at = ctx
+                .started_at
+                .zip(ctx.started)
+                .map_or_else(unix_now, |(at, s)| {
+                    unix_secs(at + finished.saturating_duration_since(s))
+                });
             log.record(SettledCall {
-                created_at: unix_now(),
+                created_at,
                 request_id: ctx
                     .request_id
                     .clone()
@@ -1362,7 +1382,7 @@ impl Gate {
                 quota,
                 is_stream: ctx.sse.is_some(),
                 status,
-                duration_ms: since(Some(Instant::now())).unwrap_or(0),
+                duration_ms: since(Some(finished)).unwrap_or(0),
                 first_byte_ms: since(ctx.first_byte),
                 table,
             });
@@ -1427,7 +1447,8 @@ impl Gate {
     /// Phase `logging`: settles the reservation, writes the usage record, the metrics and the
     /// access-log line.
     pub async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut GateCtx) {
-        self.settle(e, ctx);
+        let finished = Instant::now();
+        self.settle(e, ctx, finished);
         if let (Some(id), Some(_)) = (ctx.key_id(), ctx.charged) {
             self.inner.ledger.make_committed_durable(id).await;
         }
@@ -1438,7 +1459,7 @@ impl Gate {
             ctx.upstream
                 .and_then(|i| self.inner.upstream_durations.get(i)),
         ) {
-            timer.observe(started.elapsed().as_secs_f64());
+            timer.observe(finished.saturating_duration_since(started).as_secs_f64());
         }
         if ctx.outcome == Outcome::Admitted && e.is_some_and(|e| !is_client_gone(e)) {
             ctx.outcome = Outcome::Failed(Reason::UpstreamError);
