@@ -18,7 +18,7 @@ use crate::policy;
 use crate::pricing::{self, PriceRule, Usage};
 use crate::proxy::Upstreams;
 use crate::table::{key_digest, Digest, KeyRecord, KeyTable};
-use crate::usage::{PartialUsage, SettledCall, SseTracker, UsageLog};
+use crate::usage::{PartialUsage, SseTracker, UsageLog, UsageRecord};
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -1370,21 +1370,24 @@ impl Gate {
                 .map_or_else(unix_now, |(at, s)| {
                     unix_secs(at + finished.saturating_duration_since(s))
                 });
-            log.record(SettledCall {
+            log.record(&UsageRecord {
                 created_at,
                 request_id: ctx
                     .request_id
-                    .clone()
-                    .unwrap_or(HeaderValue::from_static("")),
-                slot,
-                model: ctx.model.clone().unwrap_or_default(),
-                usage,
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(""),
+                key_id: key.id,
+                key_name: &key.name,
+                group,
+                model: ctx.model.as_deref().unwrap_or(""),
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
                 quota,
                 is_stream: ctx.sse.is_some(),
                 status,
                 duration_ms: since(Some(finished)).unwrap_or(0),
                 first_byte_ms: since(ctx.first_byte),
-                table,
             });
         }
     }

@@ -3,14 +3,13 @@
 //! usage log (one JSON line per settled call, written off the request path).
 
 use crate::pricing::Usage;
-use crate::table::KeyTable;
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
-use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// Token counts as found, field by field (a stream may report them in separate events).
@@ -533,56 +532,6 @@ pub struct UsageRecord<S = String> {
     pub first_byte_ms: Option<u64>,
 }
 
-/// A settled call as the request path queues it for the usage log: the key's name and group
-/// are looked up in the table snapshot, and the line formatted, by the writer thread.
-#[derive(Debug)]
-pub struct SettledCall {
-    /// Unix seconds.
-    pub created_at: i64,
-    /// The request id.
-    pub request_id: http::HeaderValue,
-    /// The table the call was admitted with, and the key's slot in it.
-    pub table: Arc<KeyTable>,
-    /// The key's slot in `table`.
-    pub slot: u32,
-    /// The model.
-    pub model: String,
-    /// Tokens charged.
-    pub usage: Usage,
-    /// Quota units charged.
-    pub quota: i64,
-    /// Whether the response was a stream.
-    pub is_stream: bool,
-    /// The HTTP status the client got.
-    pub status: u16,
-    /// Request start to end, milliseconds.
-    pub duration_ms: u64,
-    /// Request start to the first response byte, milliseconds.
-    pub first_byte_ms: Option<u64>,
-}
-
-impl SettledCall {
-    /// The log line's record.
-    pub fn record(&self) -> UsageRecord<&str> {
-        let key = self.table.at_slot(self.slot);
-        UsageRecord {
-            created_at: self.created_at,
-            request_id: self.request_id.to_str().unwrap_or(""),
-            key_id: key.map_or(0, |k| k.id),
-            key_name: key.map_or("", |k| &*k.name),
-            group: key.map_or("", |k| &*self.table.group_of(k).name),
-            model: &self.model,
-            prompt_tokens: self.usage.prompt_tokens,
-            completion_tokens: self.usage.completion_tokens,
-            quota: self.quota,
-            is_stream: self.is_stream,
-            status: self.status,
-            duration_ms: self.duration_ms,
-            first_byte_ms: self.first_byte_ms,
-        }
-    }
-}
-
 /// Lines written to stderr by a background thread through a bounded channel (the access log):
 /// the request path never blocks on stderr; when the channel is full a line is dropped and
 /// counted.
@@ -593,9 +542,12 @@ pub struct LineSink {
 }
 
 impl LineSink {
+    /// Capacity of the channel.
+    pub const CAPACITY: usize = 65_536;
+
     /// Start the stderr writer.
     pub fn stderr() -> std::io::Result<LineSink> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(UsageLog::CAPACITY);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(Self::CAPACITY);
         std::thread::Builder::new()
             .name("keygate-access-log".into())
             .spawn(move || {
@@ -632,25 +584,41 @@ impl LineSink {
     }
 }
 
-enum Msg {
-    Record(Box<SettledCall>),
-    Flush(SyncSender<()>),
-}
-
-/// The usage log: a bounded channel to a writer thread. Recording never blocks; when the channel
-/// is full the record is dropped and counted.
+/// The usage log. A record is formatted on the request's thread and appended to a shared
+/// buffer (a lock held for a copy); a writer thread takes the buffer every [`DRAIN_EVERY`] and
+/// appends it to the file with one `write`. So the request path never waits on the disk, and
+/// nothing it allocates is freed by another thread (a cross-thread free costs the allocator
+/// more than the allocation). Past [`UsageLog::MAX_PENDING`] bytes waiting, records are dropped
+/// and counted.
 #[derive(Clone)]
 pub struct UsageLog {
-    tx: SyncSender<Msg>,
-    dropped: Arc<AtomicU64>,
+    shared: Arc<LogBuffer>,
+    /// Flush requests to the writer; it exits when every handle (and so this sender) is gone.
+    flushes: SyncSender<SyncSender<()>>,
+}
+
+struct LogBuffer {
+    pending: Mutex<Vec<u8>>,
+    max_pending: usize,
+    dropped: AtomicU64,
+}
+
+thread_local! {
+    /// Where a record is formatted before it is appended (kept, so no allocation per record).
+    static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl UsageLog {
-    /// Capacity of the channel.
-    pub const CAPACITY: usize = 65_536;
+    /// Most bytes waiting for the writer (about 60,000 records).
+    pub const MAX_PENDING: usize = 16 * 1024 * 1024;
 
     /// Open `path` for appending and start the writer.
     pub fn open(path: &Path) -> std::io::Result<UsageLog> {
+        Self::open_bounded(path, Self::MAX_PENDING)
+    }
+
+    /// [`UsageLog::open`] with at most `max_pending` bytes waiting for the writer.
+    fn open_bounded(path: &Path, max_pending: usize) -> std::io::Result<UsageLog> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -658,67 +626,96 @@ impl UsageLog {
             .create(true)
             .append(true)
             .open(path)?;
-        let (tx, rx) = std::sync::mpsc::sync_channel(Self::CAPACITY);
+        let shared = Arc::new(LogBuffer {
+            pending: Mutex::new(Vec::new()),
+            max_pending,
+            dropped: AtomicU64::new(0),
+        });
+        let (flushes, rx) = std::sync::mpsc::sync_channel(16);
         let name = path.display().to_string();
+        let buffer = shared.clone();
         std::thread::Builder::new()
             .name("keygate-usage-log".into())
-            .spawn(move || writer(rx, file, &name))?;
-        Ok(UsageLog {
-            tx,
-            dropped: Arc::new(AtomicU64::new(0)),
-        })
+            .spawn(move || writer(&buffer, &rx, file, &name))?;
+        Ok(UsageLog { shared, flushes })
     }
 
-    /// Queue a record (never blocks).
-    pub fn record(&self, r: SettledCall) {
-        match self.tx.try_send(Msg::Record(Box::new(r))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+    /// Add a record (never waits on the disk).
+    pub fn record(&self, r: &UsageRecord<&str>) {
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            if serde_json::to_writer(&mut *line, r).is_err() {
+                return;
             }
-        }
+            line.push(b'\n');
+            let mut pending = self
+                .shared
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if pending.len() + line.len() > self.shared.max_pending {
+                drop(pending);
+                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            } else {
+                pending.extend_from_slice(line);
+            }
+        });
     }
 
     /// Records dropped because the writer could not keep up.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.shared.dropped.load(Ordering::Relaxed)
     }
 
-    /// Wait until everything queued so far is written (at most `timeout`).
+    /// Wait until everything recorded so far is written (at most `timeout`).
     pub fn flush(&self, timeout: Duration) {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        if self.tx.send(Msg::Flush(tx)).is_ok() {
+        if self.flushes.send(tx).is_ok() {
             let _ = rx.recv_timeout(timeout);
         }
     }
 }
 
-/// Buffers whole lines and writes them with one `write` on an `O_APPEND` file, so lines from two
-/// processes (old and new binary during an upgrade) never interleave.
-fn writer(rx: Receiver<Msg>, mut file: std::fs::File, name: &str) {
-    drain_on_timer(
-        rx,
-        |msg, buf| match msg {
-            Msg::Record(r) => {
-                if serde_json::to_writer(&mut *buf, &r.record()).is_ok() {
-                    buf.push(b'\n');
-                }
-                None
-            }
-            Msg::Flush(done) => Some(done),
-        },
-        |buf| {
-            if let Err(e) = file.write_all(buf) {
+/// The usage log's writer: every [`DRAIN_EVERY`], or at once when asked to flush, it swaps the
+/// shared buffer for its own empty one and writes what it took with one `write` on an
+/// `O_APPEND` file, so lines from two processes (old and new binary during an upgrade) never
+/// interleave.
+fn writer(
+    buffer: &LogBuffer,
+    flushes: &Receiver<SyncSender<()>>,
+    mut file: std::fs::File,
+    name: &str,
+) {
+    let mut taken = Vec::new();
+    loop {
+        let asked = flushes.recv_timeout(DRAIN_EVERY);
+        std::mem::swap(
+            &mut taken,
+            &mut buffer
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        if !taken.is_empty() {
+            if let Err(e) = file.write_all(&taken) {
                 log::error!("usage log {name}: {e}");
             }
-        },
-    )
+            taken.clear();
+        }
+        match asked {
+            Ok(done) => {
+                let _ = done.send(());
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
 }
 
 /// How often the log writers collect what was queued.
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
 
-/// The log writers' loop. Every [`DRAIN_EVERY`] it takes what was queued on `rx`: `add`
+/// The access log writer's loop. Every [`DRAIN_EVERY`] it takes what was queued on `rx`: `add`
 /// appends each item to a buffer, which goes to `write` at 64 KiB, at the end of each round,
 /// when `add` returns a flush request (answered once written) and when the senders are gone.
 /// Woken by a timer, not by each item: a wake-up per request would cost the request thread a
@@ -1023,6 +1020,36 @@ mod tests {
     }
 
     #[test]
+    fn usage_log_drops_and_counts_what_the_writer_cannot_keep_up_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.jsonl");
+        let log = UsageLog::open_bounded(&path, 1024).unwrap();
+        let r = UsageRecord {
+            created_at: 1,
+            request_id: "r",
+            key_id: 3,
+            key_name: "k",
+            group: "default",
+            model: "m",
+            prompt_tokens: 1,
+            completion_tokens: 2,
+            quota: 3,
+            is_stream: false,
+            status: 200,
+            duration_ms: 4,
+            first_byte_ms: None,
+        };
+        // Far more than 1 KiB within one of the writer's rounds.
+        for _ in 0..100 {
+            log.record(&r);
+        }
+        log.flush(Duration::from_secs(5));
+        let written = std::fs::read_to_string(&path).unwrap().lines().count() as u64;
+        assert!(log.dropped() > 0);
+        assert_eq!(written + log.dropped(), 100);
+    }
+
+    #[test]
     fn usage_log_writes_lines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("usage.jsonl");
@@ -1042,33 +1069,29 @@ mod tests {
             duration_ms: 4,
             first_byte_ms: Some(2),
         };
-        let table = KeyTable::from_json(
-            br#"{"revision":1,"keys":[{"id":3,"name":"k","key":"sk-x","quota":10}]}"#,
-            "test",
-        )
-        .unwrap();
-        let (slot, _) = table
-            .lookup_slot(&crate::table::key_digest(b"sk-x"))
-            .unwrap();
-        log.record(SettledCall {
-            created_at: 1,
-            request_id: http::HeaderValue::from_static("r"),
-            table: Arc::new(table),
-            slot,
-            model: "m".into(),
-            usage: Usage {
-                prompt_tokens: 1,
-                completion_tokens: 2,
-            },
-            quota: 3,
-            is_stream: false,
-            status: 200,
-            duration_ms: 4,
-            first_byte_ms: Some(2),
-        });
+        let as_written = UsageRecord {
+            created_at: r.created_at,
+            request_id: "r",
+            key_id: r.key_id,
+            key_name: "k",
+            group: "default",
+            model: "m",
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            quota: r.quota,
+            is_stream: r.is_stream,
+            status: r.status,
+            duration_ms: r.duration_ms,
+            first_byte_ms: r.first_byte_ms,
+        };
+        log.record(&as_written);
+        log.record(&as_written);
         log.flush(Duration::from_secs(5));
         let text = std::fs::read_to_string(&path).unwrap();
-        let back: UsageRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-        assert_eq!(back, r);
+        assert_eq!(text.lines().count(), 2, "{text}");
+        for line in text.lines() {
+            let back: UsageRecord = serde_json::from_str(line).unwrap();
+            assert_eq!(back, r);
+        }
     }
 }
