@@ -1164,11 +1164,13 @@ impl Gate {
             req.insert_header(&X_REQUEST_ID, id.clone())?;
         }
         if let Some(body) = &ctx.body {
-            let framed = drop_header(req, &http::header::TRANSFER_ENCODING).is_none()
-                && req
-                    .headers
-                    .get(http::header::CONTENT_LENGTH)
-                    .is_some_and(|v| states_length(v.as_bytes(), body.len()));
+            // Kept as it is only when it is the one framing header and states this body.
+            let mut lengths = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
+            let framed = lengths
+                .next()
+                .is_some_and(|v| states_length(v.as_bytes(), body.len()))
+                && lengths.next().is_none();
+            let framed = drop_header(req, &http::header::TRANSFER_ENCODING).is_none() && framed;
             if !framed {
                 req.insert_header(http::header::CONTENT_LENGTH, body.len())?;
             }

@@ -79,6 +79,18 @@ async fn read_to_close(s: &mut TcpStream, timeout: Duration) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
+/// `s`, idle from now, is closed by the gateway, and not before its keep-alive timeout of 1 s.
+async fn closes_after_a_second_idle(s: &mut TcpStream) {
+    let idle = Instant::now();
+    let rest = read_to_close(s, Duration::from_secs(10)).await;
+    assert_eq!(rest, "");
+    assert!(
+        idle.elapsed() >= Duration::from_millis(900),
+        "closed {:?} after going idle, before the keep-alive timeout",
+        idle.elapsed()
+    );
+}
+
 /// A connection that has had one chat call answered 200 and was kept alive.
 async fn kept_alive_after_one_call(env: &Env) -> TcpStream {
     let mut s = TcpStream::connect(env.gw.addr).await.unwrap();
@@ -169,14 +181,7 @@ async fn the_second_head_on_a_connection_has_a_deadline_too() {
 async fn an_idle_keep_alive_connection_is_closed_after_its_timeout() {
     let env = env_with("keepalive_timeout_seconds: 1").await;
     let mut s = kept_alive_after_one_call(&env).await;
-    let idle = Instant::now();
-    let rest = read_to_close(&mut s, Duration::from_secs(10)).await;
-    assert_eq!(rest, "");
-    assert!(
-        idle.elapsed() >= Duration::from_millis(900),
-        "closed after {:?}, before the keep-alive timeout",
-        idle.elapsed()
-    );
+    closes_after_a_second_idle(&mut s).await;
 }
 
 /// The keep-alive timeout runs from the latest request, not from the first wait: a connection
@@ -201,14 +206,7 @@ async fn the_keep_alive_timeout_runs_from_the_latest_request() {
             });
         assert!(r.starts_with("HTTP/1.1 200"), "call {i}: {r}");
     }
-    let idle = Instant::now();
-    let rest = read_to_close(&mut s, Duration::from_secs(10)).await;
-    assert_eq!(rest, "");
-    assert!(
-        idle.elapsed() >= Duration::from_millis(900),
-        "closed {:?} after the last call, before the keep-alive timeout",
-        idle.elapsed()
-    );
+    closes_after_a_second_idle(&mut s).await;
     assert_eq!(env.mock.request_count(), 6);
 }
 
