@@ -127,3 +127,24 @@ async fn pipelined_request_after_a_denial() {
         assert_eq!(env.mock.request_count(), 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_content_length_reaches_the_backend_once() {
+    let env = Env::start().await;
+    let b = body();
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OK}\r\nContent-Length: {0}\r\nContent-Length: {0}\r\nConnection: close\r\n\r\n{b}",
+        b.len()
+    );
+    let out = raw_exchange(env.gw.addr, req.as_bytes(), true, Duration::from_secs(5));
+    let s = statuses(&out);
+    // Refused, or forwarded with one length header.
+    if s.first().is_some_and(|&c| c < 400) {
+        let got = env.mock.requests();
+        assert_eq!(got.len(), 1, "{out}");
+        let lengths: Vec<_> = got[0].headers.get_all("content-length").iter().collect();
+        assert_eq!(lengths, [b.len().to_string().as_str()], "{out}");
+    } else {
+        assert_eq!(env.mock.request_count(), 0, "{out}");
+    }
+}
