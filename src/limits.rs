@@ -140,6 +140,14 @@ where
     }
 }
 
+/// The instant `d` from now; a duration too large to add (a configured timeout of billions of
+/// seconds) is a year.
+fn from_now(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
 /// Where a connection is in its current request.
 #[derive(Debug)]
 enum Phase {
@@ -234,7 +242,7 @@ impl fmt::Debug for HeadGuard {
 impl HeadGuard {
     fn new(inner: Stream, shared: Arc<Shared>) -> Self {
         // The first head's time runs from accept.
-        let deadline = Instant::now() + shared.limits.header_read_timeout;
+        let deadline = from_now(shared.limits.header_read_timeout);
         HeadGuard {
             inner,
             shared,
@@ -291,7 +299,7 @@ impl HeadGuard {
             reason,
             progress: Refusal::Writing(0),
         };
-        self.deadline = Some(Instant::now() + LINGER_TIME);
+        self.deadline = Some(from_now(LINGER_TIME));
         self.shared
             .gate
             .metrics()
@@ -415,7 +423,7 @@ impl AsyncRead for HeadGuard {
                 if this.deadline.is_none() {
                     // Between requests: the keep-alive wait starts.
                     let idle = Duration::from_secs(this.shared.limits.keepalive_timeout_seconds);
-                    this.deadline = Some(Instant::now() + idle);
+                    this.deadline = Some(from_now(idle));
                     this.idle = true;
                 }
                 if !this.deadline_passed(cx) {
@@ -445,7 +453,7 @@ impl AsyncRead for HeadGuard {
             this.deadline = None;
         } else if this.deadline.is_none() || this.idle {
             // The first bytes of a head on a reused connection, and not the whole of it.
-            this.deadline = Some(Instant::now() + this.shared.limits.header_read_timeout);
+            this.deadline = Some(from_now(this.shared.limits.header_read_timeout));
         }
         this.idle = false;
         Poll::Ready(Ok(()))
@@ -548,6 +556,14 @@ impl Peek for HeadGuard {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_timeout_too_large_to_add_is_a_year() {
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let at = from_now(Duration::from_secs(u64::MAX));
+        assert!(at > Instant::now() + year - Duration::from_secs(60));
+        assert!(from_now(Duration::from_secs(1)) < Instant::now() + Duration::from_secs(2));
+    }
 
     fn end_of(parts: &[&[u8]]) -> Option<usize> {
         let mut scanner = HeadScanner::default();

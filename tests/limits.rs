@@ -184,6 +184,25 @@ async fn an_idle_keep_alive_connection_is_closed_after_its_timeout() {
     closes_after_a_second_idle(&mut s).await;
 }
 
+/// A head begun inside the keep-alive wait has the head deadline from its first byte, even
+/// when it is finished after the keep-alive timeout would have closed an idle connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_head_begun_while_idle_has_the_head_deadline_not_the_keep_alive_one() {
+    let env = env_with("keepalive_timeout_seconds: 1\nheader_read_timeout_seconds: 4").await;
+    let mut s = kept_alive_after_one_call(&env).await;
+    let request = chat_request("", false);
+    let (first, rest) = request.split_at(10);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.write_all(first.as_bytes()).await.unwrap();
+    // Past the keep-alive timeout, well inside the head deadline.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.write_all(rest.as_bytes()).await.unwrap();
+    let r = read_response(&mut s, Duration::from_secs(10))
+        .await
+        .expect("the call begun while idle is answered");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}
+
 /// The keep-alive timeout runs from the latest request, not from the first wait: a connection
 /// used more often than its timeout stays open past it, and closes a timeout after its last call.
 #[tokio::test(flavor = "multi_thread")]
