@@ -671,10 +671,16 @@ impl Gate {
         }
 
         // Time spent waiting for the body is not keygate's: it is taken out of the gate time.
-        let (body, waited) = match self.read_body(session).await {
+        let mut waited = Duration::ZERO;
+        let body = match self.read_body(session, &mut waited).await {
             Ok(b) => b,
-            Err(BodyError::Denied(d)) => return self.deny(session, ctx, d).await,
-            Err(BodyError::Fault(e)) => return Err(e),
+            Err(e) => {
+                ctx.gate_time += started.elapsed().saturating_sub(waited);
+                match e {
+                    BodyError::Denied(d) => return self.deny(session, ctx, d).await,
+                    BodyError::Fault(e) => return Err(e),
+                }
+            }
         };
         let decided = self.admit_call(session.req_header(), &body, ctx);
         if let Err(d) = decided {
@@ -828,11 +834,12 @@ impl Gate {
     /// chunked body has no known tail, so it is buffered from the start and must fit in 64 KiB
     /// (411 `length_required` above that).
     ///
-    /// Returns the body and the time spent waiting for it to arrive.
+    /// The time spent waiting for the body to arrive is added to `waited`.
     async fn read_body(
         &self,
         session: &mut Session,
-    ) -> std::result::Result<(Bytes, Duration), BodyError> {
+        waited: &mut Duration,
+    ) -> std::result::Result<Bytes, BodyError> {
         let cap = self.inner.options.max_body_bytes;
         let headers = &session.req_header().headers;
         // Whether there is a body is Pingora's call (it frames the request); any
@@ -865,7 +872,7 @@ impl Gate {
             .get(http::header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         if session.is_body_empty() {
-            return Ok((Bytes::new(), Duration::ZERO));
+            return Ok(Bytes::new());
         }
         if expects_continue {
             session
@@ -880,7 +887,7 @@ impl Gate {
         let timeout = self.inner.options.body_read_timeout;
         // When a read first had to wait: a small body has come with the head, and its read
         // needs no timer (nor a clock read).
-        let mut waiting_since = None;
+        let mut waiting_since: Option<tokio::time::Instant> = None;
         loop {
             let remaining = declared.map(|l| l.saturating_sub(buf.len() as u64));
             if !buffering && remaining.is_none_or(|r| r <= RETRY_BUFFER_LIMIT as u64) {
@@ -897,6 +904,9 @@ impl Gate {
                     }
                 }
             };
+            if let Some(since) = waiting_since {
+                *waited = since.elapsed();
+            }
             let Ok(read) = read else {
                 return Err(BodyError::Denied(Denial::with_message(
                     Reason::RequestTimeout,
@@ -933,8 +943,7 @@ impl Gate {
             // buffered: Pingora could not forward it. Refuse rather than hang the upstream.
             return Err(BodyError::Denied(Denial::new(Reason::HeadersTooLarge)));
         }
-        let waited = waiting_since.map_or(Duration::ZERO, |t| t.elapsed());
-        Ok((buf.freeze(), waited))
+        Ok(buf.freeze())
     }
 
     /// Answers keygate gives itself for an admitted key: `GET /v1/models[/{id}]`.
@@ -1246,8 +1255,8 @@ impl Gate {
             return Ok(None);
         }
         if let Some(tracker) = ctx.sse.as_mut() {
-            // Timed: the events are read here. A JSON body's chunks are only kept (no clock
-            // read for that), and read once in `logging`.
+            // Timed: the events are read here. A JSON body's chunks are only kept here (no
+            // clock read for that); its usage is read in `logging`, after the gate time.
             let started = Instant::now();
             if let Some(chunk) = body.take() {
                 *body = Some(tracker.feed(chunk));
