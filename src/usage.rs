@@ -712,6 +712,9 @@ fn write_record(out: &mut Vec<u8>, r: &UsageRecord<&str>) -> serde_json::Result<
     Ok(())
 }
 
+/// The largest `write` the usage log's writer makes.
+const WRITE_AT_MOST: usize = 64 * 1024;
+
 /// The usage log's writer: every [`DRAIN_EVERY`], or at once when asked to flush, it swaps the
 /// shared buffer for its own empty one and writes what it took with one `write` on an
 /// `O_APPEND` file, so lines from two processes (old and new binary during an upgrade) never
@@ -732,12 +735,24 @@ fn writer(
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
         );
-        if !taken.is_empty() {
-            if let Err(e) = file.write_all(&taken) {
+        // Whole lines, at most 64 KiB per `write`: a partial write (a full disk, a signal) is
+        // the one way two processes' lines could interleave.
+        let mut rest = &taken[..];
+        while !rest.is_empty() {
+            let cut = if rest.len() <= WRITE_AT_MOST {
+                rest.len()
+            } else {
+                memchr::memrchr(b'\n', &rest[..WRITE_AT_MOST]).map_or(rest.len(), |i| i + 1)
+            };
+            if let Err(e) = file.write_all(&rest[..cut]) {
                 log::error!("usage log {name}: {e}");
+                break;
             }
-            taken.clear();
+            rest = &rest[cut..];
         }
+        taken.clear();
+        // A burst's buffer is not kept for good.
+        taken.shrink_to(WRITE_AT_MOST);
         match asked {
             Ok(done) => {
                 let _ = done.send(());
@@ -954,8 +969,12 @@ mod tests {
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
             any::<u32>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
             (-1000i64..1000).prop_map(Value::from),
+            (-1e6f64..1e6).prop_map(Value::from),
             "[a-z\\\\\"{}\\[\\],: ]{0,12}".prop_map(Value::String),
+            // Around the scanner's 16-byte short-string loop, escapes included.
+            "[a-z\\\\\"]{13,40}".prop_map(Value::String),
         ];
         leaf.prop_recursive(4, 40, 6, |inner| {
             prop_oneof![
@@ -967,6 +986,7 @@ mod tests {
                             Just("prompt_tokens".to_string()),
                             Just("completion_tokens".to_string()),
                             Just("input_tokens".to_string()),
+                            Just("output_tokens".to_string()),
                             Just("message".to_string()),
                             Just("response".to_string()),
                             Just("usageMetadata".to_string()),
@@ -1083,6 +1103,65 @@ mod tests {
                 serde_json::to_string(&r).unwrap()
             );
         }
+    }
+
+    #[test]
+    fn strings_around_the_short_loop_end_where_serde_says() {
+        for len in 12..20 {
+            for at in 0..len {
+                let text = "a".repeat(len);
+                // An escaped quote or backslash at every offset, then the usage after it.
+                for esc in ["\\\"", "\\\\"] {
+                    let name = format!("{}{esc}{}", &text[..at], &text[at..]);
+                    let doc = format!(r#"{{"x":"{name}","usage":{{"prompt_tokens":{len}}}}}"#);
+                    assert_eq!(
+                        usage_from_json(doc.as_bytes()),
+                        usage_from_json_parsed(doc.as_bytes()),
+                        "{doc}"
+                    );
+                    assert_eq!(
+                        usage_from_json(doc.as_bytes()).prompt,
+                        Some(len as u64),
+                        "{doc}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn usage_log_keeps_lines_whole_past_one_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.jsonl");
+        let log = UsageLog::open(&path).unwrap();
+        let long = "n".repeat(300);
+        let r = UsageRecord {
+            created_at: 1,
+            request_id: "r",
+            key_id: 3,
+            key_name: &long,
+            group: "default",
+            model: "m",
+            prompt_tokens: 1,
+            completion_tokens: 2,
+            quota: 3,
+            is_stream: false,
+            status: 200,
+            duration_ms: 4,
+            first_byte_ms: None,
+        };
+        // About 800 KiB in one round of the writer: several writes of at most 64 KiB.
+        for _ in 0..2000 {
+            log.record(&r);
+        }
+        log.flush(Duration::from_secs(5));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2000);
+        for line in text.lines() {
+            let back: UsageRecord = serde_json::from_str(line).unwrap();
+            assert_eq!(back.key_name, long);
+        }
+        assert_eq!(log.dropped(), 0);
     }
 
     #[test]
