@@ -1671,11 +1671,7 @@ fn drop_header(req: &mut RequestHeader, name: &HeaderName) -> Option<HeaderValue
 /// Whether a Content-Length value states exactly `len`, written canonically (no sign, no
 /// leading zero, no space): then it can be forwarded as it is.
 fn states_length(v: &[u8], len: usize) -> bool {
-    !v.is_empty()
-        && v.len() <= 19
-        && (v[0] != b'0' || v.len() == 1)
-        && v.iter().all(u8::is_ascii_digit)
-        && v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')) == len as u64
+    crate::usage::canonical_u64(v) == Some(len as u64)
 }
 
 /// Remove every place a client credential can be: `Authorization`, `x-api-key`,

@@ -170,23 +170,26 @@ fn usage_object_by_scan(v: &[u8]) -> Option<UsageObject> {
     ok.then_some(u)
 }
 
-/// A JSON `null` (`Some(None)`) or a non-negative integer written canonically that fits a
-/// `u64`; `None` for anything else.
+/// A JSON `null` (`Some(None)`) or a [`canonical_u64`]; `None` for anything else.
 fn json_count(v: &[u8]) -> Option<Option<u64>> {
     if v == b"null" {
         return Some(None);
     }
+    canonical_u64(v).map(Some)
+}
+
+/// A non-negative integer written canonically (digits only, no leading zero) that fits a `u64`,
+/// as JSON counts and HTTP lengths are written; `None` for anything else.
+pub(crate) fn canonical_u64(v: &[u8]) -> Option<u64> {
     if v.is_empty() || (v[0] == b'0' && v.len() > 1) {
         return None;
     }
-    v.iter()
-        .try_fold(0u64, |n, &d| {
-            if !d.is_ascii_digit() {
-                return None;
-            }
-            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-        })
-        .map(Some)
+    v.iter().try_fold(0u64, |n, &d| {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 /// Call `member(name, raw value)` for each member of the JSON object `doc`, skipping values
