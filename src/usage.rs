@@ -1139,17 +1139,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn usage_log_keeps_lines_whole_past_one_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("usage.jsonl");
-        let log = UsageLog::open(&path).unwrap();
-        let long = "n".repeat(300);
-        let r = UsageRecord {
+    /// A usage record with fixed values and `key_name`.
+    fn sample_record(key_name: &str) -> UsageRecord<&str> {
+        UsageRecord {
             created_at: 1,
             request_id: "r",
             key_id: 3,
-            key_name: &long,
+            key_name,
             group: "default",
             model: "m",
             prompt_tokens: 1,
@@ -1159,7 +1155,16 @@ mod tests {
             status: 200,
             duration_ms: 4,
             first_byte_ms: None,
-        };
+        }
+    }
+
+    #[test]
+    fn usage_log_keeps_lines_whole_past_one_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.jsonl");
+        let log = UsageLog::open(&path).unwrap();
+        let long = "n".repeat(300);
+        let r = sample_record(&long);
         // About 800 KiB in one round of the writer: several writes of at most 64 KiB.
         for _ in 0..2000 {
             log.record(&r);
@@ -1179,21 +1184,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("usage.jsonl");
         let log = UsageLog::open_bounded(&path, 1024).unwrap();
-        let r = UsageRecord {
-            created_at: 1,
-            request_id: "r",
-            key_id: 3,
-            key_name: "k",
-            group: "default",
-            model: "m",
-            prompt_tokens: 1,
-            completion_tokens: 2,
-            quota: 3,
-            is_stream: false,
-            status: 200,
-            duration_ms: 4,
-            first_byte_ms: None,
-        };
+        let r = sample_record("k");
         // Far more than 1 KiB within one of the writer's rounds.
         for _ in 0..100 {
             log.record(&r);
@@ -1210,6 +1201,15 @@ mod tests {
         let path = dir.path().join("usage.jsonl");
         let log = UsageLog::open(&path).unwrap();
         let r = UsageRecord {
+            first_byte_ms: Some(2),
+            ..sample_record("k")
+        };
+        log.record(&r);
+        log.record(&r);
+        log.flush(Duration::from_secs(5));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        let expected = UsageRecord::<String> {
             created_at: 1,
             request_id: "r".into(),
             key_id: 3,
@@ -1224,29 +1224,9 @@ mod tests {
             duration_ms: 4,
             first_byte_ms: Some(2),
         };
-        let as_written = UsageRecord {
-            created_at: r.created_at,
-            request_id: "r",
-            key_id: r.key_id,
-            key_name: "k",
-            group: "default",
-            model: "m",
-            prompt_tokens: r.prompt_tokens,
-            completion_tokens: r.completion_tokens,
-            quota: r.quota,
-            is_stream: r.is_stream,
-            status: r.status,
-            duration_ms: r.duration_ms,
-            first_byte_ms: r.first_byte_ms,
-        };
-        log.record(&as_written);
-        log.record(&as_written);
-        log.flush(Duration::from_secs(5));
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(text.lines().count(), 2, "{text}");
         for line in text.lines() {
             let back: UsageRecord = serde_json::from_str(line).unwrap();
-            assert_eq!(back, r);
+            assert_eq!(back, expected);
         }
     }
 }
