@@ -1,6 +1,7 @@
 //! Reading usage from upstream responses (JSON bodies and SSE streams, in the OpenAI, Anthropic
 //! and Gemini dialects), removing the usage chunk keygate asked for on a client's behalf, and the
-//! usage log (one JSON line per settled call, written off the request path).
+//! usage log (one JSON line per settled call, formatted on the request path and written to the
+//! file by a background thread).
 
 use crate::pricing::Usage;
 use bytes::{Bytes, BytesMut};
@@ -601,7 +602,7 @@ impl LineSink {
 
 /// The usage log. A record is formatted on the request's thread and appended to a shared
 /// buffer (a lock held for a copy); a writer thread takes the buffer every [`DRAIN_EVERY`] and
-/// appends it to the file with one `write`. So the request path never waits on the disk, and
+/// appends it to the file in whole lines. So the request path never waits on the disk, and
 /// nothing it allocates is freed by another thread (a cross-thread free costs the allocator
 /// more than the allocation). Past [`UsageLog::MAX_PENDING`] bytes waiting, records are dropped
 /// and counted.
@@ -722,9 +723,9 @@ const WRITE_AT_MOST: usize = 64 * 1024;
 const KEEP_AT_MOST: usize = 4 * 1024 * 1024;
 
 /// The usage log's writer: every [`DRAIN_EVERY`], or at once when asked to flush, it swaps the
-/// shared buffer for its own empty one and writes what it took with one `write` on an
-/// `O_APPEND` file, so lines from two processes (old and new binary during an upgrade) never
-/// interleave.
+/// shared buffer for its own empty one and writes what it took in whole lines, at most
+/// [`WRITE_AT_MOST`] bytes per `write` on an `O_APPEND` file, so lines from two processes (old
+/// and new binary during an upgrade) do not interleave.
 fn writer(
     buffer: &LogBuffer,
     flushes: &Receiver<SyncSender<()>>,
