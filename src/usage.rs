@@ -601,8 +601,8 @@ impl LineSink {
 }
 
 /// The usage log. A record is formatted on the request's thread and appended to a shared
-/// buffer (a lock held for a copy); a writer thread takes the buffer every [`DRAIN_EVERY`] and
-/// appends it to the file in whole lines. So the request path never waits on the disk, and
+/// buffer (a lock held for a copy); a writer thread takes the buffer every 50 ms and appends
+/// it to the file in whole lines. So the request path never waits on the disk, and
 /// nothing it allocates is freed by another thread (a cross-thread free costs the allocator
 /// more than the allocation). Past [`UsageLog::MAX_PENDING`] bytes waiting, records are dropped
 /// and counted.
