@@ -26,9 +26,9 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use keygate::config::{GroupEntry, KeyEntry, KeyStatus, SyncFile, UpstreamConfig};
+use keygate::core::table::{digest_hex, key_digest, KeyTable};
 use keygate::gate::{admit_key, admit_model, unix_now};
-use keygate::proxy::Upstreams;
-use keygate::table::{digest_hex, key_digest, KeyTable};
+use keygate::upstream::Upstreams;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::hint::black_box;

@@ -156,7 +156,7 @@ fn bench_extraction(c: &mut Criterion) {
             &body,
             |b, body| {
                 b.iter(|| {
-                    keygate::credential::parse_json_fields(black_box(body))
+                    keygate::core::credential::parse_json_fields(black_box(body))
                         .map(|f| f.max_tokens)
                         .unwrap()
                 })

@@ -9,7 +9,7 @@
 //! Run: `cargo bench --bench reload_swap` (builds the release binary; about a minute here).
 //! Loopback only, bounded in time; stops by itself.
 
-use keygate::table::{digest_hex, key_digest, KeyTable};
+use keygate::core::table::{digest_hex, key_digest, KeyTable};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -95,7 +95,7 @@ fn main() {
     drop(table);
 
     // A release keygate on the file, in front of the built-in mock.
-    let mock_port = keygate::server::resolve_port_zero("127.0.0.1:0").unwrap();
+    let mock_port = keygate::ops::server::resolve_port_zero("127.0.0.1:0").unwrap();
     let mut mock = Command::new(env!("CARGO_BIN_EXE_keygate"))
         .args(["mock", "--listen", &mock_port])
         .stdout(Stdio::null())

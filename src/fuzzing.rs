@@ -2,11 +2,10 @@
 //! their corpora under `cargo test`): each takes arbitrary bytes, drives one parser that faces
 //! untrusted input, and checks what must hold whatever the input. A panic is a finding.
 
-use crate::credential;
-use crate::gate::find_model;
-use crate::table::KeyTable;
-use crate::usage::{usage_from_json, SseTracker};
-use bytes::Bytes;
+use crate::core::admission::find_model;
+use crate::core::credential;
+use crate::core::table::KeyTable;
+use crate::usage::{feed_in_pieces, usage_from_json, SseTracker};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// Split `data` on 0xFF bytes into at most `n` parts.
@@ -37,7 +36,7 @@ pub fn request(data: &[u8]) {
     if let Some(c) = credential::find_credential(&headers, Some(&query)) {
         // A credential is never empty and is one of the request's own bytes.
         assert!(!c.secret.is_empty());
-        let _ = crate::table::key_digest(&c.secret);
+        let _ = crate::core::table::key_digest(&c.secret);
     }
     let body = get(4);
     if let Ok((Some(model), _)) = find_model(&path, Some(&query), Some(&content_type), body) {
@@ -79,19 +78,6 @@ pub fn sse(data: &[u8]) {
     if !strip {
         assert_eq!(whole.0, stream, "pass-through mode changed the stream");
     }
-}
-
-/// Feed `stream` to `t` in pieces cut at `cuts` (ascending, inside the stream), then finish it;
-/// everything `t` passed on. Shared by the `sse` target and the tracker's tests.
-pub fn feed_in_pieces(t: &mut SseTracker, stream: &[u8], cuts: &[usize]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut prev = 0;
-    for &c in cuts.iter().chain(std::iter::once(&stream.len())) {
-        out.extend_from_slice(&t.feed(Bytes::copy_from_slice(&stream[prev..c])));
-        prev = c;
-    }
-    out.extend_from_slice(&t.finish());
-    out
 }
 
 /// A response body: usage extraction and request-field parsing never panic.

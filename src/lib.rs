@@ -5,6 +5,25 @@
 //! the upstream's own. The key table comes from a sync file (SPEC §2), compiled into an immutable
 //! table and published through `arc-swap`; a request keeps the snapshot it started with.
 //!
+//! # Layers
+//!
+//! The folders are the layers, bottom first. **Every import points down a layer** (or stays in
+//! its own), never up, and no modules import each other around a loop; `tests/layers.rs`
+//! fails on either.
+//!
+//! 0. [`core`]: pure. The config and sync-file schema as plain data, the compiled key table,
+//!    the checks, pricing, credential and model extraction, the refusals, the metric series.
+//!    Nothing of Pingora, tokio or the disk. [`support`]: leaf helpers (atomic file writes,
+//!    giving memory back).
+//! 1. [`ledger`]: reserve, settle, persist (local, or leases on Redis); the only place
+//!    counters change. [`usage`]: usage read from responses; the usage log.
+//! 2. [`upstream`]: the upstreams and how a model is routed to one.
+//! 3. [`gate`]: [`Gate`], the Pingora phases, one concern per file, and the answers keygate
+//!    gives itself.
+//! 4. [`ops`]: the server, connection limits, the metrics listener, the ready proxy;
+//!    [`sync`]: reloading and editing the sync file.
+//! 5. [`cli`]: the import, the demo and its mock backend; [`fuzzing`]: fuzz entry points.
+//!
 //! # Embedding `Gate` in your own Pingora proxy
 //!
 //! [`Gate`] has one method per Pingora phase. Call them from yours; everything else in your
@@ -73,29 +92,22 @@
 // No panics on input: `unwrap`/`expect` are for tests only (CI runs clippy with -D warnings).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod config;
-pub mod credential;
-pub mod demo;
-pub mod errors;
-pub mod fsutil;
+pub mod cli;
+pub mod core;
 pub mod fuzzing;
 pub mod gate;
-pub mod import;
-pub mod keys;
 pub mod ledger;
-pub mod limits;
-pub mod memory;
-pub mod metrics;
-pub mod mock;
-pub mod policy;
-pub mod pricing;
-pub mod proxy;
-pub mod reload;
-pub mod server;
-pub mod table;
+pub mod ops;
+pub mod support;
+pub mod sync;
+pub mod upstream;
 pub mod usage;
 
-pub use errors::{Denial, ErrorShape, Reason};
-pub use gate::{Gate, GateCtx, GateOptions, Outcome};
-pub use proxy::{KeygateProxy, Upstreams};
-pub use table::KeyTable;
+pub use crate::cli::mock;
+pub use crate::core::config;
+pub use crate::core::errors::{Denial, ErrorShape, Reason};
+pub use crate::core::table::KeyTable;
+pub use crate::gate::{Gate, GateCtx, GateOptions, Outcome};
+pub use crate::ops::proxy::KeygateProxy;
+pub use crate::ops::server;
+pub use crate::upstream::Upstreams;

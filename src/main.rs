@@ -109,7 +109,7 @@ struct KeyFlags {
 }
 
 impl KeyFlags {
-    fn spec(&self) -> keygate::keys::KeySpec {
+    fn spec(&self) -> keygate::sync::edit::KeySpec {
         let list = |s: &str| -> Vec<String> {
             s.split(',')
                 .map(str::trim)
@@ -117,7 +117,7 @@ impl KeyFlags {
                 .map(String::from)
                 .collect()
         };
-        keygate::keys::KeySpec {
+        keygate::sync::edit::KeySpec {
             name: self.name.clone(),
             quota: self.quota,
             unlimited: if self.unlimited {
@@ -205,7 +205,7 @@ fn release_free_memory() {
 
 fn main() {
     #[cfg(not(feature = "system-alloc"))]
-    keygate::memory::set_release_hook(release_free_memory);
+    keygate::support::memory::set_release_hook(release_free_memory);
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("keygate=info,warn"),
     )
@@ -233,7 +233,7 @@ fn real_main() -> anyhow::Result<()> {
             source: ImportSource::NewApi { config, json, file },
         } => import(&config, json, &file),
         Command::Mock { listen } => {
-            let addr = keygate::demo::start_mock_thread(&listen)?;
+            let addr = keygate::cli::demo::start_mock_thread(&listen)?;
             println!("keygate: mock backend on http://{addr}");
             loop {
                 std::thread::park();
@@ -261,10 +261,10 @@ fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
             config.sync_file.display()
         );
     }
-    keygate::reload::Reloader::new(gate.clone(), &config.sync_file)
+    keygate::sync::reload::Reloader::new(gate.clone(), &config.sync_file)
         .spawn(config.watch_sync_file)?;
-    let (server, _bound) = keygate::server::build(&config, gate.clone(), upgrade)?;
-    keygate::server::run(server, &gate);
+    let (server, _bound) = keygate::ops::server::build(&config, gate.clone(), upgrade)?;
+    keygate::ops::server::run(server, &gate);
     Ok(())
 }
 
@@ -285,14 +285,14 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn demo(listen: &str, metrics_listen: &str) -> anyhow::Result<()> {
-    let mock = keygate::demo::start_mock_thread("127.0.0.1:0")?;
+    let mock = keygate::cli::demo::start_mock_thread("127.0.0.1:0")?;
     let dir = std::env::temp_dir().join(format!("keygate-demo-{}", std::process::id()));
-    let listen = keygate::server::resolve_port_zero(listen)
+    let listen = keygate::ops::server::resolve_port_zero(listen)
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let metrics_listen = keygate::server::resolve_port_zero(metrics_listen)
+    let metrics_listen = keygate::ops::server::resolve_port_zero(metrics_listen)
         .with_context(|| format!("cannot listen on {metrics_listen}"))?;
     let (config_path, keys) =
-        keygate::demo::write_demo_files(&dir, &listen, &metrics_listen, mock)?;
+        keygate::cli::demo::write_demo_files(&dir, &listen, &metrics_listen, mock)?;
     let (config, gate) = load(&config_path)?;
     println!(
         "keygate demo: mock backend on http://{mock}, files in {}",
@@ -301,15 +301,15 @@ fn demo(listen: &str, metrics_listen: &str) -> anyhow::Result<()> {
     println!("keygate demo: try these (the keys are new on every run):\n");
     println!(
         "{}",
-        keygate::demo::curl_lines(&format!("http://{listen}"), &keys)
+        keygate::cli::demo::curl_lines(&format!("http://{listen}"), &keys)
     );
-    let (server, _bound) = keygate::server::build(&config, gate.clone(), false)?;
-    keygate::server::run(server, &gate);
+    let (server, _bound) = keygate::ops::server::build(&config, gate.clone(), false)?;
+    keygate::ops::server::run(server, &gate);
     Ok(())
 }
 
 fn keys(path: &std::path::Path, json: bool, command: KeysCommand) -> anyhow::Result<()> {
-    use keygate::keys;
+    use keygate::sync::edit as keys;
     let config = Config::load(path)?;
     let editor = keys::SyncEditor::new(&config.sync_file);
     let now = keygate::gate::unix_now();
@@ -417,7 +417,7 @@ fn keys(path: &std::path::Path, json: bool, command: KeysCommand) -> anyhow::Res
     Ok(())
 }
 
-fn print_views(views: &[keygate::keys::KeyView], json: bool) {
+fn print_views(views: &[keygate::sync::edit::KeyView], json: bool) {
     if json {
         println!(
             "{}",
@@ -481,8 +481,8 @@ fn recent_calls(log: Option<&std::path::Path>, id: u64, n: usize) -> Vec<serde_j
 fn import(path: &std::path::Path, json: bool, file: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let export = std::fs::read(file).with_context(|| format!("{}", file.display()))?;
-    let editor = keygate::keys::SyncEditor::new(&config.sync_file);
-    let report = keygate::import::import_new_api(&editor, &export)
+    let editor = keygate::sync::edit::SyncEditor::new(&config.sync_file);
+    let report = keygate::cli::import::import_new_api(&editor, &export)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

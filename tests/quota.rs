@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use futures_util::StreamExt;
-use keygate::pricing::{quota_for, PriceRule, Usage};
+use keygate::core::pricing::{quota_for, PriceRule, Usage};
 use serde_json::{json, Value};
 use std::time::Duration;
 

@@ -6,7 +6,7 @@ mod common;
 
 use common::redis::{available, free_port, RedisCluster, RedisServer};
 use common::*;
-use keygate::pricing::{quota_for, PriceRule, Usage};
+use keygate::core::pricing::{quota_for, PriceRule, Usage};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};

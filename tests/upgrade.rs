@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use keygate::pricing::{quota_for, PriceRule, Usage};
+use keygate::core::pricing::{quota_for, PriceRule, Usage};
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -18,8 +18,8 @@ async fn binary_upgrade_under_load_fails_no_call_and_loses_no_quota() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     // Both processes must name the same addresses: pick them now (held until exit).
-    let proxy = keygate::server::resolve_port_zero("127.0.0.1:0").unwrap();
-    let metrics = keygate::server::resolve_port_zero("127.0.0.1:0").unwrap();
+    let proxy = keygate::ops::server::resolve_port_zero("127.0.0.1:0").unwrap();
+    let metrics = keygate::ops::server::resolve_port_zero("127.0.0.1:0").unwrap();
     let opts = Opts {
         listen: proxy.clone(),
         ..Opts::default()

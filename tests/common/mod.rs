@@ -24,7 +24,8 @@ pub const UPSTREAM_SECRET: &str = "upstream-secret-xyz";
 
 /// The standard sync file: one key per situation the checks distinguish.
 pub fn standard_sync() -> Value {
-    let hashed = keygate::table::digest_hex(&keygate::table::key_digest(HASHED.as_bytes()));
+    let hashed =
+        keygate::core::table::digest_hex(&keygate::core::table::key_digest(HASHED.as_bytes()));
     json!({
         "revision": 7,
         "quota_per_unit": 500000,

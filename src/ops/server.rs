@@ -1,11 +1,11 @@
 //! Assembling the Pingora server the binary runs: the proxy service on `listen` (with TLS when
 //! configured) and the metrics service on `metrics_listen`.
 
-use crate::config::Config;
+use crate::core::config::Config;
 use crate::gate::Gate;
-use crate::limits::{ConnLimits, Limited};
-use crate::metrics::MetricsApp;
-use crate::proxy::KeygateProxy;
+use crate::ops::limits::{ConnLimits, Limited};
+use crate::ops::metrics::MetricsApp;
+use crate::ops::proxy::KeygateProxy;
 use pingora::apps::http_app::HttpServer;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;

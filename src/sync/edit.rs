@@ -3,8 +3,8 @@
 //! the gateway will, bumps `revision` and replaces the file atomically (temp file, fsync,
 //! rename, fsync the folder). A running gateway picks the change up through its normal reload.
 
-use crate::config::{KeyEntry, KeyStatus, PreviousKey, SyncFile};
-use crate::table::{digest_hex, generate_key, key_digest, KeyTable};
+use crate::core::config::{KeyEntry, KeyStatus, PreviousKey, SyncFile};
+use crate::core::table::{digest_hex, generate_key, key_digest, KeyTable};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -70,7 +70,7 @@ impl SyncEditor {
         KeyTable::compile(&file, &self.path.display().to_string()).map_err(|e| e.to_string())?;
         let mut bytes = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;
         bytes.push(b'\n');
-        crate::fsutil::write_atomic(&self.path, &bytes)
+        crate::support::fsutil::write_atomic(&self.path, &bytes)
             .map_err(|e| format!("sync file {}: {e}", self.path.display()))?;
         Ok(out)
     }

@@ -1,22 +1,13 @@
 //! The checks: status, expiry, client IP and model/group policy, as pure functions over plain
 //! data (a key record, a time, an `IpAddr`, a model name). Also how the client IP is found.
 
-use crate::config::KeyStatus;
-use crate::errors::{Denial, Reason};
-use crate::table::{Group, KeyRecord};
+use crate::core::config::KeyStatus;
+use crate::core::errors::{Denial, Reason};
+#[cfg(test)]
+use crate::core::net::parse_cidr;
+use crate::core::table::{Group, KeyRecord};
 use ipnet::IpNet;
 use std::net::IpAddr;
-
-/// Parse an IP or a CIDR (v4 or v6); a bare IP becomes a /32 or /128.
-pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
-    let t = s.trim();
-    if let Ok(net) = t.parse::<IpNet>() {
-        return Ok(net.trunc());
-    }
-    t.parse::<IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| format!("bad CIDR {s:?}"))
-}
 
 /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as the IPv4 address it stands for.
 #[inline]
@@ -114,7 +105,7 @@ pub fn check_model(key: &KeyRecord, group: &Group, model: &str) -> Result<(), De
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::{key_digest, KeyTable};
+    use crate::core::table::{key_digest, KeyTable};
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

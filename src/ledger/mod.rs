@@ -35,9 +35,7 @@ const HANDOFF: &str = "ledger.handoff";
 const LOCK: &str = "ledger.lock";
 const COMPACT_AFTER_BYTES: u64 = 4 * 1024 * 1024;
 
-/// The most one call may reserve or be charged (2^53 units, 18 billion USD at the default
-/// `quota_per_unit`): far below `i64::MAX`, so counters never overflow.
-pub const MAX_AMOUNT: i64 = 1 << 53;
+pub use crate::core::pricing::MAX_AMOUNT;
 
 /// The counters of one key id.
 #[derive(Debug, Default)]
@@ -95,7 +93,7 @@ pub struct BackendState {
     /// Whether Redis has answered at least once since the gateway started.
     pub connected: bool,
     /// What the gateway does while it does not.
-    pub on_unavailable: crate::config::OnUnavailable,
+    pub on_unavailable: crate::core::config::OnUnavailable,
     /// Redis calls made so far.
     pub ops: u64,
     /// Redis calls that failed or timed out.
@@ -208,7 +206,7 @@ impl Ledger {
         if let Some(shared) = Arc::get_mut(&mut ledger.shared) {
             shared.lock = Some(lock);
             if successor {
-                shared.successor = Mutex::new(Some((crate::gate::unix_now(), ceilings)));
+                shared.successor = Mutex::new(Some((crate::core::clock::unix_now(), ceilings)));
             }
         }
         let writer = ledger.clone();
@@ -538,7 +536,7 @@ impl Ledger {
             *e = (*e).max(v);
         }
         let out = id_map_json("\"version\":1", "ceilings", values);
-        crate::fsutil::write_atomic(&dir.join(SNAPSHOT), out.as_bytes())
+        crate::support::fsutil::write_atomic(&dir.join(SNAPSHOT), out.as_bytes())
     }
 
     /// The old process of a binary upgrade, after it stopped serving: hand its exact values to
@@ -559,7 +557,7 @@ impl Ledger {
             .iter()
             .map(|e| (*e.key(), e.value().committed()));
         let out = id_map_json(&written_at(), "committed", values);
-        crate::fsutil::write_atomic(&dir.join(HANDOFF), out.as_bytes())
+        crate::support::fsutil::write_atomic(&dir.join(HANDOFF), out.as_bytes())
     }
 
     /// A successor applies its predecessor's handoff once it appears: each key's counters move
@@ -631,7 +629,7 @@ impl Ledger {
             .iter()
             .map(|e| (*e.key(), e.value().consumed()));
         let out = id_map_json(&written_at(), "consumed", values);
-        crate::fsutil::write_atomic(&dir.join(CONSUMED), out.as_bytes())
+        crate::support::fsutil::write_atomic(&dir.join(CONSUMED), out.as_bytes())
     }
 
     /// Clean shutdown: write exact values to the snapshot and empty the journal, so nothing is
@@ -677,7 +675,7 @@ impl Ledger {
 
 /// `"written_at":<unix seconds>`, the header of the handoff and consumed files.
 fn written_at() -> String {
-    format!("\"written_at\":{}", crate::gate::unix_now())
+    format!("\"written_at\":{}", crate::core::clock::unix_now())
 }
 
 /// `{<header>,"<name>":{"<id>":<value>,…}}` plus a newline: the shape of every ledger file.

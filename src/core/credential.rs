@@ -1,7 +1,7 @@
 //! Finding the key and the model in a request: headers, query, path and body. Pure functions
 //! over plain data (a header map, a query string, body bytes); they know nothing of Pingora.
 
-use crate::errors::{Denial, Reason};
+use crate::core::errors::{Denial, Reason};
 use http::HeaderMap;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use std::borrow::Cow;

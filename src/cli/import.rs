@@ -7,9 +7,9 @@
 //! keys are stored hashed, an empty group becomes `default`. Rows that cannot be imported are
 //! skipped with a reason; the rest are written in one edit.
 
-use crate::config::{KeyEntry, KeyStatus};
-use crate::keys::SyncEditor;
-use crate::table::{digest_hex, key_digest, MAX_NAME_CHARS};
+use crate::core::config::{KeyEntry, KeyStatus};
+use crate::core::table::{digest_hex, key_digest, MAX_NAME_CHARS};
+use crate::sync::edit::SyncEditor;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
@@ -87,7 +87,7 @@ pub fn import_new_api(editor: &SyncEditor, export: &[u8]) -> Result<ImportReport
             })
             .collect();
         let groups: HashSet<&str> = file.groups.keys().map(|g| g.as_str()).collect();
-        let high_water = crate::keys::next_free_id(file);
+        let high_water = crate::sync::edit::next_free_id(file);
         let mut next_id = high_water;
         let mut new_entries = Vec::new();
         for (i, row) in rows.into_iter().enumerate() {
@@ -129,7 +129,7 @@ pub fn import_new_api(editor: &SyncEditor, export: &[u8]) -> Result<ImportReport
             }
         }
         file.keys.extend(new_entries);
-        file.next_id = Some(crate::keys::next_free_id(file));
+        file.next_id = Some(crate::sync::edit::next_free_id(file));
         Ok(report)
     })
 }
@@ -187,7 +187,7 @@ fn token_entry(t: &Token, groups: &HashSet<&str>) -> Result<KeyEntry, String> {
         .map(String::from)
         .collect();
     for a in &allow {
-        crate::policy::parse_cidr(a)?;
+        crate::core::net::parse_cidr(a)?;
     }
     let expires_at = match t.expired_time.unwrap_or(-1) {
         e if e <= 0 => -1,
@@ -213,7 +213,7 @@ fn token_entry(t: &Token, groups: &HashSet<&str>) -> Result<KeyEntry, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::KeyTable;
+    use crate::core::table::KeyTable;
 
     #[test]
     fn imports_and_skips_with_reasons() {

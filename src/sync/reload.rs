@@ -10,8 +10,8 @@
 //! one. A file that fails validation is rejected whole: the last good table stays, the error is
 //! logged once per distinct content and counted.
 
+use crate::core::table::{Digest, KeyTable};
 use crate::gate::{unix_now, Gate};
-use crate::table::{Digest, KeyTable};
 use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
@@ -87,7 +87,7 @@ impl Reloader {
         let outcome = self.read_and_swap(force);
         // The file's bytes, their parse and (usually: unless requests still hold it) the
         // previous table are all free now.
-        crate::memory::release_free_memory();
+        crate::support::memory::release_free_memory();
         outcome
     }
 

@@ -1,8 +1,8 @@
 //! `keygate demo`: a config, a sync file with demo keys and a built-in mock backend in a
 //! scratch folder, and the curl lines that show an admitted call and each kind of refusal.
 
-use crate::mock::MockBackend;
-use crate::table::{digest_hex, generate_key, key_digest};
+use crate::cli::mock::MockBackend;
+use crate::core::table::{digest_hex, generate_key, key_digest};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 

@@ -1,77 +1,17 @@
-//! The ready `ProxyHttp` that the binary runs, and the upstreams it routes to: which upstream
-//! serves a model, how to reach it, and the credential it expects.
+//! The upstreams a request can go to: which upstream serves a model, how to reach it, and the
+//! credential it expects.
 
-use crate::config::UpstreamConfig;
-use crate::credential::CredentialStyle;
-use crate::gate::{Gate, GateCtx};
-use crate::table::ModelPattern;
-use async_trait::async_trait;
-use bytes::Bytes;
+use crate::core::config::UpstreamConfig;
+use crate::core::credential::CredentialStyle;
+use crate::core::table::ModelPattern;
+pub use crate::core::url::UpstreamUrl;
 use http::HeaderValue;
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::RequestHeader;
 use pingora::prelude::HttpPeer;
-use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::Result;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
-
-/// A parsed upstream URL: scheme, host, port and an optional base path.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UpstreamUrl {
-    /// https.
-    pub tls: bool,
-    /// Host name or IP literal (no brackets).
-    pub host: String,
-    /// Port (default 80/443).
-    pub port: u16,
-    /// Path prefix without trailing slash (`""` for none).
-    pub base_path: String,
-}
-
-impl UpstreamUrl {
-    /// Parse `http(s)://host[:port][/base]`.
-    pub fn parse(s: &str) -> std::result::Result<UpstreamUrl, String> {
-        let uri: http::Uri = s.parse().map_err(|e| format!("url {s:?}: {e}"))?;
-        let tls = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return Err(format!("url {s:?}: the scheme must be http or https")),
-        };
-        let host = uri
-            .host()
-            .ok_or_else(|| format!("url {s:?}: no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        if uri.query().is_some() {
-            return Err(format!("url {s:?}: a query string is not allowed"));
-        }
-        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let base_path = uri.path().trim_end_matches('/').to_string();
-        Ok(UpstreamUrl {
-            tls,
-            host,
-            port,
-            base_path,
-        })
-    }
-
-    /// The `Host` header value for this upstream.
-    pub fn authority(&self) -> String {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        let default = if self.tls { 443 } else { 80 };
-        if self.port == default {
-            host
-        } else {
-            format!("{host}:{}", self.port)
-        }
-    }
-}
 
 /// One backend, ready to route to.
 pub struct Upstream {
@@ -236,128 +176,5 @@ impl Upstreams {
     /// All upstreams.
     pub fn iter(&self) -> impl Iterator<Item = &Upstream> {
         self.list.iter()
-    }
-}
-
-/// The proxy the `keygate` binary runs: every phase delegates to [`Gate`].
-pub struct KeygateProxy {
-    gate: Gate,
-}
-
-impl KeygateProxy {
-    /// A proxy around `gate`.
-    pub fn new(gate: Gate) -> Self {
-        KeygateProxy { gate }
-    }
-}
-
-#[async_trait]
-impl ProxyHttp for KeygateProxy {
-    type CTX = GateCtx;
-
-    fn new_ctx(&self) -> GateCtx {
-        self.gate.new_ctx()
-    }
-
-    async fn request_filter(&self, session: &mut Session, ctx: &mut GateCtx) -> Result<bool> {
-        self.gate.request_filter(session, ctx).await
-    }
-
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        ctx: &mut GateCtx,
-    ) -> Result<Box<HttpPeer>> {
-        self.gate.upstream_peer(ctx)
-    }
-
-    async fn upstream_request_filter(
-        &self,
-        session: &mut Session,
-        upstream_request: &mut RequestHeader,
-        ctx: &mut GateCtx,
-    ) -> Result<()> {
-        self.gate
-            .upstream_request_filter(session, upstream_request, ctx)
-            .await
-    }
-
-    async fn request_body_filter(
-        &self,
-        session: &mut Session,
-        body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut GateCtx,
-    ) -> Result<()> {
-        self.gate
-            .request_body_filter(session, body, end_of_stream, ctx)
-            .await
-    }
-
-    async fn response_filter(
-        &self,
-        session: &mut Session,
-        upstream_response: &mut ResponseHeader,
-        ctx: &mut GateCtx,
-    ) -> Result<()> {
-        self.gate
-            .response_filter(session, upstream_response, ctx)
-            .await
-    }
-
-    fn response_body_filter(
-        &self,
-        session: &mut Session,
-        body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut GateCtx,
-    ) -> Result<Option<Duration>> {
-        self.gate
-            .response_body_filter(session, body, end_of_stream, ctx)
-    }
-
-    async fn fail_to_proxy(
-        &self,
-        session: &mut Session,
-        e: &pingora::Error,
-        ctx: &mut GateCtx,
-    ) -> FailToProxy {
-        self.gate.fail_to_proxy(session, e, ctx).await
-    }
-
-    async fn logging(&self, session: &mut Session, e: Option<&pingora::Error>, ctx: &mut GateCtx) {
-        self.gate.logging(session, e, ctx).await
-    }
-
-    fn request_summary(&self, session: &Session, _ctx: &GateCtx) -> String {
-        crate::gate::request_summary(session.req_header())
-    }
-
-    fn suppress_error_log(
-        &self,
-        _session: &Session,
-        _ctx: &GateCtx,
-        error: &pingora::Error,
-    ) -> bool {
-        // A client that goes away is routine (and already settled and counted); upstream and
-        // internal failures stay in the log.
-        crate::gate::is_client_gone(error)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls() {
-        let u = UpstreamUrl::parse("https://api.openai.com").unwrap();
-        assert_eq!((u.tls, u.port, u.base_path.as_str()), (true, 443, ""));
-        assert_eq!(u.authority(), "api.openai.com");
-        let u = UpstreamUrl::parse("http://127.0.0.1:8000/openai/").unwrap();
-        assert_eq!((u.port, u.base_path.as_str()), (8000, "/openai"));
-        assert_eq!(u.authority(), "127.0.0.1:8000");
-        assert!(UpstreamUrl::parse("ftp://x").is_err());
-        assert!(UpstreamUrl::parse("not a url").is_err());
     }
 }

@@ -1,7 +1,11 @@
 //! The price of a call in quota units, with new-api's arithmetic (SPEC §4), and the estimate a
 //! reservation is taken for. Pure functions.
 
-use crate::config::ModelPrice;
+use crate::core::config::ModelPrice;
+
+/// The most one call may reserve or be charged (2^53 units, 18 billion USD at the default
+/// `quota_per_unit`): far below `i64::MAX`, so counters never overflow.
+pub const MAX_AMOUNT: i64 = 1 << 53;
 
 /// Tokens a call used (or is estimated to use).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -47,8 +51,8 @@ impl PriceRule {
 fn ceil_units(x: f64) -> i64 {
     let rounded = (x * 1e6).round() / 1e6;
     let c = rounded.ceil();
-    if c.is_nan() || c >= crate::ledger::MAX_AMOUNT as f64 {
-        crate::ledger::MAX_AMOUNT
+    if c.is_nan() || c >= MAX_AMOUNT as f64 {
+        MAX_AMOUNT
     } else if c <= 0.0 {
         0
     } else {

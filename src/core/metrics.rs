@@ -1,12 +1,8 @@
-//! Every Prometheus series in one place, and the metrics listener (`/metrics`, `/healthz`,
-//! `/readyz`). Label values are bounded: no raw keys, unknown models folded to `other`.
+//! Every Prometheus series in one place (in-memory counters; the listener that serves them is
+//! [`crate::ops::metrics`]). Label values are bounded: no raw keys, unknown models folded to `other`.
 
-use crate::errors::Reason;
-use crate::table::KeyTable;
-use arc_swap::ArcSwap;
-use async_trait::async_trait;
-use pingora::apps::http_app::ServeHttp;
-use pingora::protocols::http::ServerSession;
+use crate::core::errors::Reason;
+use crate::core::table::KeyTable;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -233,7 +229,7 @@ impl Metrics {
                 "Unix time the key table in force was loaded (its age: time() minus this).",
             ),
         );
-        loaded_at.set(crate::gate::unix_now());
+        loaded_at.set(crate::core::clock::unix_now());
         let upstream_errors = registered(&registry, IntCounterVec::new(
             Opts::new(
                 "keygate_upstream_errors_total",
@@ -337,7 +333,7 @@ impl Metrics {
     pub fn observe_table(&self, table: &KeyTable, now: i64) {
         let (mut enabled, mut disabled, mut expired) = (0i64, 0i64, 0i64);
         for k in table.records() {
-            if k.status == crate::config::KeyStatus::Disabled {
+            if k.status == crate::core::config::KeyStatus::Disabled {
                 disabled += 1;
             } else if k.expires_at.is_some_and(|e| now >= e) {
                 expired += 1;
@@ -357,96 +353,5 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         buf
-    }
-}
-
-/// The metrics listener's app: `/metrics`, `/healthz`, `/readyz`.
-pub struct MetricsApp {
-    gate: crate::gate::Gate,
-    metrics: Arc<Metrics>,
-    table: Arc<ArcSwap<KeyTable>>,
-}
-
-impl MetricsApp {
-    /// An app reporting `gate`'s metrics and the readiness of its table.
-    pub fn new(gate: crate::gate::Gate) -> Self {
-        MetricsApp {
-            metrics: gate.metrics(),
-            table: gate.table_handle(),
-            gate,
-        }
-    }
-}
-
-/// Bring a counter mirrored from another count up to `total`.
-fn catch_up(counter: &prometheus::IntCounter, total: u64) {
-    let current = counter.get();
-    if total > current {
-        counter.inc_by(total - current);
-    }
-}
-
-fn response(status: u16, content_type: &str, body: Vec<u8>) -> http::Response<Vec<u8>> {
-    http::Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, content_type)
-        .header(http::header::CONTENT_LENGTH, body.len())
-        .body(body)
-        .unwrap_or_default()
-}
-
-#[async_trait]
-impl ServeHttp for MetricsApp {
-    async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
-        match session.req_header().uri.path() {
-            "/metrics" => {
-                let table = self.table.load();
-                self.metrics.observe_table(&table, crate::gate::unix_now());
-                let ledger = self.gate.ledger();
-                self.metrics.outstanding.set(ledger.outstanding());
-                catch_up(&self.metrics.ledger_write_errors, ledger.write_errors());
-                if let Some(b) = ledger.backend_state() {
-                    self.metrics
-                        .ledger_backend_up
-                        .set(i64::from(b.up && b.connected));
-                    catch_up(&self.metrics.ledger_backend_ops, b.ops);
-                    catch_up(&self.metrics.ledger_backend_errors, b.errors);
-                }
-                if let Some(log) = self.gate.usage_log() {
-                    catch_up(&self.metrics.usage_log_dropped, log.dropped());
-                }
-                response(200, "text/plain; version=0.0.4", self.metrics.render())
-            }
-            "/healthz" => response(200, "text/plain", b"ok\n".to_vec()),
-            "/readyz" => {
-                let table = self.table.load();
-                let mut body = serde_json::json!({
-                    "ready": true,
-                    "revision": table.revision,
-                    "keys": table.len(),
-                });
-                let mut status = 200;
-                if let Some(b) = self.gate.ledger().backend_state() {
-                    // Degraded: Redis is away. With `deny` nothing metered can be served, so
-                    // the gateway is not ready; with `lease` or `allow` it still serves.
-                    let ready = b.up || b.on_unavailable != crate::config::OnUnavailable::Deny;
-                    body["ready"] = ready.into();
-                    body["ledger"] = serde_json::json!({
-                        "backend": "redis",
-                        "state": match (b.connected, b.up) {
-                            (_, false) => "degraded",
-                            (false, true) => "connecting",
-                            (true, true) => "ok",
-                        },
-                        "on_unavailable": b.on_unavailable,
-                    });
-                    if !ready {
-                        status = 503;
-                    }
-                }
-                response(status, "application/json", body.to_string().into_bytes())
-            }
-            _ => response(404, "text/plain", b"not found\n".to_vec()),
-        }
     }
 }

@@ -1,7 +1,7 @@
 //! The YAML configuration (SPEC §5) and the sync-file schema (SPEC §2) as serde reads them.
 //!
 //! Both are parsed strictly (`deny_unknown_fields`: a typo must not silently disable a
-//! restriction) and only describe the files; [`crate::table`] compiles a sync file into the
+//! restriction) and only describe the files; [`crate::core::table`] compiles a sync file into the
 //! runtime table and [`Config::load`] resolves paths against the config file's folder.
 
 use serde::{Deserialize, Serialize};
@@ -427,17 +427,17 @@ impl Config {
             return Err("max_header_bytes: must be between 1024 and 1048576".into());
         }
         for c in &self.trusted_proxies {
-            crate::policy::parse_cidr(c).map_err(|e| format!("trusted_proxies: {e}"))?;
+            crate::core::net::parse_cidr(c).map_err(|e| format!("trusted_proxies: {e}"))?;
         }
         self.ledger.validate()?;
         if self.upstreams.is_empty() {
             return Err("upstreams: at least one upstream is needed".into());
         }
         for u in &self.upstreams {
-            crate::proxy::UpstreamUrl::parse(&u.url)
+            crate::core::url::UpstreamUrl::parse(&u.url)
                 .map_err(|e| format!("upstream {:?}: {e}", u.name))?;
             for m in &u.models {
-                crate::table::ModelPattern::parse(m)
+                crate::core::models::ModelPattern::parse(m)
                     .map_err(|e| format!("upstream {:?}: models: {e}", u.name))?;
             }
         }

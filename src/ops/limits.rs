@@ -18,7 +18,7 @@
 //!
 //! HTTP/2 connections (ALPN `h2`) are passed to the application untouched.
 
-use crate::errors::{Denial, Reason};
+use crate::core::errors::{Denial, Reason};
 use crate::gate::Gate;
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};

@@ -1,0 +1,17 @@
+//! The pure core: the config and sync-file schema as plain data, the compiled key table, the
+//! checks, pricing, credential and model extraction, the error answers and the metric series.
+//! Nothing here knows Pingora, tokio or the disk (the one exception: [`table::KeyTable::load`]
+//! and [`config::Config::load`] read the file they are given).
+
+pub mod admission;
+pub mod clock;
+pub mod config;
+pub mod credential;
+pub mod errors;
+pub mod metrics;
+pub mod models;
+pub mod net;
+pub mod policy;
+pub mod pricing;
+pub mod table;
+pub mod url;

@@ -1,0 +1,217 @@
+//! The shared ledger's Redis side: the Lua scripts, how they are sent, and the connection to
+//! one server or a cluster.
+
+use super::RedisSettings;
+use std::time::Duration;
+
+/// Grant, give back and report, in one atomic step per key and gateway (see the module doc).
+/// KEYS: the key's hash (`committed`, `seeded`) and its lease records (gateway -> "granted
+/// held valid_until_ms"); both carry the hash tag `{id}`, so they share one cluster slot.
+pub(super) const SYNC_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gw, known, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local need, want = tonumber(ARGV[4]), tonumber(ARGV[5])
+local give, deficit, held = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local ttl = tonumber(ARGV[9])
+local committed = tonumber(redis.call('HGET', KEYS[1], 'committed') or '0')
+-- A record removed (a day after it expired) while its gateway was away: trust the gateway,
+-- whose grants are already in `committed`.
+local granted = known
+local rec = redis.call('HGET', KEYS[2], gw)
+if rec then granted = tonumber(string.match(rec, '^(%S+)')) end
+local applied, grant = 0, 0
+if granted == known then
+  applied = 1
+  committed = committed - give + deficit
+  granted = granted - give + deficit
+  if want > 0 then
+    grant = want
+    if limit >= 0 then
+      local room = limit - committed
+      grant = math.max(0, math.min(want, math.max(need, math.floor(room / 8)), room))
+    end
+    committed = committed + grant
+    granted = granted + grant
+  end
+  redis.call('HSET', KEYS[1], 'committed', string.format('%d', committed))
+  local left = held + deficit + grant
+  if granted == 0 and left == 0 then
+    redis.call('HDEL', KEYS[2], gw)
+  else
+    redis.call('HSET', KEYS[2], gw, string.format('%d %d %d', granted, left, now + ttl))
+  end
+end
+local holding = 0
+local records = redis.call('HGETALL', KEYS[2])
+for i = 1, #records, 2 do
+  local g, h, e = string.match(records[i + 1], '^(%S+) (%S+) (%S+)$')
+  e = tonumber(e or '0')
+  if e >= now then
+    holding = holding + tonumber(h)
+  elseif e < now - 86400000 then
+    redis.call('HDEL', KEYS[2], records[i])
+  end
+end
+return {applied, granted, committed, committed - holding}
+";
+
+/// A key's consumption across all gateways (read only).
+pub(super) const READ_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local committed = tonumber(redis.call('HGET', KEYS[1], 'committed') or '0')
+local holding = 0
+local records = redis.call('HGETALL', KEYS[2])
+for i = 1, #records, 2 do
+  local g, h, e = string.match(records[i + 1], '^(%S+) (%S+) (%S+)$')
+  if tonumber(e or '0') >= now then holding = holding + tonumber(h) end
+end
+return committed - holding
+";
+
+/// Add what a gateway charged before it used Redis (its local ledger), once per key: the first
+/// gateway to seed a key wins, so gateways starting together never double it.
+pub(super) const SEED_SCRIPT: &str = r"
+if redis.call('HSETNX', KEYS[1], 'seeded', ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'committed', ARGV[1])
+  return 1
+end
+return 0
+";
+
+/// The key's two Redis keys; the `{id}` hash tag puts them in one cluster slot.
+pub(super) fn redis_keys(key_id: u64) -> (String, String) {
+    (
+        format!("keygate:{{{key_id}}}"),
+        format!("keygate:{{{key_id}}}:leases"),
+    )
+}
+
+/// A Lua script: its text and SHA-1. Sent with `EVALSHA`, and with `EVAL` when the node does
+/// not have it yet (`NOSCRIPT`), so on a cluster it is loaded only on the key's own node.
+pub(super) struct Script {
+    pub(super) code: &'static str,
+    pub(super) sha: String,
+}
+
+impl Script {
+    pub(super) fn new(code: &'static str) -> Script {
+        Script {
+            code,
+            sha: redis::Script::new(code).get_hash().to_string(),
+        }
+    }
+
+    pub(super) async fn call<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut Conn,
+        keys: &[&str],
+        args: &[i64],
+        gateway: Option<&str>,
+    ) -> redis::RedisResult<T> {
+        let command = |name: &str, script: &str| {
+            let mut c = redis::cmd(name);
+            c.arg(script).arg(keys.len()).arg(keys);
+            if let Some(g) = gateway {
+                c.arg(g);
+            }
+            c.arg(args);
+            c
+        };
+        match command("EVALSHA", &self.sha).query_async(conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                command("EVAL", self.code).query_async(conn).await
+            }
+            other => other,
+        }
+    }
+}
+
+pub(super) struct Scripts {
+    pub(super) sync: Script,
+    pub(super) read: Script,
+    pub(super) seed: Script,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Scripts {
+        Scripts {
+            sync: Script::new(SYNC_SCRIPT),
+            read: Script::new(READ_SCRIPT),
+            seed: Script::new(SEED_SCRIPT),
+        }
+    }
+}
+
+/// Whether an error means Redis (or the key's node) cannot be reached, as opposed to a fault
+/// of one call (a script error, a wrong type), which is refused for that key alone.
+pub(super) fn unreachable(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind as S};
+    !matches!(
+        e.kind(),
+        ErrorKind::Parse
+            | ErrorKind::UnexpectedReturnType
+            | ErrorKind::Server(S::ResponseError | S::ExecAbort | S::CrossSlot | S::NoPerm)
+    )
+}
+
+/// A connection to one server (reconnecting by itself) or to a cluster (following redirects
+/// and failovers by itself).
+#[derive(Clone)]
+pub(super) enum Conn {
+    Single(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+pub(super) async fn connect(settings: &RedisSettings) -> redis::RedisResult<Conn> {
+    if settings.cluster {
+        let client = redis::cluster::ClusterClientBuilder::new(settings.urls.clone())
+            .connection_timeout(settings.timeout)
+            .response_timeout(settings.timeout)
+            .retries(1)
+            .build()?;
+        Ok(Conn::Cluster(client.get_async_connection().await?))
+    } else {
+        let client = redis::Client::open(settings.urls[0].as_str())?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        Ok(Conn::Single(
+            redis::aio::ConnectionManager::new_with_config(client, config).await?,
+        ))
+    }
+}
