@@ -16,6 +16,10 @@
 # CPU time per request (utime+stime from /proc). Bounded: REPS × cases × DURATION seconds.
 #
 # Usage: benches/e2e.sh [REPS] [DURATION_SECONDS]      (defaults: 3 reps of 10 s)
+# KEYGATE_BASE=path/to/an/older/keygate: the A/B of a change. That binary runs beside this one
+# (same config, other ports, same core) and is measured in every repetition right after it, on
+# the JSON case; the ratio of CPU per request (new / base) is printed, and each pair's ratio.
+# AB_ONLY=1 (with KEYGATE_BASE): measure only the passthrough, keygate and the base.
 # PROFILE=1: build with symbols (cargo profile `profiling`: release plus line tables) and, after
 # the measured runs, record keygate with perf during one more run and print where its CPU time
 # goes (flat self time by function, and rolled up by crate).
@@ -52,7 +56,7 @@ trap cleanup EXIT
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 U_JSON=$(port); U_SSE=$(port); P_PASS=$(port); P_PASS_DEF=$(port); P_PASS_SSE=$(port); P_KG=$(port); P_KG_M=$(port); P_NGX=$(port)
-P_KGR=$(port); P_KGR_M=$(port); P_REDIS=$(port)
+P_KGR=$(port); P_KGR_M=$(port); P_REDIS=$(port); P_KGB=$(port); P_KGB_M=$(port)
 
 # --- the fixed-response upstream (core 1) ---
 python3 - "$W" <<'PY'
@@ -138,6 +142,10 @@ sed -e "s/^listen: .*/listen: \"127.0.0.1:$P_KGR\"/" -e "s/^metrics_listen: .*/m
   -e "s/^state_dir: var/state_dir: var_redis/" -e "s|^usage_log: .*|usage_log: var_redis/usage.jsonl|" \
   "$W/keygate.yaml" >"$W/keygate_redis.yaml"
 printf 'ledger:\n  backend: redis\n  redis_url: "redis://127.0.0.1:%s"\n' "$P_REDIS" >>"$W/keygate_redis.yaml"
+# The baseline binary of an A/B: the same config on other ports and its own state.
+sed -e "s/^listen: .*/listen: \"127.0.0.1:$P_KGB\"/" -e "s/^metrics_listen: .*/metrics_listen: \"127.0.0.1:$P_KGB_M\"/" \
+  -e "s/^state_dir: var/state_dir: var_base/" -e "s|^usage_log: .*|usage_log: var_base/usage.jsonl|" \
+  "$W/keygate.yaml" >"$W/keygate_base.yaml"
 
 # Resident memory per key: keygate with one key, then with the 1M keys (both after start).
 rss_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
@@ -161,7 +169,11 @@ start_proxies() {
   RUST_LOG=warn taskset -c 0 "$KEYGATE" run -c "$W/keygate.yaml" >"$W/keygate.out" 2>&1 & PIDS+=($!); KG_PID=$!
   RUST_LOG=warn taskset -c 0 "$KEYGATE" run -c "$W/keygate_redis.yaml" >"$W/keygate_redis.out" 2>&1 & PIDS+=($!); KGR_PID=$!
   taskset -c 0 "$NGINX" -c "$W/proxy.conf" -p "$W" & PIDS+=($!); NGX_MASTER=$!
-  for p in $P_PASS $P_PASS_DEF $P_PASS_SSE $P_KG $P_KGR $P_NGX; do
+  if [ -n "${KEYGATE_BASE:-}" ]; then
+    RUST_LOG=warn taskset -c 0 "$KEYGATE_BASE" run -c "$W/keygate_base.yaml" >"$W/keygate_base.out" 2>&1 & PIDS+=($!); KGB_PID=$!
+    ALL_PORTS+=" $P_KGB"
+  fi
+  for p in $ALL_PORTS; do
     for _ in $(seq 1 600); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
   done
   sleep 1
@@ -222,9 +234,10 @@ for u,m in (('us',1e-3),('ms',1.0),('s',1e3)):
     if v.endswith(u): print(round(float(v[:-len(u)])*m,3)); break
 else: print(v)"; }
 
+ALL_PORTS="$P_PASS $P_PASS_DEF $P_PASS_SSE $P_KG $P_KGR $P_NGX"
 start_proxies
 # Sanity: every path answers 200 before anything is measured.
-for p in $P_PASS $P_PASS_DEF $P_KG $P_KGR $P_NGX; do
+for p in ${ALL_PORTS/$P_PASS_SSE/}; do
   code=$(curl -s -o "$W/sample.$p" -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
     -H "Authorization: Bearer sk-$(printf '%048d' 7919)" \
     -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"max_tokens":64}' \
@@ -233,13 +246,15 @@ for p in $P_PASS $P_PASS_DEF $P_KG $P_KGR $P_NGX; do
   [ "$code" = 200 ] || { echo "a proxy does not answer 200; see above" >&2; cat "$W"/*.err "$W/keygate.out" >&2; exit 1; }
 done
 echo "warm-up"
-for p in $P_PASS $P_PASS_DEF $P_KG $P_KGR $P_NGX; do taskset -c 1 wrk -t1 -c$CONNS -d3s -s "$W/post.lua" "http://127.0.0.1:$p/v1/chat/completions" >/dev/null; done
+for p in ${ALL_PORTS/$P_PASS_SSE/}; do taskset -c 1 wrk -t1 -c$CONNS -d3s -s "$W/post.lua" "http://127.0.0.1:$p/v1/chat/completions" >/dev/null; done
 : >"$W/results"
 for r in $(seq 1 "$REPS"); do
   echo "repetition $r/$REPS"
   run passthrough "$PASS_PID" "$P_PASS"
-  run passthrough_default "$PASS_DEF_PID" "$P_PASS_DEF"
+  [ "${AB_ONLY:-0}" = 1 ] || run passthrough_default "$PASS_DEF_PID" "$P_PASS_DEF"
   run keygate "$KG_PID" "$P_KG"
+  [ -n "${KEYGATE_BASE:-}" ] && run keygate_base "$KGB_PID" "$P_KGB"
+  [ "${AB_ONLY:-0}" = 1 ] && continue
   run keygate_redis "$KGR_PID" "$P_KGR"
   run nginx "$NGX_PID" "$P_NGX"
   run passthrough_sse "$PASS_SSE_PID" "$P_PASS_SSE" KG_MODEL=gpt-stream KG_STREAM=1
@@ -256,7 +271,7 @@ for line in open(sys.argv[1]):
     rows[name].append((float(rps), float(p50), float(p99), float(cpu), int(non2xx), float(ops)))
 med = {n: tuple(statistics.median(x[i] for x in v) for i in range(4)) + (sum(x[4] for x in v), statistics.median(x[5] for x in v)) for n, v in rows.items()}
 print(f"\n{'case':18} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} {'non-2xx':>8}")
-for n in ["passthrough", "passthrough_default", "keygate", "keygate_redis", "nginx", "passthrough_sse", "keygate_sse", "keygate_denied"]:
+for n in ["passthrough", "passthrough_default", "keygate", "keygate_base", "keygate_redis", "nginx", "passthrough_sse", "keygate_sse", "keygate_denied"]:
     if n in med:
         r = med[n]
         print(f"{n:18} {r[0]:9.0f} {r[1]:8.3f} {r[2]:8.3f} {r[3]:11.2f} {r[4]:8d}")
@@ -274,6 +289,11 @@ ratio("keygate_sse", "passthrough_sse", 0, "req/s keygate / passthrough (SSE)")
 ratio("keygate_denied", "passthrough", 3, "CPU/request keygate denying / passthrough")
 ratio("keygate_redis", "keygate", 3, "CPU/request keygate on Redis / on local ledger")
 ratio("keygate_redis", "keygate", 0, "req/s keygate on Redis / on local ledger")
+ratio("keygate", "keygate_base", 3, "A/B: CPU/request keygate / keygate_base")
+ratio("keygate", "keygate_base", 0, "A/B: req/s keygate / keygate_base")
+if "keygate_base" in rows:
+    pairs = [a[3] / b[3] for a, b in zip(rows["keygate"], rows["keygate_base"]) if b[3]]
+    print(f"{'A/B: CPU/request ratio of each pair':44} " + " ".join(f"{x:.3f}" for x in pairs))
 if "keygate_redis" in med:
     print(f"{'Redis operations per 1,000 calls':44} {med['keygate_redis'][5]:.2f}")
 PY

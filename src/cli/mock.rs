@@ -12,6 +12,7 @@
 //! * `x-mock-status: NNN` – answer with that status and an OpenAI-shaped error body.
 //! * `x-mock-delay-ms: N` – sleep N ms between stream events, or before a non-stream response.
 //! * `x-mock-chunks: N` – number of content pieces in a stream (default 5).
+//! * `x-mock-piece-bytes: N` – pad each stream piece to N bytes (at most 64 KiB), for large streams.
 //! * `x-mock-no-usage: 1` – omit usage everywhere.
 //!
 //! Every response carries `x-mock-backend: 1`.
@@ -40,6 +41,8 @@ use tokio::task::JoinHandle;
 const CONTENT: &str = "Hello from the keygate mock backend.";
 /// Default number of content pieces in a stream.
 const DEFAULT_CHUNKS: usize = 5;
+/// Upper bound for `x-mock-piece-bytes`.
+const MAX_PIECE_BYTES: usize = 64 * 1024;
 /// Upper bound for `x-mock-chunks`, so a typo cannot make the mock stream forever.
 const MAX_CHUNKS: usize = 10_000;
 /// Default and maximum completion tokens.
@@ -162,6 +165,7 @@ struct Controls {
     status: Option<StatusCode>,
     delay: Duration,
     chunks: usize,
+    piece_bytes: usize,
     usage: bool,
 }
 
@@ -185,6 +189,9 @@ impl Controls {
             chunks: get("x-mock-chunks")
                 .and_then(|v| v.parse::<usize>().ok())
                 .map_or(DEFAULT_CHUNKS, |n| n.min(MAX_CHUNKS)),
+            piece_bytes: get("x-mock-piece-bytes")
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(0, |n| n.min(MAX_PIECE_BYTES)),
             usage: !matches!(get("x-mock-no-usage"), Some("1" | "true")),
         }
     }
@@ -335,7 +342,7 @@ impl Gen {
                 .map_or(0, |d| d.as_secs()),
             usage: ctl.usage,
             stream: json.get("stream").and_then(Value::as_bool) == Some(true),
-            pieces: pieces(ctl.chunks),
+            pieces: pieces(ctl.chunks, ctl.piece_bytes),
         }
     }
 
@@ -344,19 +351,18 @@ impl Gen {
     }
 }
 
-/// Splits the answer into `n` stream pieces (cycling through its words when `n` is large).
-fn pieces(n: usize) -> Vec<String> {
+/// Splits the answer into `n` stream pieces (cycling through its words when `n` is large),
+/// each padded with dots to `min_bytes`.
+fn pieces(n: usize, min_bytes: usize) -> Vec<String> {
     CONTENT
         .split(' ')
         .cycle()
         .take(n)
         .enumerate()
         .map(|(i, word)| {
-            if i + 1 < n {
-                format!("{word} ")
-            } else {
-                word.to_string()
-            }
+            let sep = if i + 1 < n { " " } else { "" };
+            let pad = min_bytes.saturating_sub(word.len() + sep.len());
+            format!("{word}{}{sep}", ".".repeat(pad))
         })
         .collect()
 }

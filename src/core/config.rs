@@ -324,6 +324,12 @@ pub struct Config {
     /// Default 1000.
     #[serde(default = "default_max_requests_per_connection")]
     pub max_requests_per_connection: u32,
+    /// Bytes of read buffer kept per client connection on a plain-TCP listener. Default 0: the
+    /// request head and body are read straight into their own buffers, so an idle or waiting
+    /// connection holds none (Pingora's default is 64 KiB, zero-filled, per connection). TLS
+    /// listeners keep Pingora's 64 KiB, which saves system calls under 16 KiB TLS records.
+    #[serde(default)]
+    pub client_read_buffer_bytes: usize,
     /// Where quota counters live: this process (default) or Redis shared by several gateways.
     #[serde(default)]
     pub ledger: LedgerConfig,

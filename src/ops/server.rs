@@ -7,6 +7,7 @@ use crate::ops::limits::{ConnLimits, Limited};
 use crate::ops::metrics::MetricsApp;
 use crate::ops::proxy::KeygateProxy;
 use pingora::apps::http_app::HttpServer;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::listening::Service;
@@ -143,7 +144,10 @@ pub fn build(config: &Config, gate: Gate, upgrade: bool) -> anyhow::Result<(Serv
                     &tls.key.to_string_lossy(),
                 )
                 .map_err(|e| anyhow::anyhow!("tls on {addr}: {e}"))?,
-            None => proxy.add_tcp(&addr),
+            None => proxy.add_listener(
+                ListenerConfig::tcp(&addr)
+                    .l4_buffer(L4BufferSettings::default().read(config.client_read_buffer_bytes)),
+            ),
         }
         bound.proxy.push(addr);
     }
