@@ -537,7 +537,7 @@ async fn consumption_survives_kill_9_and_restart_under_load() {
     );
     assert!(after >= seen_before);
     // ...and what a crash strands is bounded by one chunk plus the calls in flight.
-    let chunk = keygate::ledger::chunk_for(Some(1_000_000));
+    let chunk = keygate::ledger::max_headroom(Some(1_000_000));
     let reserve = quota_for(
         MINI,
         1.0,

@@ -7,12 +7,16 @@
 //! disconnect, panic).
 //!
 //! Durability without disk I/O on the request path: the disk holds, per key, a *ceiling* that is
-//! always at or above `committed`. A background writer raises ceilings a chunk ahead of use
-//! (journal line + fsync, compacted into a snapshot written by temp file + fsync + rename +
-//! directory fsync). After a crash a key restarts at its ceiling, so a `kill -9` can strand at
-//! most one chunk per key (`min(max(limit/50, 1000), 1_000_000)` units) but never gives quota
-//! back. A request whose reservation would pass its key's durable ceiling waits (asynchronously)
-//! for the writer; with chunks raised at half use this happens about once per key per chunk.
+//! always at or above `committed`. A background writer raises ceilings ahead of use (journal
+//! line + fsync, compacted into a snapshot written by temp file + fsync + rename + directory
+//! fsync). A raise asks for what is committed plus a *headroom* sized by the key's recent
+//! spending ([`headroom`]): two seconds of it, at least [`MIN_HEADROOM`] units and at least the
+//! reservation asking, at most [`max_headroom`] (2% of the key's limit). After a crash a key
+//! restarts at its ceiling, so a `kill -9` strands at most the reservations in flight plus one
+//! headroom per key, but never gives quota back. A request whose reservation would pass its
+//! key's durable ceiling waits (asynchronously) for the writer; ceilings are raised when less
+//! than half the headroom is left, about one second of a busy key's spending ahead of it, so
+//! this is rare once a key's rate is known ([`Ledger::durable_waits`] counts it).
 //! A clean shutdown writes exact values.
 
 mod lease;
@@ -26,7 +30,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const JOURNAL: &str = "ledger.journal";
 const SNAPSHOT: &str = "ledger.snapshot";
@@ -54,6 +58,12 @@ pub struct KeyCounter {
     outstanding: AtomicI64,
     /// `consumed` as last written to the consumed report.
     reported: AtomicI64,
+    /// [`HEADROOM_COVERS`] of the key's spending, as the writer last measured it.
+    rate_room: AtomicI64,
+    /// `consumed` when the writer's current measuring window began (writer only).
+    rate_mark: AtomicI64,
+    /// When that window began, in ms since the ledger started (writer only).
+    rate_since: AtomicU64,
 }
 
 impl KeyCounter {
@@ -109,7 +119,11 @@ struct Shared {
     stop: AtomicBool,
     outstanding_total: AtomicI64,
     write_errors: AtomicU64,
+    /// Reservations that found their key's ceiling not yet on disk and waited for the writer.
+    waits: AtomicU64,
     wait_timeout: Duration,
+    /// The origin of the writer's rate windows.
+    started: Instant,
     /// Journal appends take it shared, compaction exclusive, so that two processes sharing the
     /// folder during a binary upgrade never lose each other's entries.
     lock: Option<File>,
@@ -128,13 +142,32 @@ pub struct Ledger {
     lease: Option<Arc<lease::LeaseLedger>>,
 }
 
-/// The chunk a key's durable ceiling is raised by: 2% of its limit, between 1 000 and
-/// 1 000 000 units (1 000 000 for unlimited keys). Also the most a crash strands per key.
-pub fn chunk_for(limit: Option<i64>) -> i64 {
+/// The least headroom a key's durable ceiling is raised with, in units: what a key spending
+/// little can strand in a crash, beyond its reservations in flight.
+pub const MIN_HEADROOM: i64 = 1_000;
+
+/// How much of a key's recent spending its headroom covers (as the shared ledger sizes its
+/// leases). The spending is measured by the writer over windows of one second.
+pub const HEADROOM_COVERS: Duration = Duration::from_secs(2);
+
+/// The most headroom a key's ceiling is raised with: 2% of its limit, between 1 000 and
+/// 1 000 000 units (1 000 000 for unlimited keys).
+pub fn max_headroom(limit: Option<i64>) -> i64 {
     match limit {
-        Some(l) => (l / 50).clamp(1_000, 1_000_000),
+        Some(l) => (l / 50).clamp(MIN_HEADROOM, 1_000_000),
         None => 1_000_000,
     }
+}
+
+/// The headroom a raise of a key's durable ceiling asks for beyond what is committed:
+/// `rate_room` ([`HEADROOM_COVERS`] of the key's spending), at least [`MIN_HEADROOM`] and at
+/// least `amount` (the reservation asking, so that the next call of its size finds room), at
+/// most [`max_headroom`]. A crash strands at most this plus the reservations in flight.
+pub fn headroom(rate_room: i64, amount: i64, limit: Option<i64>) -> i64 {
+    rate_room
+        .max(amount)
+        .max(MIN_HEADROOM)
+        .min(max_headroom(limit))
 }
 
 impl Ledger {
@@ -227,6 +260,7 @@ impl Ledger {
             k.consumed.store(c, Ordering::Relaxed);
             k.durable.store(c, Ordering::Relaxed);
             k.wanted.store(c, Ordering::Relaxed);
+            k.rate_mark.store(c, Ordering::Relaxed);
             counters.insert(id, Arc::new(k));
         }
         let (flushed, _) = tokio::sync::watch::channel(0);
@@ -241,7 +275,9 @@ impl Ledger {
                 stop: AtomicBool::new(false),
                 outstanding_total: AtomicI64::new(0),
                 write_errors: AtomicU64::new(0),
+                waits: AtomicU64::new(0),
                 wait_timeout: Duration::from_secs(5),
+                started: Instant::now(),
                 lock: None,
                 successor: Mutex::new(None),
                 writer: Mutex::new(None),
@@ -294,6 +330,12 @@ impl Ledger {
         self.shared.write_errors.load(Ordering::Relaxed)
     }
 
+    /// Reservations so far that found their key's durable ceiling too low and waited for the
+    /// writer (a local, persisted ledger only).
+    pub fn durable_waits(&self) -> u64 {
+        self.shared.waits.load(Ordering::Relaxed)
+    }
+
     /// Take `amount` units of `key_id`'s quota, or refuse. `limit` is what the key may commit in
     /// total (`quota − used`), `None` for unlimited keys. One atomic read-modify-write decides.
     pub async fn reserve(
@@ -338,7 +380,8 @@ impl Ledger {
             },
         };
         let needed = previous.saturating_add(amount);
-        self.make_durable(key_id, &counter, needed, limit).await?;
+        let room = headroom(counter.rate_room.load(Ordering::Relaxed), amount, limit);
+        self.make_durable(key_id, &counter, needed, room).await?;
         Ok(reservation)
     }
 
@@ -351,28 +394,32 @@ impl Ledger {
         };
         let committed = counter.committed();
         if committed > counter.durable.load(Ordering::Acquire) {
-            let _ = self.make_durable(key_id, &counter, committed, None).await;
+            // The least headroom: it is within every key's bound, whatever its limit.
+            let _ = self
+                .make_durable(key_id, &counter, committed, MIN_HEADROOM)
+                .await;
         }
     }
 
-    /// Make sure `counter`'s durable ceiling covers `needed`: ask the writer a chunk ahead when
-    /// past half the current chunk, and wait only when `needed` is beyond what is on disk.
+    /// Make sure `counter`'s durable ceiling covers `needed`: ask the writer for `needed` plus
+    /// `room` once less than half of `room` is left above `needed`, and wait only when
+    /// `needed` is beyond what is on disk.
     async fn make_durable(
         &self,
         key_id: u64,
         counter: &KeyCounter,
         needed: i64,
-        limit: Option<i64>,
+        room: i64,
     ) -> Result<(), ReserveError> {
         let durable = counter.durable.load(Ordering::Acquire);
-        let chunk = chunk_for(limit);
-        if needed <= durable.saturating_sub(chunk / 2) {
+        if needed <= durable.saturating_sub(room / 2) {
             return Ok(());
         }
-        request_ceiling(&self.shared, key_id, counter, needed.saturating_add(chunk));
+        request_ceiling(&self.shared, key_id, counter, needed.saturating_add(room));
         if needed <= durable {
             return Ok(());
         }
+        self.shared.waits.fetch_add(1, Ordering::Relaxed);
         let mut rx = self.shared.flushed.subscribe();
         let wait = async {
             loop {
@@ -406,6 +453,10 @@ impl Ledger {
             if last_report.elapsed() >= Duration::from_secs(1) {
                 last_report = std::time::Instant::now();
                 self.apply_handoff(&dir);
+                let now = self.now_ms();
+                for entry in self.shared.counters.iter() {
+                    measure_rate(entry.value(), now);
+                }
                 if let Err(e) = self.write_consumed_report(&dir, false) {
                     log::warn!("ledger: consumed report: {e}");
                 }
@@ -431,11 +482,15 @@ impl Ledger {
             let mut lines = String::new();
             let mut raised = Vec::with_capacity(batch.len());
             let mut raised_ids = Vec::with_capacity(batch.len());
+            let now = self.now_ms();
             for id in batch {
                 let Some(c) = self.shared.counters.get(&id).map(|c| c.clone()) else {
                     continue;
                 };
                 c.queued.store(false, Ordering::SeqCst);
+                // A key asking for a raise is measured now, not only at the next tick, so the
+                // headroom of a key speeding up grows with it.
+                measure_rate(&c, now);
                 let target = c.wanted.load(Ordering::SeqCst).max(c.committed());
                 if target > c.durable.load(Ordering::SeqCst) {
                     lines.push_str(&format!("{id} {target}\n"));
@@ -486,6 +541,11 @@ impl Ledger {
                 }
             }
         }
+    }
+
+    /// Milliseconds since the ledger started (the clock of the rate windows).
+    fn now_ms(&self) -> u64 {
+        self.shared.started.elapsed().as_millis() as u64
     }
 
     /// Stop the writer thread and wait for it, so the final write races nothing.
@@ -600,6 +660,8 @@ impl Ledger {
             let c = self.counter(id);
             c.committed.fetch_add(delta, Ordering::AcqRel);
             c.consumed.fetch_add(delta, Ordering::AcqRel);
+            // What the predecessor spent is not this key's rate here.
+            c.rate_mark.fetch_add(delta, Ordering::Relaxed);
             if delta > 0 {
                 request_ceiling(&self.shared, id, &c, c.committed());
             }
@@ -690,6 +752,27 @@ fn id_map_json(header: &str, name: &str, values: impl IntoIterator<Item = (u64, 
     }
     out.push_str("}}\n");
     out
+}
+
+/// The writer measures `c`'s spending for its headroom: what it settled since its window began,
+/// over the window's length or one second if shorter, times [`HEADROOM_COVERS`]. A window of a
+/// second or more sets `rate_room` and starts the next window; a shorter one only raises it (a
+/// key speeding up is seen within its window, one slowing down at the window's end).
+fn measure_rate(c: &KeyCounter, now_ms: u64) {
+    let consumed = c.consumed();
+    let elapsed = now_ms.saturating_sub(c.rate_since.load(Ordering::Relaxed));
+    let spent = consumed
+        .saturating_sub(c.rate_mark.load(Ordering::Relaxed))
+        .max(0);
+    let covers = HEADROOM_COVERS.as_millis() as i128;
+    let room = (spent as i128 * covers / elapsed.max(1_000) as i128).min(MAX_AMOUNT as i128) as i64;
+    if elapsed >= 1_000 {
+        c.rate_room.store(room, Ordering::Relaxed);
+        c.rate_mark.store(consumed, Ordering::Relaxed);
+        c.rate_since.store(now_ms, Ordering::Relaxed);
+    } else {
+        c.rate_room.fetch_max(room, Ordering::Relaxed);
+    }
 }
 
 /// Ask the writer to raise `counter`'s durable ceiling to at least `target` (never waits).
@@ -912,18 +995,160 @@ mod tests {
                 .settle(100);
         }
         assert_eq!(l.consumed(7), 1_000);
-        // No clean shutdown: a crash. The reopened ledger starts at the durable ceiling.
+        // No clean shutdown: a crash. The reopened ledger starts at the durable ceiling, which
+        // a key spending this little keeps at most the least headroom (plus the reservation
+        // that asked) above what it committed; 2% of its limit (20 000) before.
         let crashed = Ledger::open(dir.path()).unwrap();
         let after = crashed.consumed(7);
         assert!(after >= 1_000, "gave quota back: {after}");
         assert!(
-            after <= 1_000 + 2 * chunk_for(Some(1_000_000)),
+            after <= 1_000 + MIN_HEADROOM + 100,
             "stranded too much: {after}"
         );
         // A clean shutdown writes exact values.
         l.shutdown().unwrap();
         let reopened = Ledger::open(dir.path()).unwrap();
         assert_eq!(reopened.consumed(7), 1_000);
+        // Nothing is above the exact value on disk now: the first call waits for one write,
+        // whose headroom lets the next ones through.
+        for _ in 0..50 {
+            reopened
+                .reserve(7, Some(1_000_000), 10)
+                .await
+                .unwrap()
+                .settle(10);
+        }
+        assert_eq!(reopened.durable_waits(), 1);
+    }
+
+    #[test]
+    fn headroom_follows_the_rate_between_the_floor_and_the_cap() {
+        let limit = Some(10_000_000);
+        assert_eq!(headroom(0, 10, limit), MIN_HEADROOM);
+        assert_eq!(headroom(50_000, 10, limit), 50_000);
+        // A reservation larger than the rate's headroom leaves room for another like it.
+        assert_eq!(headroom(50_000, 80_000, limit), 80_000);
+        // Capped at 2% of the limit, between 1 000 and 1 000 000 (unlimited: 1 000 000).
+        assert_eq!(headroom(5_000_000, 10, limit), 200_000);
+        assert_eq!(headroom(0, 5_000_000, limit), 200_000);
+        assert_eq!(headroom(5_000_000, 10, None), 1_000_000);
+        assert_eq!(headroom(5_000_000, 10, Some(10_000)), MIN_HEADROOM);
+        assert_eq!(headroom(i64::MAX, MAX_AMOUNT, Some(i64::MAX)), 1_000_000);
+    }
+
+    #[test]
+    fn the_rate_is_measured_over_windows_of_a_second() {
+        let c = KeyCounter::default();
+        let spend = |n| c.consumed.fetch_add(n, Ordering::Relaxed);
+        spend(1_000);
+        // Half a second in: counted as a second, so far (2 s of 1 000/s).
+        measure_rate(&c, 500);
+        assert_eq!(c.rate_room.load(Ordering::Relaxed), 2_000);
+        spend(2_000);
+        // The window ends: 3 000 in 1 s.
+        measure_rate(&c, 1_000);
+        assert_eq!(c.rate_room.load(Ordering::Relaxed), 6_000);
+        // A quiet half second only measures; it does not lower what the last window saw.
+        spend(100);
+        measure_rate(&c, 1_500);
+        assert_eq!(c.rate_room.load(Ordering::Relaxed), 6_000);
+        // The window ends after 1.5 s: 100 units, 2 s of 66.7/s.
+        measure_rate(&c, 2_500);
+        assert_eq!(c.rate_room.load(Ordering::Relaxed), 133);
+        measure_rate(&c, 4_000);
+        assert_eq!(c.rate_room.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_large_reservation_is_covered_with_room_for_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path()).unwrap();
+        // Limit 10 000 000: the headroom is capped at 200 000.
+        let r = l.reserve(1, Some(10_000_000), 150_000).await.unwrap();
+        assert_eq!(l.durable_waits(), 1);
+        let c = l.counter(1);
+        assert_eq!(c.durable.load(Ordering::Acquire), 150_000 + 150_000);
+        r.settle(50_000);
+        // The next call of its size fits under what is on disk: no wait.
+        l.reserve(1, Some(10_000_000), 150_000)
+            .await
+            .unwrap()
+            .settle(50_000);
+        assert_eq!(l.durable_waits(), 1);
+        // Larger than the cap: the ceiling covers it plus the cap.
+        let r = l.reserve(1, Some(10_000_000), 500_000).await.unwrap();
+        assert_eq!(l.durable_waits(), 2);
+        assert_eq!(c.durable.load(Ordering::Acquire), 600_000 + 200_000);
+        drop(r);
+        // Unlimited: capped at 1 000 000.
+        l.reserve(2, None, 3_000_000).await.unwrap().settle(1);
+        assert_eq!(l.counter(2).durable.load(Ordering::Acquire), 4_000_000);
+    }
+
+    /// A key driven at a steady rate through the real writer (journal, fsync): its reservations
+    /// almost never wait, and what a crash would strand follows its rate, not its limit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_key_rarely_waits_and_strands_about_two_seconds_of_spending() {
+        const TASKS: i64 = 4;
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path()).unwrap();
+        // Limit 100 000 000: 2% is 2 000 000, the old chunk (and the cap) 1 000 000.
+        let limit = Some(100_000_000);
+        let started = Instant::now();
+        let calls = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..TASKS {
+            let (l, calls) = (l.clone(), calls.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(2));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                while started.elapsed() < Duration::from_secs(3) {
+                    tick.tick().await;
+                    l.reserve(1, limit, 10).await.unwrap().settle(4);
+                    calls.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let calls = calls.load(Ordering::Relaxed);
+        let rate = l.consumed(1) as f64 / elapsed;
+        let waits = l.durable_waits();
+        // Crash now (the writer may still be writing): the disk holds the ceiling.
+        let stranded = Ledger::open(dir.path()).unwrap().consumed(1) - l.consumed(1);
+        eprintln!(
+            "busy key: {calls} calls in {elapsed:.2} s ({rate:.0} units/s), {waits} waited; \
+             a crash strands {stranded} = {:.2} s of spending",
+            stranded as f64 / rate
+        );
+        assert!(calls > 1_000, "the load ran: {calls} calls");
+        assert!(waits * 100 <= calls, "{waits} of {calls} calls waited");
+        assert!(stranded >= 0);
+        let bound = (3.0 * rate) as i64 + MIN_HEADROOM + TASKS * 10;
+        assert!(stranded <= bound, "stranded {stranded} > {bound}");
+
+        // Idle until the writer measures no spending (a window or two), then a burst of 200
+        // at once: the headroom left on disk from the busy time covers it.
+        let idle = Instant::now();
+        while l.counter(1).rate_room.load(Ordering::Relaxed) > 0 {
+            assert!(
+                idle.elapsed() < Duration::from_secs(5),
+                "the rate never fell"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let burst = (0..200).map(|_| l.reserve(1, limit, 10));
+        for r in futures_util::future::join_all(burst).await {
+            r.unwrap().settle(4);
+        }
+        let burst_waits = l.durable_waits() - waits;
+        eprintln!(
+            "burst of 200 after {:.1} s idle: {burst_waits} waited",
+            idle.elapsed().as_secs_f64()
+        );
+        assert_eq!(burst_waits, 0);
     }
 
     #[test]
