@@ -44,10 +44,14 @@ BUILD=release
 cargo build --profile "$BUILD" --bin keygate --example passthrough 2>&1 | tail -1
 # The same passthrough built as `cargo build --release` would without this repo's profile (no
 # LTO, 16 codegen units) and with the system allocator: the "default-built" baseline.
-cargo build --profile default-release --features system-alloc --example passthrough 2>&1 | tail -1
 KEYGATE=target/$BUILD/keygate
 PASS=target/$BUILD/examples/passthrough
 PASS_DEFAULT=target/default-release/examples/passthrough
+if [ "${AB_ONLY:-0}" = 1 ]; then
+  PASS_DEFAULT=$PASS # not measured
+else
+  cargo build --profile default-release --features system-alloc --example passthrough 2>&1 | tail -1
+fi
 
 W=$(mktemp -d)
 PIDS=()

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use keygate::pricing::{quota_for, PriceRule, Usage};
+use keygate::core::pricing::{quota_for, PriceRule, Usage};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

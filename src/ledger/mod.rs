@@ -60,7 +60,7 @@ pub struct KeyCounter {
     reported: AtomicI64,
     /// [`HEADROOM_COVERS`] of the key's spending, as the writer last measured it.
     rate_room: AtomicI64,
-    /// `consumed` when the writer's current measuring window began (writer only).
+    /// `committed` when the writer's current measuring window began (writer only).
     rate_mark: AtomicI64,
     /// When that window began, in ms since the ledger started (writer only).
     rate_since: AtomicU64,
@@ -754,21 +754,23 @@ fn id_map_json(header: &str, name: &str, values: impl IntoIterator<Item = (u64, 
     out
 }
 
-/// The writer measures `c`'s spending for its headroom: what it settled since its window began,
-/// over the window's length or one second if shorter, times [`HEADROOM_COVERS`]. A window of a
+/// The writer measures `c`'s spending for its headroom: how much its committed amount grew
+/// since its window began (reservations count when they are taken, not when they settle: a
+/// burst of long calls is seen at once, not seconds later), over the window's length or one
+/// second if shorter, times [`HEADROOM_COVERS`]. A window of a
 /// second or more sets `rate_room` and starts the next window; a shorter one only raises it (a
 /// key speeding up is seen within its window, one slowing down at the window's end).
 fn measure_rate(c: &KeyCounter, now_ms: u64) {
-    let consumed = c.consumed();
+    let committed = c.committed();
     let elapsed = now_ms.saturating_sub(c.rate_since.load(Ordering::Relaxed));
-    let spent = consumed
+    let spent = committed
         .saturating_sub(c.rate_mark.load(Ordering::Relaxed))
         .max(0);
     let covers = HEADROOM_COVERS.as_millis() as i128;
     let room = (spent as i128 * covers / elapsed.max(1_000) as i128).min(MAX_AMOUNT as i128) as i64;
     if elapsed >= 1_000 {
         c.rate_room.store(room, Ordering::Relaxed);
-        c.rate_mark.store(consumed, Ordering::Relaxed);
+        c.rate_mark.store(committed, Ordering::Relaxed);
         c.rate_since.store(now_ms, Ordering::Relaxed);
     } else {
         c.rate_room.fetch_max(room, Ordering::Relaxed);
@@ -1039,7 +1041,7 @@ mod tests {
     #[test]
     fn the_rate_is_measured_over_windows_of_a_second() {
         let c = KeyCounter::default();
-        let spend = |n| c.consumed.fetch_add(n, Ordering::Relaxed);
+        let spend = |n| c.committed.fetch_add(n, Ordering::Relaxed);
         spend(1_000);
         // Half a second in: counted as a second, so far (2 s of 1 000/s).
         measure_rate(&c, 500);
@@ -1149,6 +1151,29 @@ mod tests {
             idle.elapsed().as_secs_f64()
         );
         assert_eq!(burst_waits, 0);
+    }
+
+    /// Long calls reserve at once and settle seconds later: their burst must widen the headroom
+    /// as the reservations come, not when they settle (measured on what settled, the headroom
+    /// stayed at the floor and each writer round let only about fifty 20-unit calls through).
+    #[tokio::test]
+    async fn a_burst_of_long_calls_widens_the_headroom_as_they_reserve() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path()).unwrap();
+        let limit = Some(1_000_000_000_000);
+        // One call first, so the key's ceiling is on disk and the burst starts from it.
+        l.reserve(1, limit, 20).await.unwrap().settle(20);
+        let waits_before = l.durable_waits();
+        let burst = (0..2_000).map(|_| l.reserve(1, limit, 20));
+        let held: Vec<Reservation> = futures_util::future::join_all(burst)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        let waits = l.durable_waits() - waits_before;
+        eprintln!("a burst of 2000 reservations: {waits} waited for the writer");
+        assert!(waits <= 400, "{waits} of 2000 reservations waited");
+        drop(held);
     }
 
     #[test]
