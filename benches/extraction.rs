@@ -2,8 +2,8 @@
 //! (`gate::find_model`, which validates the whole body as one JSON object, and the
 //! `credential::parse_json_fields` it calls), in bytes/second, on
 //! realistic ~1 KB and ~100 KB OpenAI chat-completions bodies — against two references on the
-//! same bytes: a full `serde_json::Value` parse, and `serde_json::de::IgnoredAny` (validation
-//! only, no allocation: the floor for any approach that checks the whole body).
+//! same bytes: a full `serde_json::Value` parse, and `serde_json::de::IgnoredAny` (syntax
+//! validation only, no allocation; it does not bound the nesting depth, which keygate must).
 //!
 //! The bodies put `"model"` *after* the `messages` array, as the OpenAI Python SDK serializes
 //! them, so the extractor must get through every message before it sees the model. Message

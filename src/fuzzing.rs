@@ -39,13 +39,122 @@ pub fn request(data: &[u8]) {
         let _ = crate::core::table::key_digest(&c.secret);
     }
     let body = get(4);
-    if let Ok((Some(model), _)) = find_model(&path, Some(&query), Some(&content_type), body) {
-        assert!(!model.is_empty() && model.len() <= credential::MAX_MODEL_LEN);
+    if let Ok((model, facts)) = find_model(&path, Some(&query), Some(&content_type), body) {
+        if let Some(model) = model {
+            assert!(!model.is_empty() && model.len() <= credential::MAX_MODEL_LEN);
+        }
+        if facts.is_json {
+            // A body read as JSON goes upstream only if all of it is.
+            assert_whole_json_object(body);
+        }
     }
     let _ = credential::strip_query_key(&query);
     let _ = credential::strip_ws_key_protocol(get(3));
     let _ = credential::multipart_model(&content_type, body);
-    let _ = credential::parse_json_fields(body);
+    json_fields(body);
+}
+
+/// `parse_json_fields` accepts a body exactly when all of it is one JSON object nested at most
+/// `MAX_JSON_DEPTH` deep, whatever it found first; and it finds serde's `model`.
+fn json_fields(body: &[u8]) {
+    let fields = credential::parse_json_fields(body);
+    if fields.is_ok() {
+        assert_whole_json_object(body);
+    }
+    // The other way, where serde can be the judge: a body serde reads whole into values (which
+    // also checks every string's UTF-8 and escapes) within its own depth limit (127), with at
+    // most one `model`, is accepted, with serde's model.
+    let Ok(members) = serde_json::from_slice::<Members>(body) else {
+        return;
+    };
+    let models: Vec<&serde_json::Value> = members
+        .0
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("model"))
+        .map(|(_, v)| v)
+        .collect();
+    if models.len() > 1 {
+        assert!(fields.is_err(), "accepted two `model` members");
+        return;
+    }
+    let fields = fields.unwrap_or_else(|d| panic!("refused a valid body: {}", d.message));
+    let want = match models.first() {
+        None | Some(serde_json::Value::Null) => credential::ModelField::Absent,
+        Some(serde_json::Value::String(s)) => credential::ModelField::Str(s.as_str().into()),
+        Some(_) => credential::ModelField::NotAString,
+    };
+    assert_eq!(fields.model, want);
+}
+
+/// Panics unless `body` is one well-formed JSON object (by serde_json's own checker, which has
+/// no depth limit when it skips) nested at most `MAX_JSON_DEPTH` deep.
+fn assert_whole_json_object(body: &[u8]) {
+    assert!(
+        serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok(),
+        "accepted a body that is not one whole JSON value"
+    );
+    assert_eq!(
+        body.trim_ascii_start().first(),
+        Some(&b'{'),
+        "not an object"
+    );
+    let depth = json_depth(body);
+    assert!(
+        depth <= credential::MAX_JSON_DEPTH,
+        "accepted a body nested {depth} deep"
+    );
+}
+
+/// The deepest nesting of arrays and objects in a well-formed JSON text.
+fn json_depth(json: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// A JSON object's members in order, repeats kept.
+struct Members(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Members, A::Error> {
+                let mut out = Vec::new();
+                while let Some(kv) = m.next_entry()? {
+                    out.push(kv);
+                }
+                Ok(Members(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// An SSE stream cut at arbitrary places: the bytes sent and the usage found must not depend on
@@ -88,7 +197,7 @@ pub fn json_usage(data: &[u8]) {
     if serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok() {
         assert_eq!(u, crate::usage::usage_from_json_parsed(data));
     }
-    let _ = credential::parse_json_fields(data);
+    json_fields(data);
 }
 
 /// A sync file: accepted or rejected with a message naming the file, never a panic.

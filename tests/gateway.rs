@@ -835,6 +835,64 @@ async fn a_client_still_sending_an_oversized_body_reads_the_413() {
     }
 }
 
+/// POST `body` as a chat call with the `OK` key on a raw connection (Content-Length framing,
+/// `Connection: close`); the whole answer as text.
+fn raw_chat(env: &Env, body: &[u8]) -> String {
+    let mut req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OK}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    raw_exchange(env.gw.addr, &req, false, Duration::from_secs(10))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deeply_nested_body_after_the_model_is_refused_and_never_forwarded() {
+    let env = Env::start().await;
+    // Well-formed JSON: the model first, then 5,000 nested arrays, every one closed.
+    let deep = format!(
+        r#"{{"model":"gpt-4o-mini","messages":{}{}}}"#,
+        "[".repeat(5_000),
+        "]".repeat(5_000)
+    );
+    // Objects rather than arrays, and just over the limit (129 levels with the body's own).
+    let objects = format!(
+        r#"{{"model":"gpt-4o-mini","messages":[{}1{}]}}"#,
+        r#"{"a":"#.repeat(127),
+        "}".repeat(127)
+    );
+    for body in [deep, objects] {
+        let out = raw_chat(&env, body.as_bytes());
+        assert_eq!(env.mock.request_count(), 0, "forwarded: {out}");
+        assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+        assert!(out.contains(r#""code":"invalid_json""#), "{out}");
+        assert!(out.contains("deeper than 128"), "{out}");
+    }
+    // Still serving.
+    assert_eq!(chat(&env, OK, "gpt-4o-mini").await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn body_broken_after_the_model_is_refused_and_never_forwarded() {
+    let env = Env::start().await;
+    for body in [
+        // Trailing garbage after a whole object.
+        &br#"{"model":"gpt-4o-mini","messages":[]} {"model":"gpt-4o"}"#[..],
+        br#"{"model":"gpt-4o-mini","messages":[]}]"#,
+        // Truncated after the model: the Content-Length matches, the JSON does not end.
+        br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}"#,
+        br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"#,
+        // Broken inside a member keygate itself does not read.
+        br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi",}]}"#,
+    ] {
+        let out = raw_chat(&env, body);
+        assert_eq!(env.mock.request_count(), 0, "forwarded: {out}");
+        assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+        assert!(out.contains(r#""code":"invalid_json""#), "{out}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_model_check_cannot_be_sidestepped() {
     let env = Env::start().await;

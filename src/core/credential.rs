@@ -184,66 +184,336 @@ pub struct RequestFields<'a> {
     pub has_stream_options: bool,
 }
 
-/// Read the fields keygate needs from a JSON request body. The whole body is checked to be one
-/// valid JSON object (nesting depth is bounded by serde_json); unknown fields are skipped.
+/// The deepest nesting of arrays and objects accepted in a JSON request body, the top-level
+/// object counting as one.
+pub const MAX_JSON_DEPTH: usize = 128;
+
+// The skipper keeps one bit per open container in a `u128`.
+const _: () = assert!(MAX_JSON_DEPTH <= 128);
+
+/// Read the fields keygate needs from a JSON request body, after checking the whole body, first
+/// byte to last: one JSON object, well-formed to its end, nested at most [`MAX_JSON_DEPTH`]
+/// deep, at most one `model`. Nothing is forwarded that this has not read to the end.
+///
+/// One pass, no allocation: the scanner walks the top-level members; the few keygate reads
+/// (small values) are decoded by serde from their own bytes, every other value is checked by
+/// [`Scanner::skip_value`] without being decoded. Member names match ASCII case-insensitively.
 pub fn parse_json_fields(body: &[u8]) -> Result<RequestFields<'_>, Denial> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let fields = de.deserialize_map(FieldsVisitor).map_err(json_denial)?;
-    de.end().map_err(json_denial)?;
-    Ok(fields)
-}
-
-fn json_denial(e: serde_json::Error) -> Denial {
-    let message = if e.is_data() && e.to_string().starts_with("invalid type") {
-        "The request body must be a JSON object.".to_string()
-    } else {
-        format!("The request body is not valid JSON: {e}")
+    let mut s = Scanner {
+        bytes: body,
+        pos: 0,
     };
-    Denial::with_message(Reason::InvalidJson, message)
-}
-
-struct FieldsVisitor;
-
-impl<'de> Visitor<'de> for FieldsVisitor {
-    type Value = RequestFields<'de>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON object")
+    s.skip_ws();
+    match s.peek() {
+        Some(b'{') => s.pos += 1,
+        Some(_) => {
+            return Err(Denial::with_message(
+                Reason::InvalidJson,
+                "The request body must be a JSON object.",
+            ))
+        }
+        None => return Err(s.error("the body is empty")),
     }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut out = RequestFields::default();
-        let mut seen_model = false;
-        let (mut mct, mut mt, mut mot) = (None, None, None);
-        while let Some(key) = map.next_key::<Field>()? {
-            match key {
+    let mut out = RequestFields::default();
+    let mut seen_model = false;
+    let (mut mct, mut mt, mut mot) = (None, None, None);
+    s.skip_ws();
+    if !s.eat(b'}') {
+        loop {
+            let name_at = s.pos;
+            let field = Field::from_json_name(s.member_name()?)
+                .ok_or_else(|| s.error_at(name_at, "a member name that is not valid UTF-8"))?;
+            s.skip_ws();
+            let start = s.pos;
+            s.skip_value(1)?;
+            let value = &body[start..s.pos];
+            match field {
                 Field::Model => {
-                    if seen_model {
-                        return Err(de::Error::custom("duplicate field `model`"));
+                    if std::mem::replace(&mut seen_model, true) {
+                        return Err(s.error_at(name_at, "a second `model` member"));
                     }
-                    seen_model = true;
-                    out.model = map.next_value::<ModelValue>()?.0;
+                    out.model = decode::<ModelValue>(value, start)?.0;
                 }
-                Field::Stream => out.stream = map.next_value::<Lenient<bool>>()?.0 == Some(true),
+                Field::Stream => {
+                    out.stream = decode::<Lenient<bool>>(value, start)?.0 == Some(true)
+                }
                 Field::StreamOptions => {
                     out.has_stream_options = true;
-                    out.include_usage = map.next_value::<StreamOptions>()?.0;
+                    out.include_usage = decode::<StreamOptions>(value, start)?.0;
                 }
-                Field::MaxCompletionTokens => mct = map.next_value::<Lenient<u64>>()?.0,
-                Field::MaxTokens => mt = map.next_value::<Lenient<u64>>()?.0,
-                Field::MaxOutputTokens => mot = map.next_value::<Lenient<u64>>()?.0,
-                Field::Other => {
-                    map.next_value::<IgnoredAny>()?;
+                Field::MaxCompletionTokens => mct = decode::<Lenient<u64>>(value, start)?.0,
+                Field::MaxTokens => mt = decode::<Lenient<u64>>(value, start)?.0,
+                Field::MaxOutputTokens => mot = decode::<Lenient<u64>>(value, start)?.0,
+                Field::Other => {}
+            }
+            s.skip_ws();
+            match s.peek() {
+                Some(b',') => {
+                    s.pos += 1;
+                    s.skip_ws();
                 }
+                Some(b'}') => {
+                    s.pos += 1;
+                    break;
+                }
+                Some(_) => return Err(s.error("expected ',' or '}'")),
+                None => return Err(s.error("the body ends inside the object")),
             }
         }
-        out.max_tokens = mct.or(mt).or(mot);
-        Ok(out)
+    }
+    s.skip_ws();
+    if s.pos != body.len() {
+        return Err(s.error("trailing characters after the object"));
+    }
+    out.max_tokens = mct.or(mt).or(mot);
+    Ok(out)
+}
+
+/// A member value keygate reads, decoded by serde from its own bytes (already checked by the
+/// scanner, so serde's own limits are never the ones that bind).
+fn decode<'a, T: de::Deserialize<'a>>(value: &'a [u8], at: usize) -> Result<T, Denial> {
+    serde_json::from_slice(value).map_err(|e| {
+        Denial::with_message(
+            Reason::InvalidJson,
+            format!("The request body is not valid JSON: the value at byte {at}: {e}"),
+        )
+    })
+}
+
+/// A strict JSON scanner over a whole body: checks the grammar (RFC 8259) and the nesting depth
+/// without decoding anything. As serde_json does when it skips a value, the bytes inside a
+/// skipped string are not checked to be UTF-8 and `\u` escapes are not paired.
+struct Scanner<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Scanner<'a> {
+    #[inline]
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.pos).copied()
+    }
+
+    #[inline]
+    fn eat(&mut self, b: u8) -> bool {
+        let hit = self.peek() == Some(b);
+        self.pos += usize::from(hit);
+        hit
+    }
+
+    #[inline]
+    fn skip_ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            self.pos += 1;
+        }
+    }
+
+    #[cold]
+    fn error(&self, what: &str) -> Denial {
+        self.error_at(self.pos, what)
+    }
+
+    #[cold]
+    fn error_at(&self, at: usize, what: &str) -> Denial {
+        let what = if at >= self.bytes.len() && !what.starts_with("the body") {
+            format!("{what} (the body ends at byte {at})")
+        } else {
+            format!("{what} at byte {at}")
+        };
+        Denial::with_message(
+            Reason::InvalidJson,
+            format!("The request body is not valid JSON: {what}."),
+        )
+    }
+
+    /// `"name"` and the `:` after it; the name as written (quotes included, escapes undecoded)
+    /// and whether it has escapes.
+    fn member_name(&mut self) -> Result<(&'a [u8], bool), Denial> {
+        if self.peek() != Some(b'"') {
+            return Err(self.error(if self.pos >= self.bytes.len() {
+                "the body ends where a member name should be"
+            } else {
+                "expected a member name"
+            }));
+        }
+        let start = self.pos;
+        let escaped = self.skip_string()?;
+        let quoted = &self.bytes[start..self.pos];
+        self.skip_ws();
+        if !self.eat(b':') {
+            return Err(self.error("expected ':'"));
+        }
+        Ok((quoted, escaped))
+    }
+
+    /// Skip one value, checking it; `open` containers enclose it.
+    fn skip_value(&mut self, open: usize) -> Result<(), Denial> {
+        // Bit `n` set: the `n`th container opened here is an object (clear: an array).
+        let mut objects: u128 = 0;
+        let mut n: usize = 0;
+        'value: loop {
+            self.skip_ws();
+            match self.peek() {
+                Some(c @ (b'{' | b'[')) => {
+                    if open + n >= MAX_JSON_DEPTH {
+                        return Err(self.error(&format!(
+                            "nesting deeper than {MAX_JSON_DEPTH} arrays and objects"
+                        )));
+                    }
+                    self.pos += 1;
+                    let object = c == b'{';
+                    objects = (objects & !(1 << n)) | (u128::from(object) << n);
+                    n += 1;
+                    self.skip_ws();
+                    if !self.eat(if object { b'}' } else { b']' }) {
+                        if object {
+                            self.member_name()?;
+                        }
+                        continue 'value;
+                    }
+                    n -= 1;
+                }
+                Some(b'"') => {
+                    self.skip_string()?;
+                }
+                Some(b't') => self.literal(b"true")?,
+                Some(b'f') => self.literal(b"false")?,
+                Some(b'n') => self.literal(b"null")?,
+                Some(b'-' | b'0'..=b'9') => self.skip_number()?,
+                Some(_) => return Err(self.error("expected a value")),
+                None => return Err(self.error("the body ends where a value should be")),
+            }
+            // A value is complete: close containers until one continues.
+            loop {
+                if n == 0 {
+                    return Ok(());
+                }
+                self.skip_ws();
+                let object = objects >> (n - 1) & 1 == 1;
+                match self.peek() {
+                    Some(b',') => {
+                        self.pos += 1;
+                        if object {
+                            self.skip_ws();
+                            self.member_name()?;
+                        }
+                        continue 'value;
+                    }
+                    Some(b'}') if object => n -= 1,
+                    Some(b']') if !object => n -= 1,
+                    None => return Err(self.error("the body ends inside an array or object")),
+                    Some(_) if object => return Err(self.error("expected ',' or '}'")),
+                    Some(_) => return Err(self.error("expected ',' or ']'")),
+                }
+                self.pos += 1;
+            }
+        }
+    }
+
+    /// Skip the string that starts here (at its quote); whether it has escapes.
+    #[inline]
+    fn skip_string(&mut self) -> Result<bool, Denial> {
+        let start = self.pos;
+        self.pos += 1;
+        let mut escaped = false;
+        loop {
+            self.pos += string_run(&self.bytes[self.pos..]);
+            match self.peek() {
+                Some(b'"') => {
+                    self.pos += 1;
+                    return Ok(escaped);
+                }
+                Some(b'\\') => {
+                    escaped = true;
+                    self.pos += 1;
+                    match self.peek() {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
+                            self.pos += 1
+                        }
+                        Some(b'u') => {
+                            let hex = self.bytes.get(self.pos + 1..self.pos + 5);
+                            if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                                return Err(self.error("a bad \\u escape"));
+                            }
+                            self.pos += 5;
+                        }
+                        _ => return Err(self.error("a bad escape")),
+                    }
+                }
+                Some(_) => return Err(self.error("a control character in a string")),
+                None => return Err(self.error_at(start, "a string that does not end")),
+            }
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Result<(), Denial> {
+        if !self.bytes[self.pos..].starts_with(word) {
+            return Err(self.error("expected a value"));
+        }
+        self.pos += word.len();
+        Ok(())
+    }
+
+    /// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`
+    fn skip_number(&mut self) -> Result<(), Denial> {
+        let digits = |s: &mut Self| {
+            let from = s.pos;
+            while s.peek().is_some_and(|b| b.is_ascii_digit()) {
+                s.pos += 1;
+            }
+            s.pos > from
+        };
+        self.eat(b'-');
+        if !self.eat(b'0') && !digits(self) {
+            return Err(self.error("a bad number"));
+        }
+        if self.eat(b'.') && !digits(self) {
+            return Err(self.error("a bad number"));
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            self.pos += 1;
+            if !self.eat(b'+') {
+                self.eat(b'-');
+            }
+            if !digits(self) {
+                return Err(self.error("a bad number"));
+            }
+        }
+        Ok(())
     }
 }
 
-/// A top-level member name, recognized without allocating (a `Cow<str>` key would copy every
-/// name into a `String`).
+/// How many bytes from the start of `s` are plain string content: up to the first quote,
+/// backslash or control character (or the end). Eight bytes at a time.
+#[inline]
+fn string_run(s: &[u8]) -> usize {
+    const ONES: u64 = u64::MAX / 255;
+    const HIGH: u64 = ONES << 7;
+    let mut i = 0;
+    while let Some(chunk) = s.get(i..i + 8) {
+        let w = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+        // The "has a zero byte" trick: the lowest flagged byte is always a true match.
+        let control = w.wrapping_sub(ONES * 0x20) & !w;
+        let q = w ^ (ONES * u64::from(b'"'));
+        let quote = q.wrapping_sub(ONES) & !q;
+        let b = w ^ (ONES * u64::from(b'\\'));
+        let backslash = b.wrapping_sub(ONES) & !b;
+        let hits = (control | quote | backslash) & HIGH;
+        if hits != 0 {
+            return i + (hits.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while s
+        .get(i)
+        .is_some_and(|&b| b != b'"' && b != b'\\' && b >= 0x20)
+    {
+        i += 1;
+    }
+    i
+}
+
+/// A top-level member name keygate reads, recognized without allocating.
 enum Field {
     Model,
     Stream,
@@ -254,36 +524,39 @@ enum Field {
     Other,
 }
 
-impl<'de> de::Deserialize<'de> for Field {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Field;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a member name")
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Field, E> {
-                // Case-insensitive, as Go's encoding/json matches keys (Ollama, new-api and
-                // one-api relays): `MODEL` must not slip past a check on `model`.
-                let is = |name: &str| v.eq_ignore_ascii_case(name);
-                Ok(if is("model") {
-                    Field::Model
-                } else if is("stream") {
-                    Field::Stream
-                } else if is("stream_options") {
-                    Field::StreamOptions
-                } else if is("max_completion_tokens") {
-                    Field::MaxCompletionTokens
-                } else if is("max_tokens") {
-                    Field::MaxTokens
-                } else if is("max_output_tokens") {
-                    Field::MaxOutputTokens
-                } else {
-                    Field::Other
-                })
-            }
+impl Field {
+    /// The field a member name means. Case-insensitive, as Go's encoding/json matches keys
+    /// (Ollama, new-api and one-api relays): `MODEL` must not slip past a check on `model`.
+    fn named(v: &[u8]) -> Field {
+        let is = |name: &str| v.eq_ignore_ascii_case(name.as_bytes());
+        if is("model") {
+            Field::Model
+        } else if is("stream") {
+            Field::Stream
+        } else if is("stream_options") {
+            Field::StreamOptions
+        } else if is("max_completion_tokens") {
+            Field::MaxCompletionTokens
+        } else if is("max_tokens") {
+            Field::MaxTokens
+        } else if is("max_output_tokens") {
+            Field::MaxOutputTokens
+        } else {
+            Field::Other
         }
-        d.deserialize_identifier(V)
+    }
+
+    /// The field a member name means, given as the scanner found it (`quoted`, quotes
+    /// included); `None` when the name is not valid UTF-8 once its escapes are decoded.
+    fn from_json_name((quoted, escaped): (&[u8], bool)) -> Option<Field> {
+        if escaped {
+            // Rare: let serde decode the escapes (and check the surrogate pairs).
+            return serde_json::from_slice::<Cow<str>>(quoted)
+                .ok()
+                .map(|name| Field::named(name.as_bytes()));
+        }
+        let name = &quoted[1..quoted.len() - 1];
+        (name.is_ascii() || std::str::from_utf8(name).is_ok()).then(|| Field::named(name))
     }
 }
 
@@ -669,6 +942,115 @@ mod tests {
         let f = parse_json_fields(br#"{"model":"m","stream":"yes","max_tokens":-3}"#).unwrap();
         assert!(!f.stream);
         assert_eq!(f.max_tokens, None);
+    }
+
+    /// `{"model":"m","x":[[…1…]]}`, `levels` deep in all (the body's own object counting).
+    fn arrays(levels: usize) -> String {
+        let n = levels - 1;
+        format!(r#"{{"model":"m","x":{}1{}}}"#, "[".repeat(n), "]".repeat(n))
+    }
+
+    /// `{"model":"m","x":{"a":{"a":…1…}}}`, `levels` deep in all.
+    fn objects(levels: usize) -> String {
+        let n = levels - 1;
+        format!(
+            r#"{{"model":"m","x":{}1{}}}"#,
+            r#"{"a":"#.repeat(n),
+            "}".repeat(n)
+        )
+    }
+
+    #[test]
+    fn json_nesting_is_limited_to_128_levels_wherever_it_is() {
+        let reason = |b: &str| {
+            parse_json_fields(b.as_bytes())
+                .map(|_| ())
+                .map_err(|d| d.reason)
+        };
+        assert_eq!(reason(&arrays(MAX_JSON_DEPTH)), Ok(()));
+        assert_eq!(reason(&objects(MAX_JSON_DEPTH)), Ok(()));
+        assert_eq!(
+            reason(&arrays(MAX_JSON_DEPTH + 1)),
+            Err(Reason::InvalidJson)
+        );
+        assert_eq!(
+            reason(&objects(MAX_JSON_DEPTH + 1)),
+            Err(Reason::InvalidJson)
+        );
+        // The issue's case: a well-formed body, 5,000 arrays deep, after the model.
+        let deep = format!(
+            r#"{{"model":"gpt-4o-mini","messages":{}{}}}"#,
+            "[".repeat(5_000),
+            "]".repeat(5_000)
+        );
+        let d = parse_json_fields(deep.as_bytes()).unwrap_err();
+        assert_eq!(d.reason, Reason::InvalidJson);
+        assert!(d.message.contains("deeper than 128"), "{}", d.message);
+        // Before the model, and in the members keygate reads.
+        let before = format!(
+            r#"{{"messages":{}{},"model":"m"}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert_eq!(reason(&before), Err(Reason::InvalidJson));
+        for member in ["model", "stream", "stream_options", "max_tokens"] {
+            let b = format!(r#"{{"{member}":{}{}}}"#, "[".repeat(200), "]".repeat(200));
+            assert_eq!(reason(&b), Err(Reason::InvalidJson), "{member}");
+        }
+    }
+
+    #[test]
+    fn json_is_checked_to_its_end_after_the_model() {
+        let ok = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"a \"q\" \u00e9\n"}],"temperature":0.7,"n":1,"stop":null,"logprobs":false,"x":[-1.5e+3,0,{}]}"#;
+        assert!(parse_json_fields(ok).is_ok());
+        for bad in [
+            // Truncated after the model, anywhere.
+            &br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]"#[..],
+            br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}"#,
+            br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"#,
+            br#"{"model":"gpt-4o-mini","messages":[{"role":"user","#,
+            br#"{"model":"gpt-4o-mini","messages":"#,
+            br#"{"model":"gpt-4o-mini","#,
+            br#"{"model":"gpt-4o-mini""#,
+            // Trailing garbage.
+            br#"{"model":"gpt-4o-mini","messages":[]} x"#,
+            br#"{"model":"gpt-4o-mini","messages":[]}}"#,
+            br#"{"model":"gpt-4o-mini","messages":[]}{}"#,
+            // Broken inside a member keygate does not read.
+            br#"{"model":"gpt-4o-mini","messages":[}"#,
+            br#"{"model":"gpt-4o-mini","messages":[1,]}"#,
+            br#"{"model":"gpt-4o-mini","messages":[{"a" 1}]}"#,
+            br#"{"model":"gpt-4o-mini","messages":[{"a":1,}]}"#,
+            br#"{"model":"gpt-4o-mini","messages":[{1:1}]}"#,
+            br#"{"model":"gpt-4o-mini","messages":[tru]}"#,
+            br#"{"model":"gpt-4o-mini","messages":[01]}"#,
+            br#"{"model":"gpt-4o-mini","messages":[1.]}"#,
+            br#"{"model":"gpt-4o-mini","messages":[1e]}"#,
+            br#"{"model":"gpt-4o-mini","messages":[-]}"#,
+            br#"{"model":"gpt-4o-mini","messages":["\x"]}"#,
+            br#"{"model":"gpt-4o-mini","messages":["\u12g4"]}"#,
+            b"{\"model\":\"gpt-4o-mini\",\"messages\":[\"a\tb\"]}",
+            br#"{"model":"gpt-4o-mini",,"messages":[]}"#,
+            br#"{"model":"gpt-4o-mini" "messages":[]}"#,
+        ] {
+            let d = parse_json_fields(bad).unwrap_err();
+            assert_eq!(
+                d.reason,
+                Reason::InvalidJson,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn escaped_member_names_are_decoded() {
+        let f = parse_json_fields(br#"{"mod\u0065l":"a","\u0073tream":true}"#).unwrap();
+        assert_eq!(f.model, ModelField::Str(Cow::Borrowed("a")));
+        assert!(f.stream);
+        assert!(parse_json_fields(br#"{"model":"a","MOD\u0045L":"b"}"#).is_err());
+        assert!(parse_json_fields(br#"{"\ud800":1}"#).is_err());
+        assert!(parse_json_fields(b"{\"\xff\":1}").is_err());
     }
 
     #[test]
