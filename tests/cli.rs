@@ -163,3 +163,65 @@ fn out_of_range_limits_are_refused_with_the_key_named() {
         assert!(out.contains(expect), "{line}: {out}");
     }
 }
+
+/// A config whose upstream reads its credential from a variable that is not set.
+fn config_without_its_credential() -> String {
+    good_config().replace("KG_TEST_UPSTREAM_KEY", "KG_SURELY_UNSET_VARIABLE")
+}
+
+#[test]
+fn check_without_the_credential_variable_names_it_and_its_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), &config_without_its_credential(), &good_sync());
+    let (ok, out) = keygate_cli(&["check", "-c", &path]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("KG_SURELY_UNSET_VARIABLE") && out.contains("upstream \"mock\""),
+        "{out}"
+    );
+    assert!(out.contains("--no-env"), "{out}");
+}
+
+#[test]
+fn check_no_env_passes_without_the_credential_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), &config_without_its_credential(), &good_sync());
+    let (ok, out) = keygate_cli(&["check", "--no-env", "-c", &path]);
+    assert!(ok, "{out}");
+    assert!(out.contains("ok: ") && out.contains("keys"), "{out}");
+    // What was left unchecked is said.
+    assert!(
+        out.contains("not checked (--no-env)") && out.contains("KG_SURELY_UNSET_VARIABLE"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_no_env_still_fails_on_every_other_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bad_cidr = standard_sync();
+    bad_cidr["keys"][0]["allow_ips"] = json!(["10.0.0/8"]);
+    let cases: Vec<(String, Vec<u8>, &str)> = vec![
+        (
+            config_without_its_credential(),
+            serde_json::to_vec(&bad_cidr).unwrap(),
+            "bad CIDR \"10.0.0/8\"",
+        ),
+        (
+            format!("{}\nmax_body_byte: 5\n", config_without_its_credential()),
+            good_sync(),
+            "max_body_byte",
+        ),
+        (
+            config_without_its_credential().replace("http://127.0.0.1:9", "ftp://127.0.0.1:9"),
+            good_sync(),
+            "ftp://",
+        ),
+    ];
+    for (config, sync, want) in cases {
+        let path = write(dir.path(), &config, &sync);
+        let (ok, out) = keygate_cli(&["check", "--no-env", "-c", &path]);
+        assert!(!ok, "{want}: accepted");
+        assert!(out.contains(want), "{want}: {out}");
+    }
+}
