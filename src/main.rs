@@ -267,6 +267,8 @@ fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
     }
     keygate::sync::reload::Reloader::new(gate.clone(), &config.sync_file)
         .spawn(config.watch_sync_file)?;
+    // Runs for the life of the process (a thread of its own).
+    let _health = gate.upstreams().start_health_checks()?;
     let (server, _bound) = keygate::ops::server::build(&config, gate.clone(), upgrade)?;
     keygate::ops::server::run(server, &gate);
     Ok(())
@@ -275,19 +277,24 @@ fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
 fn check(path: &std::path::Path, no_env: bool) -> anyhow::Result<()> {
     let mut config = Config::load(path)?;
     let table = KeyTable::load(&config.sync_file)?;
-    // Each upstream whose credential variable is unset here, named as `run` would name it;
-    // left out of the upstream checks below, which check the rest (a set variable's value
-    // included) as the gateway does at startup.
+    // Each credential variable unset here, named as `run` would name it; left out of the
+    // upstream checks below, which check the rest (a set variable's value included) as the
+    // gateway does at startup.
     let mut unset = Vec::new();
     for u in &mut config.upstreams {
-        if let Some(var) = u
-            .api_key_env
-            .take_if(|var| std::env::var_os(var.as_str()).is_none())
-        {
-            unset.push(format!(
-                "upstream {:?}: environment variable {var} (api_key_env) is not set",
-                u.name
-            ));
+        let name = u.name.clone();
+        let vars = u
+            .targets
+            .iter_mut()
+            .flatten()
+            .map(|t| &mut t.api_key_env)
+            .chain(std::iter::once(&mut u.api_key_env));
+        for var in vars {
+            if let Some(var) = var.take_if(|var| std::env::var_os(var.as_str()).is_none()) {
+                unset.push(format!(
+                    "upstream {name:?}: environment variable {var} (api_key_env) is not set"
+                ));
+            }
         }
     }
     if !no_env && !unset.is_empty() {
@@ -297,7 +304,7 @@ fn check(path: &std::path::Path, no_env: bool) -> anyhow::Result<()> {
             unset.join("; ")
         );
     }
-    keygate::Upstreams::from_config(&config.upstreams)
+    keygate::Upstreams::from_pools(&config.upstreams)
         .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
     println!(
         "ok: {} ({} upstreams), {} ({} keys, revision {})",

@@ -4,6 +4,9 @@
 //! restriction) and only describe the files; [`crate::core::table`] compiles a sync file into the
 //! runtime table and [`Config::load`] resolves paths against the config file's folder.
 
+pub use super::pools::{
+    HealthConfig, PoolConfig, RetryConfig, RetryOn, RetryOnEntry, TargetConfig, RETRY_STATUSES,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -222,6 +225,26 @@ pub struct UpstreamConfig {
     pub idle_timeout_seconds: u64,
 }
 
+impl From<&UpstreamConfig> for PoolConfig {
+    fn from(c: &UpstreamConfig) -> PoolConfig {
+        PoolConfig {
+            name: c.name.clone(),
+            url: Some(c.url.clone()),
+            api_key_env: c.api_key_env.clone(),
+            targets: None,
+            models: c.models.clone(),
+            tls_verify: c.tls_verify,
+            connect_timeout_seconds: c.connect_timeout_seconds,
+            read_timeout_seconds: c.read_timeout_seconds,
+            write_timeout_seconds: c.write_timeout_seconds,
+            idle_timeout_seconds: c.idle_timeout_seconds,
+            retry: None,
+            first_byte_timeout_seconds: None,
+            health: None,
+        }
+    }
+}
+
 fn default_true() -> bool {
     true
 }
@@ -283,7 +306,7 @@ pub struct Config {
     #[serde(default)]
     pub tls: Option<TlsConfig>,
     /// The backends, tried in order for a model match.
-    pub upstreams: Vec<UpstreamConfig>,
+    pub upstreams: Vec<PoolConfig>,
     /// Seconds in-flight requests get to finish after SIGTERM. Default 30.
     #[serde(default = "default_grace")]
     pub grace_period_seconds: u64,
@@ -440,12 +463,7 @@ impl Config {
             return Err("upstreams: at least one upstream is needed".into());
         }
         for u in &self.upstreams {
-            crate::core::url::UpstreamUrl::parse(&u.url)
-                .map_err(|e| format!("upstream {:?}: {e}", u.name))?;
-            for m in &u.models {
-                crate::core::models::ModelPattern::parse(m)
-                    .map_err(|e| format!("upstream {:?}: models: {e}", u.name))?;
-            }
+            u.validate()?;
         }
         Ok(())
     }

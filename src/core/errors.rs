@@ -51,11 +51,13 @@ pub enum Reason {
     UpstreamError,
     /// The upstream did not answer in time.
     UpstreamTimeout,
+    /// Every target of the upstream is cooling down after a `Retry-After`.
+    UpstreamRateLimited,
 }
 
 impl Reason {
     /// Every reason, for metrics pre-registration and docs.
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 21] = [
         Reason::MissingApiKey,
         Reason::InvalidApiKey,
         Reason::KeyDisabled,
@@ -76,6 +78,7 @@ impl Reason {
         Reason::RequestTimeout,
         Reason::UpstreamError,
         Reason::UpstreamTimeout,
+        Reason::UpstreamRateLimited,
     ];
 
     /// The HTTP status of the answer.
@@ -91,7 +94,7 @@ impl Reason {
             Reason::LengthRequired => 411,
             Reason::HeadersTooLarge => 431,
             Reason::RequestTooLarge => 413,
-            Reason::InsufficientQuota => 429,
+            Reason::InsufficientQuota | Reason::UpstreamRateLimited => 429,
             Reason::UpstreamError => 502,
             Reason::QuotaBackendUnavailable => 503,
             Reason::UpstreamTimeout => 504,
@@ -121,6 +124,7 @@ impl Reason {
             Reason::RequestTimeout => "request_timeout",
             Reason::UpstreamError => "upstream_error",
             Reason::UpstreamTimeout => "upstream_timeout",
+            Reason::UpstreamRateLimited => "upstream_rate_limited",
         }
     }
 
@@ -151,12 +155,16 @@ impl Reason {
             Reason::HeadersTooLarge => "The request head is too large.",
             Reason::UpstreamError => "The upstream service could not be reached.",
             Reason::UpstreamTimeout => "The upstream service did not answer in time.",
+            Reason::UpstreamRateLimited => {
+                "Every upstream for this model is rate limited; retry after the time in Retry-After."
+            }
         }
     }
 
     fn openai_type(self) -> &'static str {
         match self {
             Reason::InsufficientQuota => "insufficient_quota",
+            Reason::UpstreamRateLimited => "rate_limit_error",
             Reason::UpstreamError | Reason::UpstreamTimeout | Reason::QuotaBackendUnavailable => {
                 "server_error"
             }
@@ -257,6 +265,20 @@ impl Denial {
         self.reason.status()
     }
 
+    /// The answer as one in-band event of a stream that already began, in the shape's stream
+    /// format: OpenAI and Gemini `data: {"error":…}`, Anthropic `event: error`.
+    pub fn stream_event(&self, shape: ErrorShape) -> Vec<u8> {
+        let body = self.body(shape);
+        let mut out = Vec::with_capacity(body.len() + 24);
+        if shape == ErrorShape::Anthropic {
+            out.extend_from_slice(b"event: error\n");
+        }
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(&body);
+        out.extend_from_slice(b"\n\n");
+        out
+    }
+
     /// The JSON body in the given shape.
     pub fn body(&self, shape: ErrorShape) -> Vec<u8> {
         let value = match shape {
@@ -334,6 +356,35 @@ mod tests {
         let g: serde_json::Value = serde_json::from_slice(&d.body(ErrorShape::Gemini)).unwrap();
         assert_eq!(g["error"]["code"], 401);
         assert_eq!(g["error"]["status"], "UNAUTHENTICATED");
+    }
+
+    #[test]
+    fn a_stream_error_event_in_each_shape() {
+        let d = Denial::new(Reason::UpstreamError);
+        let o = String::from_utf8(d.stream_event(ErrorShape::OpenAi)).unwrap();
+        assert!(
+            o.starts_with("data: {\"error\":") && o.ends_with("\n\n"),
+            "{o}"
+        );
+        let a = String::from_utf8(d.stream_event(ErrorShape::Anthropic)).unwrap();
+        assert!(
+            a.starts_with("event: error\ndata: {") && a.contains("\"type\":\"error\""),
+            "{a}"
+        );
+        let g = String::from_utf8(d.stream_event(ErrorShape::Gemini)).unwrap();
+        assert!(g.starts_with("data: {\"error\":{\"code\":502"), "{g}");
+    }
+
+    #[test]
+    fn upstream_rate_limited_is_a_429_in_every_shape() {
+        let d = Denial::new(Reason::UpstreamRateLimited);
+        assert_eq!(d.status(), 429);
+        let o: serde_json::Value = serde_json::from_slice(&d.body(ErrorShape::OpenAi)).unwrap();
+        assert_eq!(o["error"]["code"], "upstream_rate_limited");
+        let a: serde_json::Value = serde_json::from_slice(&d.body(ErrorShape::Anthropic)).unwrap();
+        assert_eq!(a["error"]["type"], "rate_limit_error");
+        let g: serde_json::Value = serde_json::from_slice(&d.body(ErrorShape::Gemini)).unwrap();
+        assert_eq!(g["error"]["status"], "RESOURCE_EXHAUSTED");
     }
 
     #[test]

@@ -60,6 +60,16 @@ pub struct Metrics {
     pub ledger_backend_errors: prometheus::IntCounter,
     /// `keygate_upstream_errors_total{upstream,kind}`: connect, timeout, broken, status_5xx.
     pub upstream_errors: IntCounterVec,
+    /// `keygate_upstream_attempts_total{upstream,target,result}`: every try of a target
+    /// (`ok`, `status` for a 429/5xx answer, `connect`, `timeout`, `error`).
+    pub upstream_attempts: IntCounterVec,
+    /// `keygate_upstream_target_up{upstream,target}`, set at scrape time.
+    pub upstream_target_up: IntGaugeVec,
+    /// `keygate_upstream_retries_total{upstream,reason}`: attempts after the first.
+    pub upstream_retries: IntCounterVec,
+    /// `keygate_upstream_cooldowns_total{upstream,target}`: a `Retry-After` that set or
+    /// extended a target's cooldown.
+    pub upstream_cooldowns: IntCounterVec,
     /// `keygate_key_requests_total{key_id,key_name,outcome}` (only with `metrics.per_key`).
     pub key_requests: IntCounterVec,
     /// `keygate_key_quota_consumed_total{key_id,key_name}` (only with `metrics.per_key`).
@@ -237,6 +247,46 @@ impl Metrics {
             ),
             &["upstream", "kind"],
         ));
+        let upstream_attempts = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "keygate_upstream_attempts_total",
+                    "Tries of a pool's targets by result (ok, status, connect, timeout, error).",
+                ),
+                &["upstream", "target", "result"],
+            ),
+        );
+        let upstream_target_up = registered(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "keygate_upstream_target_up",
+                    "1 while a pool's target is up (not ejected, passing its health check).",
+                ),
+                &["upstream", "target"],
+            ),
+        );
+        let upstream_retries = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "keygate_upstream_retries_total",
+                    "Attempts sent to another target after a failure, by the failure.",
+                ),
+                &["upstream", "reason"],
+            ),
+        );
+        let upstream_cooldowns = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "keygate_upstream_cooldowns_total",
+                    "Retry-After answers that set or extended a target's cooldown.",
+                ),
+                &["upstream", "target"],
+            ),
+        );
         let sync_file_reads = registered(
             &registry,
             prometheus::IntCounter::new(
@@ -287,6 +337,10 @@ impl Metrics {
             ledger_backend_ops,
             ledger_backend_errors,
             upstream_errors,
+            upstream_attempts,
+            upstream_target_up,
+            upstream_retries,
+            upstream_cooldowns,
             key_requests,
             key_quota,
             calls: RwLock::default(),

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod models;
 pub mod net;
 pub mod policy;
+pub mod pools;
 pub mod pricing;
 pub mod request_json;
 pub mod table;

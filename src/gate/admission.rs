@@ -116,6 +116,14 @@ impl Gate {
             ctx.gate_time += started.elapsed().saturating_sub(waited);
             return self.deny(session, ctx, d).await;
         }
+        if let Err(secs) = self.choose_first_target(ctx) {
+            ctx.gate_time += started.elapsed().saturating_sub(waited);
+            let d = Denial::with_message(
+                Reason::UpstreamRateLimited,
+                format!("Every upstream for this model is rate limited; retry in {secs} s."),
+            );
+            return self.deny(session, ctx, d).await;
+        }
         let body = self.maybe_ask_for_usage(session.req_header(), body, ctx);
         if !body.is_empty() {
             ctx.body = Some(body);

@@ -72,6 +72,9 @@ impl Gate {
         if let Some(id) = &ctx.request_id {
             resp.insert_header(&X_REQUEST_ID, id.clone())?;
         }
+        if let (429, Some(secs)) = (status, ctx.retry_after) {
+            resp.insert_header(http::header::RETRY_AFTER, secs)?;
+        }
         if !keep_alive {
             resp.insert_header(http::header::CONNECTION, "close")?;
         }
@@ -94,6 +97,7 @@ impl Gate {
         ctx: &mut GateCtx,
     ) -> FailToProxy {
         let reason = match e.etype() {
+            _ if super::attempts::cooling_reason(e).is_some() => super::attempts::cooling_reason(e),
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
                 Some(Reason::UpstreamTimeout)
             }
@@ -105,7 +109,18 @@ impl Gate {
         let code = match (reason, e.etype()) {
             (Some(r), _) => {
                 ctx.outcome = Outcome::Failed(r);
-                if session.response_written().is_none() {
+                if session.response_written().is_some() && ctx.sse.is_some() {
+                    // A stream cut after its first byte: an in-band error event, in the
+                    // client's stream format, then the end of the stream.
+                    let event = Denial::new(r).stream_event(ctx.shape);
+                    if session
+                        .write_response_body(Some(Bytes::from(event)), true)
+                        .await
+                        .is_err()
+                    {
+                        log::debug!("could not send the stream error event downstream");
+                    }
+                } else if session.response_written().is_none() {
                     let d = Denial::new(r);
                     if self
                         .write_answer(session, ctx, d.status(), d.body(ctx.shape))

@@ -51,6 +51,18 @@ pub struct GateCtx {
     pub(super) key: Option<KeyAdmission>,
     pub(super) model: Option<String>,
     pub(super) upstream: Option<usize>,
+    /// The target of the attempt under way (or chosen for the first one).
+    pub(super) target: Option<usize>,
+    /// The first attempt's target, chosen in `request_filter`.
+    pub(super) first_target: Option<usize>,
+    /// The targets tried so far, a bit each.
+    pub(super) tried: u64,
+    /// Attempts made so far.
+    pub(super) attempts: u32,
+    /// The body with the model renamed for the attempt's target (`model_map`).
+    pub(super) attempt_body: Option<Bytes>,
+    /// Seconds for a `Retry-After` on keygate's own 429.
+    pub(super) retry_after: Option<u64>,
     pub(super) body: Option<Bytes>,
     pub(super) facts: BodyFacts,
     pub(super) outcome: Outcome,
@@ -109,6 +121,14 @@ impl GateCtx {
     /// The chosen upstream's index.
     pub fn upstream(&self) -> Option<usize> {
         self.upstream
+    }
+    /// The target (its index in the pool) of the attempt that answered, or of the last one.
+    pub fn target(&self) -> Option<usize> {
+        self.target
+    }
+    /// Attempts made so far (tries of a target).
+    pub fn attempts(&self) -> u32 {
+        self.attempts
     }
     /// How the request ended (so far).
     pub fn outcome(&self) -> Outcome {

@@ -11,6 +11,7 @@
 
 mod admission;
 mod answer;
+mod attempts;
 mod body;
 mod ctx;
 mod local;
@@ -51,6 +52,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// `keygate_upstream_duration_seconds` of each upstream, in their order.
     upstream_durations: Vec<Histogram>,
+    /// The attempt, retry and cooldown series of each pool, in their order.
+    pool_series: Vec<attempts::PoolSeries>,
     ledger: Ledger,
     usage_log: Option<UsageLog>,
     access_log: Option<LineSink>,
@@ -111,6 +114,10 @@ impl Gate {
                     .with_label_values(&[u.name.as_str()])
             })
             .collect();
+        let pool_series = upstreams
+            .iter()
+            .map(|u| attempts::PoolSeries::new(&metrics, u))
+            .collect();
         Ok(Gate {
             inner: Arc::new(Inner {
                 table: Arc::new(ArcSwap::from_pointee(table)),
@@ -118,6 +125,7 @@ impl Gate {
                 options,
                 metrics,
                 upstream_durations,
+                pool_series,
                 ledger,
                 usage_log,
                 access_log,

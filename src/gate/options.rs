@@ -73,7 +73,7 @@ impl Gate {
         let table = std::thread::scope(|s| s.spawn(|| KeyTable::load(path)).join())
             .map_err(|_| "loading the sync file failed".to_string())?
             .map_err(|e| e.to_string())?;
-        let upstreams = Upstreams::from_config(&config.upstreams)?;
+        let upstreams = Upstreams::from_pools(&config.upstreams)?;
         let trusted_proxies = config
             .trusted_proxies
             .iter()

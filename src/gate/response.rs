@@ -15,13 +15,16 @@ use std::time::{Duration, Instant};
 pub(super) const MAX_USAGE_BODY: usize = 16 * 1024 * 1024;
 
 impl Gate {
-    /// Phase `response_filter`: the request id on the response.
+    /// Phase `response_filter`: the answer judged (a retryable status may end the attempt
+    /// here, see [`super::attempts`]), then the request id on the response.
     pub async fn response_filter(
         &self,
         session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut GateCtx,
     ) -> Result<()> {
+        // Before anything reaches the client: a retryable status may become a retry.
+        self.judge_answer(resp, ctx)?;
         if let Some(id) = &ctx.request_id {
             resp.insert_header(&X_REQUEST_ID, id.clone())?;
         }

@@ -1,30 +1,16 @@
-//! Phases `upstream_peer`, `upstream_request_filter` and `request_body_filter`: where the call
-//! goes, the client's credential swapped for the upstream's, and the buffered body forwarded.
+//! Phases `upstream_request_filter` and `request_body_filter`: the client's credential swapped
+//! for the target's, and the buffered body forwarded (again, whole, on a retry).
 
 use super::{Gate, GateCtx, X_REQUEST_ID};
 use crate::core::credential;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
-use pingora::prelude::HttpPeer;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 use std::time::Instant;
 
 impl Gate {
-    /// Phase `upstream_peer`: where the admitted request goes.
-    pub fn upstream_peer(&self, ctx: &GateCtx) -> Result<Box<HttpPeer>> {
-        ctx.upstream
-            .and_then(|i| self.inner.upstreams.get(i))
-            .map(|u| u.peer())
-            .ok_or_else(|| {
-                Error::explain(
-                    ErrorType::InternalError,
-                    "upstream_peer called for a request the gate did not admit",
-                )
-            })
-    }
-
     /// Phase `upstream_request_filter`: remove every client credential (headers and query), set
     /// the upstream's own in the client's style, the upstream `Host`, the request id and the
     /// length of the buffered body.
@@ -38,16 +24,18 @@ impl Gate {
         drop_header(req, &http::header::EXPECT);
         // Usage is read from the response body: ask for it uncompressed.
         drop_header(req, &http::header::ACCEPT_ENCODING);
-        let upstream = ctx
+        let target = ctx
             .upstream
             .and_then(|i| self.inner.upstreams.get(i))
+            .zip(ctx.target)
+            .and_then(|(u, t)| u.targets.get(t))
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no upstream chosen"))?;
         let style = ctx.key.map(|k| k.style).unwrap_or_default();
-        upstream.prepare_request(req, style)?;
+        target.prepare_request(req, style)?;
         if let Some(id) = &ctx.request_id {
             req.insert_header(&X_REQUEST_ID, id.clone())?;
         }
-        if let Some(body) = &ctx.body {
+        if let Some(body) = ctx.attempt_body.as_ref().or(ctx.body.as_ref()) {
             // Kept as it is only when it is the one framing header and states this body.
             let mut lengths = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
             let framed = lengths
@@ -72,7 +60,7 @@ impl Gate {
         end_of_stream: bool,
         ctx: &mut GateCtx,
     ) -> Result<()> {
-        if let Some(full) = &ctx.body {
+        if let Some(full) = ctx.attempt_body.as_ref().or(ctx.body.as_ref()) {
             *body = Some(if end_of_stream {
                 full.clone()
             } else {

@@ -65,6 +65,7 @@ impl ServeHttp for MetricsApp {
                 if let Some(log) = self.gate.usage_log() {
                     catch_up(&self.metrics.usage_log_dropped, log.dropped());
                 }
+                self.gate.observe_targets();
                 response(200, "text/plain; version=0.0.4", self.metrics.render())
             }
             "/healthz" => response(200, "text/plain", b"ok\n".to_vec()),
@@ -74,6 +75,12 @@ impl ServeHttp for MetricsApp {
                     "ready": true,
                     "revision": table.revision,
                     "keys": table.len(),
+                    // Each pool's targets that are up (not ejected, passing their check).
+                    "upstreams": self.gate.upstreams().iter().map(|u| serde_json::json!({
+                        "name": u.name,
+                        "targets": u.targets.len(),
+                        "healthy": u.healthy_targets(),
+                    })).collect::<Vec<_>>(),
                 });
                 let mut status = 200;
                 if let Some(b) = self.gate.ledger().backend_state() {

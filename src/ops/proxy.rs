@@ -86,6 +86,29 @@ impl ProxyHttp for KeygateProxy {
             .response_body_filter(session, body, end_of_stream, ctx)
     }
 
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut GateCtx,
+        e: Box<pingora::Error>,
+    ) -> Box<pingora::Error> {
+        self.gate.fail_to_connect(session, peer, ctx, e)
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<pingora::Error>,
+        ctx: &mut GateCtx,
+        client_reused: bool,
+    ) -> Box<pingora::Error> {
+        let e = e.more_context(format!("Peer: {peer}"));
+        self.gate
+            .error_while_proxy(peer, session, e, ctx, client_reused)
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,

@@ -1,103 +1,107 @@
-//! The upstreams a request can go to: which upstream serves a model, how to reach it, and the
-//! credential it expects.
+//! The upstreams a request can go to: which pool serves a model, its targets and how one is
+//! chosen, when a failed attempt is retried, and the targets' health.
 
-use crate::core::config::UpstreamConfig;
-use crate::core::credential::CredentialStyle;
+mod health;
+mod retry;
+mod select;
+mod target;
+
+pub use self::health::spawn_health_checks;
+pub use self::retry::{parse_retry_after, RetryPolicy, MAX_COOLDOWN};
+pub use self::select::{select, Pick};
+pub use self::target::{Target, TargetState};
+use crate::core::config::{HealthConfig, PoolConfig, UpstreamConfig};
 use crate::core::table::ModelPattern;
 pub use crate::core::url::UpstreamUrl;
-use http::HeaderValue;
-use pingora::http::RequestHeader;
-use pingora::prelude::HttpPeer;
-use pingora::Result;
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::time::Duration;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
-/// One backend, ready to route to.
+/// Milliseconds on a monotonic clock (never 0): the unit of the targets' states.
+#[inline]
+pub fn now_ms() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// One pool: a name, the models it serves, its targets and its retry policy.
 pub struct Upstream {
     /// Its name (logs, metrics).
     pub name: String,
-    /// Where it is.
+    /// The first target's URL.
     pub url: UpstreamUrl,
     models: Vec<ModelPattern>,
-    host_header: HeaderValue,
-    credential: Option<UpstreamCredential>,
-    peer: HttpPeer,
+    /// The targets, in config order (at most 64).
+    pub targets: Vec<Target>,
+    levels: Vec<Box<[usize]>>,
+    counter: AtomicU64,
+    /// When a failed attempt is tried again.
+    pub retry: RetryPolicy,
+    /// Consecutive failures that eject a target.
+    pub eject_after: u32,
+    /// The active health check, when configured.
+    pub health: Option<HealthConfig>,
 }
 
 impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Upstream")
             .field("name", &self.name)
-            .field("url", &self.url)
-            .field("credential", &self.credential.is_some())
+            .field("targets", &self.targets)
             .finish()
     }
 }
 
-/// The upstream's own credential, pre-rendered for each header style.
-struct UpstreamCredential {
-    bearer: HeaderValue,
-    raw: HeaderValue,
-}
-
 impl Upstream {
-    /// Build from config: read the credential from its environment variable, resolve the host.
+    /// A pool of one from the plugin API's single-URL config.
     pub fn from_config(c: &UpstreamConfig) -> std::result::Result<Upstream, String> {
-        let url = UpstreamUrl::parse(&c.url).map_err(|e| format!("upstream {:?}: {e}", c.name))?;
+        Upstream::from_pool(&PoolConfig::from(c))
+    }
+
+    /// Build from config: validate, read the credentials, resolve the hosts.
+    pub fn from_pool(c: &PoolConfig) -> std::result::Result<Upstream, String> {
+        c.validate()?;
         let models = c
             .models
             .iter()
             .map(|m| ModelPattern::parse(m))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| format!("upstream {:?}: models: {e}", c.name))?;
-        let credential = match &c.api_key_env {
-            None => None,
-            Some(var) => {
-                let secret = std::env::var(var).map_err(|_| {
-                    format!(
-                        "upstream {:?}: environment variable {var} (api_key_env) is not set",
-                        c.name
-                    )
-                })?;
-                let bad = || {
-                    format!(
-                        "upstream {:?}: {var} holds characters not allowed in a header",
-                        c.name
-                    )
-                };
-                let mut bearer =
-                    HeaderValue::from_str(&format!("Bearer {secret}")).map_err(|_| bad())?;
-                let mut raw = HeaderValue::from_str(&secret).map_err(|_| bad())?;
-                bearer.set_sensitive(true);
-                raw.set_sensitive(true);
-                Some(UpstreamCredential { bearer, raw })
+        let mut targets = c
+            .target_list()?
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Target::from_config(c, i, t))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        // Two credentials for one host share a label: tell them apart by index.
+        let labels: Vec<String> = targets.iter().map(|t| t.label.clone()).collect();
+        for (i, t) in targets.iter_mut().enumerate() {
+            if labels.iter().filter(|l| **l == t.label).count() > 1 {
+                t.label = format!("{}#{i}", t.label);
             }
-        };
-        let addr: SocketAddr = (url.host.as_str(), url.port)
-            .to_socket_addrs()
-            .map_err(|e| format!("upstream {:?}: cannot resolve {}: {e}", c.name, url.host))?
-            .next()
-            .ok_or_else(|| format!("upstream {:?}: {} has no address", c.name, url.host))?;
-        let mut peer = HttpPeer::new(addr, url.tls, url.host.clone());
-        peer.options.connection_timeout = Some(Duration::from_secs(c.connect_timeout_seconds));
-        peer.options.total_connection_timeout = Some(Duration::from_secs(
-            c.connect_timeout_seconds.saturating_mul(2),
-        ));
-        peer.options.read_timeout = Some(Duration::from_secs(c.read_timeout_seconds));
-        peer.options.write_timeout = Some(Duration::from_secs(c.write_timeout_seconds));
-        peer.options.idle_timeout = Some(Duration::from_secs(c.idle_timeout_seconds));
-        peer.options.verify_cert = c.tls_verify;
-        peer.options.verify_hostname = c.tls_verify;
-        let host_header = HeaderValue::from_str(&url.authority())
-            .map_err(|_| format!("upstream {:?}: bad host", c.name))?;
+        }
+        let mut priorities: Vec<u32> = targets.iter().map(|t| t.priority).collect();
+        priorities.sort_unstable();
+        priorities.dedup();
+        let levels = priorities
+            .iter()
+            .map(|p| {
+                (0..targets.len())
+                    .filter(|i| targets[*i].priority == *p)
+                    .collect()
+            })
+            .collect();
         Ok(Upstream {
             name: c.name.clone(),
-            url,
+            url: targets[0].url.clone(),
             models,
-            host_header,
-            credential,
-            peer,
+            levels,
+            counter: AtomicU64::new(0),
+            retry: RetryPolicy::new(&c.retry_policy()),
+            eject_after: c.health.as_ref().map_or(3, |h| h.unhealthy_after),
+            health: c.health.clone(),
+            targets,
         })
     }
 
@@ -114,51 +118,58 @@ impl Upstream {
         })
     }
 
-    /// A peer to connect to.
-    pub fn peer(&self) -> Box<HttpPeer> {
-        Box::new(self.peer.clone())
+    /// Choose the target for an attempt, avoiding those in `tried` (a bit per target).
+    #[inline]
+    pub fn select(&self, tried: u64) -> Pick {
+        select(&self.targets, &self.levels, &self.counter, now_ms(), tried)
     }
 
-    /// Point `req` at this upstream: `Host`, base path, and the upstream's credential in the
-    /// style the client used. The client's own credential must already be gone.
-    pub fn prepare_request(&self, req: &mut RequestHeader, style: CredentialStyle) -> Result<()> {
-        req.insert_header(http::header::HOST, self.host_header.clone())?;
-        if !self.url.base_path.is_empty() {
-            let pq = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
-            let new = format!("{}{}", self.url.base_path, pq);
-            if let Ok(uri) = new.parse::<http::Uri>() {
-                req.set_uri(uri);
-            }
-        }
-        if let Some(c) = &self.credential {
-            match style {
-                CredentialStyle::Bearer | CredentialStyle::WebSocketProtocol => {
-                    req.insert_header(http::header::AUTHORIZATION, c.bearer.clone())?
-                }
-                CredentialStyle::XApiKey => req.insert_header("x-api-key", c.raw.clone())?,
-                CredentialStyle::XGoogApiKey | CredentialStyle::QueryKey => {
-                    req.insert_header("x-goog-api-key", c.raw.clone())?
-                }
-            }
-        }
-        Ok(())
+    /// Whether some target other than those in `tried` could take an attempt now.
+    pub fn has_other(&self, tried: u64) -> bool {
+        let now = now_ms();
+        self.targets
+            .iter()
+            .enumerate()
+            .any(|(i, t)| tried & (1 << i) == 0 && t.weight > 0 && t.state.available(now))
+    }
+
+    /// The labels of the targets that are up now.
+    pub fn healthy_targets(&self) -> Vec<&str> {
+        let now = now_ms();
+        self.targets
+            .iter()
+            .filter(|t| t.state.up(now))
+            .map(|t| t.label.as_str())
+            .collect()
     }
 }
 
 /// The upstreams, in config order.
 #[derive(Debug, Default)]
 pub struct Upstreams {
-    list: Vec<Upstream>,
+    list: Arc<Vec<Upstream>>,
 }
 
 impl Upstreams {
-    /// Build all upstreams from config.
+    /// Build pools of one from the plugin API's single-URL configs.
     pub fn from_config(list: &[UpstreamConfig]) -> std::result::Result<Upstreams, String> {
         Ok(Upstreams {
-            list: list
-                .iter()
-                .map(Upstream::from_config)
-                .collect::<std::result::Result<_, _>>()?,
+            list: Arc::new(
+                list.iter()
+                    .map(Upstream::from_config)
+                    .collect::<std::result::Result<_, _>>()?,
+            ),
+        })
+    }
+
+    /// Build all pools from the config file's `upstreams`.
+    pub fn from_pools(list: &[PoolConfig]) -> std::result::Result<Upstreams, String> {
+        Ok(Upstreams {
+            list: Arc::new(
+                list.iter()
+                    .map(Upstream::from_pool)
+                    .collect::<std::result::Result<_, _>>()?,
+            ),
         })
     }
 
@@ -173,8 +184,93 @@ impl Upstreams {
         self.list.get(index)
     }
 
+    /// Start the active health checks of the pools that configure one (a thread of their
+    /// own); `None` when none does.
+    pub fn start_health_checks(&self) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
+        spawn_health_checks(self.list.clone())
+    }
+
     /// All upstreams.
     pub fn iter(&self) -> impl Iterator<Item = &Upstream> {
         self.list.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(yaml: &str) -> Upstream {
+        Upstream::from_pool(&serde_norway::from_str(yaml).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_split_follows_the_weights() {
+        let u = pool("name: p\nmodels: ['*']\ntargets:\n  - {url: 'http://127.0.0.1:1', weight: 3}\n  - {url: 'http://127.0.0.1:2', weight: 1}\n  - {url: 'http://127.0.0.1:3', weight: 6}\n");
+        let mut seen = [0u32; 3];
+        for _ in 0..1000 {
+            let Pick::Target(i) = u.select(0) else {
+                panic!()
+            };
+            seen[i] += 1;
+        }
+        assert_eq!(seen, [300, 100, 600]);
+    }
+
+    #[test]
+    fn priority_zero_first_then_the_next_when_it_is_out() {
+        let u = pool("name: p\nmodels: ['*']\ntargets:\n  - {url: 'http://127.0.0.1:1', priority: 1}\n  - {url: 'http://127.0.0.1:2'}\n");
+        for _ in 0..10 {
+            assert_eq!(u.select(0), Pick::Target(1));
+        }
+        // Tried already: another one while others remain.
+        assert_eq!(u.select(0b10), Pick::Target(0));
+        u.targets[1]
+            .state
+            .cool_down(std::time::Duration::from_secs(30));
+        assert_eq!(u.select(0), Pick::Target(0));
+        // Every target cooling: the soonest end.
+        u.targets[0]
+            .state
+            .cool_down(std::time::Duration::from_secs(10));
+        let Pick::Cooling(until) = u.select(0) else {
+            panic!()
+        };
+        assert!(until >= now_ms() + 9_000 && until <= now_ms() + 10_000);
+    }
+
+    #[test]
+    fn cooldowns_are_extended_never_shortened() {
+        let u = pool("name: p\nurl: http://127.0.0.1:1\nmodels: ['*']\n");
+        let s = &u.targets[0].state;
+        assert!(s.cool_down(std::time::Duration::from_secs(30)));
+        let until = s.cooling_until.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(!s.cool_down(std::time::Duration::from_secs(5)));
+        assert_eq!(
+            s.cooling_until.load(std::sync::atomic::Ordering::Relaxed),
+            until
+        );
+        assert!(s.cool_down(std::time::Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn consecutive_failures_eject_with_a_growing_back_off_and_all_down_tries_the_oldest_failure() {
+        let u = pool("name: p\nmodels: ['*']\ntargets:\n  - {url: 'http://127.0.0.1:1'}\n  - {url: 'http://127.0.0.1:2'}\n");
+        let (a, b) = (&u.targets[0].state, &u.targets[1].state);
+        assert!(!a.failed(3) && !a.failed(3) && a.failed(3));
+        let first = a.down_until.load(std::sync::atomic::Ordering::Relaxed) - now_ms();
+        assert_eq!(u.select(0), Pick::Target(1));
+        assert!(a.failed(3), "still failing: ejected again");
+        let second = a.down_until.load(std::sync::atomic::Ordering::Relaxed) - now_ms();
+        assert!(second > first, "{second} > {first}");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        for _ in 0..3 {
+            b.failed(3);
+        }
+        // Both down: the one that failed longest ago.
+        assert_eq!(u.select(0), Pick::Target(0));
+        a.succeeded();
+        assert!(a.up(now_ms()));
+        assert_eq!(u.healthy_targets(), ["127.0.0.1:1"]);
     }
 }

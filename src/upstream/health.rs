@@ -1,0 +1,107 @@
+//! The optional active health check: a background thread probes every target of the pools
+//! that configure `health`, and takes a target out after `unhealthy_after` failed probes in a
+//! row, back in after `healthy_after` good ones.
+//!
+//! A probe is a plain `GET {path}` over HTTP/1.1 for `http` targets (any status below 500 is
+//! healthy: a 401 still says the server is there); `https` targets get a TCP connect only, so
+//! the check needs no TLS client of its own.
+
+use super::{Target, Upstream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Start the checks for every pool with `health`, on a thread of their own. Returns `None`
+/// when no pool has one.
+pub fn spawn_health_checks(
+    pools: Arc<Vec<Upstream>>,
+) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
+    if pools.iter().all(|p| p.health.is_none()) {
+        return Ok(None);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = std::thread::Builder::new()
+        .name("keygate-health".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let mut tasks = Vec::new();
+                for p in 0..pools.len() {
+                    for t in 0..pools[p].targets.len() {
+                        tasks.push(tokio::spawn(watch(pools.clone(), p, t)));
+                    }
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            })
+        })?;
+    Ok(Some(handle))
+}
+
+async fn watch(pools: Arc<Vec<Upstream>>, p: usize, t: usize) {
+    let pool = &pools[p];
+    let Some(h) = pool.health.clone() else {
+        return;
+    };
+    let target = &pool.targets[t];
+    let interval = Duration::from_secs(h.interval_seconds);
+    let (mut good, mut bad) = (0u32, 0u32);
+    loop {
+        let ok = probe(target, &h.path, interval.min(Duration::from_secs(5))).await;
+        if ok {
+            good += 1;
+            bad = 0;
+            if good >= h.healthy_after && target.state.health_down.swap(false, Ordering::Relaxed) {
+                log::info!(
+                    "upstream {}: target {} is healthy again",
+                    pool.name,
+                    target.label
+                );
+            }
+        } else {
+            bad += 1;
+            good = 0;
+            if bad >= h.unhealthy_after && !target.state.health_down.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "upstream {}: target {} failed its health check",
+                    pool.name,
+                    target.label
+                );
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// One probe, bounded by `limit`.
+async fn probe(target: &Target, path: &str, limit: Duration) -> bool {
+    let Some(addr) = target.addr() else {
+        return false;
+    };
+    let tls = target.url.tls;
+    let request = format!(
+        "GET {}{} HTTP/1.1\r\nHost: {}\r\nUser-Agent: keygate-health\r\nConnection: close\r\n\r\n",
+        target.url.base_path,
+        path,
+        target.url.authority()
+    );
+    let run = async move {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
+        if tls {
+            return Some(true);
+        }
+        conn.write_all(request.as_bytes()).await.ok()?;
+        let mut head = [0u8; 12];
+        conn.read_exact(&mut head).await.ok()?;
+        // "HTTP/1.1 200"
+        let status = std::str::from_utf8(&head[9..12])
+            .ok()?
+            .parse::<u16>()
+            .ok()?;
+        Some(status < 500)
+    };
+    matches!(tokio::time::timeout(limit, run).await, Ok(Some(true)))
+}
