@@ -15,7 +15,8 @@
 //! * `x-mock-piece-bytes: N` – pad each stream piece to N bytes (at most 64 KiB), for large streams.
 //! * `x-mock-no-usage: 1` – omit usage everywhere.
 //!
-//! Every response carries `x-mock-backend: 1`.
+//! Every response carries `x-mock-backend: 1`. Failure modes of one backend (a status with
+//! `Retry-After`, a delay, a cut stream, a broken body) are set through [`MockBackend::faults`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -37,6 +38,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::mock_faults::MockFaults;
+
 /// The assistant text the mock answers with.
 const CONTENT: &str = "Hello from the keygate mock backend.";
 /// Default number of content pieces in a stream.
@@ -48,13 +51,14 @@ const MAX_CHUNKS: usize = 10_000;
 /// Default and maximum completion tokens.
 const MAX_COMPLETION_TOKENS: u64 = 20;
 
-type MockBody = UnsyncBoxBody<Bytes, Infallible>;
+type MockBody = UnsyncBoxBody<Bytes, std::io::Error>;
 type Recorded = Arc<Mutex<Vec<RecordedRequest>>>;
 
 /// A running mock backend. Dropping it stops the accept loop and closes open connections.
 pub struct MockBackend {
     addr: SocketAddr,
     requests: Recorded,
+    faults: Arc<MockFaults>,
     shutdown: watch::Sender<bool>,
     accept_task: JoinHandle<()>,
 }
@@ -80,11 +84,18 @@ impl MockBackend {
         let addr = listener.local_addr()?;
         let requests: Recorded = Arc::new(Mutex::new(Vec::new()));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let accept_task = tokio::spawn(accept_loop(listener, requests.clone(), shutdown_rx));
+        let faults = Arc::new(MockFaults::default());
+        let accept_task = tokio::spawn(accept_loop(
+            listener,
+            requests.clone(),
+            faults.clone(),
+            shutdown_rx,
+        ));
         log::debug!("mock backend listening on {addr}");
         Ok(MockBackend {
             addr,
             requests,
+            faults,
             shutdown,
             accept_task,
         })
@@ -99,6 +110,11 @@ impl MockBackend {
     /// has been read, before responding).
     pub fn requests(&self) -> Vec<RecordedRequest> {
         lock(&self.requests).clone()
+    }
+
+    /// This backend's failure modes, to switch on and off while it runs.
+    pub fn faults(&self) -> &MockFaults {
+        &self.faults
     }
 
     /// Number of requests received so far.
@@ -124,6 +140,7 @@ fn lock(requests: &Recorded) -> MutexGuard<'_, Vec<RecordedRequest>> {
 async fn accept_loop(
     listener: TcpListener,
     requests: Recorded,
+    faults: Arc<MockFaults>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -141,9 +158,10 @@ async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         let requests = requests.clone();
+        let faults = faults.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(req, requests.clone()));
+            let service = service_fn(move |req| handle(req, requests.clone(), faults.clone()));
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .keep_alive(true)
@@ -207,6 +225,7 @@ enum Reply {
 async fn handle(
     req: Request<Incoming>,
     requests: Recorded,
+    faults: Arc<MockFaults>,
 ) -> Result<Response<MockBody>, Infallible> {
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
@@ -231,6 +250,36 @@ async fn handle(
     });
 
     let ctl = Controls::from_headers(&parts.headers);
+    let delay = faults.first_byte_delay();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let fixed = faults.status();
+    if fixed != 0 {
+        let status = StatusCode::from_u16(fixed).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut r = json_response(
+            status,
+            &error_json("mock fault", "server_error", "mock_fault"),
+        );
+        if let Some(v) = faults
+            .retry_after()
+            .and_then(|v| HeaderValue::from_str(&v).ok())
+        {
+            r.headers_mut().insert(http::header::RETRY_AFTER, v);
+        }
+        return Ok(finish(r));
+    }
+    if faults.broken_body() {
+        let body = r#"{"id":"chatcmpl-broken","object":"chat.completion","choices":[{"message":{"content":"Hel"#;
+        let mut r = Response::new(
+            Full::new(Bytes::from_static(body.as_bytes()))
+                .map_err(|e| match e {})
+                .boxed_unsync(),
+        );
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return Ok(finish(r));
+    }
     let reply = match ctl.status {
         Some(status) => Reply::Json(
             status,
@@ -245,7 +294,7 @@ async fn handle(
             }
             json_response(status, &value)
         }
-        Reply::Sse(events) => sse_response(events, ctl.delay),
+        Reply::Sse(events) => sse_response(events, ctl.delay, faults.cut_after()),
     };
     Ok(finish(response))
 }
@@ -258,7 +307,9 @@ fn finish(mut response: Response<MockBody>) -> Response<MockBody> {
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response<MockBody> {
-    let body = Full::new(Bytes::from(value.to_string())).boxed_unsync();
+    let body = Full::new(Bytes::from(value.to_string()))
+        .map_err(|e| match e {})
+        .boxed_unsync();
     let mut response = Response::new(body);
     *response.status_mut() = status;
     response
@@ -267,17 +318,25 @@ fn json_response(status: StatusCode, value: &Value) -> Response<MockBody> {
     response
 }
 
-/// A real streaming body: each event is its own frame, with `delay` slept between frames.
-fn sse_response(events: Vec<String>, delay: Duration) -> Response<MockBody> {
+/// A real streaming body: each event is its own frame, with `delay` slept between frames;
+/// after `cut_after` events (when not 0) the connection is cut.
+fn sse_response(events: Vec<String>, delay: Duration, cut_after: usize) -> Response<MockBody> {
+    let total = events.len();
     let frames = stream::unfold(
         (events.into_iter(), true),
         move |(mut events, first)| async move {
+            if cut_after > 0 && total - events.len() == cut_after {
+                let cut = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "mock cut");
+                // Once: the stream ends after the error.
+                events.by_ref().for_each(drop);
+                return Some((Err(cut), (events, false)));
+            }
             let event = events.next()?;
             if !first && !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
             Some((
-                Ok::<_, Infallible>(Frame::data(Bytes::from(event))),
+                Ok::<_, std::io::Error>(Frame::data(Bytes::from(event))),
                 (events, false),
             ))
         },
