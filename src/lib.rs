@@ -17,7 +17,8 @@
 //!    giving memory back).
 //! 1. [`ledger`]: reserve, settle, persist (local, or leases on Redis); the only place
 //!    counters change. [`usage`]: usage read from responses; the usage log.
-//! 2. [`upstream`]: the upstreams and how a model is routed to one.
+//! 2. [`upstream`]: the upstream pools: which pool serves a model, choosing a target, retry
+//!    policy and budget, cooldowns, health.
 //! 3. [`gate`]: [`Gate`], the Pingora phases, one concern per file, and the answers keygate
 //!    gives itself.
 //! 4. [`ops`]: the server, connection limits, the metrics listener, the ready proxy;

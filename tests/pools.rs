@@ -268,6 +268,7 @@ async fn when_every_target_fails_retries_stay_within_the_budget_and_nothing_is_c
         &text,
         "keygate_upstream_retries_total{reason=\"status\",upstream=\"pool\"}",
     ) as usize;
+    eprintln!("{n} requests, every target failing: {retries} retries");
     // Without a budget: 2 retries each (80). With 20 %: 20 % of 40 plus the 3 a pool starts with.
     assert!((3..=3 + n / 5 + 1).contains(&retries), "{retries}");
     // The health check's one probe of each target is not a chat call.
