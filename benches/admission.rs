@@ -116,6 +116,7 @@ fn sync_file(n: usize) -> SyncFile {
         GroupEntry {
             ratio: 1.0,
             models: Some(vec!["gpt-*".to_string()]),
+            limits: None,
         },
     );
     // One model list shared by every key: the compiler dedups identical lists into one
@@ -137,6 +138,9 @@ fn sync_file(n: usize) -> SyncFile {
             allow_ips: Some(allow_ips.clone()),
             group: "default".to_string(),
             previous_keys: Vec::new(),
+            account: None,
+            limits: None,
+            budget: None,
         })
         .collect();
     SyncFile {
@@ -146,6 +150,7 @@ fn sync_file(n: usize) -> SyncFile {
         groups,
         models: BTreeMap::new(),
         keys,
+        accounts: BTreeMap::new(),
     }
 }
 

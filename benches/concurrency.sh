@@ -31,8 +31,9 @@ if ((${#need[@]})); then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 ./scripts/bootstrap.sh
-cargo build --release --bin keygate --example passthrough --example hold 2>&1 | tail -1
-KEYGATE=target/release/keygate
+# SKIP_BUILD=1 with KEYGATE_BIN=path: measure a binary built before (the examples must exist).
+[ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --bin keygate --example passthrough --example hold 2>&1 | tail -1
+KEYGATE=${KEYGATE_BIN:-target/release/keygate}
 PASS=target/release/examples/passthrough
 HOLD=target/release/examples/hold
 # Two descriptors per proxied call, plus the listener's and the logs'.

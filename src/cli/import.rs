@@ -207,6 +207,9 @@ fn token_entry(t: &Token, groups: &HashSet<&str>) -> Result<KeyEntry, String> {
         allow_ips: (!allow.is_empty()).then_some(allow),
         group,
         previous_keys: Vec::new(),
+        account: None,
+        limits: None,
+        budget: None,
     })
 }
 

@@ -64,6 +64,17 @@ pub fn admit_key_for(
     let digest = key_digest(&cred.secret);
     let (slot, key) = table.lookup_slot(&digest).ok_or(Reason::InvalidApiKey)?;
     policy::check_key_state(key, now_unix.unwrap_or(i64::MIN))?;
+    if let Some(account) = table.account_of(key) {
+        if account.status == crate::core::config::KeyStatus::Disabled {
+            return Err(Denial::with_message(
+                Reason::AccountDisabled,
+                format!(
+                    "The account {:?} of this API key has been disabled.",
+                    &*account.id
+                ),
+            ));
+        }
+    }
     let client_ip = if trusted_proxies.is_empty() {
         policy::canonical_ip(peer)
     } else {

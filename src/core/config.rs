@@ -495,6 +495,9 @@ pub struct GroupEntry {
     /// Models this group may use; absent = all.
     #[serde(default)]
     pub models: Option<Vec<String>>,
+    /// Default rate limits for the group's keys that set none (SPEC §7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsEntry>,
 }
 
 fn default_ratio() -> f64 {
@@ -558,6 +561,78 @@ pub struct KeyEntry {
     /// Keys this entry had before a rotation with a grace period; each works until `until`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub previous_keys: Vec<PreviousKey>,
+    /// The account the key belongs to (SPEC §7); its checks and charges apply too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// The key's own rate limits (else its group's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsEntry>,
+    /// The key's period budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetEntry>,
+}
+
+/// `limits`: rate limits of a key, an account or a group's keys (SPEC §7). Signed, so that a
+/// negative value is read and refused with a precise message rather than a serde one.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsEntry {
+    /// Requests per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<i64>,
+    /// Tokens per minute (prompt estimate + reserved completion, corrected at settle).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<i64>,
+    /// Calls in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<i64>,
+}
+
+/// `budget`: what may be spent per period, in quota units (SPEC §7).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetEntry {
+    /// `daily`, `weekly` or `monthly`; absent when `rolling_days` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<String>,
+    /// Units per period.
+    pub amount: i64,
+    /// IANA time zone of the period's boundaries; default UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// A rolling window of this many days (whole UTC days) instead of a calendar period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolling_days: Option<i64>,
+}
+
+/// An account in the sync file (SPEC §7): keys that name it are checked and charged against it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AccountEntry {
+    /// Display name.
+    #[serde(default)]
+    pub name: String,
+    /// `enabled` or `disabled` (its keys are refused with `account_disabled`).
+    #[serde(default)]
+    pub status: KeyStatus,
+    /// Total granted quota in units.
+    #[serde(default)]
+    pub quota: i64,
+    /// Quota consumed elsewhere before this gateway counts.
+    #[serde(default)]
+    pub used: i64,
+    /// No lifetime cap.
+    #[serde(default)]
+    pub unlimited_quota: bool,
+    /// Most keys that may name this account; absent = no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_keys: Option<i64>,
+    /// Rate limits shared by all the account's keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsEntry>,
+    /// The account's period budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetEntry>,
 }
 
 /// A rotated-out key that still works until its grace period ends.
@@ -603,6 +678,9 @@ pub struct SyncFile {
     /// The keys.
     #[serde(default)]
     pub keys: Vec<KeyEntry>,
+    /// Accounts by id (SPEC §7).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub accounts: BTreeMap<String, AccountEntry>,
 }
 
 impl SyncFile {

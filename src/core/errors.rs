@@ -53,11 +53,17 @@ pub enum Reason {
     UpstreamTimeout,
     /// Every target of the upstream is cooling down after a `Retry-After`.
     UpstreamRateLimited,
+    /// The key's account is disabled (SPEC §7).
+    AccountDisabled,
+    /// An rpm, tpm or concurrency limit of the key or its account is reached.
+    RateLimitExceeded,
+    /// The period budget of the key or its account is spent.
+    BudgetExceeded,
 }
 
 impl Reason {
     /// Every reason, for metrics pre-registration and docs.
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 24] = [
         Reason::MissingApiKey,
         Reason::InvalidApiKey,
         Reason::KeyDisabled,
@@ -79,13 +85,16 @@ impl Reason {
         Reason::UpstreamError,
         Reason::UpstreamTimeout,
         Reason::UpstreamRateLimited,
+        Reason::AccountDisabled,
+        Reason::RateLimitExceeded,
+        Reason::BudgetExceeded,
     ];
 
     /// The HTTP status of the answer.
     pub fn status(self) -> u16 {
         match self {
             Reason::MissingApiKey | Reason::InvalidApiKey => 401,
-            Reason::KeyDisabled | Reason::KeyExpired => 401,
+            Reason::KeyDisabled | Reason::KeyExpired | Reason::AccountDisabled => 401,
             Reason::IpNotAllowed | Reason::ModelNotAllowed | Reason::ModelNotPriced => 403,
             Reason::ModelRequired | Reason::InvalidModel | Reason::InvalidJson => 400,
             Reason::IncompleteBody => 400,
@@ -94,7 +103,10 @@ impl Reason {
             Reason::LengthRequired => 411,
             Reason::HeadersTooLarge => 431,
             Reason::RequestTooLarge => 413,
-            Reason::InsufficientQuota | Reason::UpstreamRateLimited => 429,
+            Reason::InsufficientQuota
+            | Reason::UpstreamRateLimited
+            | Reason::RateLimitExceeded
+            | Reason::BudgetExceeded => 429,
             Reason::UpstreamError => 502,
             Reason::QuotaBackendUnavailable => 503,
             Reason::UpstreamTimeout => 504,
@@ -125,6 +137,9 @@ impl Reason {
             Reason::UpstreamError => "upstream_error",
             Reason::UpstreamTimeout => "upstream_timeout",
             Reason::UpstreamRateLimited => "upstream_rate_limited",
+            Reason::AccountDisabled => "account_disabled",
+            Reason::RateLimitExceeded => "rate_limit_exceeded",
+            Reason::BudgetExceeded => "budget_exceeded",
         }
     }
 
@@ -158,6 +173,9 @@ impl Reason {
             Reason::UpstreamRateLimited => {
                 "Every upstream for this model is rate limited; retry after the time in Retry-After."
             }
+            Reason::AccountDisabled => "The account of this API key has been disabled.",
+            Reason::RateLimitExceeded => "Rate limit reached for this API key.",
+            Reason::BudgetExceeded => "The budget for the current period is spent.",
         }
     }
 
@@ -165,6 +183,8 @@ impl Reason {
         match self {
             Reason::InsufficientQuota => "insufficient_quota",
             Reason::UpstreamRateLimited => "rate_limit_error",
+            Reason::BudgetExceeded => "budget_exceeded",
+            Reason::RateLimitExceeded => "requests",
             Reason::UpstreamError | Reason::UpstreamTimeout | Reason::QuotaBackendUnavailable => {
                 "server_error"
             }
@@ -241,6 +261,10 @@ pub struct Denial {
     pub reason: Reason,
     /// What the client is told.
     pub message: Cow<'static, str>,
+    /// Seconds the client should wait (`Retry-After`), when waiting helps.
+    pub retry_after: Option<u64>,
+    /// The OpenAI `error.type` when it is not the reason's default (`tokens`, `concurrency`).
+    pub kind: Option<&'static str>,
 }
 
 impl Denial {
@@ -249,6 +273,8 @@ impl Denial {
         Denial {
             reason,
             message: Cow::Borrowed(reason.default_message()),
+            retry_after: None,
+            kind: None,
         }
     }
 
@@ -257,7 +283,21 @@ impl Denial {
         Denial {
             reason,
             message: message.into(),
+            retry_after: None,
+            kind: None,
         }
+    }
+
+    /// The same denial with a `Retry-After` of `seconds`.
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    /// The same denial with OpenAI `error.type` `kind`.
+    pub fn kind(mut self, kind: &'static str) -> Self {
+        self.kind = Some(kind);
+        self
     }
 
     /// The HTTP status.
@@ -285,7 +325,7 @@ impl Denial {
             ErrorShape::OpenAi => serde_json::json!({
                 "error": {
                     "message": self.message,
-                    "type": self.reason.openai_type(),
+                    "type": self.kind.unwrap_or(self.reason.openai_type()),
                     "param": null,
                     "code": self.reason.code(),
                 }

@@ -74,6 +74,13 @@ pub struct Metrics {
     pub key_requests: IntCounterVec,
     /// `keygate_key_quota_consumed_total{key_id,key_name}` (only with `metrics.per_key`).
     pub key_quota: IntCounterVec,
+    /// `keygate_limit_inflight{scope}`: calls holding a concurrency slot of a key or an
+    /// account (scope `key` / `account`), set at scrape time.
+    pub limit_inflight: prometheus::IntGaugeVec,
+    /// `keygate_account_requests_total{account,outcome}` (only with `metrics.per_key`).
+    pub account_requests: IntCounterVec,
+    /// `keygate_account_quota_consumed_total{account}` (only with `metrics.per_key`).
+    pub account_quota: IntCounterVec,
     /// The series of [`CallSeries`], by model label and group: resolving four labelled series
     /// for every call (each hashes its label values and locks its family) is most of what
     /// counting a call costs.
@@ -317,6 +324,39 @@ impl Metrics {
         for r in ["ok", "error"] {
             reloads.with_label_values(&[r]);
         }
+        let limit_inflight = registered(
+            &registry,
+            prometheus::IntGaugeVec::new(
+                Opts::new(
+                    "keygate_limit_inflight",
+                    "Calls holding a concurrency slot, by scope (key, account).",
+                ),
+                &["scope"],
+            ),
+        );
+        for s in ["key", "account"] {
+            limit_inflight.with_label_values(&[s]);
+        }
+        let account_requests = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "keygate_account_requests_total",
+                    "Requests per account (metrics.per_key).",
+                ),
+                &["account", "outcome"],
+            ),
+        );
+        let account_quota = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "keygate_account_quota_consumed_total",
+                    "Quota units charged per account (metrics.per_key).",
+                ),
+                &["account"],
+            ),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -343,6 +383,9 @@ impl Metrics {
             upstream_cooldowns,
             key_requests,
             key_quota,
+            limit_inflight,
+            account_requests,
+            account_quota,
             calls: RwLock::default(),
         })
     }

@@ -3,12 +3,15 @@
 //! Nothing here knows Pingora, tokio or the disk (the one exception: [`table::KeyTable::load`]
 //! and [`config::Config::load`] read the file they are given).
 
+pub mod accounts;
 pub mod admission;
+pub mod budget;
 pub mod clock;
 pub mod config;
 pub mod credential;
 pub mod errors;
 pub mod json_scan;
+pub mod limits;
 pub mod metrics;
 pub mod models;
 pub mod net;

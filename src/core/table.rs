@@ -4,6 +4,7 @@
 //! The table is never mutated after [`KeyTable::compile`]; a reload builds a new one and swaps it
 //! in whole (the gate's `swap_table`). Plaintext keys are hashed here and dropped.
 
+use crate::core::accounts::{Account, Accounts, KeyPolicy, PolicyCompiler};
 use crate::core::config::{KeyStatus, ModelPrice, SyncFile};
 pub use crate::core::models::{ModelPattern, ModelSet};
 use crate::core::net::parse_cidr;
@@ -113,6 +114,8 @@ pub struct KeyRecord {
     pub allow_ips: Option<Box<[IpNet]>>,
     /// Index into [`KeyTable::groups`].
     pub group: u16,
+    /// Account, limits and budget (SPEC §7); `None` when the key has none of them.
+    pub policy: Option<Arc<KeyPolicy>>,
 }
 
 /// A problem with a sync file; the message names the file, the key and the value.
@@ -142,6 +145,8 @@ pub struct KeyTable {
     aliases: Vec<KeyRecord>,
     groups: Vec<Group>,
     prices: HashMap<Box<str>, ModelPrice>,
+    /// Accounts (SPEC §7).
+    accounts: Accounts,
 }
 
 impl fmt::Debug for KeyTable {
@@ -166,6 +171,7 @@ impl KeyTable {
             aliases: Vec::new(),
             groups: vec![implicit_default_group()],
             prices: HashMap::new(),
+            accounts: Accounts::default(),
         }
     }
 
@@ -254,6 +260,8 @@ impl KeyTable {
             .map(|(k, v)| (k.as_str().into(), v.clone()))
             .collect();
 
+        let accounts = Accounts::compile(file).map_err(&err)?;
+        let mut policies = PolicyCompiler::new(file, &accounts).map_err(&err)?;
         // Keys that share a model list share one compiled set.
         let mut model_sets: HashMap<&[String], Arc<ModelSet>> = HashMap::new();
         let mut ids = HashSet::with_capacity(file.keys.len());
@@ -336,6 +344,7 @@ impl KeyTable {
                 models,
                 allow_ips,
                 group,
+                policy: policies.key(k).map_err(&at)?,
             };
             for prev in &k.previous_keys {
                 let old = parse_hex_digest(&prev.key_sha256).map_err(&at)?;
@@ -365,6 +374,7 @@ impl KeyTable {
             aliases,
             groups,
             prices,
+            accounts,
         })
     }
 
@@ -397,6 +407,17 @@ impl KeyTable {
     pub fn group_of(&self, key: &KeyRecord) -> &Group {
         // `group` indexes are assigned at compile time from this same vector.
         &self.groups[usize::from(key.group)]
+    }
+
+    /// The account `key` belongs to.
+    #[inline]
+    pub fn account_of(&self, key: &KeyRecord) -> Option<&Account> {
+        self.accounts.get(key.policy.as_ref()?.account?)
+    }
+
+    /// The accounts.
+    pub fn accounts(&self) -> &Accounts {
+        &self.accounts
     }
 
     /// All groups.

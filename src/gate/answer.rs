@@ -24,6 +24,9 @@ impl Gate {
     ) -> Result<bool> {
         log::debug!("request {} denied: {d}", ctx.request_id().unwrap_or("-"));
         ctx.outcome = Outcome::Denied(d.reason);
+        if let Some(secs) = d.retry_after {
+            ctx.headers.push(("retry-after", secs.to_string()));
+        }
         self.write_answer(session, ctx, d.status(), d.body(ctx.shape))
             .await?;
         Ok(true)
@@ -74,6 +77,9 @@ impl Gate {
         }
         if let (429, Some(secs)) = (status, ctx.retry_after) {
             resp.insert_header(http::header::RETRY_AFTER, secs)?;
+        }
+        for (name, value) in &ctx.headers {
+            resp.insert_header(*name, value)?;
         }
         if !keep_alive {
             resp.insert_header(http::header::CONNECTION, "close")?;

@@ -70,6 +70,16 @@ impl Gate {
                         .with_label_values(&[id.as_str(), &*k.name])
                         .inc_by(quota.max(0) as u64);
                 }
+                if let Some(a) = ctx.table.as_ref().and_then(|t| t.account_of(k)) {
+                    m.account_requests
+                        .with_label_values(&[&*a.id, outcome])
+                        .inc();
+                    if let Some((_, quota)) = ctx.charged {
+                        m.account_quota
+                            .with_label_values(&[&*a.id])
+                            .inc_by(quota.max(0) as u64);
+                    }
+                }
             }
         }
         if let Some(sink) = &self.inner.access_log {

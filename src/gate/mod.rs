@@ -9,6 +9,7 @@
 //! [`Gate::logging`] records the outcome. The quota reservation (SPEC §4) is taken at the end of
 //! `request_filter` and settled in `logging`.
 
+mod accounts;
 mod admission;
 mod answer;
 mod attempts;
@@ -34,6 +35,7 @@ pub use crate::core::clock::unix_now;
 use crate::core::credential;
 use crate::core::metrics::Metrics;
 use crate::core::table::KeyTable;
+use crate::ledger::limits::LimitBook;
 use crate::ledger::Ledger;
 use crate::upstream::Upstreams;
 use crate::usage::{LineSink, UsageLog};
@@ -55,6 +57,8 @@ struct Inner {
     /// The attempt, retry and cooldown series of each pool, in their order.
     pool_series: Vec<attempts::PoolSeries>,
     ledger: Ledger,
+    /// The live rate-limit state (SPEC §7).
+    limits: LimitBook,
     usage_log: Option<UsageLog>,
     access_log: Option<LineSink>,
     id_prefix: String,
@@ -127,6 +131,7 @@ impl Gate {
                 upstream_durations,
                 pool_series,
                 ledger,
+                limits: LimitBook::new(),
                 usage_log,
                 access_log,
                 id_prefix: hex::encode(seed),
@@ -144,6 +149,11 @@ impl Gate {
 
     fn draining(&self) -> bool {
         self.inner.draining.load(Ordering::Acquire)
+    }
+
+    /// The live rate-limit state (`keygate_limit_inflight` reads it).
+    pub fn limit_book(&self) -> &LimitBook {
+        &self.inner.limits
     }
 
     /// The quota ledger.

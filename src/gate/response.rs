@@ -28,6 +28,9 @@ impl Gate {
         if let Some(id) = &ctx.request_id {
             resp.insert_header(&X_REQUEST_ID, id.clone())?;
         }
+        for (name, value) in &ctx.headers {
+            resp.insert_header(*name, value)?;
+        }
         if self.draining() {
             session.set_keepalive(None);
             resp.insert_header(http::header::CONNECTION, "close")?;

@@ -46,6 +46,14 @@ impl Gate {
             (usage, quota, status)
         };
         ctx.charged = Some((usage, quota));
+        if let Some(mut hold) = ctx.limit_hold.take() {
+            // tpm: the estimate taken at admission becomes the real count; the concurrency
+            // slots are released as the hold drops.
+            hold.settle_tokens(
+                usage.prompt_tokens + usage.completion_tokens,
+                crate::ledger::limits::mono_ns(),
+            );
+        }
         let series = m.call_series(model_label(&table, ctx.model.as_deref()), group);
         series.quota.inc_by(quota.max(0) as u64);
         series.prompt_tokens.inc_by(usage.prompt_tokens);

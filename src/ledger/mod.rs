@@ -19,8 +19,11 @@
 //! this is rare once a key's rate is known ([`Ledger::durable_waits`] counts it).
 //! A clean shutdown writes exact values.
 
+mod joint;
 mod lease;
+pub mod limits;
 
+pub use joint::Part;
 pub use lease::RedisSettings;
 
 use dashmap::DashMap;
@@ -350,6 +353,7 @@ impl Ledger {
             return Ok(Reservation {
                 amount,
                 done: false,
+                also: Vec::new(),
                 hold: Hold::Lease {
                     slot,
                     ledger: l.clone(),
@@ -373,6 +377,7 @@ impl Ledger {
         let reservation = Reservation {
             amount,
             done: false,
+            also: Vec::new(),
             hold: Hold::Counter {
                 key_id,
                 counter: counter.clone(),
@@ -857,6 +862,9 @@ pub struct Reservation {
     amount: i64,
     done: bool,
     hold: Hold,
+    /// The same amount held on other counters (the key's account, budget periods), settled
+    /// and refunded with this one: see [`Ledger::reserve_all`].
+    also: Vec<Reservation>,
 }
 
 /// Where a reservation's units were taken from.
@@ -894,6 +902,9 @@ impl Reservation {
     /// Charge `actual` units (a refund charges 0 and does not count as consumed).
     fn close(&mut self, actual: i64) {
         self.done = true;
+        for mut other in self.also.drain(..) {
+            other.close(actual);
+        }
         match &self.hold {
             Hold::Lease { slot, ledger } => ledger.settle(slot, self.amount, actual),
             Hold::Counter {

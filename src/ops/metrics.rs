@@ -4,6 +4,7 @@ use crate::core::clock::unix_now;
 use crate::core::metrics::Metrics;
 use crate::core::table::KeyTable;
 use crate::gate::Gate;
+use crate::ledger::limits::Scope;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::apps::http_app::ServeHttp;
@@ -54,6 +55,13 @@ impl ServeHttp for MetricsApp {
                 self.metrics.observe_table(&table, unix_now());
                 let ledger = self.gate.ledger();
                 self.metrics.outstanding.set(ledger.outstanding());
+                let book = self.gate.limit_book();
+                for scope in [Scope::Key, Scope::Account] {
+                    self.metrics
+                        .limit_inflight
+                        .with_label_values(&[scope.label()])
+                        .set(book.inflight(scope));
+                }
                 catch_up(&self.metrics.ledger_write_errors, ledger.write_errors());
                 if let Some(b) = ledger.backend_state() {
                     self.metrics

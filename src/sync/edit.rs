@@ -155,6 +155,9 @@ pub fn create(editor: &SyncEditor, spec: &KeySpec) -> Result<(u64, String), Stri
             allow_ips: None,
             group: "default".into(),
             previous_keys: Vec::new(),
+            account: None,
+            limits: None,
+            budget: None,
         };
         spec.apply(&mut entry);
         file.keys.push(entry);

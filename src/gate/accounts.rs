@@ -1,0 +1,206 @@
+//! Admission for a key with an account, rate limits or a budget (SPEC §7): the limits of the
+//! key and its account (one [`LimitHold`]), then one joint reservation on the key's, the
+//! account's and their budget periods' counters, both-or-neither. The hold and the reservation
+//! are kept in the context; `settle.rs` settles them, and dropping them releases them.
+
+use super::{Gate, GateCtx};
+use crate::core::accounts::budget_ledger_id;
+use crate::core::budget::Budget;
+use crate::core::clock::unix_now;
+use crate::core::errors::{Denial, Reason};
+use crate::core::limits::retry_after_secs;
+use crate::core::table::{KeyRecord, KeyTable};
+use crate::ledger::limits::{self, mono_ns, LimitRefusal, Scope, ScopeLimits};
+use crate::ledger::{Part, Reservation, ReserveError};
+
+/// What a part of the joint reservation stands for, to word its refusal.
+enum PartKind<'a> {
+    Key,
+    Account(&'a str),
+    Budget {
+        whose: &'static str,
+        budget: &'a Budget,
+        resets_at: i64,
+    },
+}
+
+impl Gate {
+    /// Take the limits, then reserve `amount` on every counter the key's call is charged to.
+    pub(super) async fn reserve_with_policy(
+        &self,
+        ctx: &mut GateCtx,
+        table: &KeyTable,
+        key: &KeyRecord,
+        amount: i64,
+    ) -> Result<Reservation, Denial> {
+        let Some(policy) = key.policy.as_deref() else {
+            return Err(Denial::new(Reason::InvalidApiKey));
+        };
+        let account = table.account_of(key);
+        let now_ns = mono_ns();
+
+        let mut scopes = Vec::with_capacity(2);
+        if !policy.limits.is_empty() {
+            scopes.push(ScopeLimits {
+                id: key.id,
+                scope: Scope::Key,
+                limits: policy.limits,
+            });
+        }
+        if let Some(a) = account.filter(|a| !a.limits.is_empty()) {
+            scopes.push(ScopeLimits {
+                id: a.ledger_id,
+                scope: Scope::Account,
+                limits: a.limits,
+            });
+        }
+        let mut hold = None;
+        if !scopes.is_empty() {
+            let tokens = ctx.estimate.prompt_tokens + ctx.estimate.completion_tokens;
+            match self.inner.limits.admit(&scopes, tokens, now_ns) {
+                Ok(h) => {
+                    ctx.headers.extend(h.headers(now_ns));
+                    hold = Some(h);
+                }
+                Err(refusal) => {
+                    let live: Vec<_> = scopes
+                        .iter()
+                        .map(|s| (self.inner.limits.scope(s.id), s.limits))
+                        .collect();
+                    ctx.headers.extend(limits::headers(
+                        live.iter().map(|(l, s)| (&**l, *s)),
+                        now_ns,
+                    ));
+                    return Err(limit_denial(refusal, account.map(|a| &*a.id)));
+                }
+            }
+        }
+
+        let now = unix_now();
+        let mut parts = Vec::with_capacity(4);
+        let mut kinds = Vec::with_capacity(4);
+        parts.push(Part {
+            id: key.id,
+            limit: (!key.unlimited_quota).then(|| key.quota.saturating_sub(key.used)),
+        });
+        kinds.push(PartKind::Key);
+        if let Some(a) = account {
+            parts.push(Part {
+                id: a.ledger_id,
+                limit: a.quota_limit(),
+            });
+            kinds.push(PartKind::Account(&a.id));
+        }
+        let budgets = [
+            policy.budget.as_ref().map(|b| (key.id, "API key", b)),
+            account.and_then(|a| Some((a.ledger_id, "account", a.budget.as_ref()?))),
+        ];
+        for (scope, whose, budget) in budgets.into_iter().flatten() {
+            let w = budget.period.window(now);
+            let earlier: i64 = w
+                .earlier
+                .iter()
+                .map(|&start| self.inner.ledger.consumed(budget_ledger_id(scope, start)))
+                .sum();
+            parts.push(Part {
+                id: budget_ledger_id(scope, w.current),
+                limit: Some(budget.amount.saturating_sub(earlier)),
+            });
+            kinds.push(PartKind::Budget {
+                whose,
+                budget,
+                resets_at: w.resets_at,
+            });
+        }
+
+        match self.inner.ledger.reserve_all(&parts, amount).await {
+            Ok(r) => {
+                ctx.limit_hold = hold;
+                Ok(r)
+            }
+            Err((i, e)) => {
+                if let Some(h) = hold.as_mut() {
+                    // The call is not made: its request and tokens go back.
+                    h.cancel(now_ns);
+                }
+                Err(quota_denial(kinds.get(i), e, amount, now))
+            }
+        }
+    }
+}
+
+/// The refusal for a limit.
+fn limit_denial(r: LimitRefusal, account: Option<&str>) -> Denial {
+    let whose = |s: Scope| match (s, account) {
+        (Scope::Account, Some(a)) => format!("the account {a:?}"),
+        _ => "this API key".to_string(),
+    };
+    let d = Reason::RateLimitExceeded;
+    match r {
+        LimitRefusal::Requests(s, wait) => Denial::with_message(
+            d,
+            format!(
+                "Rate limit reached for requests per minute of {}.",
+                whose(s)
+            ),
+        )
+        .kind("requests")
+        .retry_after(retry_after_secs(wait)),
+        LimitRefusal::Tokens(s, wait) => Denial::with_message(
+            d,
+            format!("Rate limit reached for tokens per minute of {}.", whose(s)),
+        )
+        .kind("tokens")
+        .retry_after(retry_after_secs(wait)),
+        LimitRefusal::TokensNever(s, tpm) => Denial::with_message(
+            d,
+            format!(
+                "This request needs more tokens than the limit of {tpm} tokens per minute of {}; \
+                 it can never pass. Ask for fewer tokens (max_tokens).",
+                whose(s)
+            ),
+        )
+        .kind("tokens"),
+        LimitRefusal::Concurrency(s) => {
+            Denial::with_message(d, format!("Too many calls in flight for {}.", whose(s)))
+                .kind("concurrency")
+                .retry_after(1)
+        }
+    }
+}
+
+/// The refusal for a part of the joint reservation.
+fn quota_denial(kind: Option<&PartKind<'_>>, e: ReserveError, amount: i64, now: i64) -> Denial {
+    let remaining = match e {
+        ReserveError::Insufficient { remaining } => remaining.max(0),
+        ReserveError::NotDurable | ReserveError::BackendUnavailable => {
+            return Denial::new(Reason::QuotaBackendUnavailable)
+        }
+    };
+    match kind {
+        Some(PartKind::Account(id)) => Denial::with_message(
+            Reason::InsufficientQuota,
+            format!(
+                "The account {id:?} has {remaining} quota units left; this call needs up to {amount}."
+            ),
+        ),
+        Some(PartKind::Budget {
+            whose,
+            budget,
+            resets_at,
+        }) => Denial::with_message(
+            Reason::BudgetExceeded,
+            format!(
+                "The {} budget of this {whose} ({} units) is spent: {remaining} left, this call \
+                 needs up to {amount}. It resets at unix time {resets_at}.",
+                budget.describe().split(':').next().unwrap_or("period"),
+                budget.amount
+            ),
+        )
+        .retry_after(u64::try_from((resets_at - now).max(1)).unwrap_or(1)),
+        _ => Denial::with_message(
+            Reason::InsufficientQuota,
+            format!("This API key has {remaining} quota units left; this call needs up to {amount}."),
+        ),
+    }
+}

@@ -1,0 +1,396 @@
+//! The live rate-limit state (SPEC §7): one token bucket for rpm, one for tpm and an in-flight
+//! count per key and per account, and the [`LimitHold`] a call keeps while it runs.
+//!
+//! Lock-free on the request path: a sharded map read to find a scope's state (as for the quota
+//! counters), then compare-and-swap on its atomics. The state outlives table reloads (it is keyed
+//! by counter id, and a bucket reads its limit from the current table on every call). Limits are
+//! per gateway: on the shared ledger each gateway enforces them on its own traffic.
+
+use crate::core::limits::{go_duration, Bucket, Limits, Take, WINDOW_NS};
+use dashmap::DashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+/// Nanoseconds on this process's monotonic clock (the buckets' time scale).
+pub fn mono_ns() -> i64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    // Offset so that 0 ("full") is always in the past.
+    i64::try_from(start.elapsed().as_nanos()).unwrap_or(i64::MAX) + WINDOW_NS
+}
+
+/// Whose limits: a key's or an account's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// A key.
+    Key = 0,
+    /// An account.
+    Account = 1,
+}
+
+impl Scope {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Scope::Key => "key",
+            Scope::Account => "account",
+        }
+    }
+}
+
+/// One scope's live state.
+#[derive(Debug, Default)]
+pub struct ScopeLive {
+    rpm: Bucket,
+    tpm: Bucket,
+    inflight: AtomicI64,
+}
+
+impl ScopeLive {
+    /// Calls in flight.
+    pub fn inflight(&self) -> i64 {
+        self.inflight.load(Ordering::Acquire)
+    }
+    /// Requests left and ns until full, at `now`.
+    pub fn requests(&self, limit: u32, now: i64) -> (u64, i64) {
+        self.rpm.state(limit, now)
+    }
+    /// Tokens left and ns until full, at `now`.
+    pub fn tokens(&self, limit: u32, now: i64) -> (u64, i64) {
+        self.tpm.state(limit, now)
+    }
+}
+
+#[derive(Debug, Default)]
+struct BookShared {
+    scopes: DashMap<u64, Arc<ScopeLive>>,
+    inflight: [AtomicI64; 2],
+}
+
+/// Every scope's live state. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct LimitBook {
+    shared: Arc<BookShared>,
+}
+
+/// Why the limits refuse a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitRefusal {
+    /// rpm reached; ns until a request is free.
+    Requests(Scope, i64),
+    /// tpm reached; ns until the tokens are free.
+    Tokens(Scope, i64),
+    /// The call's own estimate exceeds the tpm limit: retrying cannot help.
+    TokensNever(Scope, u32),
+    /// The concurrency limit is reached.
+    Concurrency(Scope),
+}
+
+/// A scope to check: its counter id, kind and limits.
+#[derive(Clone, Copy, Debug)]
+pub struct ScopeLimits {
+    /// Key id or account counter id.
+    pub id: u64,
+    /// Key or account.
+    pub scope: Scope,
+    /// Its limits.
+    pub limits: Limits,
+}
+
+struct Part {
+    live: Arc<ScopeLive>,
+    scope: Scope,
+    limits: Limits,
+    slot: bool,
+    rpm: bool,
+    tokens: u64,
+}
+
+/// The rate-limit share a call holds: its requests and tokens (corrected at settle) and its
+/// concurrency slots, released exactly once when the hold is dropped, on every exit path.
+pub struct LimitHold {
+    book: Arc<BookShared>,
+    parts: Vec<Part>,
+}
+
+impl std::fmt::Debug for LimitHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LimitHold({} scopes)", self.parts.len())
+    }
+}
+
+impl LimitBook {
+    /// An empty book.
+    pub fn new() -> LimitBook {
+        LimitBook::default()
+    }
+
+    /// The live state of counter id `id` (created on first use).
+    pub fn scope(&self, id: u64) -> Arc<ScopeLive> {
+        if let Some(s) = self.shared.scopes.get(&id) {
+            return s.clone();
+        }
+        self.shared.scopes.entry(id).or_default().clone()
+    }
+
+    /// The live state of `id`, if it was ever used (no insertion, for reads).
+    pub fn peek(&self, id: u64) -> Option<Arc<ScopeLive>> {
+        self.shared.scopes.get(&id).map(|s| s.clone())
+    }
+
+    /// Calls in flight holding a slot of a scope of this kind (`keygate_limit_inflight`).
+    pub fn inflight(&self, scope: Scope) -> i64 {
+        self.shared.inflight[scope as usize].load(Ordering::Relaxed)
+    }
+
+    /// Take one request, `tokens` tokens and a concurrency slot in every scope, or none of
+    /// them. `now` is [`mono_ns`] (a test passes its own).
+    pub fn admit(
+        &self,
+        scopes: &[ScopeLimits],
+        tokens: u64,
+        now: i64,
+    ) -> Result<LimitHold, LimitRefusal> {
+        for s in scopes {
+            if let Some(tpm) = s.limits.tpm {
+                if tokens > u64::from(tpm) {
+                    return Err(LimitRefusal::TokensNever(s.scope, tpm));
+                }
+            }
+        }
+        let mut hold = LimitHold {
+            book: self.shared.clone(),
+            parts: Vec::with_capacity(scopes.len()),
+        };
+        for s in scopes.iter().filter(|s| !s.limits.is_empty()) {
+            let live = self.scope(s.id);
+            let mut part = Part {
+                live,
+                scope: s.scope,
+                limits: s.limits,
+                slot: false,
+                rpm: false,
+                tokens: 0,
+            };
+            let refused = part.take(tokens, now, &self.shared);
+            hold.parts.push(part);
+            if let Err(r) = refused {
+                hold.cancel(now);
+                return Err(r);
+            }
+        }
+        Ok(hold)
+    }
+}
+
+impl Part {
+    fn take(&mut self, tokens: u64, now: i64, book: &BookShared) -> Result<(), LimitRefusal> {
+        if let Some(max) = self.limits.concurrency {
+            let max = i64::from(max);
+            self.live
+                .inflight
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .map_err(|_| LimitRefusal::Concurrency(self.scope))?;
+            self.slot = true;
+            book.inflight[self.scope as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(rpm) = self.limits.rpm {
+            match self.live.rpm.take(rpm, 1, now) {
+                Take::Ok => self.rpm = true,
+                Take::Wait(ns) => return Err(LimitRefusal::Requests(self.scope, ns)),
+                Take::Never => return Err(LimitRefusal::Requests(self.scope, WINDOW_NS)),
+            }
+        }
+        if let Some(tpm) = self.limits.tpm {
+            match self.live.tpm.take(tpm, tokens, now) {
+                Take::Ok => self.tokens = tokens,
+                Take::Wait(ns) => return Err(LimitRefusal::Tokens(self.scope, ns)),
+                Take::Never => return Err(LimitRefusal::TokensNever(self.scope, tpm)),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl LimitHold {
+    /// The call used `actual` tokens: correct every tpm bucket by the difference.
+    pub fn settle_tokens(&mut self, actual: u64, now: i64) {
+        for p in &mut self.parts {
+            if let Some(tpm) = p.limits.tpm {
+                let delta = i64::try_from(actual).unwrap_or(i64::MAX)
+                    - i64::try_from(p.tokens).unwrap_or(i64::MAX);
+                p.live.tpm.adjust(tpm, delta, now);
+                p.tokens = actual;
+            }
+        }
+    }
+
+    /// The call was not made (a later check refused it): give back its request and tokens.
+    /// Its slots are released when the hold drops.
+    pub fn cancel(&mut self, now: i64) {
+        for p in &mut self.parts {
+            if let (Some(rpm), true) = (p.limits.rpm, p.rpm) {
+                p.live.rpm.adjust(rpm, -1, now);
+                p.rpm = false;
+            }
+            if let (Some(tpm), t) = (p.limits.tpm, p.tokens) {
+                p.live.tpm.adjust(tpm, -(t as i64), now);
+                p.tokens = 0;
+            }
+        }
+    }
+
+    /// The rate-limit headers (the tightest scope for requests and for tokens), at `now`.
+    pub fn headers(&self, now: i64) -> Vec<(&'static str, String)> {
+        headers(self.parts.iter().map(|p| (&*p.live, p.limits)), now)
+    }
+}
+
+impl Drop for LimitHold {
+    fn drop(&mut self) {
+        for p in &mut self.parts {
+            if std::mem::take(&mut p.slot) {
+                p.live.inflight.fetch_sub(1, Ordering::AcqRel);
+                self.book.inflight[p.scope as usize].fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The OpenAI `x-ratelimit-*` headers and the IETF draft's `RateLimit-Policy` / `RateLimit`
+/// for these scopes: for requests and for tokens, the scope with the fewest left.
+pub fn headers<'a>(
+    scopes: impl Iterator<Item = (&'a ScopeLive, Limits)> + Clone,
+    now: i64,
+) -> Vec<(&'static str, String)> {
+    let tightest = |pick: fn(&Limits) -> Option<u32>, tpm: bool| {
+        scopes
+            .clone()
+            .filter_map(|(live, l)| {
+                let limit = pick(&l)?;
+                let (left, reset) = if tpm {
+                    live.tokens(limit, now)
+                } else {
+                    live.requests(limit, now)
+                };
+                Some((limit, left, reset))
+            })
+            .min_by_key(|&(_, left, _)| left)
+    };
+    let mut out = Vec::new();
+    let mut policy = Vec::new();
+    let mut state = Vec::new();
+    let kinds: [(&str, fn(&Limits) -> Option<u32>, bool); 2] =
+        [("requests", |l| l.rpm, false), ("tokens", |l| l.tpm, true)];
+    for (name, pick, tpm) in kinds {
+        let Some((limit, left, reset)) = tightest(pick, tpm) else {
+            continue;
+        };
+        let (l, r, t) = if tpm {
+            (
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            )
+        } else {
+            (
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            )
+        };
+        out.push((l, limit.to_string()));
+        out.push((r, left.to_string()));
+        out.push((t, go_duration(reset)));
+        policy.push(format!("\"{name}\";q={limit};w=60"));
+        let secs = crate::core::limits::retry_after_secs(reset).min(60) * u64::from(reset > 0);
+        state.push(format!("\"{name}\";r={left};t={secs}"));
+    }
+    if !policy.is_empty() {
+        out.push(("ratelimit-policy", policy.join(", ")));
+        out.push(("ratelimit", state.join(", ")));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: i64 = 1_000_000_000;
+
+    fn scope(
+        id: u64,
+        scope: Scope,
+        rpm: Option<u32>,
+        tpm: Option<u32>,
+        c: Option<u32>,
+    ) -> ScopeLimits {
+        ScopeLimits {
+            id,
+            scope,
+            limits: Limits {
+                rpm,
+                tpm,
+                concurrency: c,
+            },
+        }
+    }
+
+    #[test]
+    fn both_scopes_or_neither() {
+        let book = LimitBook::new();
+        let now = 10 * S;
+        let key = scope(1, Scope::Key, Some(100), None, Some(5));
+        let acct = scope(2, Scope::Account, Some(2), None, None);
+        let a = book.admit(&[key, acct], 0, now).unwrap();
+        let _b = book.admit(&[key, acct], 0, now).unwrap();
+        // The account's rpm is spent: the key's request and slot are given back.
+        assert!(matches!(
+            book.admit(&[key, acct], 0, now),
+            Err(LimitRefusal::Requests(Scope::Account, _))
+        ));
+        assert_eq!(book.scope(1).requests(100, now).0, 98);
+        assert_eq!(book.scope(1).inflight(), 2);
+        assert_eq!(book.inflight(Scope::Key), 2);
+        drop(a);
+        assert_eq!(book.scope(1).inflight(), 1);
+    }
+
+    #[test]
+    fn concurrency_slots_come_back_on_drop() {
+        let book = LimitBook::new();
+        let key = scope(1, Scope::Key, None, None, Some(2));
+        let a = book.admit(&[key], 0, 0).unwrap();
+        let b = book.admit(&[key], 0, 0).unwrap();
+        assert_eq!(
+            book.admit(&[key], 0, 0).unwrap_err(),
+            LimitRefusal::Concurrency(Scope::Key)
+        );
+        drop((a, b));
+        assert_eq!(book.inflight(Scope::Key), 0);
+        assert!(book.admit(&[key], 0, 0).is_ok());
+    }
+
+    #[test]
+    fn an_estimate_above_tpm_can_never_pass() {
+        let book = LimitBook::new();
+        let key = scope(1, Scope::Key, None, Some(100), None);
+        assert_eq!(
+            book.admit(&[key], 101, 0).unwrap_err(),
+            LimitRefusal::TokensNever(Scope::Key, 100)
+        );
+        let mut h = book.admit(&[key], 80, S).unwrap();
+        h.settle_tokens(30, S);
+        assert_eq!(book.scope(1).tokens(100, S).0, 70);
+        let hdr = h.headers(S);
+        assert!(
+            hdr.contains(&("x-ratelimit-remaining-tokens", "70".into())),
+            "{hdr:?}"
+        );
+        assert!(hdr.contains(&("ratelimit-policy", "\"tokens\";q=100;w=60".into())));
+    }
+}
