@@ -317,7 +317,41 @@ fn check(path: &std::path::Path, no_env: bool) -> anyhow::Result<()> {
     for u in &unset {
         println!("not checked (--no-env): {u}");
     }
+    for note in budget_notes(&table) {
+        println!("note: {note}");
+    }
     Ok(())
+}
+
+/// Budgets larger than the lifetime quota they sit under: allowed (the lifetime quota still
+/// applies), but probably not what was meant.
+fn budget_notes(table: &KeyTable) -> Vec<String> {
+    let mut notes = Vec::new();
+    let mut over =
+        |what: String, budget: Option<&keygate::core::budget::Budget>, left: Option<i64>| {
+            if let (Some(b), Some(left)) = (budget, left) {
+                if b.amount > left {
+                    notes.push(format!(
+                    "{what}: budget {} per period is larger than its lifetime quota left ({left}); \
+                     allowed, the lifetime quota still applies"
+                    , b.amount
+                ));
+                }
+            }
+        };
+    for a in table.accounts().iter() {
+        over(
+            format!("account {:?}", &*a.id),
+            a.budget.as_ref(),
+            a.quota_limit(),
+        );
+    }
+    for k in table.records() {
+        let budget = k.policy.as_ref().and_then(|p| p.budget.as_ref());
+        let left = (!k.unlimited_quota).then(|| k.quota.saturating_sub(k.used));
+        over(format!("key {}", k.id), budget, left);
+    }
+    notes
 }
 
 fn demo(listen: &str, metrics_listen: &str) -> anyhow::Result<()> {

@@ -20,6 +20,8 @@ pub const ACCOUNT_TAG: u64 = 2 << 62;
 /// The tag of a budget period's counter id.
 pub const BUDGET_TAG: u64 = 3 << 62;
 const LOW: u64 = KEY_ID_LIMIT - 1;
+/// Longest account name, in characters (as for keys).
+pub const MAX_ACCOUNT_NAME_CHARS: usize = 50;
 
 /// A compiled account.
 #[derive(Clone, Debug)]
@@ -92,7 +94,7 @@ impl Accounts {
             if id.is_empty() || id.chars().count() > 64 {
                 return Err(at("the id must be 1 to 64 characters".into()));
             }
-            if a.name.chars().count() > crate::core::table::MAX_NAME_CHARS {
+            if a.name.chars().count() > MAX_ACCOUNT_NAME_CHARS {
                 return Err(at("name is longer than 50 characters".into()));
             }
             if a.quota < 0 {

@@ -15,6 +15,9 @@ impl Gate {
         }
         let path = req.uri.path();
         let (table, key) = (ctx.table.as_ref()?, ctx.key_record()?);
+        if path == "/api/usage/token/detail" {
+            return Some(self.detail_answer(table, key));
+        }
         if is_usage_path(path) {
             return Some(self.usage_answer(path, table, key));
         }
@@ -147,6 +150,7 @@ pub fn is_usage_path(path: &str) -> bool {
             | "/v1/dashboard/billing/usage"
             | "/dashboard/billing/subscription"
             | "/dashboard/billing/usage"
+            | "/api/usage/token/detail"
     )
 }
 

@@ -15,6 +15,7 @@ mod answer;
 mod attempts;
 mod body;
 mod ctx;
+mod detail;
 mod local;
 mod log;
 mod options;

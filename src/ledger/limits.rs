@@ -260,13 +260,16 @@ impl Drop for LimitHold {
     }
 }
 
+/// Which limit of a [`Limits`] a header describes.
+type Pick = fn(&Limits) -> Option<u32>;
+
 /// The OpenAI `x-ratelimit-*` headers and the IETF draft's `RateLimit-Policy` / `RateLimit`
 /// for these scopes: for requests and for tokens, the scope with the fewest left.
 pub fn headers<'a>(
     scopes: impl Iterator<Item = (&'a ScopeLive, Limits)> + Clone,
     now: i64,
 ) -> Vec<(&'static str, String)> {
-    let tightest = |pick: fn(&Limits) -> Option<u32>, tpm: bool| {
+    let tightest = |pick: Pick, tpm: bool| {
         scopes
             .clone()
             .filter_map(|(live, l)| {
@@ -283,7 +286,7 @@ pub fn headers<'a>(
     let mut out = Vec::new();
     let mut policy = Vec::new();
     let mut state = Vec::new();
-    let kinds: [(&str, fn(&Limits) -> Option<u32>, bool); 2] =
+    let kinds: [(&str, Pick, bool); 2] =
         [("requests", |l| l.rpm, false), ("tokens", |l| l.tpm, true)];
     for (name, pick, tpm) in kinds {
         let Some((limit, left, reset)) = tightest(pick, tpm) else {

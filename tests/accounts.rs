@@ -1,0 +1,510 @@
+//! Accounts, rate limits and budget periods (SPEC §7) end to end: a real mock upstream, a real
+//! gateway process, HTTP.
+
+mod common;
+
+use common::*;
+use keygate::core::accounts::account_ledger_id;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+fn acct_key(i: usize) -> String {
+    format!("sk-acct-{i:045}")
+}
+
+/// The standard sync file plus account `acme` (with `account`'s fields) and ten keys 101..=110
+/// in it (with `key`'s fields).
+fn sync_with(account: Value, key: Value) -> Value {
+    let mut s = standard_sync();
+    let mut a = json!({"name": "Acme Corp", "quota": 1_000_000_000});
+    merge(&mut a, &account);
+    s["accounts"] = json!({ "acme": a });
+    for i in 0..10 {
+        let mut k = json!({"id": 101 + i, "name": format!("acme {i}"), "key": acct_key(i),
+                           "account": "acme", "unlimited_quota": true});
+        merge(&mut k, &key);
+        s["keys"].as_array_mut().unwrap().push(k);
+    }
+    s
+}
+
+fn merge(into: &mut Value, from: &Value) {
+    if let Some(m) = from.as_object() {
+        for (k, v) in m {
+            into[k] = v.clone();
+        }
+    }
+}
+
+fn small_call() -> String {
+    json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 20}).to_string()
+}
+
+async fn post(env: &Env, key: &str, body: String) -> reqwest::Response {
+    client()
+        .post(env.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn detail(env: &Env, key: &str) -> Value {
+    let (status, body) = env.gw.get("/api/usage/token/detail", key).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// What one `small_call` reserves and is charged (the mock answers 20 completion tokens).
+async fn one_call_price(env: &Env) -> i64 {
+    let before = env.gw.total_used(OK).await;
+    assert_eq!(post(env, OK, small_call()).await.status(), 200);
+    env.gw.wait_records(1).await;
+    env.gw.total_used(OK).await - before
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unlimited_keys_in_a_limited_account_stop_when_the_account_is_spent() {
+    // Find one call's price on a plain key first.
+    let probe = Env::start().await;
+    let price = one_call_price(&probe).await;
+    drop(probe);
+    let quota = 10 * price;
+    let env = Env::with(Opts {
+        sync: sync_with(json!({ "quota": quota }), json!({})),
+        ..Opts::default()
+    })
+    .await;
+    let c = client();
+    let body = small_call();
+    let calls = (0..100).map(|i| {
+        c.post(env.url("/v1/chat/completions"))
+            .bearer_auth(acct_key(i % 10))
+            .header("x-mock-delay-ms", "200")
+            .body(body.clone())
+            .send()
+    });
+    let results = futures_util::future::join_all(calls).await;
+    let mut ok = 0;
+    for r in results {
+        let r = r.unwrap();
+        match r.status().as_u16() {
+            200 => ok += 1,
+            429 => {
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(v["error"]["code"], "insufficient_quota");
+                assert!(
+                    v["error"]["message"].as_str().unwrap().contains("\"acme\""),
+                    "{v}"
+                );
+            }
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert!(
+        (1..=10).contains(&ok),
+        "{ok} calls admitted for room for 10"
+    );
+    env.gw.wait_records(ok).await;
+    let d = detail(&env, &acct_key(0)).await;
+    let used = d["account"]["quota"]["total_used"].as_i64().unwrap();
+    assert_eq!(used, ok as i64 * price, "{d}");
+    assert!(used <= quota);
+    assert_eq!(env.mock.request_count(), ok);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn account_consumption_survives_a_restart_and_never_meets_a_key_id() {
+    let mut env = Env::with(Opts {
+        sync: sync_with(json!({ "quota": 1_000_000 }), json!({})),
+        ..Opts::default()
+    })
+    .await;
+    for i in 0..3 {
+        assert_eq!(post(&env, &acct_key(i), small_call()).await.status(), 200);
+    }
+    env.gw.wait_records(3).await;
+    let before = detail(&env, &acct_key(0)).await["account"]["quota"]["total_used"]
+        .as_i64()
+        .unwrap();
+    assert!(before > 0);
+    assert!(env.gw.terminate().success());
+    // The snapshot holds the account under its own tagged counter id.
+    let snap = std::fs::read_to_string(env.dir.path().join("var/ledger.snapshot")).unwrap();
+    assert!(
+        snap.contains(&format!("\"{}\":{before}", account_ledger_id("acme"))),
+        "{snap}"
+    );
+    env.gw = start_gateway(
+        env.dir.path(),
+        &Opts {
+            sync: sync_with(json!({ "quota": 1_000_000 }), json!({})),
+            ..Opts::default()
+        },
+        &format!("http://{}", env.mock.addr()),
+    );
+    let d = detail(&env, &acct_key(5)).await;
+    assert_eq!(d["account"]["quota"]["total_used"], before, "{d}");
+    // Key 106 never called: its own counter is untouched.
+    assert_eq!(d["key"]["quota"]["total_used"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disabled_account_refuses_its_keys_with_401() {
+    let env = Env::with(Opts {
+        sync: sync_with(json!({ "status": "disabled" }), json!({})),
+        ..Opts::default()
+    })
+    .await;
+    let (status, code, _) = denial(post(&env, &acct_key(0), small_call()).await).await;
+    assert_eq!((status, code.as_str()), (401, "account_disabled"));
+    assert_eq!(post(&env, OK, small_call()).await.status(), 200);
+    assert_eq!(env.mock.request_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rpm_refuses_with_retry_after_and_headers_count_down() {
+    let env = Env::with(Opts {
+        sync: sync_with(json!({}), json!({"limits": {"rpm": 3}})),
+        ..Opts::default()
+    })
+    .await;
+    let k = acct_key(0);
+    let r = post(&env, &k, small_call()).await;
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    assert_eq!(h["x-ratelimit-limit-requests"], "3");
+    assert_eq!(h["x-ratelimit-remaining-requests"], "2");
+    assert_eq!(h["x-ratelimit-reset-requests"], "20s");
+    assert_eq!(h["ratelimit-policy"], "\"requests\";q=3;w=60");
+    assert_eq!(h["ratelimit"], "\"requests\";r=2;t=20");
+    assert!(h.get("x-ratelimit-limit-tokens").is_none());
+    for _ in 0..2 {
+        assert_eq!(post(&env, &k, small_call()).await.status(), 200);
+    }
+    let r = post(&env, &k, small_call()).await;
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=20).contains(&retry), "{retry}");
+    assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(v["error"]["type"], "requests");
+    // Another key of the same account has its own bucket; a key without limits sends none.
+    assert_eq!(post(&env, &acct_key(1), small_call()).await.status(), 200);
+    let r = post(&env, OK, small_call()).await;
+    assert!(r.headers().get("x-ratelimit-limit-requests").is_none());
+    assert!(r.headers().get("ratelimit").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn account_rpm_is_shared_by_its_keys_and_group_limits_are_defaults() {
+    let mut sync = sync_with(json!({"limits": {"rpm": 4}}), json!({}));
+    sync["groups"]["default"]["limits"] = json!({"rpm": 2});
+    let env = Env::with(Opts {
+        sync,
+        ..Opts::default()
+    })
+    .await;
+    let mut ok = 0;
+    for i in 0..8 {
+        if post(&env, &acct_key(i), small_call()).await.status() == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 4, "the account's 4 rpm bound its keys");
+    // The `OK` key (group default, no account) gets the group's 2 rpm.
+    let statuses: Vec<u16> =
+        futures_util::future::join_all((0..3).map(|_| post(&env, OK, small_call())))
+            .await
+            .into_iter()
+            .map(|r| r.status().as_u16())
+            .collect();
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        2,
+        "{statuses:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tpm_refuses_a_request_bigger_than_the_limit_without_retry_after() {
+    let env = Env::with(Opts {
+        sync: sync_with(json!({}), json!({"limits": {"tpm": 100}})),
+        ..Opts::default()
+    })
+    .await;
+    let k = acct_key(0);
+    let big = json!({"model": "gpt-4o-mini", "messages": [], "max_tokens": 500}).to_string();
+    let r = post(&env, &k, big).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().get("retry-after").is_none());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["error"]["code"].as_str(), v["error"]["type"].as_str()),
+        (Some("rate_limit_exceeded"), Some("tokens"))
+    );
+    // Small calls fit, until the minute's tokens are used; the headers show the tokens.
+    let r = post(&env, &k, small_call()).await;
+    assert_eq!(r.status(), 200);
+    let left: u64 = r.headers()["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(left < 100, "{left}");
+    let mut refused = None;
+    for _ in 0..10 {
+        let r = post(&env, &k, small_call()).await;
+        if r.status() == 429 {
+            refused = Some(r);
+            break;
+        }
+    }
+    let r = refused.expect("the tpm bucket ran dry");
+    assert!(r.headers().get("retry-after").is_some());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "tokens");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spent_daily_budget_refuses_with_seconds_to_midnight() {
+    let env = Env::with(Opts {
+        sync: sync_with(
+            json!({}),
+            json!({"budget": {"period": "daily", "amount": 1}}),
+        ),
+        ..Opts::default()
+    })
+    .await;
+    let k = acct_key(0);
+    // The first call's reservation does not fit a budget of 1 unit.
+    let r = post(&env, &k, small_call()).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert_eq!(r.status(), 429);
+    let retry: i64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let to_midnight = 86_400 - now.rem_euclid(86_400);
+    assert!((retry - to_midnight).abs() <= 2, "{retry} vs {to_midnight}");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "budget_exceeded");
+    let d = detail(&env, &k).await;
+    assert_eq!(d["key"]["budget"]["amount"], 1);
+    assert_eq!(d["key"]["budget"]["spent"], 0);
+    assert_eq!(
+        d["key"]["budget"]["resets_at"].as_i64().unwrap(),
+        now - now.rem_euclid(86_400) + 86_400
+    );
+    // Anthropic clients get a rate_limit_error, Gemini clients RESOURCE_EXHAUSTED.
+    let r = client()
+        .post(env.url("/v1/messages"))
+        .header("x-api-key", &k)
+        .body(
+            json!({"model": "claude-3-5-sonnet-latest", "max_tokens": 20, "messages": []})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().get("retry-after").is_some());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert_eq!(env.mock.request_count(), 0);
+}
+
+async fn inflight(env: &Env, scope: &str) -> i64 {
+    let text = env.gw.metrics_text().await;
+    let line = format!("keygate_limit_inflight{{scope=\"{scope}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .unwrap_or_else(|| panic!("no {line} in metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+async fn stream(env: &Env, key: &str) -> reqwest::Response {
+    client()
+        .post(env.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("x-mock-delay-ms", "100")
+        .header("x-mock-chunks", "50")
+        .body(json!({"model": "gpt-4o-mini", "stream": true, "messages": []}).to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrency_slots_come_back_after_100_clients_leave_mid_stream() {
+    let env = Env::with(Opts {
+        sync: sync_with(
+            json!({"limits": {"concurrency": 10}}),
+            json!({"limits": {"concurrency": 2}}),
+        ),
+        ..Opts::default()
+    })
+    .await;
+    let k = acct_key(0);
+    let mut a = stream(&env, &k).await;
+    assert_eq!(a.status(), 200);
+    a.chunk().await.unwrap();
+    let _b = stream(&env, &k).await;
+    let r = stream(&env, &k).await;
+    assert_eq!(r.status(), 429);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "concurrency");
+    assert_eq!(inflight(&env, "key").await, 2);
+    assert_eq!(inflight(&env, "account").await, 2);
+    drop((a, _b));
+    // 100 clients, ten at a time, each reading one chunk and going away.
+    for round in 0..10 {
+        let batch = (0..10).map(|i| {
+            let env = &env;
+            async move {
+                let mut r = stream(env, &acct_key(i)).await;
+                assert_eq!(r.status(), 200, "round {round}");
+                r.chunk().await.unwrap();
+            }
+        });
+        futures_util::future::join_all(batch).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while inflight(&env, "key").await != 0 || inflight(&env, "account").await != 0 {
+        assert!(Instant::now() < deadline, "slots leaked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stream(&env, &k).await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_in_flight_settles_against_the_account_it_was_admitted_under() {
+    let mut sync = sync_with(json!({}), json!({}));
+    sync["accounts"]["other"] = json!({"name": "Other", "quota": 1_000_000_000});
+    let env = Env::with(Opts {
+        sync: sync.clone(),
+        ..Opts::default()
+    })
+    .await;
+    let k = acct_key(0);
+    let slow = {
+        let url = env.url("/v1/chat/completions");
+        let k = k.clone();
+        tokio::spawn(async move {
+            client()
+                .post(url)
+                .bearer_auth(k)
+                .header("x-mock-delay-ms", "1500")
+                .body(small_call())
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Move key 101 to `other` while its call is upstream.
+    sync["keys"][9]["account"] = json!("other");
+    sync["revision"] = json!(8);
+    let path = env.dir.path().join("keys.json");
+    std::fs::write(
+        path.with_extension("tmp"),
+        serde_json::to_vec(&sync).unwrap(),
+    )
+    .unwrap();
+    std::fs::rename(path.with_extension("tmp"), &path).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while detail(&env, &k).await["account"]["id"] != "other" {
+        assert!(Instant::now() < deadline, "no reload");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(slow.await.unwrap(), 200);
+    env.gw.wait_records(1).await;
+    let now_other = detail(&env, &k).await;
+    assert_eq!(
+        now_other["account"]["quota"]["total_used"], 0,
+        "{now_other}"
+    );
+    let acme = detail(&env, &acct_key(1)).await;
+    assert!(
+        acme["account"]["quota"]["total_used"].as_i64().unwrap() > 0,
+        "{acme}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_account_input_is_refused_with_a_precise_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            sync_with(json!({}), json!({"limits": {"rpm": 0}})),
+            "limits.rpm is 0",
+        ),
+        (
+            sync_with(json!({"limits": {"tpm": -3}}), json!({})),
+            "account \"acme\": limits.tpm is -3",
+        ),
+        (
+            {
+                let mut s = sync_with(json!({}), json!({}));
+                s["keys"][9]["account"] = json!("acmee");
+                s
+            },
+            "unknown account \"acmee\"",
+        ),
+        (
+            sync_with(
+                json!({}),
+                json!({"budget": {"period": "daily", "amount": 5, "timezone": "Mars/Olympus"}}),
+            ),
+            "\"Mars/Olympus\" is not a known IANA time zone",
+        ),
+        (
+            sync_with(json!({"max_keys": 9}), json!({})),
+            "allows at most 9 keys",
+        ),
+    ];
+    for (sync, want) in cases {
+        std::fs::write(
+            dir.path().join("keys.json"),
+            serde_json::to_vec(&sync).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("keygate.yaml"),
+            config_yaml(&Opts::default(), "http://127.0.0.1:9"),
+        )
+        .unwrap();
+        let cfg = dir.path().join("keygate.yaml");
+        let (ok, out) = keygate_cli(&["check", "-c", cfg.to_str().unwrap()]);
+        assert!(!ok, "{want}: accepted");
+        assert!(out.contains(want), "{want}: {out}");
+    }
+    // A budget above the lifetime quota is allowed, and `check` says so.
+    let sync = sync_with(
+        json!({"quota": 1000, "budget": {"period": "monthly", "amount": 5000}}),
+        json!({}),
+    );
+    std::fs::write(
+        dir.path().join("keys.json"),
+        serde_json::to_vec(&sync).unwrap(),
+    )
+    .unwrap();
+    let cfg = dir.path().join("keygate.yaml");
+    let (ok, out) = keygate_cli(&["check", "-c", cfg.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("account \"acme\": budget 5000 per period is larger than its lifetime quota left (1000)"), "{out}");
+}
