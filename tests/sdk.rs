@@ -6,6 +6,11 @@ mod common;
 
 use common::*;
 
+const RPM_OA: &str = "sk-sdk-rpm-openai-00000000000000000000000000000000";
+const RPM_AN: &str = "sk-sdk-rpm-anthropic-0000000000000000000000000000";
+const BUDGET: &str = "sk-sdk-budget-00000000000000000000000000000000000";
+const ACCOUNT_OFF: &str = "sk-sdk-account-off-000000000000000000000000000000";
+
 fn sdks_available() -> bool {
     std::process::Command::new("python3")
         .args(["-c", "import openai, anthropic"])
@@ -23,7 +28,30 @@ async fn client_sdks_raise_their_own_exception_classes() {
         eprintln!("python SDKs not installed; skipped");
         return;
     }
-    let env = Env::start().await;
+    let mut sync = standard_sync();
+    sync["accounts"] = serde_json::json!({"off": {"status": "disabled", "quota": 1000000}});
+    let extra = [
+        (201, RPM_OA, serde_json::json!({"limits": {"rpm": 1}})),
+        (202, RPM_AN, serde_json::json!({"limits": {"rpm": 1}})),
+        (
+            203,
+            BUDGET,
+            serde_json::json!({"budget": {"period": "weekly", "amount": 1}}),
+        ),
+        (204, ACCOUNT_OFF, serde_json::json!({"account": "off"})),
+    ];
+    for (id, key, more) in extra {
+        let mut k = serde_json::json!({"id": id, "key": key, "quota": 1000000});
+        for (f, v) in more.as_object().unwrap() {
+            k[f] = v.clone();
+        }
+        sync["keys"].as_array_mut().unwrap().push(k);
+    }
+    let env = Env::with(Opts {
+        sync,
+        ..Opts::default()
+    })
+    .await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/sdk_errors.py");
     let out = tokio::process::Command::new("python3")
         .arg(script)
@@ -31,6 +59,10 @@ async fn client_sdks_raise_their_own_exception_classes() {
         .env("KG_OK", OK)
         .env("KG_MINI_ONLY", MINI_ONLY)
         .env("KG_EXHAUSTED", EXHAUSTED)
+        .env("KG_RPM_OA", RPM_OA)
+        .env("KG_RPM_AN", RPM_AN)
+        .env("KG_BUDGET", BUDGET)
+        .env("KG_ACCOUNT_OFF", ACCOUNT_OFF)
         .output()
         .await
         .unwrap();

@@ -64,6 +64,24 @@ expect("anthropic unknown key", anthropic.AuthenticationError,
 expect("anthropic model not allowed", anthropic.PermissionDeniedError,
        lambda: an(MINI_ONLY).messages.create(model="claude-3-5-sonnet-latest", max_tokens=8, messages=msgs))
 
+# SPEC §7: rate limits, budgets and accounts.
+RPM_OA, RPM_AN = os.environ["KG_RPM_OA"], os.environ["KG_RPM_AN"]
+BUDGET, ACCOUNT_OFF = os.environ["KG_BUDGET"], os.environ["KG_ACCOUNT_OFF"]
+oa(RPM_OA).chat.completions.create(model="gpt-4o-mini", messages=msgs)
+an(RPM_AN).messages.create(model="claude-3-5-sonnet-latest", max_tokens=8, messages=msgs)
+expect("openai rpm reached", openai.RateLimitError,
+       lambda: oa(RPM_OA).chat.completions.create(model="gpt-4o-mini", messages=msgs))
+expect("anthropic rpm reached", anthropic.RateLimitError,
+       lambda: an(RPM_AN).messages.create(model="claude-3-5-sonnet-latest", max_tokens=8, messages=msgs))
+expect("openai budget spent", openai.RateLimitError,
+       lambda: oa(BUDGET).chat.completions.create(model="gpt-4o-mini", messages=msgs))
+expect("anthropic budget spent", anthropic.RateLimitError,
+       lambda: an(BUDGET).messages.create(model="claude-3-5-sonnet-latest", max_tokens=8, messages=msgs))
+expect("openai account disabled", openai.AuthenticationError,
+       lambda: oa(ACCOUNT_OFF).chat.completions.create(model="gpt-4o-mini", messages=msgs))
+expect("anthropic account disabled", anthropic.AuthenticationError,
+       lambda: an(ACCOUNT_OFF).messages.create(model="claude-3-5-sonnet-latest", max_tokens=8, messages=msgs))
+
 if failures:
     sys.exit(1)
-print("9 passed, 0 failed")
+print("15 passed, 0 failed")
