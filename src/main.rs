@@ -65,6 +65,17 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Create, list, show, update, enable, disable and delete accounts in the sync file.
+    Accounts {
+        /// The YAML config file (names the sync file and the state folder).
+        #[arg(short, long, global = true, default_value = "conf/keygate.yaml")]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: keygate::cli::accounts::AccountsCommand,
+    },
     /// Import keys from another gateway into the sync file.
     Import {
         #[command(subcommand)]
@@ -110,10 +121,15 @@ struct KeyFlags {
     /// The group.
     #[arg(long)]
     group: Option<String>,
+    /// The account the key belongs to ("" for none).
+    #[arg(long)]
+    account: Option<String>,
+    #[command(flatten)]
+    limits: keygate::cli::accounts::LimitFlags,
 }
 
 impl KeyFlags {
-    fn spec(&self) -> keygate::sync::edit::KeySpec {
+    fn spec(&self) -> anyhow::Result<keygate::sync::edit::KeySpec> {
         let list = |s: &str| -> Vec<String> {
             s.split(',')
                 .map(str::trim)
@@ -121,7 +137,7 @@ impl KeyFlags {
                 .map(String::from)
                 .collect()
         };
-        keygate::sync::edit::KeySpec {
+        Ok(keygate::sync::edit::KeySpec {
             name: self.name.clone(),
             quota: self.quota,
             unlimited: if self.unlimited {
@@ -145,7 +161,13 @@ impl KeyFlags {
                     .map(|a| Some(list(a)).filter(|l| !l.is_empty()))
             },
             group: self.group.clone(),
-        }
+            account: self
+                .account
+                .as_ref()
+                .map(|a| Some(a.clone()).filter(|a| !a.is_empty())),
+            limits: self.limits.limits(),
+            budget: self.limits.budget()?,
+        })
     }
 }
 
@@ -233,6 +255,14 @@ fn real_main() -> anyhow::Result<()> {
             json,
             command,
         } => keys(&config, json, command),
+        Command::Accounts {
+            config,
+            json,
+            command,
+        } => {
+            let config = Config::load(&config)?;
+            keygate::cli::accounts::run(&config, json, command).map_err(anyhow::Error::msg)
+        }
         Command::Import {
             source: ImportSource::NewApi { config, json, file },
         } => import(&config, json, &file),
@@ -393,7 +423,7 @@ fn keys(path: &std::path::Path, json: bool, command: KeysCommand) -> anyhow::Res
     };
     match command {
         KeysCommand::Create(flags) => {
-            let (id, key) = keys::create(&editor, &flags.spec()).map_err(fail)?;
+            let (id, key) = keys::create(&editor, &flags.spec()?).map_err(fail)?;
             if json {
                 println!("{}", serde_json::json!({"id": id, "key": key}));
             } else {
@@ -402,7 +432,7 @@ fn keys(path: &std::path::Path, json: bool, command: KeysCommand) -> anyhow::Res
             }
         }
         KeysCommand::Update { id, flags } => {
-            keys::update(&editor, id, &flags.spec()).map_err(fail)?;
+            keys::update(&editor, id, &flags.spec()?).map_err(fail)?;
             done("updated", id);
         }
         KeysCommand::Enable { id } => {
@@ -517,6 +547,15 @@ fn print_views(views: &[keygate::sync::edit::KeyView], json: bool) {
         }
         if let Some(a) = &v.allow_ips {
             restrictions.push(format!("ips={}", a.join(",")));
+        }
+        if let Some(a) = &v.account {
+            restrictions.push(format!("account={a}"));
+        }
+        if v.limits.is_some() {
+            restrictions.push(keygate::cli::accounts::limits_text(v.limits.as_ref()));
+        }
+        if let Some(b) = &v.budget {
+            restrictions.push(format!("budget={} spent={}", b.budget, b.spent));
         }
         println!(
             "{:>6}  {:<24} {:<9} {:<10} {:>12} {:>12} {:>12}  {:<11} {}",

@@ -1,6 +1,7 @@
 //! What the `keygate` binary's commands are built from besides the gateway itself: the new-api
 //! import, the demo and its built-in mock backend.
 
+pub mod accounts;
 pub mod demo;
 pub mod import;
 pub mod mock;

@@ -93,6 +93,12 @@ pub struct KeySpec {
     pub allow_ips: Option<Option<Vec<String>>>,
     /// The group.
     pub group: Option<String>,
+    /// `Some(None)`: no account; `Some(Some(id))`: this account.
+    pub account: Option<Option<String>>,
+    /// Rate limits to set (each given one replaces the key's).
+    pub limits: crate::core::config::LimitsEntry,
+    /// `Some(None)`: no budget; `Some(Some(b))`: this budget.
+    pub budget: Option<Option<crate::core::config::BudgetEntry>>,
 }
 
 impl KeySpec {
@@ -117,6 +123,13 @@ impl KeySpec {
         }
         if let Some(g) = &self.group {
             k.group = g.clone();
+        }
+        if let Some(a) = &self.account {
+            k.account = a.clone();
+        }
+        crate::sync::spending::merge_limits(&mut k.limits, &self.limits);
+        if let Some(b) = &self.budget {
+            k.budget = b.clone();
         }
     }
 }
@@ -251,6 +264,15 @@ pub struct KeyView {
     pub models: Option<Vec<String>>,
     /// Allowed IPs (null: any).
     pub allow_ips: Option<Vec<String>>,
+    /// The account (SPEC §7).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// The key's own rate limits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits: Option<crate::core::config::LimitsEntry>,
+    /// The budget and what was spent in the current period.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<crate::sync::spending::BudgetView>,
 }
 
 /// The keys of `file` with what the gateway charged them (`consumed`, by id) at time `now`.
@@ -281,6 +303,12 @@ pub fn views(file: &SyncFile, consumed: &HashMap<u64, i64>, now: i64) -> Vec<Key
                 expires_at: k.expires_at,
                 models: k.models.clone(),
                 allow_ips: k.allow_ips.clone().filter(|a| !a.is_empty()),
+                account: k.account.clone(),
+                limits: k.limits.clone(),
+                budget: k
+                    .budget
+                    .as_ref()
+                    .and_then(|b| crate::sync::spending::budget_view(k.id, b, consumed, now)),
             }
         })
         .collect()
