@@ -342,5 +342,90 @@ fn bench_admission(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_digest, bench_admission);
+/// SPEC §7: every key in account `acme`, with key and account quota, a daily budget on both,
+/// and rpm, tpm and concurrency on both (all far from their limits, so nothing refuses).
+/// `with_limits/base/<n>` is the plain admission on that table; `with_limits/policy/<n>` adds
+/// the limits, the joint key+account+budget reservation and its settle (in-memory ledger):
+/// the difference is what accounts, budgets and limits add per call.
+fn bench_policy(c: &mut Criterion) {
+    use keygate::config::{AccountEntry, BudgetEntry, LimitsEntry};
+    use keygate::gate::accounts::admit_policy;
+    use keygate::ledger::limits::{mono_ns, LimitBook};
+    use keygate::ledger::Ledger;
+    let upstreams = upstreams();
+    let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let now = unix_now();
+    let limits = LimitsEntry {
+        rpm: Some(1_000_000_000),
+        tpm: Some(1_000_000_000),
+        concurrency: Some(1_000_000),
+    };
+    let budget = BudgetEntry {
+        period: Some("daily".into()),
+        amount: i64::MAX / 4,
+        timezone: Some("Europe/Berlin".into()),
+        rolling_days: None,
+    };
+    let mut group = c.benchmark_group("with_limits");
+    group.sample_size(50);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(3));
+    for n in [1usize, 1_000_000] {
+        let mut file = sync_file(n);
+        file.accounts.insert(
+            "acme".into(),
+            AccountEntry {
+                name: "Acme".into(),
+                status: KeyStatus::Enabled,
+                quota: i64::MAX / 4,
+                used: 0,
+                unlimited_quota: false,
+                max_keys: None,
+                limits: Some(limits.clone()),
+                budget: Some(budget.clone()),
+            },
+        );
+        for k in &mut file.keys {
+            k.quota = i64::MAX / 4;
+            k.account = Some("acme".into());
+            k.limits = Some(limits.clone());
+            k.budget = Some(budget.clone());
+        }
+        let table = KeyTable::compile(&file, "bench").expect("compiles");
+        drop(file);
+        let ledger = Ledger::in_memory();
+        let book = LimitBook::new();
+        let hot = headers_for(&key_for(n / 2));
+        group.bench_with_input(BenchmarkId::new("base", n), &n, |b, _| {
+            b.iter(|| admit_full(black_box(&table), &upstreams, black_box(&hot), peer, now))
+        });
+        group.bench_with_input(BenchmarkId::new("policy", n), &n, |b, _| {
+            b.iter(|| {
+                let a = admit_key(black_box(&table), black_box(&hot), None, peer, &[], now)
+                    .expect("admitted");
+                let key = table.at_slot(a.slot).expect("in table");
+                admit_model(&table, key, &upstreams, MODEL).expect("model admitted");
+                let (r, hold) = futures_util::FutureExt::now_or_never(admit_policy(
+                    &ledger,
+                    &book,
+                    &table,
+                    key,
+                    100,
+                    10,
+                    now,
+                    mono_ns(),
+                ))
+                .expect("an in-memory ledger never waits")
+                .expect("admitted");
+                if let Some(mut h) = hold {
+                    h.settle_tokens(100, mono_ns());
+                }
+                r.settle(10);
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_digest, bench_admission, bench_policy);
 criterion_main!(benches);

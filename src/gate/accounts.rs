@@ -10,8 +10,10 @@ use crate::core::clock::unix_now;
 use crate::core::errors::{Denial, Reason};
 use crate::core::limits::retry_after_secs;
 use crate::core::table::{KeyRecord, KeyTable};
-use crate::ledger::limits::{self, mono_ns, LimitRefusal, Scope, ScopeLimits};
-use crate::ledger::{Part, Reservation, ReserveError};
+use crate::ledger::limits::{
+    self, mono_ns, LimitBook, LimitHold, LimitRefusal, Scope, ScopeLimits,
+};
+use crate::ledger::{Ledger, Part, Reservation, ReserveError};
 
 /// What a part of the joint reservation stands for, to word its refusal.
 enum PartKind<'a> {
@@ -33,98 +35,134 @@ impl Gate {
         key: &KeyRecord,
         amount: i64,
     ) -> Result<Reservation, Denial> {
-        let Some(policy) = key.policy.as_deref() else {
-            return Err(Denial::new(Reason::InvalidApiKey));
-        };
-        let account = table.account_of(key);
+        let tokens = ctx.estimate.prompt_tokens + ctx.estimate.completion_tokens;
         let now_ns = mono_ns();
-
-        let mut scopes = Vec::with_capacity(2);
-        if !policy.limits.is_empty() {
-            scopes.push(ScopeLimits {
-                id: key.id,
-                scope: Scope::Key,
-                limits: policy.limits,
-            });
-        }
-        if let Some(a) = account.filter(|a| !a.limits.is_empty()) {
-            scopes.push(ScopeLimits {
-                id: a.ledger_id,
-                scope: Scope::Account,
-                limits: a.limits,
-            });
-        }
-        let mut hold = None;
-        if !scopes.is_empty() {
-            let tokens = ctx.estimate.prompt_tokens + ctx.estimate.completion_tokens;
-            match self.inner.limits.admit(&scopes, tokens, now_ns) {
-                Ok(h) => {
+        let admitted = admit_policy(
+            &self.inner.ledger,
+            &self.inner.limits,
+            table,
+            key,
+            tokens,
+            amount,
+            unix_now(),
+            now_ns,
+        )
+        .await;
+        match admitted {
+            Ok((r, hold)) => {
+                if let Some(h) = &hold {
                     ctx.headers.extend(h.headers(now_ns));
-                    hold = Some(h);
                 }
-                Err(refusal) => {
-                    let live: Vec<_> = scopes
-                        .iter()
-                        .map(|s| (self.inner.limits.scope(s.id), s.limits))
-                        .collect();
-                    ctx.headers.extend(limits::headers(
-                        live.iter().map(|(l, s)| (&**l, *s)),
-                        now_ns,
-                    ));
-                    return Err(limit_denial(refusal, account.map(|a| &*a.id)));
-                }
-            }
-        }
-
-        let now = unix_now();
-        let mut parts = Vec::with_capacity(4);
-        let mut kinds = Vec::with_capacity(4);
-        parts.push(Part {
-            id: key.id,
-            limit: (!key.unlimited_quota).then(|| key.quota.saturating_sub(key.used)),
-        });
-        kinds.push(PartKind::Key);
-        if let Some(a) = account {
-            parts.push(Part {
-                id: a.ledger_id,
-                limit: a.quota_limit(),
-            });
-            kinds.push(PartKind::Account(&a.id));
-        }
-        let budgets = [
-            policy.budget.as_ref().map(|b| (key.id, "API key", b)),
-            account.and_then(|a| Some((a.ledger_id, "account", a.budget.as_ref()?))),
-        ];
-        for (scope, whose, budget) in budgets.into_iter().flatten() {
-            let w = budget.period.window(now);
-            let earlier: i64 = w
-                .earlier
-                .iter()
-                .map(|&start| self.inner.ledger.consumed(budget_ledger_id(scope, start)))
-                .sum();
-            parts.push(Part {
-                id: budget_ledger_id(scope, w.current),
-                limit: Some(budget.amount.saturating_sub(earlier)),
-            });
-            kinds.push(PartKind::Budget {
-                whose,
-                budget,
-                resets_at: w.resets_at,
-            });
-        }
-
-        match self.inner.ledger.reserve_all(&parts, amount).await {
-            Ok(r) => {
                 ctx.limit_hold = hold;
                 Ok(r)
             }
-            Err((i, e)) => {
-                if let Some(h) = hold.as_mut() {
-                    // The call is not made: its request and tokens go back.
-                    h.cancel(now_ns);
-                }
-                Err(quota_denial(kinds.get(i), e, amount, now))
+            Err((d, headers)) => {
+                ctx.headers.extend(headers);
+                Err(d)
             }
+        }
+    }
+}
+
+/// A refusal and the rate-limit headers to send with it.
+pub type PolicyDenial = (Denial, Vec<(&'static str, String)>);
+
+/// The SPEC §7 admission of one call of `key` (which has a policy): the limits of the key and
+/// its account for `tokens` tokens, then `amount` units on the key's, the account's and their
+/// budget periods' counters, both-or-neither. `now` is unix seconds, `now_ns` [`mono_ns`].
+/// Public for the benches; the gate calls it through `reserve_with_policy`.
+#[allow(clippy::too_many_arguments)]
+pub async fn admit_policy(
+    ledger: &Ledger,
+    book: &LimitBook,
+    table: &KeyTable,
+    key: &KeyRecord,
+    tokens: u64,
+    amount: i64,
+    now: i64,
+    now_ns: i64,
+) -> Result<(Reservation, Option<LimitHold>), PolicyDenial> {
+    let Some(policy) = key.policy.as_deref() else {
+        return Err((Denial::new(Reason::InvalidApiKey), Vec::new()));
+    };
+    let account = table.account_of(key);
+
+    let mut scopes = [None, None];
+    if !policy.limits.is_empty() {
+        scopes[0] = Some(ScopeLimits {
+            id: key.id,
+            scope: Scope::Key,
+            limits: policy.limits,
+        });
+    }
+    if let Some(a) = account.filter(|a| !a.limits.is_empty()) {
+        scopes[1] = Some(ScopeLimits {
+            id: a.ledger_id,
+            scope: Scope::Account,
+            limits: a.limits,
+        });
+    }
+    let scopes: Vec<ScopeLimits> = scopes.into_iter().flatten().collect();
+    let mut hold = None;
+    if !scopes.is_empty() {
+        match book.admit(&scopes, tokens, now_ns) {
+            Ok(h) => hold = Some(h),
+            Err(refusal) => {
+                let live: Vec<_> = scopes
+                    .iter()
+                    .map(|s| (book.scope(s.id), s.limits))
+                    .collect();
+                let headers = limits::headers(live.iter().map(|(l, s)| (&**l, *s)), now_ns);
+                return Err((limit_denial(refusal, account.map(|a| &*a.id)), headers));
+            }
+        }
+    }
+
+    let mut parts = Vec::with_capacity(4);
+    let mut kinds = Vec::with_capacity(4);
+    parts.push(Part {
+        id: key.id,
+        limit: (!key.unlimited_quota).then(|| key.quota.saturating_sub(key.used)),
+    });
+    kinds.push(PartKind::Key);
+    if let Some(a) = account {
+        parts.push(Part {
+            id: a.ledger_id,
+            limit: a.quota_limit(),
+        });
+        kinds.push(PartKind::Account(&a.id));
+    }
+    let budgets = [
+        policy.budget.as_ref().map(|b| (key.id, "API key", b)),
+        account.and_then(|a| Some((a.ledger_id, "account", a.budget.as_ref()?))),
+    ];
+    for (scope, whose, budget) in budgets.into_iter().flatten() {
+        let w = budget.period.window(now);
+        let earlier: i64 = w
+            .earlier
+            .iter()
+            .map(|&start| ledger.consumed(budget_ledger_id(scope, start)))
+            .sum();
+        parts.push(Part {
+            id: budget_ledger_id(scope, w.current),
+            limit: Some(budget.amount.saturating_sub(earlier)),
+        });
+        kinds.push(PartKind::Budget {
+            whose,
+            budget,
+            resets_at: w.resets_at,
+        });
+    }
+
+    match ledger.reserve_all(&parts, amount).await {
+        Ok(r) => Ok((r, hold)),
+        Err((i, e)) => {
+            let headers = hold.as_ref().map(|h| h.headers(now_ns)).unwrap_or_default();
+            if let Some(h) = hold.as_mut() {
+                // The call is not made: its request and tokens go back.
+                h.cancel(now_ns);
+            }
+            Err((quota_denial(kinds.get(i), e, amount, now), headers))
         }
     }
 }

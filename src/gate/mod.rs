@@ -9,7 +9,7 @@
 //! [`Gate::logging`] records the outcome. The quota reservation (SPEC §4) is taken at the end of
 //! `request_filter` and settled in `logging`.
 
-mod accounts;
+pub mod accounts;
 mod admission;
 mod answer;
 mod attempts;
