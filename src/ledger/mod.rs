@@ -19,28 +19,24 @@
 //! this is rare once a key's rate is known ([`Ledger::durable_waits`] counts it).
 //! A clean shutdown writes exact values.
 
+mod files;
 mod joint;
 mod lease;
 pub mod limits;
+mod writer;
 
+use self::files::{load_state, HANDOFF, LOCK};
 pub use joint::Part;
 pub use lease::RedisSettings;
 
 use dashmap::DashMap;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-
-const JOURNAL: &str = "ledger.journal";
-const SNAPSHOT: &str = "ledger.snapshot";
-const CONSUMED: &str = "ledger.consumed";
-const HANDOFF: &str = "ledger.handoff";
-const LOCK: &str = "ledger.lock";
-const COMPACT_AFTER_BYTES: u64 = 4 * 1024 * 1024;
 
 pub use crate::core::pricing::MAX_AMOUNT;
 
@@ -440,420 +436,6 @@ impl Ledger {
             .await
             .map_err(|_| ReserveError::NotDurable)
     }
-
-    fn writer_loop(&self) {
-        let Some(dir) = self.shared.dir.clone() else {
-            return;
-        };
-        let mut journal = match open_journal(&dir) {
-            Ok(f) => f,
-            Err(e) => {
-                log::error!("ledger: cannot open {}: {e}", dir.join(JOURNAL).display());
-                return;
-            }
-        };
-        let mut generation = 0u64;
-        let mut last_report = std::time::Instant::now();
-        loop {
-            if last_report.elapsed() >= Duration::from_secs(1) {
-                last_report = std::time::Instant::now();
-                self.apply_handoff(&dir);
-                let now = self.now_ms();
-                for entry in self.shared.counters.iter() {
-                    measure_rate(entry.value(), now);
-                }
-                if let Err(e) = self.write_consumed_report(&dir, false) {
-                    log::warn!("ledger: consumed report: {e}");
-                }
-            }
-            let batch: Vec<u64> = {
-                let Ok(mut q) = self.shared.queue.lock() else {
-                    return;
-                };
-                if q.is_empty() && !self.shared.stop.load(Ordering::Acquire) {
-                    q = match self.shared.wake.wait_timeout(q, Duration::from_millis(500)) {
-                        Ok((q, _)) => q,
-                        Err(_) => return,
-                    };
-                }
-                std::mem::take(&mut *q)
-            };
-            if batch.is_empty() {
-                if self.shared.stop.load(Ordering::Acquire) {
-                    return;
-                }
-                continue;
-            }
-            let mut lines = String::new();
-            let mut raised = Vec::with_capacity(batch.len());
-            let mut raised_ids = Vec::with_capacity(batch.len());
-            let now = self.now_ms();
-            for id in batch {
-                let Some(c) = self.shared.counters.get(&id).map(|c| c.clone()) else {
-                    continue;
-                };
-                c.queued.store(false, Ordering::SeqCst);
-                // A key asking for a raise is measured now, not only at the next tick, so the
-                // headroom of a key speeding up grows with it.
-                measure_rate(&c, now);
-                let target = c.wanted.load(Ordering::SeqCst).max(c.committed());
-                if target > c.durable.load(Ordering::SeqCst) {
-                    lines.push_str(&format!("{id} {target}\n"));
-                    raised.push((c, target));
-                    raised_ids.push(id);
-                }
-            }
-            if raised.is_empty() {
-                continue;
-            }
-            let appended = self.with_lock(false, || {
-                journal
-                    .write_all(lines.as_bytes())
-                    .and_then(|_| journal.sync_data())
-            });
-            match appended {
-                Ok(()) => {
-                    for (c, target) in raised {
-                        c.durable.fetch_max(target, Ordering::AcqRel);
-                    }
-                    generation += 1;
-                    self.shared.flushed.send_replace(generation);
-                }
-                Err(e) => {
-                    self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
-                    log::error!("ledger: journal write failed: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                    // Put the ids back so they are tried again (their `queued` flags are set).
-                    if let Ok(mut q) = self.shared.queue.lock() {
-                        for (c, _) in &raised {
-                            c.queued.store(true, Ordering::SeqCst);
-                        }
-                        q.extend(raised_ids);
-                    }
-                }
-            }
-            if journal.metadata().map(|m| m.len()).unwrap_or(0) > COMPACT_AFTER_BYTES {
-                let compacted = self.with_lock(true, || {
-                    self.write_snapshot(&dir, false)?;
-                    open_journal_truncated(&dir)
-                });
-                match compacted {
-                    Ok(f) => journal = f,
-                    Err(e) => {
-                        self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
-                        log::error!("ledger: compaction failed: {e}");
-                    }
-                }
-            }
-        }
-    }
-
-    /// Milliseconds since the ledger started (the clock of the rate windows).
-    fn now_ms(&self) -> u64 {
-        self.shared.started.elapsed().as_millis() as u64
-    }
-
-    /// Stop the writer thread and wait for it, so the final write races nothing.
-    fn stop_writer(&self) {
-        self.shared.stop.store(true, Ordering::Release);
-        self.shared.wake.notify_all();
-        let handle = self.shared.writer.lock().ok().and_then(|mut w| w.take());
-        if let Some(h) = handle {
-            let _ = h.join();
-        }
-    }
-
-    fn with_lock<T>(
-        &self,
-        exclusive: bool,
-        f: impl FnOnce() -> std::io::Result<T>,
-    ) -> std::io::Result<T> {
-        let Some(lock) = &self.shared.lock else {
-            return f();
-        };
-        if exclusive {
-            lock.lock()?;
-        } else {
-            lock.lock_shared()?;
-        }
-        let out = f();
-        lock.unlock()?;
-        out
-    }
-
-    /// Write every key's ceiling (`exact`: its committed value, for a clean shutdown) to the
-    /// snapshot: temp file, fsync, rename, fsync the folder. A compaction (not `exact`) keeps
-    /// the highest of its own and what is on disk, which another process may have written.
-    fn write_snapshot(&self, dir: &Path, exact: bool) -> std::io::Result<()> {
-        let mut values: HashMap<u64, i64> = if exact {
-            HashMap::new()
-        } else {
-            load_state(dir)?
-        };
-        for entry in self.shared.counters.iter() {
-            let c = entry.value();
-            let v = if exact {
-                c.committed()
-            } else {
-                c.durable.load(Ordering::Acquire).max(c.committed())
-            };
-            let e = values.entry(*entry.key()).or_insert(v);
-            *e = (*e).max(v);
-        }
-        let out = id_map_json("\"version\":1", "ceilings", values);
-        crate::support::fsutil::write_atomic(&dir.join(SNAPSHOT), out.as_bytes())
-    }
-
-    /// The old process of a binary upgrade, after it stopped serving: hand its exact values to
-    /// the successor (which started from this process's ceilings) instead of rewriting the
-    /// shared snapshot and journal.
-    pub fn handoff(&self) -> std::io::Result<()> {
-        if self.lease.is_some() {
-            // Nothing to hand off: Redis holds the counters, and the leases go back to it.
-            return self.shutdown();
-        }
-        self.stop_writer();
-        let Some(dir) = self.shared.dir.clone() else {
-            return Ok(());
-        };
-        let values = self
-            .shared
-            .counters
-            .iter()
-            .map(|e| (*e.key(), e.value().committed()));
-        let out = id_map_json(&written_at(), "committed", values);
-        crate::support::fsutil::write_atomic(&dir.join(HANDOFF), out.as_bytes())
-    }
-
-    /// A successor applies its predecessor's handoff once it appears: each key's counters move
-    /// by (predecessor's exact final value − the ceiling this process started from).
-    fn apply_handoff(&self, dir: &Path) {
-        let Ok(mut pending) = self.shared.successor.lock() else {
-            return;
-        };
-        let Some((started, initial)) = pending.as_ref() else {
-            return;
-        };
-        #[derive(serde::Deserialize)]
-        struct Handoff {
-            written_at: i64,
-            committed: HashMap<String, i64>,
-        }
-        let path = dir.join(HANDOFF);
-        let Ok(bytes) = std::fs::read(&path) else {
-            return;
-        };
-        let Ok(h) = serde_json::from_slice::<Handoff>(&bytes) else {
-            return;
-        };
-        if h.written_at < *started {
-            return;
-        }
-        let mut ids: std::collections::HashSet<u64> = initial.keys().copied().collect();
-        let finals: HashMap<u64, i64> = h
-            .committed
-            .iter()
-            .filter_map(|(k, v)| Some((k.parse().ok()?, *v)))
-            .collect();
-        ids.extend(finals.keys().copied());
-        for id in ids {
-            let delta =
-                finals.get(&id).copied().unwrap_or(0) - initial.get(&id).copied().unwrap_or(0);
-            if delta == 0 {
-                continue;
-            }
-            let c = self.counter(id);
-            c.committed.fetch_add(delta, Ordering::AcqRel);
-            c.consumed.fetch_add(delta, Ordering::AcqRel);
-            // What the predecessor spent is not this key's rate here.
-            c.rate_mark.fetch_add(delta, Ordering::Relaxed);
-            if delta > 0 {
-                request_ceiling(&self.shared, id, &c, c.committed());
-            }
-        }
-        let _ = std::fs::remove_file(&path);
-        *pending = None;
-        log::info!("ledger: applied the predecessor's final values");
-    }
-
-    /// Write every key's exact consumed value to `ledger.consumed` (what `keygate keys list`
-    /// reads), when any changed since the last write (or `always`).
-    fn write_consumed_report(&self, dir: &Path, always: bool) -> std::io::Result<()> {
-        let mut changed = always;
-        for e in self.shared.counters.iter() {
-            let c = e.value();
-            let now = c.consumed();
-            if c.reported.swap(now, Ordering::AcqRel) != now {
-                changed = true;
-            }
-        }
-        if !changed {
-            return Ok(());
-        }
-        let values = self
-            .shared
-            .counters
-            .iter()
-            .map(|e| (*e.key(), e.value().consumed()));
-        let out = id_map_json(&written_at(), "consumed", values);
-        crate::support::fsutil::write_atomic(&dir.join(CONSUMED), out.as_bytes())
-    }
-
-    /// Clean shutdown: write exact values to the snapshot and empty the journal, so nothing is
-    /// stranded. Call after the server has stopped serving.
-    pub fn shutdown(&self) -> std::io::Result<()> {
-        if let Some(l) = &self.lease {
-            l.shutdown(Duration::from_secs(3));
-            return Ok(());
-        }
-        self.stop_writer();
-        let Some(dir) = self.shared.dir.clone() else {
-            return Ok(());
-        };
-        self.with_lock(true, || {
-            self.write_snapshot(&dir, true)?;
-            self.write_consumed_report(&dir, true)?;
-            open_journal_truncated(&dir).map(|_| ())
-        })
-    }
-
-    /// What a gateway has charged each key id, as persisted in `dir` (for the CLI): the
-    /// consumed report a running gateway refreshes every second, else the durable ceilings.
-    pub fn read_consumed(dir: &Path) -> std::io::Result<HashMap<u64, i64>> {
-        let mut out = load_state(dir)?;
-        let report = dir.join(CONSUMED);
-        if report.exists() {
-            #[derive(serde::Deserialize)]
-            struct Report {
-                consumed: HashMap<String, i64>,
-            }
-            let r: Report = serde_json::from_slice(&std::fs::read(&report)?).map_err(|e| {
-                std::io::Error::other(format!("ledger report {}: {e}", report.display()))
-            })?;
-            for (k, v) in r.consumed {
-                if let Ok(id) = k.parse::<u64>() {
-                    out.insert(id, v);
-                }
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// `"written_at":<unix seconds>`, the header of the handoff and consumed files.
-fn written_at() -> String {
-    format!("\"written_at\":{}", crate::core::clock::unix_now())
-}
-
-/// `{<header>,"<name>":{"<id>":<value>,…}}` plus a newline: the shape of every ledger file.
-fn id_map_json(header: &str, name: &str, values: impl IntoIterator<Item = (u64, i64)>) -> String {
-    use std::fmt::Write as _;
-    let mut out = format!("{{{header},\"{name}\":{{");
-    for (i, (id, v)) in values.into_iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let _ = write!(out, "\"{id}\":{v}");
-    }
-    out.push_str("}}\n");
-    out
-}
-
-/// The writer measures `c`'s spending for its headroom: how much its committed amount grew
-/// since its window began (reservations count when they are taken, not when they settle: a
-/// burst of long calls is seen at once, not seconds later), over the window's length or one
-/// second if shorter, times [`HEADROOM_COVERS`]. A window of a
-/// second or more sets `rate_room` and starts the next window; a shorter one only raises it (a
-/// key speeding up is seen within its window, one slowing down at the window's end).
-fn measure_rate(c: &KeyCounter, now_ms: u64) {
-    let committed = c.committed();
-    let elapsed = now_ms.saturating_sub(c.rate_since.load(Ordering::Relaxed));
-    let spent = committed
-        .saturating_sub(c.rate_mark.load(Ordering::Relaxed))
-        .max(0);
-    let covers = HEADROOM_COVERS.as_millis() as i128;
-    let room = (spent as i128 * covers / elapsed.max(1_000) as i128).min(MAX_AMOUNT as i128) as i64;
-    if elapsed >= 1_000 {
-        c.rate_room.store(room, Ordering::Relaxed);
-        c.rate_mark.store(committed, Ordering::Relaxed);
-        c.rate_since.store(now_ms, Ordering::Relaxed);
-    } else {
-        c.rate_room.fetch_max(room, Ordering::Relaxed);
-    }
-}
-
-/// Ask the writer to raise `counter`'s durable ceiling to at least `target` (never waits).
-fn request_ceiling(shared: &Shared, key_id: u64, counter: &KeyCounter, target: i64) {
-    // SeqCst pairs with the writer's clear-then-read of `queued` and `wanted`: either the writer
-    // sees this `wanted`, or this swap sees `queued` cleared and queues the id again.
-    counter.wanted.fetch_max(target, Ordering::SeqCst);
-    if shared.dir.is_none() {
-        counter.durable.store(i64::MAX, Ordering::Release);
-        return;
-    }
-    if !counter.queued.swap(true, Ordering::SeqCst) {
-        if let Ok(mut q) = shared.queue.lock() {
-            q.push(key_id);
-        }
-        shared.wake.notify_one();
-    }
-}
-
-fn open_journal(dir: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(JOURNAL))
-}
-
-fn open_journal_truncated(dir: &Path) -> std::io::Result<File> {
-    let f = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(dir.join(JOURNAL))?;
-    f.sync_all()?;
-    drop(f);
-    open_journal(dir)
-}
-
-/// Read the snapshot, then replay the journal, keeping the highest ceiling per id. A torn last
-/// journal line (a crash mid-write) holds a digit prefix of its value, so it is smaller than the
-/// value being written; that write was never fsynced, so no admission relied on it.
-fn load_state(dir: &Path) -> std::io::Result<HashMap<u64, i64>> {
-    let mut ceilings: HashMap<u64, i64> = HashMap::new();
-    let snap = dir.join(SNAPSHOT);
-    if snap.exists() {
-        #[derive(serde::Deserialize)]
-        struct Snapshot {
-            ceilings: HashMap<String, i64>,
-        }
-        let bytes = std::fs::read(&snap)?;
-        let s: Snapshot = serde_json::from_slice(&bytes).map_err(|e| {
-            std::io::Error::other(format!("ledger snapshot {}: {e}", snap.display()))
-        })?;
-        for (k, v) in s.ceilings {
-            let id = k.parse::<u64>().map_err(|_| {
-                std::io::Error::other(format!("ledger snapshot {}: bad id {k:?}", snap.display()))
-            })?;
-            ceilings.insert(id, v);
-        }
-    }
-    let journal = dir.join(JOURNAL);
-    if journal.exists() {
-        for line in BufReader::new(File::open(&journal)?).lines() {
-            let line = line?;
-            let mut parts = line.split_ascii_whitespace();
-            let (Some(id), Some(v), None) = (parts.next(), parts.next(), parts.next()) else {
-                continue;
-            };
-            if let (Ok(id), Ok(v)) = (id.parse::<u64>(), v.parse::<i64>()) {
-                let e = ceilings.entry(id).or_insert(v);
-                *e = (*e).max(v);
-            }
-        }
-    }
-    Ok(ceilings)
 }
 
 /// Quota held for one call. Settle it once with [`Reservation::settle`]; dropped unsettled, it
@@ -937,8 +519,27 @@ impl Drop for Reservation {
     }
 }
 
+/// Ask the writer to raise `counter`'s durable ceiling to at least `target` (never waits).
+fn request_ceiling(shared: &Shared, key_id: u64, counter: &KeyCounter, target: i64) {
+    // SeqCst pairs with the writer's clear-then-read of `queued` and `wanted`: either the writer
+    // sees this `wanted`, or this swap sees `queued` cleared and queues the id again.
+    counter.wanted.fetch_max(target, Ordering::SeqCst);
+    if shared.dir.is_none() {
+        counter.durable.store(i64::MAX, Ordering::Release);
+        return;
+    }
+    if !counter.queued.swap(true, Ordering::SeqCst) {
+        if let Ok(mut q) = shared.queue.lock() {
+            q.push(key_id);
+        }
+        shared.wake.notify_one();
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::files::*;
+    use super::writer::measure_rate;
     use super::*;
 
     #[tokio::test]

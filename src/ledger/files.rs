@@ -1,0 +1,276 @@
+//! The ledger's files in `state_dir`: the journal and snapshot of ceilings, the handoff to the
+//! next binary of an upgrade, the consumed report, and the exact values a clean shutdown writes.
+
+use super::*;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader};
+
+pub(super) const JOURNAL: &str = "ledger.journal";
+
+pub(super) const SNAPSHOT: &str = "ledger.snapshot";
+
+pub(super) const CONSUMED: &str = "ledger.consumed";
+
+pub(super) const HANDOFF: &str = "ledger.handoff";
+
+pub(super) const LOCK: &str = "ledger.lock";
+
+pub(super) const COMPACT_AFTER_BYTES: u64 = 4 * 1024 * 1024;
+
+impl Ledger {
+    pub(super) fn with_lock<T>(
+        &self,
+        exclusive: bool,
+        f: impl FnOnce() -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
+        let Some(lock) = &self.shared.lock else {
+            return f();
+        };
+        if exclusive {
+            lock.lock()?;
+        } else {
+            lock.lock_shared()?;
+        }
+        let out = f();
+        lock.unlock()?;
+        out
+    }
+
+    /// Write every key's ceiling (`exact`: its committed value, for a clean shutdown) to the
+    /// snapshot: temp file, fsync, rename, fsync the folder. A compaction (not `exact`) keeps
+    /// the highest of its own and what is on disk, which another process may have written.
+    pub(super) fn write_snapshot(&self, dir: &Path, exact: bool) -> std::io::Result<()> {
+        let mut values: HashMap<u64, i64> = if exact {
+            HashMap::new()
+        } else {
+            load_state(dir)?
+        };
+        for entry in self.shared.counters.iter() {
+            let c = entry.value();
+            let v = if exact {
+                c.committed()
+            } else {
+                c.durable.load(Ordering::Acquire).max(c.committed())
+            };
+            let e = values.entry(*entry.key()).or_insert(v);
+            *e = (*e).max(v);
+        }
+        let out = id_map_json("\"version\":1", "ceilings", values);
+        crate::support::fsutil::write_atomic(&dir.join(SNAPSHOT), out.as_bytes())
+    }
+
+    /// The old process of a binary upgrade, after it stopped serving: hand its exact values to
+    /// the successor (which started from this process's ceilings) instead of rewriting the
+    /// shared snapshot and journal.
+    pub fn handoff(&self) -> std::io::Result<()> {
+        if self.lease.is_some() {
+            // Nothing to hand off: Redis holds the counters, and the leases go back to it.
+            return self.shutdown();
+        }
+        self.stop_writer();
+        let Some(dir) = self.shared.dir.clone() else {
+            return Ok(());
+        };
+        let values = self
+            .shared
+            .counters
+            .iter()
+            .map(|e| (*e.key(), e.value().committed()));
+        let out = id_map_json(&written_at(), "committed", values);
+        crate::support::fsutil::write_atomic(&dir.join(HANDOFF), out.as_bytes())
+    }
+
+    /// A successor applies its predecessor's handoff once it appears: each key's counters move
+    /// by (predecessor's exact final value − the ceiling this process started from).
+    pub(super) fn apply_handoff(&self, dir: &Path) {
+        let Ok(mut pending) = self.shared.successor.lock() else {
+            return;
+        };
+        let Some((started, initial)) = pending.as_ref() else {
+            return;
+        };
+        #[derive(serde::Deserialize)]
+        struct Handoff {
+            written_at: i64,
+            committed: HashMap<String, i64>,
+        }
+        let path = dir.join(HANDOFF);
+        let Ok(bytes) = std::fs::read(&path) else {
+            return;
+        };
+        let Ok(h) = serde_json::from_slice::<Handoff>(&bytes) else {
+            return;
+        };
+        if h.written_at < *started {
+            return;
+        }
+        let mut ids: std::collections::HashSet<u64> = initial.keys().copied().collect();
+        let finals: HashMap<u64, i64> = h
+            .committed
+            .iter()
+            .filter_map(|(k, v)| Some((k.parse().ok()?, *v)))
+            .collect();
+        ids.extend(finals.keys().copied());
+        for id in ids {
+            let delta =
+                finals.get(&id).copied().unwrap_or(0) - initial.get(&id).copied().unwrap_or(0);
+            if delta == 0 {
+                continue;
+            }
+            let c = self.counter(id);
+            c.committed.fetch_add(delta, Ordering::AcqRel);
+            c.consumed.fetch_add(delta, Ordering::AcqRel);
+            // What the predecessor spent is not this key's rate here.
+            c.rate_mark.fetch_add(delta, Ordering::Relaxed);
+            if delta > 0 {
+                request_ceiling(&self.shared, id, &c, c.committed());
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+        *pending = None;
+        log::info!("ledger: applied the predecessor's final values");
+    }
+
+    /// Write every key's exact consumed value to `ledger.consumed` (what `keygate keys list`
+    /// reads), when any changed since the last write (or `always`).
+    pub(super) fn write_consumed_report(&self, dir: &Path, always: bool) -> std::io::Result<()> {
+        let mut changed = always;
+        for e in self.shared.counters.iter() {
+            let c = e.value();
+            let now = c.consumed();
+            if c.reported.swap(now, Ordering::AcqRel) != now {
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok(());
+        }
+        let values = self
+            .shared
+            .counters
+            .iter()
+            .map(|e| (*e.key(), e.value().consumed()));
+        let out = id_map_json(&written_at(), "consumed", values);
+        crate::support::fsutil::write_atomic(&dir.join(CONSUMED), out.as_bytes())
+    }
+
+    /// Clean shutdown: write exact values to the snapshot and empty the journal, so nothing is
+    /// stranded. Call after the server has stopped serving.
+    pub fn shutdown(&self) -> std::io::Result<()> {
+        if let Some(l) = &self.lease {
+            l.shutdown(Duration::from_secs(3));
+            return Ok(());
+        }
+        self.stop_writer();
+        let Some(dir) = self.shared.dir.clone() else {
+            return Ok(());
+        };
+        self.with_lock(true, || {
+            self.write_snapshot(&dir, true)?;
+            self.write_consumed_report(&dir, true)?;
+            open_journal_truncated(&dir).map(|_| ())
+        })
+    }
+
+    /// What a gateway has charged each key id, as persisted in `dir` (for the CLI): the
+    /// consumed report a running gateway refreshes every second, else the durable ceilings.
+    pub fn read_consumed(dir: &Path) -> std::io::Result<HashMap<u64, i64>> {
+        let mut out = load_state(dir)?;
+        let report = dir.join(CONSUMED);
+        if report.exists() {
+            #[derive(serde::Deserialize)]
+            struct Report {
+                consumed: HashMap<String, i64>,
+            }
+            let r: Report = serde_json::from_slice(&std::fs::read(&report)?).map_err(|e| {
+                std::io::Error::other(format!("ledger report {}: {e}", report.display()))
+            })?;
+            for (k, v) in r.consumed {
+                if let Ok(id) = k.parse::<u64>() {
+                    out.insert(id, v);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `"written_at":<unix seconds>`, the header of the handoff and consumed files.
+pub(super) fn written_at() -> String {
+    format!("\"written_at\":{}", crate::core::clock::unix_now())
+}
+
+/// `{<header>,"<name>":{"<id>":<value>,…}}` plus a newline: the shape of every ledger file.
+pub(super) fn id_map_json(
+    header: &str,
+    name: &str,
+    values: impl IntoIterator<Item = (u64, i64)>,
+) -> String {
+    use std::fmt::Write as _;
+    let mut out = format!("{{{header},\"{name}\":{{");
+    for (i, (id, v)) in values.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "\"{id}\":{v}");
+    }
+    out.push_str("}}\n");
+    out
+}
+
+pub(super) fn open_journal(dir: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(JOURNAL))
+}
+
+pub(super) fn open_journal_truncated(dir: &Path) -> std::io::Result<File> {
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(dir.join(JOURNAL))?;
+    f.sync_all()?;
+    drop(f);
+    open_journal(dir)
+}
+
+/// Read the snapshot, then replay the journal, keeping the highest ceiling per id. A torn last
+/// journal line (a crash mid-write) holds a digit prefix of its value, so it is smaller than the
+/// value being written; that write was never fsynced, so no admission relied on it.
+pub(super) fn load_state(dir: &Path) -> std::io::Result<HashMap<u64, i64>> {
+    let mut ceilings: HashMap<u64, i64> = HashMap::new();
+    let snap = dir.join(SNAPSHOT);
+    if snap.exists() {
+        #[derive(serde::Deserialize)]
+        struct Snapshot {
+            ceilings: HashMap<String, i64>,
+        }
+        let bytes = std::fs::read(&snap)?;
+        let s: Snapshot = serde_json::from_slice(&bytes).map_err(|e| {
+            std::io::Error::other(format!("ledger snapshot {}: {e}", snap.display()))
+        })?;
+        for (k, v) in s.ceilings {
+            let id = k.parse::<u64>().map_err(|_| {
+                std::io::Error::other(format!("ledger snapshot {}: bad id {k:?}", snap.display()))
+            })?;
+            ceilings.insert(id, v);
+        }
+    }
+    let journal = dir.join(JOURNAL);
+    if journal.exists() {
+        for line in BufReader::new(File::open(&journal)?).lines() {
+            let line = line?;
+            let mut parts = line.split_ascii_whitespace();
+            let (Some(id), Some(v), None) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
+            if let (Ok(id), Ok(v)) = (id.parse::<u64>(), v.parse::<i64>()) {
+                let e = ceilings.entry(id).or_insert(v);
+                *e = (*e).max(v);
+            }
+        }
+    }
+    Ok(ceilings)
+}
