@@ -19,5 +19,6 @@ pub mod policy;
 pub mod pools;
 pub mod pricing;
 pub mod request_json;
+pub mod sync_schema;
 pub mod table;
 pub mod url;

@@ -1,0 +1,221 @@
+//! The sync file's schema (SPEC §2 and §7) as serde reads it: keys, groups, model prices and
+//! accounts. Parsed strictly (`deny_unknown_fields`); [`crate::core::table`] compiles it.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// `enabled` or `disabled`.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyStatus {
+    /// The key may be used.
+    #[default]
+    Enabled,
+    /// The key is refused with 401 `key_disabled`.
+    Disabled,
+}
+
+/// A group: a model range and a price ratio.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupEntry {
+    /// Multiplies every price in this group.
+    #[serde(default = "default_ratio")]
+    pub ratio: f64,
+    /// Models this group may use; absent = all.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// Default rate limits for the group's keys that set none (SPEC §7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsEntry>,
+}
+
+fn default_ratio() -> f64 {
+    1.0
+}
+
+/// A model's price (new-api's ratios, or a fixed price per call).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    /// Quota units per token.
+    #[serde(default)]
+    pub ratio: Option<f64>,
+    /// Completion tokens cost this many times a prompt token. Default 1.
+    #[serde(default)]
+    pub completion_ratio: Option<f64>,
+    /// A fixed price per call in USD.
+    #[serde(default)]
+    pub price: Option<f64>,
+}
+
+/// One key as written in the sync file.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyEntry {
+    /// Stable id; counters attach to it.
+    pub id: u64,
+    /// A recognizable name, at most 50 characters.
+    #[serde(default)]
+    pub name: String,
+    /// Hex SHA-256 of the full key string including `sk-`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_sha256: Option<String>,
+    /// The plaintext key (imports); hashed at load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// `enabled` or `disabled`.
+    #[serde(default)]
+    pub status: KeyStatus,
+    /// Total granted quota in units.
+    #[serde(default)]
+    pub quota: i64,
+    /// No cap (usage still counted).
+    #[serde(default)]
+    pub unlimited_quota: bool,
+    /// Quota consumed elsewhere before this gateway counts.
+    #[serde(default)]
+    pub used: i64,
+    /// Unix seconds; -1 (or 0) for never.
+    #[serde(default = "never")]
+    pub expires_at: i64,
+    /// Allowed models; absent = no restriction; empty = nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+    /// Allowed client IPs and CIDRs; absent or empty = no restriction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_ips: Option<Vec<String>>,
+    /// The group.
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// Keys this entry had before a rotation with a grace period; each works until `until`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_keys: Vec<PreviousKey>,
+    /// The account the key belongs to (SPEC §7); its checks and charges apply too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// The key's own rate limits (else its group's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsEntry>,
+    /// The key's period budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetEntry>,
+}
+
+/// `limits`: rate limits of a key, an account or a group's keys (SPEC §7). Signed, so that a
+/// negative value is read and refused with a precise message rather than a serde one.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsEntry {
+    /// Requests per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<i64>,
+    /// Tokens per minute (prompt estimate + reserved completion, corrected at settle).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<i64>,
+    /// Calls in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<i64>,
+}
+
+/// `budget`: what may be spent per period, in quota units (SPEC §7).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetEntry {
+    /// `daily`, `weekly` or `monthly`; absent when `rolling_days` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<String>,
+    /// Units per period.
+    pub amount: i64,
+    /// IANA time zone of the period's boundaries; default UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// A rolling window of this many days (whole UTC days) instead of a calendar period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolling_days: Option<i64>,
+}
+
+/// An account in the sync file (SPEC §7): keys that name it are checked and charged against it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AccountEntry {
+    /// Display name.
+    #[serde(default)]
+    pub name: String,
+    /// `enabled` or `disabled` (its keys are refused with `account_disabled`).
+    #[serde(default)]
+    pub status: KeyStatus,
+    /// Total granted quota in units.
+    #[serde(default)]
+    pub quota: i64,
+    /// Quota consumed elsewhere before this gateway counts.
+    #[serde(default)]
+    pub used: i64,
+    /// No lifetime cap.
+    #[serde(default)]
+    pub unlimited_quota: bool,
+    /// Most keys that may name this account; absent = no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_keys: Option<i64>,
+    /// Rate limits shared by all the account's keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsEntry>,
+    /// The account's period budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetEntry>,
+}
+
+/// A rotated-out key that still works until its grace period ends.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PreviousKey {
+    /// Hex SHA-256 of the old key.
+    pub key_sha256: String,
+    /// Unix seconds after which the old key is refused.
+    pub until: i64,
+}
+
+fn never() -> i64 {
+    -1
+}
+fn default_group() -> String {
+    "default".to_string()
+}
+fn default_quota_per_unit() -> f64 {
+    500_000.0
+}
+
+/// The sync file as written (SPEC §2).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SyncFile {
+    /// Bumped on every edit.
+    #[serde(default)]
+    pub revision: u64,
+    /// Quota units per USD.
+    #[serde(default = "default_quota_per_unit")]
+    pub quota_per_unit: f64,
+    /// The next id `keygate keys create` hands out: ids are never reused, since consumed quota
+    /// stays attached to an id after its key is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_id: Option<u64>,
+    /// Groups by name.
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupEntry>,
+    /// Prices by model name (`"*"` = any other model).
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelPrice>,
+    /// The keys.
+    #[serde(default)]
+    pub keys: Vec<KeyEntry>,
+    /// Accounts by id (SPEC §7).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub accounts: BTreeMap<String, AccountEntry>,
+}
+
+impl SyncFile {
+    /// Parse sync-file JSON strictly (unknown fields and trailing garbage are errors).
+    pub fn parse(bytes: &[u8]) -> Result<SyncFile, String> {
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+    }
+}
