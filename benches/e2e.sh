@@ -20,6 +20,8 @@
 # (same config, other ports, same core) and is measured in every repetition right after it, on
 # the JSON case; the ratio of CPU per request (new / base) is printed, and each pair's ratio.
 # AB_ONLY=1 (with KEYGATE_BASE): measure only the passthrough, keygate and the base.
+# KG_BASE_EXTRA_CONFIG="key: value": config lines for the base only (KEYGATE_BASE may then be the
+# same binary: an A/B of one setting).
 # PROFILE=1: build with symbols (cargo profile `profiling`: release plus line tables) and, after
 # the measured runs, record keygate with perf during one more run and print where its CPU time
 # goes (flat self time by function, and rolled up by crate).
@@ -151,6 +153,8 @@ printf 'ledger:\n  backend: redis\n  redis_url: "redis://127.0.0.1:%s"\n' "$P_RE
 sed -e "s/^listen: .*/listen: \"127.0.0.1:$P_KGB\"/" -e "s/^metrics_listen: .*/metrics_listen: \"127.0.0.1:$P_KGB_M\"/" \
   -e "s/^state_dir: var/state_dir: var_base/" -e "s|^usage_log: .*|usage_log: var_base/usage.jsonl|" \
   "$W/keygate.yaml" >"$W/keygate_base.yaml"
+# KG_BASE_EXTRA_CONFIG: lines for the base's config only (an A/B of a setting on one binary).
+printf '%s\n' "${KG_BASE_EXTRA_CONFIG:-}" >>"$W/keygate_base.yaml"
 
 # Resident memory per key: keygate with one key, then with the 1M keys (both after start).
 rss_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
