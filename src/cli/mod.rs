@@ -6,3 +6,4 @@ pub mod demo;
 pub mod import;
 pub mod mock;
 pub mod mock_faults;
+mod mock_routes;
