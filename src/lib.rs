@@ -23,7 +23,8 @@
 //!    gives itself.
 //! 4. [`ops`]: the server, connection limits, the metrics listener, the ready proxy;
 //!    [`sync`]: reloading and editing the sync file.
-//! 5. [`cli`]: the import, the demo and its mock backend; [`fuzzing`]: fuzz entry points.
+//! 5. [`cli`]: the import, the demo and its mock backend; [`admin`]: the admin API and the
+//!    console; [`fuzzing`]: fuzz entry points.
 //!
 //! # Embedding `Gate` in your own Pingora proxy
 //!
@@ -93,6 +94,7 @@
 // No panics on input: `unwrap`/`expect` are for tests only (CI runs clippy with -D warnings).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod admin;
 pub mod cli;
 pub mod core;
 pub mod fuzzing;

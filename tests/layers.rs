@@ -16,6 +16,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("ops", 4),
     ("sync", 4),
     ("cli", 5),
+    ("admin", 5),
     ("fuzzing", 5),
 ];
 
