@@ -22,12 +22,12 @@ pub enum SecretError {
         var: String,
     },
     /// The variable does not hold 64 hex characters.
-    #[error("key_vault: environment variable {var}: {source}")]
+    #[error("key_vault: environment variable {var}: {problem}")]
     Format {
         /// The variable.
         var: String,
         /// What is wrong with its value.
-        source: VaultError,
+        problem: VaultError,
     },
 }
 
@@ -35,9 +35,9 @@ pub enum SecretError {
 pub fn from_env(var: &str) -> Result<Vault, SecretError> {
     let value = std::env::var_os(var).ok_or_else(|| SecretError::Unset { var: var.into() })?;
     let text = zeroize::Zeroizing::new(value.to_string_lossy().into_owned());
-    Vault::from_hex(&text).map_err(|source| SecretError::Format {
+    Vault::from_hex(&text).map_err(|problem| SecretError::Format {
         var: var.into(),
-        source,
+        problem,
     })
 }
 
@@ -90,31 +90,25 @@ impl RevealError {
 /// The full key of entry `k`, opened with `vault` and checked against its `key_sha256`.
 pub fn reveal_entry(k: &KeyEntry, vault: Option<&Vault>) -> Result<String, RevealError> {
     let id = k.id;
-    let Some(vault) = vault else {
-        return Err(RevealError::NotRecoverable {
-            id,
-            why: "no key_vault is configured",
-        });
+    let not_recoverable = |why| RevealError::NotRecoverable { id, why };
+    if k.key_sealed.is_none() && k.key.is_none() {
+        return Err(not_recoverable("it is stored only as a hash"));
+    }
+    let vault = vault.ok_or_else(|| not_recoverable("no key_vault is configured"))?;
+    let Some(sealed) = &k.key_sealed else {
+        // Given in clear in the file.
+        return Ok(k.key.clone().unwrap_or_default());
     };
-    match (&k.key_sealed, &k.key) {
-        (Some(sealed), _) => {
-            let key = vault.open(id, sealed).map_err(RevealError::Sealed)?;
-            let matches = match (&k.key_sha256, &k.key) {
-                (Some(h), _) => h.eq_ignore_ascii_case(&digest_hex(&key_digest(key.as_bytes()))),
-                (None, Some(plain)) => key_digest(plain.as_bytes()) == key_digest(key.as_bytes()),
-                (None, None) => false,
-            };
-            if matches {
-                Ok(key)
-            } else {
-                Err(RevealError::Stale { id })
-            }
-        }
-        (None, Some(plain)) => Ok(plain.clone()),
-        (None, None) => Err(RevealError::NotRecoverable {
-            id,
-            why: "it is stored only as a hash",
-        }),
+    let key = vault.open(id, sealed).map_err(RevealError::Sealed)?;
+    let matches = match (&k.key_sha256, &k.key) {
+        (Some(h), _) => h.eq_ignore_ascii_case(&digest_hex(&key_digest(key.as_bytes()))),
+        (None, Some(plain)) => key_digest(plain.as_bytes()) == key_digest(key.as_bytes()),
+        (None, None) => false,
+    };
+    if matches {
+        Ok(key)
+    } else {
+        Err(RevealError::Stale { id })
     }
 }
 
