@@ -280,7 +280,7 @@ fn hint_of(k: &KeyEntry) -> Option<String> {
 /// sealed now could never be opened together with them).
 fn same_secret(file: &SyncFile, vault: Option<&Vault>) -> Result<(), ApiError> {
     match vault {
-        Some(v) => crate::sync::vault::check_same_secret(file, v)
+        Some(v) => crate::core::vault::check_same_secret(file, v)
             .map_err(|e| ApiError::conflict("vault_mismatch", e)),
         None => Ok(()),
     }

@@ -80,7 +80,7 @@ pub fn import_new_api(
     let rows = rows(export)?;
     editor.edit(|file| {
         if let Some(v) = vault {
-            crate::sync::vault::check_same_secret(file, v)?;
+            crate::core::vault::check_same_secret(file, v)?;
         }
         let mut report = ImportReport::default();
         let mut ids: HashSet<u64> = file.keys.iter().map(|k| k.id).collect();

@@ -182,6 +182,25 @@ impl Vault {
     }
 }
 
+/// Before sealing new keys into `file`: refuse when `vault` does not open the key already
+/// sealed there first, so that one file never holds keys sealed under two secrets.
+pub fn check_same_secret(
+    file: &crate::core::config::SyncFile,
+    vault: &Vault,
+) -> Result<(), String> {
+    let Some(k) = file.keys.iter().find(|k| k.key_sealed.is_some()) else {
+        return Ok(());
+    };
+    let sealed = k.key_sealed.as_deref().unwrap_or("");
+    vault.open(k.id, sealed).map(|_| ()).map_err(|e| {
+        format!(
+            "vault secret does not open key {}'s sealed value ({e}): the keys in this file were \
+             sealed under another secret; nothing was written",
+            k.id
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

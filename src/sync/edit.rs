@@ -184,7 +184,7 @@ pub fn create(
     let hash = digest_hex(&key_digest(key.as_bytes()));
     let id = editor.edit(|file| {
         if let Some(v) = vault {
-            crate::sync::vault::check_same_secret(file, v)?;
+            crate::core::vault::check_same_secret(file, v)?;
         }
         let id = next_free_id(file);
         file.next_id = Some(id + 1);
@@ -270,7 +270,7 @@ pub fn rotate(
     let hash = digest_hex(&key_digest(key.as_bytes()));
     editor.edit(|file| {
         if let Some(v) = vault {
-            crate::sync::vault::check_same_secret(file, v)?;
+            crate::core::vault::check_same_secret(file, v)?;
         }
         let k = entry_mut(file, id)?;
         let old = match (k.key_sha256.take(), k.key.take()) {

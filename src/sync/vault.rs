@@ -252,22 +252,6 @@ pub fn load_checked(config: &Config) -> Result<Option<(Vault, usize)>, StartErro
     Ok(Some((vault, sealed)))
 }
 
-/// Before sealing new keys into `file`: refuse when `vault` does not open the key already
-/// sealed there first, so that one file never holds keys sealed under two secrets.
-pub fn check_same_secret(file: &SyncFile, vault: &Vault) -> Result<(), String> {
-    let Some(k) = file.keys.iter().find(|k| k.key_sealed.is_some()) else {
-        return Ok(());
-    };
-    let sealed = k.key_sealed.as_deref().unwrap_or("");
-    vault.open(k.id, sealed).map(|_| ()).map_err(|e| {
-        format!(
-            "vault secret does not open key {}'s sealed value ({e}): the keys in this file were \
-             sealed under another secret; nothing was written",
-            k.id
-        )
-    })
-}
-
 /// Re-seal every sealed key under `to` (opened with `from`) in one locked, atomic edit: all
 /// keys or none. Returns how many were re-sealed.
 pub fn rekey(editor: &SyncEditor, from: &Vault, to: &Vault) -> Result<usize, String> {
