@@ -147,6 +147,16 @@ pub enum CheckError {
     },
 }
 
+impl CheckError {
+    /// The first failures, one message per key (none for a file that cannot be read).
+    pub fn failures(&self) -> &[String] {
+        match self {
+            CheckError::File { .. } => &[],
+            CheckError::DoesNotOpen { failures, .. } => failures,
+        }
+    }
+}
+
 /// Just what the vault check reads of each key (so a large file is not parsed whole again).
 #[derive(Deserialize)]
 struct SealedOnly {
