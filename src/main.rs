@@ -307,6 +307,7 @@ fn load(path: &std::path::Path) -> anyhow::Result<(Config, Gate)> {
 fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let vault = keygate::cli::vault::check_at_start(&config).map_err(anyhow::Error::msg)?;
+    keygate::sync::follow::prepare(&config).map_err(anyhow::Error::msg)?;
     let gate = Gate::from_config_with(&config, upgrade).map_err(anyhow::Error::msg)?;
     {
         // Not kept: holding the first table here would keep it in memory after every reload.
@@ -323,6 +324,7 @@ fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
         &config.sync_file,
     ));
     reloader.clone().spawn(config.watch_sync_file)?;
+    keygate::sync::follow::spawn(&config, reloader.clone()).map_err(anyhow::Error::msg)?;
     keygate::admin::start(&config, gate.clone(), reloader, vault)?;
     // Runs for the life of the process (a thread of its own).
     let _health = gate.upstreams().start_health_checks()?;

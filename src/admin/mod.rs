@@ -246,6 +246,7 @@ impl Admin {
         use keys as k;
         match (m.clone(), &segs[2..]) {
             (Method::GET, ["session"]) => self.session(&caller).await,
+            (Method::GET, ["sync"]) => self.sync(&caller, req).await,
             (Method::GET, ["keys"]) => k::list(self, &caller, req).await,
             (Method::POST, ["keys"]) => k::create(self, &caller, req).await,
             (_, ["keys"]) => Err(ApiError::method("GET, POST")),
@@ -286,6 +287,53 @@ impl Admin {
             "revision": table.revision,
             "vault": self.vault_enabled(),
         }))
+    }
+
+    /// `GET /admin/v1/sync?after=<revision>&wait=<seconds>` (SPEC §8, fleets): the whole sync
+    /// file in force, as soon as its revision is above `after`; held up to `wait` seconds
+    /// (default and most 30), then 304. Unscoped tokens only (it holds every key's hash).
+    async fn sync(&self, caller: &Caller, req: &Req) -> Reply {
+        if caller.account.is_some() {
+            return Err(ApiError::forbidden(
+                "an account-scoped token cannot follow the whole sync file",
+            ));
+        }
+        let after = req.query_i64("after")?.unwrap_or(-1);
+        let wait = req.query_i64("wait")?.unwrap_or(30);
+        if !(0..=30).contains(&wait) {
+            return Err(ApiError::field("wait", "wait: 0 to 30 seconds"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(wait.unsigned_abs());
+        loop {
+            let table = self.gate.table();
+            if i64::try_from(table.revision).unwrap_or(i64::MAX) > after {
+                let path = self.editor.path().to_path_buf();
+                let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
+                    .await
+                    .map_err(|e| ApiError::internal(format!("reading the sync file: {e}")))?
+                    .map_err(|e| ApiError::internal(format!("reading the sync file: {e}")))?;
+                // Only the file in force: not one the gateway has yet to load (or rejected).
+                if <sha2::Sha256 as sha2::Digest>::digest(&bytes).as_slice() == table.source_digest
+                {
+                    return Ok(::http::Response::builder()
+                        .status(StatusCode::OK)
+                        .header(::http::header::CONTENT_TYPE, "application/json")
+                        .header("x-keygate-revision", table.revision)
+                        .header(::http::header::CACHE_CONTROL, "no-store")
+                        .body(http::full(bytes))
+                        .unwrap_or_default());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Ok(::http::Response::builder()
+                    .status(StatusCode::NOT_MODIFIED)
+                    .header("x-keygate-revision", table.revision)
+                    .body(http::full(Vec::new()))
+                    .unwrap_or_default());
+            }
+            drop(table);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The sync file as it is now, parsed (once per change of the file).

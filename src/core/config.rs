@@ -288,8 +288,17 @@ pub struct Config {
     /// Address of the `/metrics`, `/healthz`, `/readyz` listener.
     #[serde(default)]
     pub metrics_listen: Option<String>,
-    /// The key table (SPEC §2).
+    /// The key table (SPEC §2). With `sync_url`, where the last good copy from the admin
+    /// instance is kept (default `state_dir/followed-keys.json`).
+    #[serde(default)]
     pub sync_file: PathBuf,
+    /// Follow an admin instance (`https://admin:9092/admin/v1/sync`) instead of a local file
+    /// (SPEC §8, fleets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_url: Option<String>,
+    /// The variable holding the admin token `sync_url` is fetched with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_token_env: Option<String>,
     /// Where consumed quota is persisted.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -402,6 +411,9 @@ impl Config {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
+        if config.sync_url.is_some() && config.sync_file.as_os_str().is_empty() {
+            config.sync_file = config.state_dir.join("followed-keys.json");
+        }
         config.validate().map_err(|message| ConfigError::Invalid {
             path: path.to_path_buf(),
             message,
@@ -421,7 +433,9 @@ impl Config {
                 *p = base.join(&*p);
             }
         };
-        fix(&mut self.sync_file);
+        if !self.sync_file.as_os_str().is_empty() {
+            fix(&mut self.sync_file);
+        }
         fix(&mut self.state_dir);
         if let Some(p) = self.usage_log.as_mut() {
             fix(p);
@@ -450,6 +464,17 @@ impl Config {
         if let Some(m) = &self.metrics_listen {
             m.parse::<std::net::SocketAddr>()
                 .map_err(|_| format!("metrics_listen: {m:?} is not an IP:port address"))?;
+        }
+        if self.sync_file.as_os_str().is_empty() {
+            return Err("sync_file: needed (or sync_url, to follow an admin instance)".into());
+        }
+        if let Some(u) = &self.sync_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(format!("sync_url: {u:?} is not an http:// or https:// URL"));
+            }
+            if self.sync_token_env.is_none() {
+                return Err("sync_url: sync_token_env names the admin token's variable".into());
+            }
         }
         if self.threads == Some(0) {
             return Err("threads: must be at least 1".into());

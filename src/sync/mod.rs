@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod edit;
+pub mod follow;
 pub mod reload;
 pub mod spending;
 pub mod vault;

@@ -119,7 +119,36 @@ impl Reloader {
         if !force && digest == self.gate.table().source_digest {
             return ReloadOutcome::Unchanged;
         }
-        match KeyTable::from_json(&bytes, &self.path.display().to_string()) {
+        self.publish(&bytes, digest, &self.path.display().to_string(), started)
+    }
+
+    /// Validate `bytes` (a whole sync file from `source`) exactly as a reload of the file does
+    /// and, when it differs from the table in force, publish it; a file that fails is rejected
+    /// whole (logged, counted) and the last good table stays.
+    pub fn apply(&self, bytes: &[u8], source: &str) -> ReloadOutcome {
+        let one_at_a_time = self
+            .checking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let digest: Digest = Sha256::digest(bytes).into();
+        let outcome = if digest == self.gate.table().source_digest {
+            ReloadOutcome::Unchanged
+        } else {
+            self.publish(bytes, digest, source, Instant::now())
+        };
+        drop(one_at_a_time);
+        crate::support::memory::release_free_memory();
+        outcome
+    }
+
+    fn publish(
+        &self,
+        bytes: &[u8],
+        digest: Digest,
+        source: &str,
+        started: Instant,
+    ) -> ReloadOutcome {
+        match KeyTable::from_json(bytes, source) {
             Ok(table) => {
                 let (revision, keys) = (table.revision, table.len());
                 self.gate.swap_table(table);
@@ -130,8 +159,7 @@ impl Reloader {
                     *r = None;
                 }
                 log::info!(
-                    "reloaded {} (revision {revision}, {keys} keys) in {} ms",
-                    self.path.display(),
+                    "reloaded {source} (revision {revision}, {keys} keys) in {} ms",
                     started.elapsed().as_millis()
                 );
                 ReloadOutcome::Reloaded { revision, keys }
