@@ -236,15 +236,7 @@ pub struct KeyItem {
 pub fn item(k: &KeyEntry, consumed: &dyn Fn(u64) -> i64, now: i64) -> KeyItem {
     let used = k.used + consumed(k.id);
     let remaining = (!k.unlimited_quota).then_some(k.quota - used);
-    let state = if k.status == KeyStatus::Disabled {
-        "disabled"
-    } else if k.expires_at > 0 && k.expires_at <= now {
-        "expired"
-    } else if remaining.is_some_and(|r| r <= 0) {
-        "exhausted"
-    } else {
-        "enabled"
-    };
+    let state = state_of(k, consumed, now);
     KeyItem {
         id: k.id,
         name: k.name.clone(),
@@ -332,39 +324,74 @@ pub struct Filter<'a> {
     pub group: Option<&'a str>,
 }
 
-/// The keys `caller` sees that pass `filter`, newest first.
-pub fn select<'a>(
-    admin: &'a Admin,
+/// `k`'s derived state: `enabled`, `disabled`, `expired` or `exhausted`.
+pub fn state_of(k: &KeyEntry, consumed: &dyn Fn(u64) -> i64, now: i64) -> &'static str {
+    if k.status == KeyStatus::Disabled {
+        "disabled"
+    } else if k.expires_at > 0 && k.expires_at <= now {
+        "expired"
+    } else if !k.unlimited_quota && k.quota - k.used - consumed(k.id) <= 0 {
+        "exhausted"
+    } else {
+        "enabled"
+    }
+}
+
+/// One page of the keys `caller` sees that pass `filter`, newest first, and how many pass in
+/// all. Only the filters that need it read the ledger; only the page's keys are built into
+/// items (a page of 100 from a million keys is one pass over plain fields).
+pub fn page<'a>(
     file: &'a SyncFile,
-    caller: &'a Caller,
-    filter: &'a Filter<'a>,
+    caller: &Caller,
+    filter: &Filter<'_>,
+    consumed: &dyn Fn(u64) -> i64,
     now: i64,
-) -> impl Iterator<Item = KeyItem> + 'a {
+    paging: Paging,
+) -> (Vec<&'a KeyEntry>, usize) {
     let q = filter.q.map(str::to_lowercase);
-    let consumed = admin.consumed_fn();
-    file.keys.iter().rev().filter_map(move |k| {
+    let id_q = filter.q.and_then(|q| q.parse::<u64>().ok());
+    let skip = (paging.page - 1).saturating_mul(paging.size);
+    let mut out = Vec::with_capacity(paging.size.min(file.keys.len()));
+    let mut total = 0usize;
+    for k in file.keys.iter().rev() {
         if !visible(caller, k)
             || filter.group.is_some_and(|g| g != k.group)
             || filter
                 .account
                 .is_some_and(|a| k.account.as_deref() != Some(a))
         {
-            return None;
+            continue;
         }
         if let Some(q) = &q {
-            let hit = k.name.to_lowercase().contains(q.as_str())
-                || k.id.to_string() == *q
-                || hint_of(k).is_some_and(|h| h.to_lowercase().contains(q.as_str()));
+            let hit = id_q == Some(k.id)
+                || contains_lower(&k.name, q)
+                || hint_of(k).is_some_and(|h| contains_lower(&h, q));
             if !hit {
-                return None;
+                continue;
             }
         }
-        let it = item(k, &consumed, now);
-        if filter.state.is_some_and(|s| s != it.state) {
-            return None;
+        if filter
+            .state
+            .is_some_and(|s| s != state_of(k, consumed, now))
+        {
+            continue;
         }
-        Some(it)
-    })
+        if total >= skip && out.len() < paging.size {
+            out.push(k);
+        }
+        total += 1;
+    }
+    (out, total)
+}
+
+/// Does `text` contain `lower` (already lower case), in any case? No allocation for ASCII.
+fn contains_lower(text: &str, lower: &str) -> bool {
+    if text.is_ascii() && lower.is_ascii() {
+        let (t, l) = (text.as_bytes(), lower.as_bytes());
+        l.is_empty() || t.windows(l.len()).any(|w| w.eq_ignore_ascii_case(l))
+    } else {
+        text.to_lowercase().contains(lower)
+    }
 }
 
 /// `GET /admin/v1/keys`
@@ -386,15 +413,16 @@ pub async fn list(admin: &Admin, caller: &Caller, req: &Req) -> Reply {
     };
     let file = admin.file().await?;
     let now = crate::core::clock::unix_now();
-    let mut total = 0usize;
-    let skip = (paging.page - 1).saturating_mul(paging.size);
-    let mut items = Vec::with_capacity(paging.size);
-    for it in select(admin, &file, caller, &filter, now) {
-        if total >= skip && items.len() < paging.size {
-            items.push(it);
-        }
-        total += 1;
-    }
+    let consumed = admin.consumed_fn();
+    let (keys, total) = page(&file, caller, &filter, &consumed, now, paging);
+    let items: Vec<KeyItem> = keys
+        .into_iter()
+        .map(|k| {
+            let mut it = item(k, &consumed, now);
+            it.revealable = admin.revealable(k);
+            it
+        })
+        .collect();
     ok(&serde_json::json!({
         "items": items, "total": total, "page": paging.page, "page_size": paging.size,
         "revision": file.revision,
