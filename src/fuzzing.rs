@@ -4,7 +4,7 @@
 
 use crate::core::admission::find_model;
 use crate::core::credential;
-use crate::core::table::KeyTable;
+use crate::core::table::verdict::verdicts_every_way;
 use crate::usage::{feed_in_pieces, usage_from_json, SseTracker};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -200,12 +200,15 @@ pub fn json_usage(data: &[u8]) {
     json_fields(data);
 }
 
-/// A sync file: accepted or rejected with a message naming the file, never a panic.
+/// A sync file: accepted or rejected with a message naming the file, never a panic; and the
+/// same verdict (the same table, or the same message) however it is read: streamed from
+/// memory, parsed whole and then compiled (as before the streaming loader), and from a reader
+/// handing out a few bytes at a time, as files are read (`KeyTable::from_reader`).
 pub fn sync_file(data: &[u8]) {
-    match KeyTable::from_json(data, "fuzz.json") {
-        Ok(t) => {
-            let _ = t.len();
-        }
-        Err(e) => assert!(e.to_string().starts_with("sync file fuzz.json:")),
+    let [streamed, whole, read] = verdicts_every_way(data, "fuzz.json");
+    if let Err(e) = &streamed {
+        assert!(e.starts_with("sync file fuzz.json:"), "{e}");
     }
+    assert_eq!(streamed, whole, "streamed vs parsed whole");
+    assert_eq!(streamed, read, "streamed vs read in pieces");
 }

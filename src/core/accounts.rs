@@ -7,10 +7,10 @@
 //! budget counter can ever share a counter (two accounts whose hashes collide are refused).
 
 use crate::core::budget::Budget;
-use crate::core::config::{KeyEntry, KeyStatus, SyncFile};
+use crate::core::config::{AccountEntry, GroupEntry, KeyEntryOf, KeyStatus, SyncFile};
 use crate::core::limits::Limits;
 use sha2::{Digest as _, Sha256};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// Key ids must be below this.
@@ -87,9 +87,14 @@ impl Accounts {
 
     /// Validate and compile the sync file's `accounts`.
     pub fn compile(file: &SyncFile) -> Result<Accounts, String> {
+        Self::compile_entries(&file.accounts)
+    }
+
+    /// Validate and compile a sync file's `accounts` member.
+    pub fn compile_entries(entries: &BTreeMap<String, AccountEntry>) -> Result<Accounts, String> {
         let mut out = Accounts::default();
         let mut tagged: HashMap<u64, &str> = HashMap::new();
-        for (id, a) in &file.accounts {
+        for (id, a) in entries {
             let at = |m: String| format!("account {id:?}: {m}");
             if id.is_empty() || id.chars().count() > 64 {
                 return Err(at("the id must be 1 to 64 characters".into()));
@@ -154,31 +159,44 @@ pub struct KeyPolicy {
 }
 
 /// Compiles every key's [`KeyPolicy`], counting keys per account for `max_keys`.
-pub struct PolicyCompiler<'a> {
-    accounts: &'a Accounts,
-    group_limits: HashMap<&'a str, Limits>,
+#[derive(Default)]
+pub struct PolicyCompiler {
+    group_limits: HashMap<Box<str>, Limits>,
     keys_per_account: Vec<u64>,
 }
 
-impl<'a> PolicyCompiler<'a> {
-    /// A compiler for `file`'s keys against `accounts`; checks the groups' `limits`.
-    pub fn new(file: &'a SyncFile, accounts: &'a Accounts) -> Result<PolicyCompiler<'a>, String> {
+impl PolicyCompiler {
+    /// A compiler for keys of a file with these `groups` (whose `limits` it checks) against
+    /// `accounts`.
+    pub fn new(
+        groups: &BTreeMap<String, GroupEntry>,
+        accounts: &Accounts,
+    ) -> Result<PolicyCompiler, String> {
         let mut group_limits = HashMap::new();
-        for (name, g) in &file.groups {
+        for (name, g) in groups {
             if let Some(l) = &g.limits {
                 let l = Limits::compile(l).map_err(|e| format!("group {name:?}: {e}"))?;
-                group_limits.insert(name.as_str(), l);
+                group_limits.insert(name.as_str().into(), l);
             }
         }
         Ok(PolicyCompiler {
-            accounts,
             group_limits,
             keys_per_account: vec![0; accounts.len()],
         })
     }
 
-    /// The key's policy, or why the key is invalid (the caller names the key).
-    pub fn key(&mut self, k: &KeyEntry) -> Result<Option<Arc<KeyPolicy>>, String> {
+    /// Forget the keys counted so far (the keys are compiled again, against `accounts`).
+    pub fn restart(&mut self, accounts: &Accounts) {
+        self.keys_per_account = vec![0; accounts.len()];
+    }
+
+    /// The key's policy, or why the key is invalid (the caller names the key). `accounts` is
+    /// the one this compiler was made with.
+    pub fn key<S: AsRef<str>>(
+        &mut self,
+        accounts: &Accounts,
+        k: &KeyEntryOf<S>,
+    ) -> Result<Option<Arc<KeyPolicy>>, String> {
         if k.id >= KEY_ID_LIMIT {
             return Err(format!(
                 "id {} is too large; key ids must be below 2^62",
@@ -188,14 +206,16 @@ impl<'a> PolicyCompiler<'a> {
         let account = match &k.account {
             None => None,
             Some(name) => {
-                let &index = self
-                    .accounts
+                let name = name.as_ref();
+                let index = accounts
                     .by_id
-                    .get(name.as_str())
+                    .get(name)
+                    .copied()
+                    .filter(|&i| (i as usize) < self.keys_per_account.len())
                     .ok_or_else(|| format!("unknown account {name:?}"))?;
                 let n = &mut self.keys_per_account[index as usize];
                 *n += 1;
-                if let Some(a) = self.accounts.get(index) {
+                if let Some(a) = accounts.get(index) {
                     if a.max_keys.is_some_and(|max| *n > max) {
                         return Err(format!(
                             "account {name:?} allows at most {} keys (max_keys)",
@@ -210,7 +230,7 @@ impl<'a> PolicyCompiler<'a> {
             Some(l) => Limits::compile(l)?,
             None => self
                 .group_limits
-                .get(k.group.as_str())
+                .get(k.group.as_ref())
                 .copied()
                 .unwrap_or_default(),
         };

@@ -1,7 +1,8 @@
 //! The pure core: the config and sync-file schema as plain data, the compiled key table, the
 //! checks, pricing, credential and model extraction, the error answers and the metric series.
-//! Nothing here knows Pingora, tokio or the disk (the one exception: [`table::KeyTable::load`]
-//! and [`config::Config::load`] read the file they are given).
+//! Nothing here knows Pingora, tokio or the disk (the one exception: [`config::Config::load`]
+//! reads the file it is given; a sync file is read through a reader the caller opens,
+//! `crate::support::sync_file`).
 
 pub mod accounts;
 pub mod admin_config;

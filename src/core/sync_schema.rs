@@ -2,6 +2,7 @@
 //! accounts. Parsed strictly (`deny_unknown_fields`); [`crate::core::table`] compiles it.
 
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// `enabled` or `disabled`.
@@ -49,21 +50,39 @@ pub struct ModelPrice {
     pub price: Option<f64>,
 }
 
-/// One key as written in the sync file.
+/// One key as written in the sync file, with owned strings: what the CLI edits and writes.
+pub type KeyEntry = KeyEntryOf<String>;
+
+/// [`KeyEntryOf`] as the table loader reads it: its strings borrowed from the file's bytes
+/// where they have no escapes, so loading a million keys does not allocate (and free) several
+/// strings per key only to compile them.
+pub type KeyEntryRef<'a> = KeyEntryOf<Text<'a>>;
+
+/// One key as written in the sync file, over its string type `S`: [`KeyEntry`] (owned) and
+/// [`KeyEntryRef`] (borrowed) are this one declaration, so a new member is added here once and
+/// both read it alike (the same defaults, checks and messages; `rename` keeps serde's messages
+/// naming `struct KeyEntry`). The table compiles either ([`crate::core::table`]).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct KeyEntry {
+#[serde(
+    deny_unknown_fields,
+    rename = "KeyEntry",
+    bound(
+        deserialize = "S: Deserialize<'de> + Default + From<&'static str>",
+        serialize = "S: Serialize"
+    )
+)]
+pub struct KeyEntryOf<S> {
     /// Stable id; counters attach to it.
     pub id: u64,
     /// A recognizable name, at most 50 characters.
     #[serde(default)]
-    pub name: String,
+    pub name: S,
     /// Hex SHA-256 of the full key string including `sk-`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_sha256: Option<String>,
+    pub key_sha256: Option<S>,
     /// The plaintext key (imports); hashed at load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
+    pub key: Option<S>,
     /// `enabled` or `disabled`.
     #[serde(default)]
     pub status: KeyStatus,
@@ -81,19 +100,19 @@ pub struct KeyEntry {
     pub expires_at: i64,
     /// Allowed models; absent = no restriction; empty = nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub models: Option<Vec<String>>,
+    pub models: Option<Vec<S>>,
     /// Allowed client IPs and CIDRs; absent or empty = no restriction.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub allow_ips: Option<Vec<String>>,
+    pub allow_ips: Option<Vec<S>>,
     /// The group.
     #[serde(default = "default_group")]
-    pub group: String,
+    pub group: S,
     /// Keys this entry had before a rotation with a grace period; each works until `until`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub previous_keys: Vec<PreviousKey>,
     /// The account the key belongs to (SPEC §7); its checks and charges apply too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub account: Option<String>,
+    pub account: Option<S>,
     /// The key's own rate limits (else its group's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitsEntry>,
@@ -103,11 +122,70 @@ pub struct KeyEntry {
     /// The masked key listings show (`sk-abcd**********wxyz`, SPEC §8); written when the key is
     /// created or rotated here, computed from `key` when the key is given in clear.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_hint: Option<String>,
+    pub key_hint: Option<S>,
     /// The key sealed under the vault secret (`v1:<base64>`, [`crate::core::vault`]); written
     /// when `key_vault` is configured, so that `reveal` can give the key back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_sealed: Option<String>,
+    pub key_sealed: Option<S>,
+}
+
+/// A string read from a file: borrowed from the file's bytes when it has no escapes. Reads as a
+/// `String` reads (the same checks and messages).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Text<'a>(pub Cow<'a, str>);
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Text<'_> {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&'static str> for Text<'_> {
+    fn from(s: &'static str) -> Self {
+        Text(Cow::Borrowed(s))
+    }
+}
+
+impl Serialize for Text<'_> {
+    fn serialize<Ser: serde::Serializer>(&self, s: Ser) -> Result<Ser::Ok, Ser::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Text<'de>, E> {
+                // As `String` does.
+                match std::str::from_utf8(v) {
+                    Ok(s) => Ok(Text(Cow::Owned(s.to_owned()))),
+                    Err(_) => Err(E::invalid_value(serde::de::Unexpected::Bytes(v), &self)),
+                }
+            }
+        }
+        d.deserialize_string(V)
+    }
 }
 
 /// `limits`: rate limits of a key, an account or a group's keys (SPEC §7). Signed, so that a
@@ -186,8 +264,8 @@ pub struct PreviousKey {
 fn never() -> i64 {
     -1
 }
-fn default_group() -> String {
-    "default".to_string()
+fn default_group<S: From<&'static str>>() -> S {
+    S::from("default")
 }
 fn default_quota_per_unit() -> f64 {
     500_000.0

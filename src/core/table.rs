@@ -1,20 +1,26 @@
 //! The compiled, immutable key table: SHA-256 digest -> key record, with groups, model sets and
 //! prices parsed once, built from a validated sync file.
 //!
-//! The table is never mutated after [`KeyTable::compile`]; a reload builds a new one and swaps it
-//! in whole (the gate's `swap_table`). Plaintext keys are hashed here and dropped.
+//! The table is never mutated after it is built; a reload builds a new one and swaps it in whole
+//! (the gate's `swap_table`). Plaintext keys are hashed here and dropped. A table is built from
+//! a sync file while it is read ([`KeyTable::from_reader`]), or from a parsed one
+//! ([`KeyTable::compile`]); both go through the same checks (`compile.rs`).
 
-use crate::core::accounts::{Account, Accounts, KeyPolicy, PolicyCompiler};
-use crate::core::config::{KeyStatus, ModelPrice, SyncFile};
+use crate::core::accounts::{Account, Accounts, KeyPolicy};
+use crate::core::config::{KeyStatus, ModelPrice};
 pub use crate::core::models::{ModelPattern, ModelSet};
-use crate::core::net::parse_cidr;
 use ipnet::IpNet;
 use sha2::{Digest as _, Sha256};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::path::Path;
 use std::sync::Arc;
+
+mod compile;
+mod load;
+pub mod verdict;
+
+pub use load::SyncFileSummary;
 
 /// A key's SHA-256 digest.
 pub type Digest = [u8; 32];
@@ -175,209 +181,6 @@ impl KeyTable {
         }
     }
 
-    /// Read, parse, validate and compile a sync file.
-    pub fn load(path: &Path) -> Result<KeyTable, TableError> {
-        let name = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| TableError {
-            source_name: name.clone(),
-            message: e.to_string(),
-        })?;
-        let table = Self::from_json(&bytes, &name);
-        drop(bytes);
-        // The file's bytes and its parsed form (several times the table's size at 1M keys)
-        // are free now.
-        crate::support::memory::release_free_memory();
-        table
-    }
-
-    /// Parse, validate and compile sync-file JSON; `source_name` is used in error messages.
-    pub fn from_json(bytes: &[u8], source_name: &str) -> Result<KeyTable, TableError> {
-        let file = SyncFile::parse(bytes).map_err(|message| TableError {
-            source_name: source_name.to_string(),
-            message,
-        })?;
-        let mut table = Self::compile(&file, source_name)?;
-        table.source_digest = Sha256::digest(bytes).into();
-        Ok(table)
-    }
-
-    /// Validate and compile a parsed sync file.
-    pub fn compile(file: &SyncFile, source_name: &str) -> Result<KeyTable, TableError> {
-        let err = |message: String| TableError {
-            source_name: source_name.to_string(),
-            message,
-        };
-        if !(file.quota_per_unit.is_finite() && file.quota_per_unit > 0.0) {
-            return Err(err("quota_per_unit: must be a positive number".into()));
-        }
-
-        let mut groups = Vec::with_capacity(file.groups.len() + 1);
-        let mut group_index: HashMap<&str, u16> = HashMap::new();
-        for (name, g) in &file.groups {
-            if !(g.ratio.is_finite() && g.ratio >= 0.0) {
-                return Err(err(format!("group {name:?}: ratio must be >= 0")));
-            }
-            let models = match &g.models {
-                None => None,
-                Some(list) => Some(Arc::new(
-                    ModelSet::compile(list).map_err(|e| err(format!("group {name:?}: {e}")))?,
-                )),
-            };
-            let idx = u16::try_from(groups.len()).map_err(|_| err("too many groups".into()))?;
-            group_index.insert(name.as_str(), idx);
-            groups.push(Group {
-                name: name.as_str().into(),
-                ratio: g.ratio,
-                models,
-            });
-        }
-        if !group_index.contains_key("default") {
-            let idx = u16::try_from(groups.len()).map_err(|_| err("too many groups".into()))?;
-            group_index.insert("default", idx);
-            groups.push(implicit_default_group());
-        }
-
-        for (name, p) in &file.models {
-            ModelPattern::parse(name).map_err(|e| err(format!("models: {e}")))?;
-            for (field, v) in [
-                ("ratio", p.ratio),
-                ("completion_ratio", p.completion_ratio),
-                ("price", p.price),
-            ] {
-                if let Some(v) = v {
-                    if !(v.is_finite() && v >= 0.0) {
-                        return Err(err(format!("model {name:?}: {field} must be >= 0")));
-                    }
-                }
-            }
-            if p.ratio.is_none() && p.price.is_none() {
-                return Err(err(format!("model {name:?}: needs a ratio or a price")));
-            }
-        }
-        let prices = file
-            .models
-            .iter()
-            .map(|(k, v)| (k.as_str().into(), v.clone()))
-            .collect();
-
-        let accounts = Accounts::compile(file).map_err(&err)?;
-        let mut policies = PolicyCompiler::new(file, &accounts).map_err(&err)?;
-        // Keys that share a model list share one compiled set.
-        let mut model_sets: HashMap<&[String], Arc<ModelSet>> = HashMap::new();
-        let mut ids = HashSet::with_capacity(file.keys.len());
-        let mut index: DigestMap<u32> =
-            DigestMap::with_capacity_and_hasher(file.keys.len(), Default::default());
-        let mut records: Vec<KeyRecord> = Vec::with_capacity(file.keys.len());
-        let mut aliases: Vec<KeyRecord> = Vec::new();
-        let slot = |n: usize| u32::try_from(n).ok().filter(|n| n & ALIAS == 0);
-        for (i, k) in file.keys.iter().enumerate() {
-            let at = |m: String| err(format!("key {} (entry {}): {m}", k.id, i + 1));
-            if !ids.insert(k.id) {
-                return Err(at("duplicate id".into()));
-            }
-            let name_len = k.name.chars().count();
-            if name_len > MAX_NAME_CHARS {
-                return Err(at(format!(
-                    "name is {name_len} characters, at most {MAX_NAME_CHARS} are allowed"
-                )));
-            }
-            if k.quota < 0 {
-                return Err(at(format!("negative quota {}", k.quota)));
-            }
-            if k.used < 0 {
-                return Err(at(format!("negative used {}", k.used)));
-            }
-            if k.expires_at < -1 {
-                return Err(at(format!(
-                    "expires_at {} is neither -1 (never) nor a unix time",
-                    k.expires_at
-                )));
-            }
-            let digest = match (&k.key_sha256, &k.key) {
-                (Some(h), None) => parse_hex_digest(h).map_err(&at)?,
-                (None, Some(plain)) => {
-                    if plain.is_empty()
-                        || plain == "sk-"
-                        || !plain.bytes().all(|b| b.is_ascii_graphic())
-                    {
-                        return Err(at("key: must be printable ASCII without spaces".into()));
-                    }
-                    key_digest(plain.as_bytes())
-                }
-                (Some(_), Some(_)) => {
-                    return Err(at("give either key_sha256 or key, not both".into()))
-                }
-                (None, None) => return Err(at("needs key_sha256 (or key)".into())),
-            };
-            let group = *group_index
-                .get(k.group.as_str())
-                .ok_or_else(|| at(format!("unknown group {:?}", k.group)))?;
-            let models = match &k.models {
-                None => None,
-                Some(list) => match model_sets.get(list.as_slice()) {
-                    Some(set) => Some(set.clone()),
-                    None => {
-                        let set = Arc::new(ModelSet::compile(list).map_err(&at)?);
-                        model_sets.insert(list.as_slice(), set.clone());
-                        Some(set)
-                    }
-                },
-            };
-            let allow_ips = match &k.allow_ips {
-                Some(list) if !list.is_empty() => Some(
-                    list.iter()
-                        .map(|s| parse_cidr(s))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(&at)?
-                        .into_boxed_slice(),
-                ),
-                _ => None,
-            };
-            let record = KeyRecord {
-                id: k.id,
-                name: k.name.as_str().into(),
-                status: k.status,
-                unlimited_quota: k.unlimited_quota,
-                quota: k.quota,
-                used: k.used,
-                expires_at: (k.expires_at > 0).then_some(k.expires_at),
-                models,
-                allow_ips,
-                group,
-                policy: policies.key(k).map_err(&at)?,
-            };
-            for prev in &k.previous_keys {
-                let old = parse_hex_digest(&prev.key_sha256).map_err(&at)?;
-                let mut alias = record.clone();
-                alias.expires_at = Some(alias.expires_at.map_or(prev.until, |e| e.min(prev.until)));
-                let n = slot(aliases.len()).ok_or_else(|| at("too many keys".into()))?;
-                if index.insert(old, n | ALIAS).is_some() {
-                    return Err(at(
-                        "duplicate key (a previous key equals another key)".into()
-                    ));
-                }
-                aliases.push(alias);
-            }
-            let n = slot(records.len()).ok_or_else(|| at("too many keys".into()))?;
-            if index.insert(digest, n).is_some() {
-                return Err(at("duplicate key (same hash as an earlier entry)".into()));
-            }
-            records.push(record);
-        }
-
-        Ok(KeyTable {
-            revision: file.revision,
-            quota_per_unit: file.quota_per_unit,
-            source_digest: [0; 32],
-            index,
-            records,
-            aliases,
-            groups,
-            prices,
-            accounts,
-        })
-    }
-
     /// The key with this digest.
     #[inline]
     pub fn lookup(&self, digest: &Digest) -> Option<&KeyRecord> {
@@ -474,17 +277,6 @@ fn implicit_default_group() -> Group {
         ratio: 1.0,
         models: None,
     }
-}
-
-fn parse_hex_digest(h: &str) -> Result<Digest, String> {
-    let mut d = [0u8; 32];
-    if h.len() != 64 || hex::decode_to_slice(h, &mut d).is_err() {
-        return Err(format!(
-            "key_sha256 must be 64 hex characters, got {:?}",
-            h.chars().take(70).collect::<String>()
-        ));
-    }
-    Ok(d)
 }
 
 #[cfg(test)]
