@@ -1,9 +1,9 @@
 //! Giving freed memory back to the system after a large, short-lived allocation burst.
 //!
-//! Loading a sync file parses it whole before compiling the table: at 1M keys the parsed form
-//! takes several times the table's memory, and an allocator keeps the freed pages for reuse, so
-//! the process would stay at its peak size. The binary installs its allocator's collection
-//! function here ([`set_release_hook`]); the library calls it after each load.
+//! A sync-file load allocates for a while what it then frees (each key as read, the previous
+//! table once a reload replaces it, a rejected table), and an allocator keeps freed pages for
+//! reuse, so the process would stay at its peak size. The binary installs its allocator's
+//! collection function here ([`set_release_hook`]); the library calls it after each load.
 
 use std::sync::OnceLock;
 
