@@ -87,6 +87,17 @@ enum Command {
         #[command(subcommand)]
         command: keygate::cli::vault::VaultCommand,
     },
+    /// A key's or an account's totals and an hourly table from the usage store.
+    Usage {
+        /// The YAML config file (names the state folder and the store).
+        #[arg(short, long, default_value = "conf/keygate.yaml")]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        args: keygate::cli::usage::UsageArgs,
+    },
     /// Import keys from another gateway into the sync file.
     Import {
         #[command(subcommand)]
@@ -284,6 +295,12 @@ fn real_main() -> anyhow::Result<()> {
         } => {
             let config = Config::load(&config)?;
             keygate::cli::vault::run(&config, json, command).map_err(anyhow::Error::msg)
+        }
+        Command::Usage { config, json, args } => {
+            let config = Config::load(&config)?;
+            let out = keygate::cli::usage::run(&config, json, &args).map_err(anyhow::Error::msg)?;
+            print!("{out}");
+            Ok(())
         }
         Command::Import {
             source: ImportSource::NewApi { config, json, file },
@@ -523,12 +540,18 @@ fn keys(path: &std::path::Path, json: bool, command: KeysCommand) -> anyhow::Res
                         .find(|v| v.id == id)
                         .ok_or_else(|| anyhow::anyhow!("unknown id {id}"))?;
                     let calls = recent_calls(config.usage_log.as_deref(), id, last);
+                    let store = keygate::cli::usage::key_totals(&config, id);
                     if json {
+                        let store = match &store {
+                            Some(Ok(t)) => serde_json::json!(t),
+                            Some(Err(e)) => serde_json::json!({"error": e}),
+                            None => serde_json::Value::Null,
+                        };
                         println!(
                             "{}",
                             serde_json::json!({"id": id, "granted": v.quota, "used": v.used,
                                 "remaining": v.remaining, "unlimited_quota": v.unlimited_quota,
-                                "calls": calls})
+                                "calls": calls, "store": store})
                         );
                     } else {
                         let remaining = v.remaining.map_or("unlimited".into(), |r| r.to_string());
@@ -536,6 +559,14 @@ fn keys(path: &std::path::Path, json: bool, command: KeysCommand) -> anyhow::Res
                             "key {id} ({}): granted {}, used {}, remaining {remaining}",
                             v.name, v.quota, v.used
                         );
+                        match &store {
+                            Some(Ok(t)) => println!(
+                                "  usage store (last 366 days): {} calls, {} errors, prompt {}, completion {}, quota {}",
+                                t.requests, t.errors, t.prompt_tokens, t.completion_tokens, t.quota
+                            ),
+                            Some(Err(e)) => println!("  usage store: {e}"),
+                            None => {}
+                        }
                         for c in &calls {
                             println!(
                                 "  {} {} {} prompt={} completion={} quota={} status={}",

@@ -7,6 +7,7 @@
 pub use super::pools::{
     HealthConfig, PoolConfig, RetryConfig, RetryOn, RetryOnEntry, TargetConfig, RETRY_STATUSES,
 };
+pub use super::store_config::{StoreBackend, UsageStoreConfig};
 pub use super::sync_schema::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -372,6 +373,9 @@ pub struct Config {
     /// they can be revealed again.
     #[serde(default)]
     pub key_vault: Option<KeyVaultConfig>,
+    /// The usage store (SPEC §9): on by default, SQLite in `state_dir`.
+    #[serde(default)]
+    pub usage_store: UsageStoreConfig,
 }
 
 /// `key_vault:` where the vault secret comes from.
@@ -450,6 +454,9 @@ impl Config {
         if let Some(p) = self.admin.as_mut().and_then(|a| a.audit_log.as_mut()) {
             fix(p);
         }
+        if let Some(p) = self.usage_store.path.as_mut() {
+            fix(p);
+        }
     }
 
     /// Check what serde cannot: non-empty lists, parseable addresses, CIDRs and URLs.
@@ -509,6 +516,7 @@ impl Config {
                 );
             }
         }
+        self.usage_store.validate()?;
         if self.upstreams.is_empty() {
             return Err("upstreams: at least one upstream is needed".into());
         }

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub admin_requests: IntCounterVec,
     /// `keygate_admin_auth_failures_total`: admin calls with no or an unknown token.
     pub admin_auth_failures: prometheus::IntCounter,
+    /// The usage store's series, brought up to date at scrape time.
+    pub usage_store: StoreSeries,
     /// `keygate_ledger_write_errors_total`, brought up to date at scrape time.
     pub ledger_write_errors: prometheus::IntCounter,
     /// `keygate_ledger_backend_up`: 1 while the quota ledger's backend answers (always 1 for
@@ -108,6 +110,53 @@ pub struct CallSeries {
 
 /// `made`, registered in `registry`. A definition or registration that fails is a programming
 /// error (a bad name, a name used twice): it panics at start-up.
+/// The usage store's series (SPEC §9).
+pub struct StoreSeries {
+    /// `keygate_usage_store_dropped_total`: rows dropped (queue full, or a failed write).
+    pub dropped: prometheus::IntCounter,
+    /// `keygate_usage_store_rows_written_total`.
+    pub written: prometheus::IntCounter,
+    /// `keygate_usage_store_write_errors_total`: batches whose transaction failed.
+    pub write_errors: prometheus::IntCounter,
+    /// `keygate_usage_store_batches_total`.
+    pub batches: prometheus::IntCounter,
+    /// `keygate_usage_store_batch_seconds_total`: time spent writing batches (divide by
+    /// the batches for the mean latency).
+    pub batch_seconds: prometheus::Counter,
+}
+
+impl StoreSeries {
+    fn new(registry: &Registry) -> StoreSeries {
+        let int =
+            |name: &str, help: &str| registered(registry, prometheus::IntCounter::new(name, help));
+        StoreSeries {
+            dropped: int(
+                "keygate_usage_store_dropped_total",
+                "Usage store rows dropped: the queue was full or their batch failed.",
+            ),
+            written: int(
+                "keygate_usage_store_rows_written_total",
+                "Usage store rows written.",
+            ),
+            write_errors: int(
+                "keygate_usage_store_write_errors_total",
+                "Usage store batches whose transaction failed.",
+            ),
+            batches: int(
+                "keygate_usage_store_batches_total",
+                "Usage store batches written.",
+            ),
+            batch_seconds: registered(
+                registry,
+                prometheus::Counter::new(
+                    "keygate_usage_store_batch_seconds_total",
+                    "Time spent writing usage store batches.",
+                ),
+            ),
+        }
+    }
+}
+
 fn registered<M>(registry: &Registry, made: prometheus::Result<M>) -> M
 where
     M: prometheus::core::Collector + Clone + 'static,
@@ -231,6 +280,7 @@ impl Metrics {
                 "Admin API calls refused for a missing or unknown token.",
             ),
         );
+        let usage_store = StoreSeries::new(&registry);
         let ledger_write_errors = registered(
             &registry,
             prometheus::IntCounter::new(
@@ -395,6 +445,7 @@ impl Metrics {
             usage_log_dropped,
             admin_requests,
             admin_auth_failures,
+            usage_store,
             ledger_write_errors,
             ledger_backend_up,
             ledger_backend_ops,

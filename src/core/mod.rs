@@ -21,6 +21,7 @@ pub mod policy;
 pub mod pools;
 pub mod pricing;
 pub mod request_json;
+pub mod store_config;
 pub mod sync_schema;
 pub mod table;
 pub mod url;

@@ -92,6 +92,14 @@ impl Gate {
                 }
             }
         }
+        if let Some(key) = ctx.key_record() {
+            if let Some((status, answer)) = self.store_answer(session.req_header(), key).await {
+                ctx.outcome = Outcome::Local;
+                ctx.gate_time += started.elapsed();
+                self.write_answer(session, ctx, status, answer).await?;
+                return Ok(true);
+            }
+        }
         if let Some(answer) = self.local_answer(session.req_header(), ctx) {
             ctx.outcome = Outcome::Local;
             ctx.gate_time += started.elapsed();

@@ -81,6 +81,8 @@ pub struct GateCtx {
     pub(super) json_body: Vec<Bytes>,
     pub(super) json_len: usize,
     pub(super) charged: Option<(Usage, i64)>,
+    /// The status the settled call is recorded with.
+    pub(super) settled_status: Option<u16>,
     /// The series the settled call was counted in.
     pub(super) series: Option<Arc<CallSeries>>,
     pub(super) embedding: bool,

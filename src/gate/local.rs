@@ -151,6 +151,9 @@ pub fn is_usage_path(path: &str) -> bool {
             | "/dashboard/billing/subscription"
             | "/dashboard/billing/usage"
             | "/api/usage/token/detail"
+            | "/api/usage/token/stats"
+            | "/api/log/token"
+            | "/api/log/token/"
     )
 }
 

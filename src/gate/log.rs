@@ -45,6 +45,7 @@ impl Gate {
                     .inc();
             }
         }
+        self.store_call(session, ctx, finished);
         let (outcome, reason) = ctx.outcome.label();
         match (&ctx.series, ctx.outcome) {
             (Some(series), Outcome::Admitted) => series.admitted.inc(),

@@ -21,6 +21,7 @@ mod log;
 mod options;
 mod response;
 mod settle;
+mod store;
 mod upstream;
 
 pub use self::admission::admit_model;
@@ -39,6 +40,7 @@ use crate::core::table::KeyTable;
 use crate::ledger::limits::LimitBook;
 use crate::ledger::Ledger;
 use crate::upstream::Upstreams;
+use crate::usage::store::UsageStore;
 use crate::usage::{LineSink, UsageLog};
 use arc_swap::ArcSwap;
 use http::{HeaderName, HeaderValue};
@@ -61,6 +63,8 @@ struct Inner {
     /// The live rate-limit state (SPEC §7).
     limits: LimitBook,
     usage_log: Option<UsageLog>,
+    /// The usage store (SPEC §9), when on.
+    usage_store: Option<UsageStore>,
     access_log: Option<LineSink>,
     id_prefix: String,
     id_counter: AtomicU64,
@@ -92,6 +96,10 @@ impl Gate {
             Some(p) => {
                 Some(UsageLog::open(p).map_err(|e| format!("usage_log {}: {e}", p.display()))?)
             }
+            None => None,
+        };
+        let usage_store = match &options.usage_store {
+            Some(s) => Some(UsageStore::open(s).map_err(|e| e.to_string())?),
             None => None,
         };
         let access_log = if options.access_log {
@@ -134,6 +142,7 @@ impl Gate {
                 ledger,
                 limits: LimitBook::new(),
                 usage_log,
+                usage_store,
                 access_log,
                 id_prefix: hex::encode(seed),
                 id_counter: AtomicU64::new(0),
@@ -167,11 +176,14 @@ impl Gate {
         self.inner.usage_log.as_ref()
     }
 
-    /// After the server stopped: flush the usage log and write exact ledger values; after a
+    /// After the server stopped: flush the usage log and the usage store, and write exact ledger values; after a
     /// binary upgrade (`handed_over`), hand them to the new process instead.
     pub fn shutdown(&self, handed_over: bool) {
         if let Some(log) = &self.inner.usage_log {
             log.flush(Duration::from_secs(5));
+        }
+        if let Some(store) = &self.inner.usage_store {
+            store.flush(Duration::from_secs(10));
         }
         let done = if handed_over {
             self.inner.ledger.handoff()

@@ -32,6 +32,8 @@ pub struct GateOptions {
     pub shared_ledger: Option<crate::ledger::RedisSettings>,
     /// The usage log; `None` for none.
     pub usage_log: Option<PathBuf>,
+    /// The usage store (SPEC §9); `None` for none.
+    pub usage_store: Option<crate::usage::store::StoreSettings>,
     /// One access-log line per request.
     pub access_log: bool,
     /// Per-key metric series.
@@ -51,6 +53,7 @@ impl Default for GateOptions {
             state_dir: None,
             shared_ledger: None,
             usage_log: None,
+            usage_store: None,
             access_log: false,
             per_key_metrics: false,
             upgrade: false,
@@ -92,6 +95,14 @@ impl Gate {
                 state_dir: Some(config.state_dir.clone()),
                 shared_ledger: crate::ledger::RedisSettings::from_config(&config.ledger),
                 usage_log: config.usage_log.clone(),
+                usage_store: config.usage_store.enabled.then(|| {
+                    crate::usage::store::StoreSettings {
+                        path: config.usage_store.sqlite_path(&config.state_dir),
+                        retention_days: config.usage_store.retention_days,
+                        queue_size: config.usage_store.queue_size,
+                        flush_every: Duration::from_millis(config.usage_store.flush_interval_ms),
+                    }
+                }),
                 access_log: config.access_log,
                 per_key_metrics: config.metrics.per_key,
                 upgrade,

@@ -46,6 +46,7 @@ impl Gate {
             (usage, quota, status)
         };
         ctx.charged = Some((usage, quota));
+        ctx.settled_status = Some(status);
         if let Some(mut hold) = ctx.limit_hold.take() {
             // tpm: the estimate taken at admission becomes the real count; the concurrency
             // slots are released as the hold drops.

@@ -73,6 +73,18 @@ impl ServeHttp for MetricsApp {
                 if let Some(log) = self.gate.usage_log() {
                     catch_up(&self.metrics.usage_log_dropped, log.dropped());
                 }
+                if let Some(store) = self.gate.usage_store() {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let (s, m) = (store.stats(), &self.metrics.usage_store);
+                    catch_up(&m.dropped, s.dropped.load(Relaxed));
+                    catch_up(&m.written, s.written.load(Relaxed));
+                    catch_up(&m.write_errors, s.write_errors.load(Relaxed));
+                    catch_up(&m.batches, s.batches.load(Relaxed));
+                    let secs = s.batch_micros.load(Relaxed) as f64 / 1e6;
+                    if secs > m.batch_seconds.get() {
+                        m.batch_seconds.inc_by(secs - m.batch_seconds.get());
+                    }
+                }
                 self.gate.observe_targets();
                 response(200, "text/plain; version=0.0.4", self.metrics.render())
             }

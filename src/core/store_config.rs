@@ -1,0 +1,109 @@
+//! `usage_store:` (SPEC §9): where every settled call is kept for queries.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Which database holds the usage store.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreBackend {
+    /// An SQLite file beside the gateway (default: `state_dir/usage.db`).
+    #[default]
+    Sqlite,
+    /// One PostgreSQL shared by a fleet (not built yet: refused by validation).
+    Postgres,
+}
+
+/// `usage_store:` options. On by default (SQLite in `state_dir`); `enabled: false` turns it off.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UsageStoreConfig {
+    /// Keep the store. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// `sqlite` (default) or `postgres`.
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// The SQLite file; default `usage.db` in `state_dir`.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// `postgres://…` (postgres only).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Rows and roll-ups older than this many days are removed. Default 90.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+    /// Rows waiting for the writer at most; past it rows are dropped and counted. Default 65536.
+    #[serde(default = "default_queue_size")]
+    pub queue_size: usize,
+    /// How often the writer writes what was queued, milliseconds (a `kill -9` loses at most
+    /// this much, plus the batch being written). Default 100.
+    #[serde(default = "default_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_retention_days() -> u32 {
+    90
+}
+fn default_queue_size() -> usize {
+    65_536
+}
+fn default_flush_interval_ms() -> u64 {
+    100
+}
+
+impl Default for UsageStoreConfig {
+    fn default() -> Self {
+        UsageStoreConfig {
+            enabled: true,
+            backend: StoreBackend::Sqlite,
+            path: None,
+            url: None,
+            retention_days: default_retention_days(),
+            queue_size: default_queue_size(),
+            flush_interval_ms: default_flush_interval_ms(),
+        }
+    }
+}
+
+impl UsageStoreConfig {
+    /// The SQLite file: `path`, or `usage.db` in `state_dir`.
+    pub fn sqlite_path(&self, state_dir: &Path) -> PathBuf {
+        self.path
+            .clone()
+            .unwrap_or_else(|| state_dir.join("usage.db"))
+    }
+
+    /// Check the values serde cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.enabled {
+            return Ok(());
+        }
+        match self.backend {
+            StoreBackend::Sqlite => {
+                if self.url.is_some() {
+                    return Err("usage_store: url is for backend postgres".into());
+                }
+            }
+            StoreBackend::Postgres => {
+                return Err(
+                    "usage_store: backend postgres is not built yet (use sqlite, the default)"
+                        .into(),
+                )
+            }
+        }
+        if !(1..=36_500).contains(&self.retention_days) {
+            return Err("usage_store: retention_days: must be between 1 and 36500".into());
+        }
+        if !(1..=16_777_216).contains(&self.queue_size) {
+            return Err("usage_store: queue_size: must be between 1 and 16777216".into());
+        }
+        if !(1..=60_000).contains(&self.flush_interval_ms) {
+            return Err("usage_store: flush_interval_ms: must be between 1 and 60000".into());
+        }
+        Ok(())
+    }
+}

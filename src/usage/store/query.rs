@@ -1,0 +1,605 @@
+//! Queries over the usage store, as plain functions on a connection: a page of calls, stats
+//! buckets from the hourly roll-ups, a key's newest calls, totals, and a CSV export read in
+//! chunks. The admin routes, the key-holder routes and the CLI are each a few lines over them.
+//!
+//! Times are unix seconds. A range with no end ends now; with no start it spans the query's
+//! default; a reversed range is swapped and one longer than [`MAX_SPAN`] is cut to its last
+//! [`MAX_SPAN`] seconds; each change is said in the answer's `notes`.
+
+use super::StoreRow;
+use rusqlite::types::Value;
+use rusqlite::{params_from_iter, Connection, Row};
+use serde::Serialize;
+
+/// The longest time range a query covers (366 days).
+pub const MAX_SPAN: i64 = 366 * 86_400;
+/// Page size when none is asked for.
+pub const DEFAULT_PAGE_SIZE: u64 = 50;
+/// The largest page.
+pub const MAX_PAGE_SIZE: u64 = 1000;
+/// Rows skipped at most by paging (past it, narrow the time range instead).
+pub const MAX_OFFSET: u64 = 1_000_000;
+/// Rows counted at most for a page's `total`.
+pub const COUNT_AT_MOST: u64 = 100_000;
+
+/// Filters of a calls query (`/admin/v1/logs`, the CSV export).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LogFilter {
+    /// One key's calls.
+    pub key_id: Option<u64>,
+    /// One account's calls.
+    pub account: Option<String>,
+    /// One model's calls.
+    pub model: Option<String>,
+    /// One status's calls.
+    pub status: Option<u16>,
+    /// From (unix seconds, inclusive).
+    pub start: Option<i64>,
+    /// To (unix seconds, inclusive).
+    pub end: Option<i64>,
+    /// Page, from 1.
+    pub page: Option<u64>,
+    /// Rows per page (default 50, at most 1000).
+    pub page_size: Option<u64>,
+}
+
+/// Bucket width of a stats query.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Bucket {
+    /// One bucket per hour (UTC).
+    #[default]
+    Hour,
+    /// One bucket per day (UTC).
+    Day,
+}
+
+impl Bucket {
+    /// Seconds in a bucket.
+    pub fn seconds(self) -> i64 {
+        match self {
+            Bucket::Hour => 3600,
+            Bucket::Day => 86_400,
+        }
+    }
+
+    /// `hour` or `day`.
+    pub fn parse(s: &str) -> Result<Bucket, String> {
+        match s {
+            "hour" => Ok(Bucket::Hour),
+            "day" => Ok(Bucket::Day),
+            _ => Err(format!("bucket: {s:?} is not hour or day")),
+        }
+    }
+}
+
+/// Filters of a stats query (`/admin/v1/stats`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StatsFilter {
+    /// One key.
+    pub key_id: Option<u64>,
+    /// One account.
+    pub account: Option<String>,
+    /// One model.
+    pub model: Option<String>,
+    /// From (unix seconds).
+    pub start: Option<i64>,
+    /// To (unix seconds).
+    pub end: Option<i64>,
+    /// Bucket width.
+    pub bucket: Bucket,
+}
+
+fn number<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, String> {
+    v.trim()
+        .parse()
+        .map_err(|_| format!("{name}: {v:?} is not a valid number"))
+}
+
+fn text(v: &str) -> Option<String> {
+    (!v.is_empty()).then(|| v.to_string())
+}
+
+impl LogFilter {
+    /// From a query string (`key_id=&account=&model=&status=&start=&end=&page=&page_size=`);
+    /// other parameters are ignored, a malformed number is an error naming it.
+    pub fn from_query(query: &str) -> Result<LogFilter, String> {
+        let mut f = LogFilter::default();
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            match &*k {
+                "key_id" => f.key_id = Some(number(&k, &v)?),
+                "account" => f.account = text(&v),
+                "model" => f.model = text(&v),
+                "status" => f.status = Some(number(&k, &v)?),
+                "start" => f.start = Some(number(&k, &v)?),
+                "end" => f.end = Some(number(&k, &v)?),
+                "page" => f.page = Some(number(&k, &v)?),
+                "page_size" => f.page_size = Some(number(&k, &v)?),
+                _ => {}
+            }
+        }
+        Ok(f)
+    }
+}
+
+impl StatsFilter {
+    /// From a query string (`key_id=&account=&model=&start=&end=&bucket=hour|day`).
+    pub fn from_query(query: &str) -> Result<StatsFilter, String> {
+        let mut f = StatsFilter::default();
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            match &*k {
+                "key_id" => f.key_id = Some(number(&k, &v)?),
+                "account" => f.account = text(&v),
+                "model" => f.model = text(&v),
+                "start" => f.start = Some(number(&k, &v)?),
+                "end" => f.end = Some(number(&k, &v)?),
+                "bucket" => f.bucket = Bucket::parse(&v)?,
+                _ => {}
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// `start..=end` from what was asked, `now` and the query's default span; notes say what was
+/// changed.
+pub fn resolve_range(
+    start: Option<i64>,
+    end: Option<i64>,
+    now: i64,
+    default_span: i64,
+    notes: &mut Vec<String>,
+) -> (i64, i64) {
+    let mut end = end.unwrap_or(now);
+    let mut start = start.unwrap_or(end.saturating_sub(default_span));
+    if start > end {
+        std::mem::swap(&mut start, &mut end);
+        notes.push(format!(
+            "start was after end: the range was swapped to {start}..{end}"
+        ));
+    }
+    if end.saturating_sub(start) > MAX_SPAN {
+        start = end - MAX_SPAN;
+        notes.push(format!(
+            "the range was longer than {} days: start moved to {start}",
+            MAX_SPAN / 86_400
+        ));
+    }
+    (start, end)
+}
+
+/// One stored call, with its row id.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CallRow {
+    /// The row id (newer calls have larger ids on one gateway).
+    pub id: i64,
+    /// The call.
+    #[serde(flatten)]
+    pub row: StoreRow,
+}
+
+/// A page of calls, newest first.
+#[derive(Clone, Debug, Serialize)]
+pub struct LogPage {
+    /// The calls.
+    pub items: Vec<CallRow>,
+    /// Calls matching the filters (counted up to [`COUNT_AT_MOST`]).
+    pub total: u64,
+    /// `total` stopped counting at [`COUNT_AT_MOST`].
+    pub total_capped: bool,
+    /// The page (from 1).
+    pub page: u64,
+    /// The page size used.
+    pub page_size: u64,
+    /// The time range used.
+    pub start: i64,
+    /// The time range used.
+    pub end: i64,
+    /// What was changed in the request (a capped page size, a swapped range, …).
+    pub notes: Vec<String>,
+}
+
+/// One stats bucket.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Totals {
+    /// The bucket's start (unix seconds, UTC); 0 for totals over a range.
+    pub t: i64,
+    /// Calls.
+    pub requests: i64,
+    /// Calls answered with a status of 400 or more.
+    pub errors: i64,
+    /// Prompt tokens.
+    pub prompt_tokens: i64,
+    /// Completion tokens.
+    pub completion_tokens: i64,
+    /// Quota units.
+    pub quota: i64,
+}
+
+/// Stats buckets over a range, every bucket present (zero when no call fell in it).
+#[derive(Clone, Debug, Serialize)]
+pub struct StatsPage {
+    /// The buckets, oldest first.
+    pub buckets: Vec<Totals>,
+    /// `hour` or `day`.
+    pub bucket: Bucket,
+    /// The range used (`start` rounded down to its bucket).
+    pub start: i64,
+    /// The range used.
+    pub end: i64,
+    /// What was changed in the request.
+    pub notes: Vec<String>,
+}
+
+const COLUMNS: &str = "id, created_at, request_id, key_id, key_name, grp, model, prompt_tokens,
+    completion_tokens, quota, is_stream, status, duration_ms, first_byte_ms, account, upstream,
+    target, attempts, path, error_code";
+
+fn call_row(r: &Row<'_>) -> rusqlite::Result<CallRow> {
+    let u = |i: usize| -> rusqlite::Result<u64> { Ok(r.get::<_, i64>(i)?.max(0) as u64) };
+    Ok(CallRow {
+        id: r.get(0)?,
+        row: StoreRow {
+            created_at: r.get(1)?,
+            request_id: r.get(2)?,
+            key_id: u(3)?,
+            key_name: r.get(4)?,
+            group: r.get(5)?,
+            model: r.get(6)?,
+            prompt_tokens: u(7)?,
+            completion_tokens: u(8)?,
+            quota: r.get(9)?,
+            is_stream: r.get(10)?,
+            status: r.get(11)?,
+            duration_ms: u(12)?,
+            first_byte_ms: r.get::<_, Option<i64>>(13)?.map(|v| v.max(0) as u64),
+            account: r.get(14)?,
+            upstream: r.get(15)?,
+            target: r.get(16)?,
+            attempts: r.get(17)?,
+            path: r.get(18)?,
+            error_code: r.get(19)?,
+        },
+    })
+}
+
+/// The `WHERE` clause of a calls query and its values.
+fn calls_where(f: &LogFilter, start: i64, end: i64) -> (String, Vec<Value>) {
+    let mut sql = String::from("created_at >= ? AND created_at <= ?");
+    let mut values = vec![Value::Integer(start), Value::Integer(end)];
+    if let Some(k) = f.key_id {
+        sql.push_str(" AND key_id = ?");
+        values.push(Value::Integer(k as i64));
+    }
+    if let Some(a) = &f.account {
+        sql.push_str(" AND account = ?");
+        values.push(Value::Text(a.clone()));
+    }
+    if let Some(m) = &f.model {
+        sql.push_str(" AND model = ?");
+        values.push(Value::Text(m.clone()));
+    }
+    if let Some(s) = f.status {
+        sql.push_str(" AND status = ?");
+        values.push(Value::Integer(i64::from(s)));
+    }
+    (sql, values)
+}
+
+/// A page of calls matching `f`, newest first. With no `start` the range is the last
+/// [`MAX_SPAN`].
+pub fn logs(conn: &Connection, f: &LogFilter, now: i64) -> rusqlite::Result<LogPage> {
+    let mut notes = Vec::new();
+    let (start, end) = resolve_range(f.start, f.end, now, MAX_SPAN, &mut notes);
+    let page = match f.page {
+        Some(0) => {
+            notes.push("page 0: pages start at 1".into());
+            1
+        }
+        p => p.unwrap_or(1),
+    };
+    let page_size = match f.page_size {
+        None => DEFAULT_PAGE_SIZE,
+        Some(0) => {
+            notes.push(format!("page_size 0: {DEFAULT_PAGE_SIZE} used"));
+            DEFAULT_PAGE_SIZE
+        }
+        Some(s) if s > MAX_PAGE_SIZE => {
+            notes.push(format!("page_size {s}: capped at {MAX_PAGE_SIZE}"));
+            MAX_PAGE_SIZE
+        }
+        Some(s) => s,
+    };
+    let (clause, values) = calls_where(f, start, end);
+    let total: i64 = conn.query_row(
+        &format!(
+            "SELECT count(*) FROM (SELECT 1 FROM calls WHERE {clause} LIMIT {})",
+            COUNT_AT_MOST + 1
+        ),
+        params_from_iter(values.iter()),
+        |r| r.get(0),
+    )?;
+    let total = total.max(0) as u64;
+    let offset = (page - 1).saturating_mul(page_size);
+    let items = if offset > MAX_OFFSET {
+        notes.push(format!(
+            "page {page} starts past {MAX_OFFSET} rows: narrow the time range instead"
+        ));
+        Vec::new()
+    } else {
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM calls WHERE {clause}
+             ORDER BY created_at DESC, id DESC LIMIT {page_size} OFFSET {offset}"
+        ))?;
+        let rows = stmt.query_map(params_from_iter(values.iter()), call_row)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    Ok(LogPage {
+        items,
+        total: total.min(COUNT_AT_MOST),
+        total_capped: total > COUNT_AT_MOST,
+        page,
+        page_size,
+        start,
+        end,
+        notes,
+    })
+}
+
+/// A key's newest `n` calls, newest first.
+pub fn recent(conn: &Connection, key_id: u64, n: usize) -> rusqlite::Result<Vec<CallRow>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM calls WHERE key_id = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2"
+    ))?;
+    let rows = stmt.query_map((key_id as i64, n as i64), call_row)?;
+    rows.collect()
+}
+
+/// The `WHERE` clause of a roll-up query and its values (`hour` between `start` and `end`).
+fn hourly_where(
+    key_id: Option<u64>,
+    account: Option<&str>,
+    model: Option<&str>,
+    start: i64,
+    end: i64,
+) -> (String, Vec<Value>) {
+    let mut sql = String::from("hour >= ? AND hour <= ?");
+    let mut values = vec![Value::Integer(start), Value::Integer(end)];
+    if let Some(k) = key_id {
+        sql.push_str(" AND key_id = ?");
+        values.push(Value::Integer(k as i64));
+    }
+    if let Some(a) = account {
+        sql.push_str(" AND account = ?");
+        values.push(Value::Text(a.to_string()));
+    }
+    if let Some(m) = model {
+        sql.push_str(" AND model = ?");
+        values.push(Value::Text(m.to_string()));
+    }
+    (sql, values)
+}
+
+/// Stats buckets from the hourly roll-ups. With no `start` the range is the last 30 days.
+pub fn stats(conn: &Connection, f: &StatsFilter, now: i64) -> rusqlite::Result<StatsPage> {
+    let mut notes = Vec::new();
+    let (start, end) = resolve_range(f.start, f.end, now, 30 * 86_400, &mut notes);
+    let width = f.bucket.seconds();
+    let first = start.div_euclid(width) * width;
+    let last = end.div_euclid(width) * width;
+    let (clause, values) = hourly_where(
+        f.key_id,
+        f.account.as_deref(),
+        f.model.as_deref(),
+        first,
+        end,
+    );
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT (hour / {width}) * {width} AS t, sum(requests), sum(errors), sum(prompt_tokens),
+                sum(completion_tokens), sum(quota)
+         FROM hourly WHERE {clause} GROUP BY t ORDER BY t"
+    ))?;
+    let found = stmt
+        .query_map(params_from_iter(values.iter()), totals_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    // Every bucket of the range, zero where no call fell.
+    let mut buckets = Vec::with_capacity(((last - first) / width + 1) as usize);
+    let mut found = found.into_iter().peekable();
+    let mut t = first;
+    while t <= last {
+        match found.next_if(|b| b.t == t) {
+            Some(b) => buckets.push(b),
+            None => buckets.push(Totals {
+                t,
+                ..Totals::default()
+            }),
+        }
+        t += width;
+    }
+    Ok(StatsPage {
+        buckets,
+        bucket: f.bucket,
+        start: first,
+        end,
+        notes,
+    })
+}
+
+fn totals_row(r: &Row<'_>) -> rusqlite::Result<Totals> {
+    Ok(Totals {
+        t: r.get(0)?,
+        requests: r.get::<_, Option<i64>>(1)?.unwrap_or(0),
+        errors: r.get::<_, Option<i64>>(2)?.unwrap_or(0),
+        prompt_tokens: r.get::<_, Option<i64>>(3)?.unwrap_or(0),
+        completion_tokens: r.get::<_, Option<i64>>(4)?.unwrap_or(0),
+        quota: r.get::<_, Option<i64>>(5)?.unwrap_or(0),
+    })
+}
+
+/// Totals per model over `start..=end` (whole hours) for a key or an account (or everything),
+/// from the roll-ups; the model "" sums them all, first.
+pub fn totals_by_model(
+    conn: &Connection,
+    key_id: Option<u64>,
+    account: Option<&str>,
+    start: i64,
+    end: i64,
+) -> rusqlite::Result<Vec<(String, Totals)>> {
+    let (clause, values) = hourly_where(key_id, account, None, start.div_euclid(3600) * 3600, end);
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT 0, sum(requests), sum(errors), sum(prompt_tokens), sum(completion_tokens),
+                sum(quota), model
+         FROM hourly WHERE {clause} GROUP BY model ORDER BY sum(quota) DESC, model"
+    ))?;
+    let per_model = stmt
+        .query_map(params_from_iter(values.iter()), |r| {
+            Ok((r.get::<_, String>(6)?, totals_row(r)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut all = Totals::default();
+    for (_, t) in &per_model {
+        all.requests += t.requests;
+        all.errors += t.errors;
+        all.prompt_tokens += t.prompt_tokens;
+        all.completion_tokens += t.completion_tokens;
+        all.quota += t.quota;
+    }
+    let mut out = vec![(String::new(), all)];
+    out.extend(per_model);
+    Ok(out)
+}
+
+/// The CSV export of the calls matching `f` (paging ignored), newest first, as an iterator
+/// of chunks: each chunk is one query of at most [`CsvExport::ROWS_PER_CHUNK`] rows, resumed
+/// after the last row sent, so the whole file is never in memory and no statement stays open
+/// between chunks.
+pub struct CsvExport<'c> {
+    conn: &'c Connection,
+    filter: LogFilter,
+    start: i64,
+    end: i64,
+    /// `(created_at, id)` of the last row sent.
+    after: Option<(i64, i64)>,
+    header_sent: bool,
+    done: bool,
+}
+
+/// The CSV header.
+pub const CSV_HEADER: [&str; 20] = [
+    "id",
+    "created_at",
+    "request_id",
+    "key_id",
+    "key_name",
+    "group",
+    "account",
+    "model",
+    "status",
+    "error_code",
+    "prompt_tokens",
+    "completion_tokens",
+    "quota",
+    "is_stream",
+    "duration_ms",
+    "first_byte_ms",
+    "upstream",
+    "target",
+    "attempts",
+    "path",
+];
+
+impl<'c> CsvExport<'c> {
+    /// Rows per chunk.
+    pub const ROWS_PER_CHUNK: usize = 1000;
+
+    /// The export of `f` over `conn`; the range is resolved as [`logs`] does, its notes
+    /// returned.
+    pub fn new(conn: &'c Connection, f: &LogFilter, now: i64) -> (CsvExport<'c>, Vec<String>) {
+        let mut notes = Vec::new();
+        let (start, end) = resolve_range(f.start, f.end, now, MAX_SPAN, &mut notes);
+        let export = CsvExport {
+            conn,
+            filter: f.clone(),
+            start,
+            end,
+            after: None,
+            header_sent: false,
+            done: false,
+        };
+        (export, notes)
+    }
+
+    fn chunk(&mut self) -> Result<Vec<u8>, super::StoreError> {
+        let mut out = csv::Writer::from_writer(Vec::with_capacity(64 * 1024));
+        let csv_err = |e: csv::Error| rusqlite::Error::ToSqlConversionFailure(Box::new(e));
+        if !self.header_sent {
+            out.write_record(CSV_HEADER).map_err(csv_err)?;
+            self.header_sent = true;
+        }
+        let (mut clause, mut values) = calls_where(&self.filter, self.start, self.end);
+        if let Some((t, id)) = self.after {
+            clause.push_str(" AND (created_at < ? OR (created_at = ? AND id < ?))");
+            values.extend([Value::Integer(t), Value::Integer(t), Value::Integer(id)]);
+        }
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM calls WHERE {clause}
+             ORDER BY created_at DESC, id DESC LIMIT {}",
+            Self::ROWS_PER_CHUNK
+        ))?;
+        let mut rows = stmt.query(params_from_iter(values.iter()))?;
+        let mut n = 0;
+        while let Some(r) = rows.next()? {
+            let c = call_row(r)?;
+            let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
+            let row = &c.row;
+            out.write_record([
+                c.id.to_string(),
+                row.created_at.to_string(),
+                row.request_id.clone(),
+                row.key_id.to_string(),
+                row.key_name.clone(),
+                row.group.clone(),
+                row.account.clone().unwrap_or_default(),
+                row.model.clone(),
+                row.status.to_string(),
+                row.error_code.clone().unwrap_or_default(),
+                row.prompt_tokens.to_string(),
+                row.completion_tokens.to_string(),
+                row.quota.to_string(),
+                row.is_stream.to_string(),
+                row.duration_ms.to_string(),
+                opt(row.first_byte_ms),
+                row.upstream.clone().unwrap_or_default(),
+                row.target.clone().unwrap_or_default(),
+                row.attempts.to_string(),
+                row.path.clone(),
+            ])
+            .map_err(csv_err)?;
+            self.after = Some((row.created_at, c.id));
+            n += 1;
+        }
+        if n < Self::ROWS_PER_CHUNK {
+            self.done = true;
+        }
+        out.into_inner()
+            .map_err(|e| super::StoreError::Query(csv_err(e.into_error().into())))
+    }
+}
+
+impl Iterator for CsvExport<'_> {
+    type Item = Result<Vec<u8>, super::StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let chunk = self.chunk();
+        if chunk.is_err() {
+            self.done = true;
+        }
+        match chunk {
+            Ok(c) if c.is_empty() => None,
+            other => Some(other),
+        }
+    }
+}

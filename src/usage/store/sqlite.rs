@@ -1,0 +1,324 @@
+//! The SQLite side of the usage store: the schema, opening the file (with the startup checks),
+//! and the writer's batch, roll-up and retention statements.
+
+use super::{StoreError, StoreRow, StoreStats, RETENTION_STEP};
+use rusqlite::{params, Connection, OpenFlags};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The schema's version, kept in `PRAGMA user_version`.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// The tables and the indexes the queries use, from day one: a key's calls by time, an
+/// account's calls by time, every call by time; the roll-ups by key, account and hour.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS calls (
+    id INTEGER PRIMARY KEY,
+    created_at INTEGER NOT NULL,
+    request_id TEXT NOT NULL,
+    key_id INTEGER NOT NULL,
+    key_name TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    model TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    quota INTEGER NOT NULL,
+    is_stream INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    first_byte_ms INTEGER,
+    account TEXT,
+    upstream TEXT,
+    target TEXT,
+    attempts INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    error_code TEXT
+);
+CREATE INDEX IF NOT EXISTS calls_key_time ON calls(key_id, created_at);
+CREATE INDEX IF NOT EXISTS calls_account_time ON calls(account, created_at);
+CREATE INDEX IF NOT EXISTS calls_time ON calls(created_at);
+CREATE TABLE IF NOT EXISTS hourly (
+    hour INTEGER NOT NULL,
+    key_id INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    account TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    quota INTEGER NOT NULL,
+    UNIQUE (key_id, hour, model, account)
+);
+CREATE INDEX IF NOT EXISTS hourly_account_hour ON hourly(account, hour);
+CREATE INDEX IF NOT EXISTS hourly_hour ON hourly(hour);
+";
+
+fn open_error(path: &Path, message: impl std::fmt::Display) -> StoreError {
+    StoreError::Open {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    }
+}
+
+/// Open the writer's connection: create the file and the schema, WAL mode, and prove the file
+/// can be written (a write lock taken and released), so a corrupt or read-only database is a
+/// startup error naming the file, not a silent loss later.
+pub(super) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| open_error(path, format!("its folder: {e}")))?;
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| open_error(path, e))?;
+    if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(true) {
+        return Err(open_error(path, "the file is not writable"));
+    }
+    let setup = || -> rusqlite::Result<()> {
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            log::warn!(
+                "usage_store {}: journal mode {mode}, not WAL",
+                path.display()
+            );
+        }
+        // A committed batch survives the process being killed; only a power loss may lose the
+        // last few (WAL with NORMAL syncs at checkpoints).
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        conn.execute_batch("COMMIT")?;
+        Ok(())
+    };
+    if let Err(e) = setup() {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(open_error(path, e));
+    }
+    Ok(conn)
+}
+
+/// A read-only connection to an existing store (the queries', and the CLI's).
+pub fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    if !path.exists() {
+        return Err(open_error(path, "no such file"));
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| open_error(path, e))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| open_error(path, e))?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| open_error(path, e))?;
+    if version != SCHEMA_VERSION {
+        return Err(open_error(
+            path,
+            format!("schema version {version}, this keygate reads {SCHEMA_VERSION}"),
+        ));
+    }
+    Ok(conn)
+}
+
+/// One hour's sums for a key, model and account, added up over a batch.
+#[derive(Default)]
+struct Sums {
+    requests: i64,
+    errors: i64,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    quota: i64,
+}
+
+/// The writer's state: its connection and the retention schedule.
+pub(super) struct Writer {
+    conn: Connection,
+    path: PathBuf,
+    retention_days: u32,
+    stats: Arc<StoreStats>,
+    /// When the next retention pass starts; while one is under way, every round takes a step.
+    next_retention: Instant,
+    retention_under_way: bool,
+    last_error_logged: Option<Instant>,
+}
+
+/// How often a retention pass starts (one runs at start too).
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
+
+const INSERT_CALL: &str = "INSERT INTO calls (created_at, request_id, key_id, key_name, grp, model,
+    prompt_tokens, completion_tokens, quota, is_stream, status, duration_ms, first_byte_ms,
+    account, upstream, target, attempts, path, error_code)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)";
+
+const UPSERT_HOUR: &str = "INSERT INTO hourly (hour, key_id, model, account, requests, errors,
+    prompt_tokens, completion_tokens, quota) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+    ON CONFLICT (key_id, hour, model, account) DO UPDATE SET
+    requests = requests + excluded.requests, errors = errors + excluded.errors,
+    prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+    completion_tokens = completion_tokens + excluded.completion_tokens,
+    quota = quota + excluded.quota";
+
+/// u64 counts as SQLite integers (saturating: SQLite has no unsigned type).
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Writer {
+    pub(super) fn new(
+        conn: Connection,
+        path: PathBuf,
+        retention_days: u32,
+        stats: Arc<StoreStats>,
+    ) -> Writer {
+        Writer {
+            conn,
+            path,
+            retention_days,
+            stats,
+            next_retention: Instant::now(),
+            retention_under_way: false,
+            last_error_logged: None,
+        }
+    }
+
+    /// Write `batch` (then empty it) in one transaction with its roll-ups. On failure (a full
+    /// disk) the rows are counted as dropped; the gateway goes on serving.
+    pub(super) fn write_batch(&mut self, batch: &mut Vec<StoreRow>) {
+        if batch.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let n = batch.len() as u64;
+        match self.insert(batch) {
+            Ok(()) => {
+                self.stats.written.fetch_add(n, Ordering::Relaxed);
+                self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .batch_micros
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                self.stats.dropped.fetch_add(n, Ordering::Relaxed);
+                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                self.log_error(&format!("{n} rows dropped: {e}"));
+            }
+        }
+        batch.clear();
+    }
+
+    fn log_error(&mut self, what: &str) {
+        // At most one line a minute: a full disk fails every batch.
+        if self
+            .last_error_logged
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
+        {
+            log::error!("usage_store {}: {what}", self.path.display());
+            self.last_error_logged = Some(Instant::now());
+        }
+    }
+
+    fn insert(&mut self, batch: &[StoreRow]) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        let mut hours: HashMap<(i64, u64, &str, &str), Sums> = HashMap::new();
+        {
+            let mut insert = tx.prepare_cached(INSERT_CALL)?;
+            for r in batch {
+                insert.execute(params![
+                    r.created_at,
+                    r.request_id,
+                    int(r.key_id),
+                    r.key_name,
+                    r.group,
+                    r.model,
+                    int(r.prompt_tokens),
+                    int(r.completion_tokens),
+                    r.quota,
+                    r.is_stream,
+                    r.status,
+                    int(r.duration_ms),
+                    r.first_byte_ms.map(int),
+                    r.account,
+                    r.upstream,
+                    r.target,
+                    r.attempts,
+                    r.path,
+                    r.error_code,
+                ])?;
+                let hour = r.created_at.div_euclid(3600) * 3600;
+                let account = r.account.as_deref().unwrap_or("");
+                let s = hours
+                    .entry((hour, r.key_id, r.model.as_str(), account))
+                    .or_default();
+                s.requests += 1;
+                s.errors += i64::from(r.status >= 400);
+                s.prompt_tokens = s.prompt_tokens.saturating_add(int(r.prompt_tokens));
+                s.completion_tokens = s.completion_tokens.saturating_add(int(r.completion_tokens));
+                s.quota = s.quota.saturating_add(r.quota);
+            }
+            let mut upsert = tx.prepare_cached(UPSERT_HOUR)?;
+            for ((hour, key, model, account), s) in &hours {
+                upsert.execute(params![
+                    hour,
+                    int(*key),
+                    model,
+                    account,
+                    s.requests,
+                    s.errors,
+                    s.prompt_tokens,
+                    s.completion_tokens,
+                    s.quota,
+                ])?;
+            }
+        }
+        tx.commit()
+    }
+
+    /// One bounded retention step when a pass is due or under way: at most
+    /// [`RETENTION_STEP`] old rows and as many old roll-ups, each its own short statement, so
+    /// batches never wait long behind it.
+    pub(super) fn retention_step(&mut self) {
+        if !self.retention_under_way {
+            if Instant::now() < self.next_retention {
+                return;
+            }
+            self.retention_under_way = true;
+            self.next_retention = Instant::now() + RETENTION_EVERY;
+        }
+        let cutoff = crate::core::clock::unix_now() - i64::from(self.retention_days) * 86_400;
+        match remove_older(&self.conn, cutoff) {
+            Ok(removed) => self.retention_under_way = removed > 0,
+            Err(e) => {
+                self.retention_under_way = false;
+                self.log_error(&format!("retention: {e}"));
+            }
+        }
+    }
+}
+
+/// Remove at most [`RETENTION_STEP`] calls and as many roll-up hours older than `cutoff`
+/// (unix seconds); returns how many went.
+pub fn remove_older(conn: &Connection, cutoff: i64) -> rusqlite::Result<usize> {
+    let step = RETENTION_STEP as i64;
+    let calls = conn.execute(
+        "DELETE FROM calls WHERE id IN
+            (SELECT id FROM calls WHERE created_at < ?1 ORDER BY created_at LIMIT ?2)",
+        params![cutoff, step],
+    )?;
+    // An hour is removed once all of it is older than the cutoff.
+    let hours = conn.execute(
+        "DELETE FROM hourly WHERE rowid IN
+            (SELECT rowid FROM hourly WHERE hour <= ?1 LIMIT ?2)",
+        params![cutoff - 3600, step],
+    )?;
+    Ok(calls + hours)
+}
