@@ -14,7 +14,7 @@ mod sqlite;
 pub use self::query::{
     Bucket, CallRow, CsvExport, LogFilter, LogPage, StatsFilter, StatsPage, Totals,
 };
-pub use self::sqlite::{open_reader, SCHEMA_VERSION};
+pub use self::sqlite::{open_reader, remove_older, SCHEMA_VERSION};
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -261,3 +261,6 @@ fn run_writer(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

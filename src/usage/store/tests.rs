@@ -1,0 +1,318 @@
+//! The store's queries and its writer on real SQLite files.
+
+use super::query::{self, Bucket, CsvExport, LogFilter, StatsFilter};
+use super::sqlite::{open_writer, Writer};
+use super::*;
+use std::sync::atomic::Ordering;
+
+fn row(key_id: u64, created_at: i64, model: &str, status: u16) -> StoreRow {
+    StoreRow {
+        created_at,
+        request_id: format!("r-{created_at}"),
+        key_id,
+        key_name: "k".into(),
+        group: "default".into(),
+        model: model.into(),
+        prompt_tokens: 10,
+        completion_tokens: 5,
+        quota: 7,
+        status,
+        attempts: 1,
+        path: "/v1/chat/completions".into(),
+        ..StoreRow::default()
+    }
+}
+
+/// A store in a temp dir with `rows` written (flushed).
+fn store_with(rows: Vec<StoreRow>) -> (tempfile::TempDir, UsageStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = UsageStore::open(&StoreSettings::new(dir.path().join("usage.db"))).unwrap();
+    for r in rows {
+        store.push(r);
+    }
+    store.flush(Duration::from_secs(10));
+    (dir, store)
+}
+
+const NOW: i64 = 1_750_000_000;
+
+#[test]
+fn logs_page_newest_first_with_filters_and_capped_paging() {
+    let rows = (0..30)
+        .map(|i| {
+            row(
+                1 + i % 2,
+                NOW - 100 + i as i64,
+                "m",
+                if i == 5 { 500 } else { 200 },
+            )
+        })
+        .collect();
+    let (_dir, store) = store_with(rows);
+    store.read(|c| {
+        let f = LogFilter {
+            key_id: Some(1),
+            page_size: Some(10),
+            ..LogFilter::default()
+        };
+        let p = query::logs(c, &f, NOW).unwrap();
+        assert_eq!(p.total, 15);
+        assert_eq!(p.items.len(), 10);
+        assert!(p
+            .items
+            .windows(2)
+            .all(|w| w[0].row.created_at > w[1].row.created_at));
+        assert!(p.items.iter().all(|i| i.row.key_id == 1));
+        let p2 = query::logs(
+            c,
+            &LogFilter {
+                page: Some(2),
+                ..f.clone()
+            },
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(p2.items.len(), 5);
+
+        let p = query::logs(
+            c,
+            &LogFilter {
+                status: Some(500),
+                ..LogFilter::default()
+            },
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(p.total, 1);
+
+        let p = query::logs(
+            c,
+            &LogFilter {
+                page: Some(0),
+                page_size: Some(10_000),
+                ..LogFilter::default()
+            },
+            NOW,
+        )
+        .unwrap();
+        assert_eq!((p.page, p.page_size, p.items.len()), (1, 1000, 30));
+        assert_eq!(p.notes.len(), 2, "{:?}", p.notes);
+
+        let p = query::logs(
+            c,
+            &LogFilter {
+                page_size: Some(0),
+                ..LogFilter::default()
+            },
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(p.page_size, 50);
+
+        // Reversed: swapped and said so.
+        let p = query::logs(
+            c,
+            &LogFilter {
+                start: Some(NOW),
+                end: Some(NOW - 1000),
+                ..LogFilter::default()
+            },
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(p.items.len(), 30);
+        assert!(p.notes[0].contains("swapped"), "{:?}", p.notes);
+
+        // Unbounded: cut to the last 366 days and said so.
+        let p = query::logs(
+            c,
+            &LogFilter {
+                start: Some(0),
+                end: Some(NOW),
+                ..LogFilter::default()
+            },
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(p.start, NOW - query::MAX_SPAN);
+        assert!(p.notes[0].contains("366 days"), "{:?}", p.notes);
+    });
+}
+
+#[test]
+fn filters_parse_from_a_query_string_with_precise_errors() {
+    let f = LogFilter::from_query(
+        "key_id=3&account=acme&model=gpt-4o&status=200&start=1&end=2&page=3&page_size=4&p=9",
+    )
+    .unwrap();
+    assert_eq!(f.key_id, Some(3));
+    assert_eq!(f.account.as_deref(), Some("acme"));
+    assert_eq!(f.page_size, Some(4));
+    let e = LogFilter::from_query("key_id=abc").unwrap_err();
+    assert!(e.contains("key_id") && e.contains("abc"), "{e}");
+    let e = StatsFilter::from_query("bucket=week").unwrap_err();
+    assert!(e.contains("bucket"), "{e}");
+    assert_eq!(
+        StatsFilter::from_query("bucket=day").unwrap().bucket,
+        Bucket::Day
+    );
+}
+
+#[test]
+fn stats_come_from_the_roll_ups_in_buckets_with_every_bucket_present() {
+    let hour = NOW - NOW % 3600;
+    let rows = vec![
+        row(1, hour - 7200 + 5, "a", 200),
+        row(1, hour - 7200 + 6, "b", 429),
+        row(1, hour + 1, "a", 200),
+        row(2, hour + 2, "a", 200),
+    ];
+    let (_dir, store) = store_with(rows);
+    store.read(|c| {
+        let f = StatsFilter {
+            key_id: Some(1),
+            start: Some(hour - 3 * 3600),
+            end: Some(hour + 10),
+            ..StatsFilter::default()
+        };
+        let s = query::stats(c, &f, NOW).unwrap();
+        let reqs: Vec<i64> = s.buckets.iter().map(|b| b.requests).collect();
+        assert_eq!(reqs, vec![0, 2, 0, 1]);
+        assert_eq!(s.buckets[1].errors, 1);
+        assert_eq!(s.buckets[1].quota, 14);
+        assert_eq!(s.buckets[1].prompt_tokens, 20);
+        let by_model = StatsFilter {
+            model: Some("b".into()),
+            ..f.clone()
+        };
+        let s = query::stats(c, &by_model, NOW).unwrap();
+        assert_eq!(s.buckets.iter().map(|b| b.requests).sum::<i64>(), 1);
+        let day = StatsFilter {
+            key_id: None,
+            bucket: Bucket::Day,
+            ..f
+        };
+        let s = query::stats(c, &day, NOW).unwrap();
+        assert_eq!(s.buckets.iter().map(|b| b.requests).sum::<i64>(), 4);
+        assert!(s.buckets.iter().all(|b| b.t % 86_400 == 0));
+
+        let t = query::totals_by_model(c, Some(1), None, hour - 86_400, hour + 3600).unwrap();
+        assert_eq!(t[0].0, "");
+        assert_eq!(t[0].1.requests, 3);
+        assert_eq!(t.len(), 3);
+    });
+}
+
+#[test]
+fn csv_export_streams_every_row_in_chunks_with_quoting() {
+    let mut rows: Vec<StoreRow> = (0..2500)
+        .map(|i| row(1, NOW - 5000 + i, "m", 200))
+        .collect();
+    rows[2499].key_name = "comma, \"quote\"\nnewline".into();
+    rows[2499].account = Some("acme".into());
+    rows.push(row(2, NOW - 1, "m", 200));
+    let (_dir, store) = store_with(rows);
+    store.read(|c| {
+        let f = LogFilter {
+            key_id: Some(1),
+            ..LogFilter::default()
+        };
+        let (export, notes) = CsvExport::new(c, &f, NOW);
+        assert!(notes.is_empty());
+        let chunks: Vec<Vec<u8>> = export.map(Result::unwrap).collect();
+        assert_eq!(chunks.len(), 3, "1000 rows a chunk");
+        let all: Vec<u8> = chunks.concat();
+        let mut reader = csv::Reader::from_reader(&all[..]);
+        assert_eq!(
+            reader.headers().unwrap().iter().collect::<Vec<_>>(),
+            query::CSV_HEADER.to_vec()
+        );
+        let records: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+        assert_eq!(records.len(), 2500);
+        // Newest first; the odd name comes back whole.
+        assert_eq!(&records[0][4], "comma, \"quote\"\nnewline");
+        assert_eq!(&records[0][6], "acme");
+        assert_eq!(&records[0][1], (NOW - 5000 + 2499).to_string());
+        assert_eq!(&records[2499][1], (NOW - 5000).to_string());
+        let ids: std::collections::HashSet<&str> =
+            records.iter().map(|r| r.get(0).unwrap()).collect();
+        assert_eq!(ids.len(), 2500, "no row twice across chunks");
+    });
+}
+
+#[test]
+fn a_full_disk_drops_and_counts_and_the_writer_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("usage.db");
+    let conn = open_writer(&path).unwrap();
+    // SQLITE_FULL, as a full disk gives it: the file may not grow past a few pages.
+    let pages: i64 = conn
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .unwrap();
+    conn.pragma_update(None, "max_page_count", pages + 2)
+        .unwrap();
+    let stats = Arc::new(StoreStats::default());
+    let mut w = Writer::new(conn, path, 90, stats.clone());
+    for round in 0..20 {
+        let mut batch: Vec<StoreRow> = (0..500)
+            .map(|i| row(1, NOW + round * 1000 + i, "m", 200))
+            .collect();
+        w.write_batch(&mut batch);
+        assert!(batch.is_empty());
+    }
+    let (written, dropped) = (
+        stats.written.load(Ordering::Relaxed),
+        stats.dropped.load(Ordering::Relaxed),
+    );
+    assert_eq!(written + dropped, 10_000);
+    assert!(dropped > 0);
+    assert!(stats.write_errors.load(Ordering::Relaxed) > 0);
+    // What was committed is whole: rows and roll-ups agree.
+    let reader = open_reader(&dir.path().join("usage.db")).unwrap();
+    let rows: i64 = reader
+        .query_row("SELECT count(*) FROM calls", [], |r| r.get(0))
+        .unwrap();
+    let rolled: i64 = reader
+        .query_row("SELECT coalesce(sum(requests), 0) FROM hourly", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(rows as u64, written);
+    assert_eq!(rolled, rows);
+}
+
+#[test]
+fn retention_removes_in_bounded_steps() {
+    let old = NOW - 200 * 86_400;
+    let rows: Vec<StoreRow> = (0..12_000).map(|i| row(1, old + i, "m", 200)).collect();
+    let (dir, store) = store_with(rows);
+    drop(store);
+    let conn = open_writer(&dir.path().join("usage.db")).unwrap();
+    let first = super::sqlite::remove_older(&conn, NOW).unwrap();
+    assert!(first <= 2 * RETENTION_STEP, "{first}");
+    let mut total = first;
+    loop {
+        let n = super::sqlite::remove_older(&conn, NOW).unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    let hours = 12_000usize.div_ceil(3600) + 1;
+    assert!(total >= 12_000 && total <= 12_000 + hours, "{total}");
+}
+
+#[test]
+fn a_corrupt_file_names_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("usage.db");
+    std::fs::write(&path, vec![7u8; 4096]).unwrap();
+    let e = UsageStore::open(&StoreSettings::new(path.clone()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains(&path.display().to_string()) && e.contains("not a database"),
+        "{e}"
+    );
+}
