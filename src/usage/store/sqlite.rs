@@ -149,6 +149,8 @@ pub(super) struct Writer {
     next_retention: Instant,
     retention_under_way: bool,
     last_error_logged: Option<Instant>,
+    /// The insert of [`ROWS_PER_INSERT`] rows.
+    insert_many: String,
 }
 
 /// How often a retention pass starts (one runs at start too).
@@ -166,6 +168,48 @@ const UPSERT_HOUR: &str = "INSERT INTO hourly (hour, key_id, model, account, req
     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
     completion_tokens = completion_tokens + excluded.completion_tokens,
     quota = quota + excluded.quota";
+
+/// Columns of a call row as inserted.
+const CALL_COLUMNS: usize = 19;
+/// Rows per multi-row insert (19 values each, far under SQLite's 32,766 variables).
+const ROWS_PER_INSERT: usize = 32;
+
+/// `INSERT INTO calls … VALUES (…), (…), …` for `n` rows.
+fn insert_many_sql(n: usize) -> String {
+    let head = INSERT_CALL
+        .split_once("VALUES")
+        .map_or(INSERT_CALL, |(h, _)| h);
+    let one = format!("({})", vec!["?"; CALL_COLUMNS].join(", "));
+    format!("{head}VALUES {}", vec![one; n].join(", "))
+}
+
+/// Bind call `r` to parameters `at + 1 ..= at + 19` of `stmt`.
+fn bind_call(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    at: usize,
+    r: &StoreRow,
+) -> rusqlite::Result<()> {
+    stmt.raw_bind_parameter(at + 1, r.created_at)?;
+    stmt.raw_bind_parameter(at + 2, &r.request_id)?;
+    stmt.raw_bind_parameter(at + 3, int(r.key_id))?;
+    stmt.raw_bind_parameter(at + 4, &r.key_name)?;
+    stmt.raw_bind_parameter(at + 5, &r.group)?;
+    stmt.raw_bind_parameter(at + 6, &r.model)?;
+    stmt.raw_bind_parameter(at + 7, int(r.prompt_tokens))?;
+    stmt.raw_bind_parameter(at + 8, int(r.completion_tokens))?;
+    stmt.raw_bind_parameter(at + 9, r.quota)?;
+    stmt.raw_bind_parameter(at + 10, r.is_stream)?;
+    stmt.raw_bind_parameter(at + 11, r.status)?;
+    stmt.raw_bind_parameter(at + 12, int(r.duration_ms))?;
+    stmt.raw_bind_parameter(at + 13, r.first_byte_ms.map(int))?;
+    stmt.raw_bind_parameter(at + 14, &r.account)?;
+    stmt.raw_bind_parameter(at + 15, &r.upstream)?;
+    stmt.raw_bind_parameter(at + 16, &r.target)?;
+    stmt.raw_bind_parameter(at + 17, r.attempts)?;
+    stmt.raw_bind_parameter(at + 18, &r.path)?;
+    stmt.raw_bind_parameter(at + 19, &r.error_code)?;
+    Ok(())
+}
 
 /// u64 counts as SQLite integers (saturating: SQLite has no unsigned type).
 fn int(v: u64) -> i64 {
@@ -187,6 +231,7 @@ impl Writer {
             next_retention: Instant::now(),
             retention_under_way: false,
             last_error_logged: None,
+            insert_many: insert_many_sql(ROWS_PER_INSERT),
         }
     }
 
@@ -231,29 +276,24 @@ impl Writer {
         let tx = self.conn.transaction()?;
         let mut hours: HashMap<(i64, u64, &str, &str), Sums> = HashMap::new();
         {
-            let mut insert = tx.prepare_cached(INSERT_CALL)?;
+            // Several rows per statement: a statement's step, reset and bind cost more than
+            // the row's own b-tree work.
+            let mut chunks = batch.chunks_exact(ROWS_PER_INSERT);
+            {
+                let mut many = tx.prepare_cached(&self.insert_many)?;
+                for chunk in &mut chunks {
+                    for (i, r) in chunk.iter().enumerate() {
+                        bind_call(&mut many, i * CALL_COLUMNS, r)?;
+                    }
+                    many.raw_execute()?;
+                }
+            }
+            let mut one = tx.prepare_cached(INSERT_CALL)?;
+            for r in chunks.remainder() {
+                bind_call(&mut one, 0, r)?;
+                one.raw_execute()?;
+            }
             for r in batch {
-                insert.execute(params![
-                    r.created_at,
-                    r.request_id,
-                    int(r.key_id),
-                    r.key_name,
-                    r.group,
-                    r.model,
-                    int(r.prompt_tokens),
-                    int(r.completion_tokens),
-                    r.quota,
-                    r.is_stream,
-                    r.status,
-                    int(r.duration_ms),
-                    r.first_byte_ms.map(int),
-                    r.account,
-                    r.upstream,
-                    r.target,
-                    r.attempts,
-                    r.path,
-                    r.error_code,
-                ])?;
                 let hour = r.created_at.div_euclid(3600) * 3600;
                 let account = r.account.as_deref().unwrap_or("");
                 let s = hours
