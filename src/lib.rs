@@ -22,7 +22,8 @@
 //! 3. [`gate`]: [`Gate`], the Pingora phases, one concern per file, and the answers keygate
 //!    gives itself.
 //! 4. [`ops`]: the server, connection limits, the metrics listener, the ready proxy;
-//!    [`sync`]: reloading and editing the sync file.
+//!    [`sync`]: reloading and editing the sync file; [`admin`]: the admin listener and the
+//!    console's embedded assets.
 //! 5. [`cli`]: the import, the demo and its mock backend; [`fuzzing`]: fuzz entry points.
 //!
 //! # Embedding `Gate` in your own Pingora proxy
@@ -93,6 +94,7 @@
 // No panics on input: `unwrap`/`expect` are for tests only (CI runs clippy with -D warnings).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod admin;
 pub mod cli;
 pub mod core;
 pub mod fuzzing;

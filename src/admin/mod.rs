@@ -1,0 +1,3 @@
+//! The admin listener's parts: the console's embedded assets (SPEC §10).
+
+pub mod assets;
