@@ -22,9 +22,9 @@
 //! 3. [`gate`]: [`Gate`], the Pingora phases, one concern per file, and the answers keygate
 //!    gives itself.
 //! 4. [`ops`]: the server, connection limits, the metrics listener, the ready proxy;
-//!    [`sync`]: reloading and editing the sync file; [`admin`]: the admin listener and the
-//!    console's embedded assets.
-//! 5. [`cli`]: the import, the demo and its mock backend; [`fuzzing`]: fuzz entry points.
+//!    [`sync`]: reloading and editing the sync file.
+//! 5. [`cli`]: the import, the demo and its mock backend; [`admin`]: the admin API and the
+//!    console; [`fuzzing`]: fuzz entry points.
 //!
 //! # Embedding `Gate` in your own Pingora proxy
 //!

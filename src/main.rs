@@ -295,8 +295,12 @@ fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
             config.sync_file.display()
         );
     }
-    keygate::sync::reload::Reloader::new(gate.clone(), &config.sync_file)
-        .spawn(config.watch_sync_file)?;
+    let reloader = std::sync::Arc::new(keygate::sync::reload::Reloader::new(
+        gate.clone(),
+        &config.sync_file,
+    ));
+    reloader.clone().spawn(config.watch_sync_file)?;
+    keygate::admin::start(&config, gate.clone(), reloader)?;
     // Runs for the life of the process (a thread of its own).
     let _health = gate.upstreams().start_health_checks()?;
     let (server, _bound) = keygate::ops::server::build(&config, gate.clone(), upgrade)?;

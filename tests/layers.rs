@@ -15,8 +15,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("gate", 3),
     ("ops", 4),
     ("sync", 4),
-    ("admin", 4),
     ("cli", 5),
+    ("admin", 5),
     ("fuzzing", 5),
 ];
 

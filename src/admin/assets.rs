@@ -4,6 +4,9 @@
 //! Nothing here is built: the files under `src/admin/console/` are served as they are, so
 //! `cargo build` needs no Node.js. uPlot is vendored from the npm registry with its licence.
 
+use super::http::{full, Body};
+use ::http::{header, Response, StatusCode};
+
 /// One embedded file, ready to answer with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Asset {
@@ -96,6 +99,30 @@ pub fn asset(path: &str) -> Option<Asset> {
 /// Whether `path` belongs to the console (so its 404 also carries [`SECURITY_HEADERS`]).
 pub fn is_console_path(path: &str) -> bool {
     path == "/" || path.starts_with("/console/") || path.starts_with("/usage")
+}
+
+/// The answer to `GET`/`HEAD` of a console path: the asset, or a plain 404; both carry
+/// [`SECURITY_HEADERS`]. No token is needed: the files hold no data.
+pub fn response(path: &str, head: bool) -> Response<Body> {
+    let (status, content_type, cache, body): (_, _, _, &'static [u8]) = match asset(path) {
+        Some(a) => (StatusCode::OK, a.content_type, a.cache_control, a.body),
+        None => (
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "no-store",
+            b"not found\n",
+        ),
+    };
+    let mut r = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, cache)
+        .header(header::CONTENT_LENGTH, body.len());
+    for (name, value) in SECURITY_HEADERS {
+        r = r.header(*name, *value);
+    }
+    r.body(full(if head { &b""[..] } else { body }))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

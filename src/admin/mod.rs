@@ -1,3 +1,386 @@
-//! The admin listener's parts: the console's embedded assets (SPEC §10).
+//! The admin API (SPEC §8): a listener of its own, off by default, where Bearer tokens manage
+//! keys and accounts over HTTP. Reads come from the sync file as it is (parsed once per change);
+//! writes go through [`writes::Writer`], the same locked, validated, atomic edit as
+//! `keygate keys`, and answer once the new table is in force.
+//!
+//! The router is the `route` function below: a table to read top to bottom. The console's pages
+//! and files ([`assets`]) are served to anyone (they hold no data); everything they show comes
+//! from the API behind the same Bearer tokens.
 
+pub mod accounts;
 pub mod assets;
+pub mod audit;
+pub mod auth;
+pub mod http;
+pub mod keys;
+pub mod newapi;
+pub mod openapi;
+pub mod writes;
+
+use self::auth::{Caller, Throttle, Tokens};
+use self::http::{ApiError, Body, Reply, Req, MAX_BODY};
+use crate::core::config::{Config, KeyEntry, KeyStatus, SyncFile};
+use crate::gate::Gate;
+use crate::sync::edit::SyncEditor;
+use crate::sync::reload::Reloader;
+use ::http::{Method, StatusCode};
+use http_body_util::BodyExt;
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Reveals one token may make per minute (SPEC §8).
+const REVEALS_PER_MINUTE: usize = 10;
+
+/// The admin API's state.
+pub struct Admin {
+    gate: Gate,
+    editor: SyncEditor,
+    writer: writes::Writer,
+    tokens: Tokens,
+    throttle: Throttle,
+    audit: audit::Audit,
+    reveals: Mutex<HashMap<String, VecDeque<Instant>>>,
+    cache: Mutex<Option<(FileStamp, Arc<SyncFile>)>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    inode: u64,
+}
+
+fn stamp(path: &std::path::Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        len: m.len(),
+        modified: m.modified().ok(),
+        inode: m.ino(),
+    })
+}
+
+/// Start the admin listener when `config.admin` is set: binds now (so a bad address or a missing
+/// token is a startup error), serves on a thread of its own. Returns the bound address.
+pub fn start(
+    config: &Config,
+    gate: Gate,
+    reloader: Arc<Reloader>,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let Some(ac) = &config.admin else {
+        return Ok(None);
+    };
+    let tokens = Tokens::resolve(&ac.tokens).map_err(anyhow::Error::msg)?;
+    let audit = audit::Audit::open(ac.audit_log.as_deref())
+        .map_err(|e| anyhow::anyhow!("admin.audit_log: {e}"))?;
+    let listener = std::net::TcpListener::bind(&ac.listen)
+        .map_err(|e| anyhow::anyhow!("admin.listen {}: {e}", ac.listen))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let editor = SyncEditor::new(&config.sync_file);
+    let writer = writes::Writer::start(SyncEditor::new(&config.sync_file), reloader)?;
+    let admin = Arc::new(Admin {
+        gate,
+        editor,
+        writer,
+        tokens,
+        throttle: Throttle::default(),
+        audit,
+        reveals: Mutex::new(HashMap::new()),
+        cache: Mutex::new(None),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("keygate-admin")
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("keygate-admin".into())
+        .spawn(move || runtime.block_on(serve(admin, listener)))?;
+    println!("keygate: admin on http://{addr}");
+    Ok(Some(addr))
+}
+
+async fn serve(admin: Arc<Admin>, listener: std::net::TcpListener) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("admin listener: {e}");
+            return;
+        }
+    };
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("admin listener: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, std::convert::Infallible>(admin.handle(req, peer.ip()).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(15))
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+impl Admin {
+    async fn handle(
+        &self,
+        req: ::http::Request<hyper::body::Incoming>,
+        ip: IpAddr,
+    ) -> ::http::Response<Body> {
+        let response = match self.read(req, ip).await {
+            Ok(req) => match self.route(&req).await {
+                Ok(r) => r,
+                Err(e) => self.refusal(e),
+            },
+            Err(e) => self.refusal(e),
+        };
+        self.gate
+            .metrics()
+            .admin_requests
+            .with_label_values(&[response.status().as_str()])
+            .inc();
+        response
+    }
+
+    fn refusal(&self, e: ApiError) -> ::http::Response<Body> {
+        if e.status == StatusCode::INTERNAL_SERVER_ERROR {
+            log::error!("admin: {}", e.message);
+        }
+        e.into_response()
+    }
+
+    async fn read(
+        &self,
+        req: ::http::Request<hyper::body::Incoming>,
+        ip: IpAddr,
+    ) -> Result<Req, ApiError> {
+        let (parts, body) = req.into_parts();
+        let declared = parts
+            .headers
+            .get(::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_BODY as u64) {
+            return Err(ApiError::too_large());
+        }
+        let body = http_body_util::Limited::new(body, MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    ApiError::too_large()
+                } else {
+                    ApiError::bad(format!("cannot read the body: {e}"))
+                }
+            })?
+            .to_bytes();
+        Ok(Req {
+            method: parts.method,
+            path: parts.uri.path().to_string(),
+            query: http::parse_query(parts.uri.query()),
+            headers: parts.headers,
+            body,
+            ip,
+        })
+    }
+
+    /// Who is calling: 401 (after a delay, for an address that keeps failing) when nobody.
+    async fn caller(&self, req: &Req) -> Result<Caller, ApiError> {
+        let presented = req
+            .headers
+            .get(::http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes())
+            .map(|v| v.strip_prefix(b"Bearer ").unwrap_or(v))
+            .map(<[u8]>::trim_ascii)
+            .filter(|v| !v.is_empty());
+        if let Some(c) = presented.and_then(|t| self.tokens.check(t)) {
+            return Ok(c.clone());
+        }
+        self.gate.metrics().admin_auth_failures.inc();
+        let (delay, n) = self.throttle.failed(req.ip, Instant::now());
+        log::warn!(
+            "admin: refused {} {} from {}: {} token ({n} failures from there in the last minute)",
+            req.method,
+            req.path,
+            req.ip,
+            if presented.is_some() { "unknown" } else { "no" }
+        );
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Err(ApiError::unauthorized())
+    }
+
+    /// The routes.
+    async fn route(&self, req: &Req) -> Reply {
+        let path = req.path.trim_end_matches('/');
+        let segs: Vec<&str> = path.split('/').skip(1).collect();
+        let m = &req.method;
+        if (m == Method::GET || m == Method::HEAD) && assets::is_console_path(&req.path) {
+            return Ok(assets::response(&req.path, m == Method::HEAD));
+        }
+        if let ["admin", "v1", "openapi.json"] = segs.as_slice() {
+            return openapi::document(req);
+        }
+        let native = segs.starts_with(&["admin", "v1"]);
+        let compat = segs.starts_with(&["api", "token"]);
+        if !native && !compat {
+            return Err(ApiError::not_found(format!("no route {}", req.path)));
+        }
+        let caller = self.caller(req).await?;
+        if compat {
+            return newapi::route(self, &caller, req, &segs[2..]).await;
+        }
+        use keys as k;
+        match (m.clone(), &segs[2..]) {
+            (Method::GET, ["session"]) => self.session(&caller).await,
+            (Method::GET, ["keys"]) => k::list(self, &caller, req).await,
+            (Method::POST, ["keys"]) => k::create(self, &caller, req).await,
+            (_, ["keys"]) => Err(ApiError::method("GET, POST")),
+            (Method::POST, ["keys", "batch-delete"]) => k::batch_delete(self, &caller, req).await,
+            (Method::GET, ["keys", id]) => k::get(self, &caller, k::parse_id(id)?).await,
+            (Method::PATCH, ["keys", id]) => k::patch(self, &caller, req, k::parse_id(id)?).await,
+            (Method::DELETE, ["keys", id]) => k::delete(self, &caller, req, k::parse_id(id)?).await,
+            (_, ["keys", _]) => Err(ApiError::method("GET, PATCH, DELETE")),
+            (Method::POST, ["keys", id, action]) => {
+                let id = k::parse_id(id)?;
+                match *action {
+                    "enable" => k::set_status(self, &caller, req, id, KeyStatus::Enabled).await,
+                    "disable" => k::set_status(self, &caller, req, id, KeyStatus::Disabled).await,
+                    "rotate" => k::rotate(self, &caller, req, id).await,
+                    "reveal" => k::reveal(self, &caller, req, id).await,
+                    _ => Err(ApiError::not_found(format!("no route {}", req.path))),
+                }
+            }
+            (Method::GET, ["accounts"]) => accounts::list(self, &caller, req).await,
+            (Method::POST, ["accounts"]) => accounts::create(self, &caller, req).await,
+            (_, ["accounts"]) => Err(ApiError::method("GET, POST")),
+            (Method::GET, ["accounts", id]) => accounts::get(self, &caller, id).await,
+            (Method::PATCH, ["accounts", id]) => accounts::patch(self, &caller, req, id).await,
+            (Method::DELETE, ["accounts", id]) => accounts::delete(self, &caller, req, id).await,
+            (_, ["accounts", _]) => Err(ApiError::method("GET, PATCH, DELETE")),
+            _ => Err(ApiError::not_found(format!("no route {}", req.path))),
+        }
+    }
+
+    /// `GET /admin/v1/session`: who the token is and what the console needs to know.
+    async fn session(&self, caller: &Caller) -> Reply {
+        let table = self.gate.table();
+        http::ok(&serde_json::json!({
+            "name": caller.name,
+            "role": caller.role,
+            "account": caller.account,
+            "quota_per_unit": table.quota_per_unit,
+            "revision": table.revision,
+            "vault": self.vault_enabled(),
+        }))
+    }
+
+    /// The sync file as it is now, parsed (once per change of the file).
+    pub async fn file(&self) -> Result<Arc<SyncFile>, ApiError> {
+        let path = self.editor.path().to_path_buf();
+        let now = stamp(&path);
+        if let Some((s, f)) = self.cache.lock().ok().and_then(|c| c.clone()) {
+            if Some(s) == now {
+                return Ok(f);
+            }
+        }
+        let editor = SyncEditor::new(&path);
+        let file = tokio::task::spawn_blocking(move || editor.read())
+            .await
+            .map_err(|e| ApiError::internal(format!("reading the sync file: {e}")))?
+            .map_err(ApiError::internal)?;
+        let file = Arc::new(file);
+        if let (Some(s), Ok(mut c)) = (now, self.cache.lock()) {
+            *c = Some((s, file.clone()));
+        }
+        Ok(file)
+    }
+
+    /// What this gateway's ledger charged, by counter id.
+    pub fn consumed_fn(&self) -> impl Fn(u64) -> i64 + '_ {
+        let ledger = self.gate.ledger();
+        move |id| ledger.consumed(id)
+    }
+
+    /// Queue a write; answers once it is in force.
+    pub async fn write(&self, if_match: Option<u64>, change: writes::Change) -> writes::Written {
+        self.writer.write(if_match, change).await
+    }
+
+    /// Append to the audit log.
+    pub fn audit(
+        &self,
+        caller: &Caller,
+        req: &Req,
+        action: &str,
+        target: String,
+        changed: Vec<String>,
+    ) {
+        self.audit.record(audit::Entry {
+            token_name: &caller.name,
+            action,
+            target,
+            changed,
+            client_ip: req.ip,
+        });
+    }
+
+    /// Is there a key vault?
+    pub fn vault_enabled(&self) -> bool {
+        false
+    }
+
+    /// Can `k`'s full key be shown again?
+    pub fn revealable(&self, _k: &KeyEntry) -> bool {
+        false
+    }
+
+    /// `k`'s full key from the vault, or 409 `not_recoverable`.
+    pub fn reveal_key(&self, k: &KeyEntry) -> Result<String, ApiError> {
+        Err(ApiError::conflict(
+            "not_recoverable",
+            format!(
+                "key {} is stored only as a hash and cannot be shown again; rotate it instead",
+                k.id
+            ),
+        ))
+    }
+
+    /// 429 past [`REVEALS_PER_MINUTE`] reveals by this token in the last minute.
+    pub fn reveal_allowed(&self, caller: &Caller) -> Result<(), ApiError> {
+        let now = Instant::now();
+        let mut map = self
+            .reveals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let q = map.entry(caller.name.clone()).or_default();
+        while q
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            q.pop_front();
+        }
+        if q.len() >= REVEALS_PER_MINUTE {
+            return Err(ApiError::too_many(format!(
+                "at most {REVEALS_PER_MINUTE} reveals a minute per token"
+            )));
+        }
+        q.push_back(now);
+        Ok(())
+    }
+}

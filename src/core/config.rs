@@ -356,6 +356,9 @@ pub struct Config {
     /// Where quota counters live: this process (default) or Redis shared by several gateways.
     #[serde(default)]
     pub ledger: LedgerConfig,
+    /// The admin API and console listener (SPEC §8); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<crate::core::admin_config::AdminConfig>,
 }
 
 fn default_header_read_timeout() -> u64 {
@@ -418,6 +421,9 @@ impl Config {
         if let Some(p) = self.upgrade_sock.as_mut() {
             fix(p);
         }
+        if let Some(p) = self.admin.as_mut().and_then(|a| a.audit_log.as_mut()) {
+            fix(p);
+        }
     }
 
     /// Check what serde cannot: non-empty lists, parseable addresses, CIDRs and URLs.
@@ -464,6 +470,9 @@ impl Config {
         }
         for u in &self.upstreams {
             u.validate()?;
+        }
+        if let Some(a) = &self.admin {
+            a.validate()?;
         }
         Ok(())
     }

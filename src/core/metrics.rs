@@ -49,6 +49,10 @@ pub struct Metrics {
     pub usage_missing: prometheus::IntCounter,
     /// `keygate_usage_log_dropped_total`, brought up to date at scrape time.
     pub usage_log_dropped: prometheus::IntCounter,
+    /// `keygate_admin_requests_total{status}`: admin API calls by HTTP status.
+    pub admin_requests: IntCounterVec,
+    /// `keygate_admin_auth_failures_total`: admin calls with no or an unknown token.
+    pub admin_auth_failures: prometheus::IntCounter,
     /// `keygate_ledger_write_errors_total`, brought up to date at scrape time.
     pub ledger_write_errors: prometheus::IntCounter,
     /// `keygate_ledger_backend_up`: 1 while the quota ledger's backend answers (always 1 for
@@ -208,6 +212,23 @@ impl Metrics {
             prometheus::IntCounter::new(
                 "keygate_usage_log_dropped_total",
                 "Usage records dropped because the log writer could not keep up.",
+            ),
+        );
+        let admin_requests = registered(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "keygate_admin_requests_total",
+                    "Admin API calls by HTTP status.",
+                ),
+                &["status"],
+            ),
+        );
+        let admin_auth_failures = registered(
+            &registry,
+            prometheus::IntCounter::new(
+                "keygate_admin_auth_failures_total",
+                "Admin API calls refused for a missing or unknown token.",
             ),
         );
         let ledger_write_errors = registered(
@@ -372,6 +393,8 @@ impl Metrics {
             outstanding,
             usage_missing,
             usage_log_dropped,
+            admin_requests,
+            admin_auth_failures,
             ledger_write_errors,
             ledger_backend_up,
             ledger_backend_ops,

@@ -4,6 +4,7 @@
 //! and [`config::Config::load`] read the file they are given).
 
 pub mod accounts;
+pub mod admin_config;
 pub mod admission;
 pub mod budget;
 pub mod clock;

@@ -193,10 +193,9 @@ pub fn views(file: &SyncFile, consumed: &HashMap<u64, i64>, now: i64) -> Vec<Acc
                     .count(),
                 max_keys: a.max_keys,
                 limits: a.limits.clone(),
-                budget: a
-                    .budget
-                    .as_ref()
-                    .and_then(|b| budget_view(scope, b, consumed, now)),
+                budget: a.budget.as_ref().and_then(|b| {
+                    budget_view(scope, b, &|id| consumed.get(&id).copied().unwrap_or(0), now)
+                }),
             }
         })
         .collect()

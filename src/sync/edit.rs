@@ -63,16 +63,41 @@ impl SyncEditor {
         &self,
         change: impl FnOnce(&mut SyncFile) -> Result<T, String>,
     ) -> Result<T, String> {
+        let mut failed = None;
+        let (out, _) = self.edit_some(|file| match change(file) {
+            Ok(out) => (Some(out), true),
+            Err(e) => {
+                failed = Some(e);
+                (None, false)
+            }
+        })?;
+        match (out, failed) {
+            (Some(out), _) => Ok(out),
+            (None, e) => Err(e.unwrap_or_default()),
+        }
+    }
+
+    /// Apply `change` under the lock; it returns what it did and whether it changed the file.
+    /// When it did, the result is validated, `revision` bumped and the file replaced; returns
+    /// the outcome and the new revision (`None`: nothing written). An `Err` is the whole
+    /// edit's failure (the file unreadable, the result invalid): nothing was written.
+    pub fn edit_some<T>(
+        &self,
+        change: impl FnOnce(&mut SyncFile) -> (T, bool),
+    ) -> Result<(T, Option<u64>), String> {
         let _lock = self.lock()?;
         let mut file = self.read()?;
-        let out = change(&mut file)?;
+        let (out, changed) = change(&mut file);
+        if !changed {
+            return Ok((out, None));
+        }
         file.revision += 1;
         KeyTable::compile(&file, &self.path.display().to_string()).map_err(|e| e.to_string())?;
         let mut bytes = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;
         bytes.push(b'\n');
         crate::support::fsutil::write_atomic(&self.path, &bytes)
             .map_err(|e| format!("sync file {}: {e}", self.path.display()))?;
-        Ok(out)
+        Ok((out, Some(file.revision)))
     }
 }
 
@@ -305,10 +330,14 @@ pub fn views(file: &SyncFile, consumed: &HashMap<u64, i64>, now: i64) -> Vec<Key
                 allow_ips: k.allow_ips.clone().filter(|a| !a.is_empty()),
                 account: k.account.clone(),
                 limits: k.limits.clone(),
-                budget: k
-                    .budget
-                    .as_ref()
-                    .and_then(|b| crate::sync::spending::budget_view(k.id, b, consumed, now)),
+                budget: k.budget.as_ref().and_then(|b| {
+                    crate::sync::spending::budget_view(
+                        k.id,
+                        b,
+                        &|id| consumed.get(&id).copied().unwrap_or(0),
+                        now,
+                    )
+                }),
             }
         })
         .collect()

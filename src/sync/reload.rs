@@ -63,6 +63,9 @@ pub struct Reloader {
     path: PathBuf,
     last_stamp: Mutex<Option<FileStamp>>,
     last_rejected: Mutex<Option<Digest>>,
+    /// One check at a time: the watcher thread and the admin API's writes both check, and a
+    /// slower check must not publish an older file after a newer one.
+    checking: Mutex<()>,
 }
 
 enum Wake {
@@ -78,13 +81,24 @@ impl Reloader {
             last_stamp: Mutex::new(stamp(path)),
             path: path.to_path_buf(),
             last_rejected: Mutex::new(None),
+            checking: Mutex::new(()),
         }
+    }
+
+    /// The revision of the table in force.
+    pub fn gate_revision(&self) -> u64 {
+        self.gate.table().revision
     }
 
     /// Read the file; if its content differs from the loaded table's (or `force`), validate,
     /// compile and publish it.
     pub fn check(&self, force: bool) -> ReloadOutcome {
+        let one_at_a_time = self
+            .checking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let outcome = self.read_and_swap(force);
+        drop(one_at_a_time);
         // The file's bytes, their parse and (usually: unless requests still hold it) the
         // previous table are all free now.
         crate::support::memory::release_free_memory();
@@ -152,7 +166,7 @@ impl Reloader {
     }
 
     /// Start the reload thread: folder watch (when `watch`), periodic checks, and SIGHUP.
-    pub fn spawn(self, watch: bool) -> std::io::Result<()> {
+    pub fn spawn(self: std::sync::Arc<Self>, watch: bool) -> std::io::Result<()> {
         let (tx, rx) = channel::<Wake>();
         let _watcher = if watch { self.watch(tx.clone()) } else { None };
         spawn_sighup(tx)?;

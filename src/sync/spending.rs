@@ -5,7 +5,6 @@ use crate::core::accounts::budget_ledger_id;
 use crate::core::budget::Budget;
 use crate::core::config::{BudgetEntry, LimitsEntry};
 use serde::Serialize;
-use std::collections::HashMap;
 
 /// Set the limits given in `from` on `into` (creating it when needed).
 pub fn merge_limits(into: &mut Option<LimitsEntry>, from: &LimitsEntry) {
@@ -33,19 +32,14 @@ pub struct BudgetView {
 pub fn budget_view(
     scope: u64,
     b: &BudgetEntry,
-    consumed: &HashMap<u64, i64>,
+    consumed: &dyn Fn(u64) -> i64,
     now: i64,
 ) -> Option<BudgetView> {
     let b = Budget::compile(b).ok()?;
     let w = b.period.window(now);
     let spent = std::iter::once(w.current)
         .chain(w.earlier.iter().copied())
-        .map(|start| {
-            consumed
-                .get(&budget_ledger_id(scope, start))
-                .copied()
-                .unwrap_or(0)
-        })
+        .map(|start| consumed(budget_ledger_id(scope, start)))
         .sum();
     Some(BudgetView {
         budget: b.describe(),

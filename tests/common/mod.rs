@@ -21,6 +21,8 @@ pub const LIMITED_GROUP: &str = "sk-test-limited-0000000000000000000000000000000
 pub const LOCALHOST_ONLY: &str = "sk-test-localhost-000000000000000000000000000000000";
 pub const EXHAUSTED: &str = "sk-test-exhausted-000000000000000000000000000000000";
 pub const UPSTREAM_SECRET: &str = "upstream-secret-xyz";
+/// The admin token every test gateway gets in `KG_TEST_ADMIN_TOKEN`.
+pub const ADMIN_TOKEN: &str = "kg-admin-test-token-0123456789";
 
 /// The standard sync file: one key per situation the checks distinguish.
 pub fn standard_sync() -> Value {
@@ -83,6 +85,8 @@ pub struct Gateway {
     pub addr: SocketAddr,
     pub base: String,
     pub metrics: Option<String>,
+    /// The admin listener's base URL, when configured.
+    pub admin: Option<String>,
     pub dir: PathBuf,
 }
 
@@ -270,6 +274,7 @@ pub fn spawn_keygate_with(dir: &Path, config: &Path, extra: &[&str]) -> Gateway 
         .arg(config)
         .args(extra)
         .env("KG_TEST_UPSTREAM_KEY", UPSTREAM_SECRET)
+        .env("KG_TEST_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("RUST_LOG", "keygate=info,warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
@@ -277,7 +282,7 @@ pub fn spawn_keygate_with(dir: &Path, config: &Path, extra: &[&str]) -> Gateway 
         .expect("keygate starts");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
-    let (mut proxy, mut metrics) = (None, None);
+    let (mut proxy, mut metrics, mut admin) = (None, None, None);
     while proxy.is_none() || metrics.is_none() {
         let Some(Ok(line)) = lines.next() else {
             let status = child.wait();
@@ -288,6 +293,8 @@ pub fn spawn_keygate_with(dir: &Path, config: &Path, extra: &[&str]) -> Gateway 
             proxy = Some(a.to_string());
         } else if let Some(a) = line.strip_prefix("keygate: metrics on ") {
             metrics = Some(a.to_string());
+        } else if let Some(a) = line.strip_prefix("keygate: admin on ") {
+            admin = Some(a.to_string());
         }
     }
     // Keep draining stdout so the child never blocks on a full pipe.
@@ -307,6 +314,7 @@ pub fn spawn_keygate_with(dir: &Path, config: &Path, extra: &[&str]) -> Gateway 
         addr,
         base,
         metrics,
+        admin,
         dir: dir.to_path_buf(),
     }
 }

@@ -45,6 +45,8 @@ impl Browser {
         }
         std::thread::spawn(move || for _ in lines {});
         let profile = tempfile::tempdir().unwrap();
+        // reqwest and fantoccini bring both of rustls's providers: pick one for the process.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let caps = json!({
             "browserName": "chrome",
             "goog:chromeOptions": {
@@ -117,7 +119,14 @@ impl Browser {
         v.as_str().unwrap_or_default().to_string()
     }
 
+    /// Click the first element matching `css`, scrolled to the middle of the window first (as a
+    /// person would see it; the sticky top bar covers the top edge).
     pub async fn click(&self, css: &str) {
+        self.js(
+            "const e = document.querySelector(arguments[0]); if (e) e.scrollIntoView({block: 'center'});",
+            vec![json!(css)],
+        )
+        .await;
         self.c
             .find(Locator::Css(css))
             .await
