@@ -47,9 +47,9 @@ function limitsText(l) {
   return parts.join(' · ') || 'none';
 }
 
-function budgetText(b) {
+function budgetText(b, status) {
   if (!b || !b.period) return 'none';
-  const spent = b.spent !== undefined ? `${int(b.spent)} of ` : '';
+  const spent = status && status.spent !== undefined ? `${int(status.spent)} of ` : '';
   return `${spent}${int(b.amount)} units ${b.period}${b.timezone ? ` (${b.timezone})` : ''}`;
 }
 
@@ -66,8 +66,8 @@ function row(a) {
     el('td', {}, a.unlimited_quota ? `${int(used)} used · unlimited`
       : `${int(used)} used · ${int(remaining)} left (${usd(remaining, session.quotaPerUnit)})`),
     el('td', {}, limitsText(a.limits)),
-    el('td', {}, budgetText(a.budget)),
-    el('td', {}, a.max_keys ? int(a.max_keys) : '—'),
+    el('td', {}, budgetText(a.budget, a.budget_status)),
+    el('td', {}, `${int(a.keys ?? 0)}${a.max_keys ? ` of ${int(a.max_keys)}` : ''}`),
     el('td', { class: 'row-actions' }, session.canWrite ? el('div', { class: 'actions-inline' },
       btn('usage', 'Usage', () => { location.hash = `#usage?account=${encodeURIComponent(a.id)}`; }),
       btn('edit', 'Edit', openAccount),

@@ -16,7 +16,8 @@ export function columns(buckets, fields) {
  */
 export function drawChart(box, buckets, series, emptyText) {
   if (box._plot) { box._plot.destroy(); box._plot = null; }
-  if (!buckets.length) {
+  // The store answers every bucket of the range, zeros included: no call at all is "empty".
+  if (!buckets.some((b) => series.some((s) => Number(b[s.field]) > 0))) {
     fill(box, el('p', { class: 'empty-chart' }, emptyText));
     return;
   }

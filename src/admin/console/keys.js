@@ -73,7 +73,8 @@ function row(k) {
       'aria-label': `Select ${k.name}`, onchange: selectionChanged })),
     el('td', { class: 'name' }, el('strong', {}, k.name), el('div', { class: 'muted small' }, `#${k.id}`)),
     el('td', {}, el('span', { class: `badge ${state}` }, state)),
-    el('td', {}, el('code', { class: 'hint' }, k.key_hint || '—')),
+    el('td', {}, k.key_hint ? el('code', { class: 'hint' }, k.key_hint)
+      : el('span', { class: 'muted small', title: 'Only the hash of this key is stored' }, 'hash only')),
     el('td', { class: 'quota' }, quotaBar(k)),
     el('td', {}, k.group || 'default'),
     el('td', {}, k.account || '—'),

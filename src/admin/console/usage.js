@@ -95,6 +95,7 @@ async function loadLog() {
     const data = await api('GET', `/admin/v1/logs${qs({ ...log.filters, page: log.page, page_size: LOG_PAGE })}`);
     const rows = items(data);
     log.total = data?.total ?? rows.length;
+    log.capped = !!data?.total_capped;
     fill(body, rows.length ? rows.map(logRow) : emptyRow(LOG_COLS,
       Object.values(log.filters).some(Boolean)
         ? 'No calls match these filters. Clear a filter to see more.'
@@ -104,7 +105,7 @@ async function loadLog() {
     fill(body, emptyRow(LOG_COLS, `Could not load the call log: ${err.message}`));
   }
   const pages = Math.max(1, Math.ceil(log.total / LOG_PAGE));
-  fill($('#log-page'), `Page ${log.page} of ${pages} · ${int(log.total)} calls`);
+  fill($('#log-page'), `Page ${log.page} of ${pages} · ${int(log.total)}${log.capped ? '+' : ''} calls`);
   $('#log-prev').disabled = log.page <= 1;
   $('#log-next').disabled = log.page >= pages;
 }
