@@ -141,6 +141,8 @@ fn sync_file(n: usize) -> SyncFile {
             account: None,
             limits: None,
             budget: None,
+            key_hint: None,
+            key_sealed: None,
         })
         .collect();
     SyncFile {

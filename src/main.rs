@@ -76,6 +76,17 @@ enum Command {
         #[command(subcommand)]
         command: keygate::cli::accounts::AccountsCommand,
     },
+    /// The key vault: re-seal the stored keys under a new secret.
+    Vault {
+        /// The YAML config file (names the sync file and the vault).
+        #[arg(short, long, global = true, default_value = "conf/keygate.yaml")]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: keygate::cli::vault::VaultCommand,
+    },
     /// Import keys from another gateway into the sync file.
     Import {
         #[command(subcommand)]
@@ -191,6 +202,9 @@ enum KeysCommand {
     Disable { id: u64 },
     /// Delete a key (401 invalid_api_key).
     Delete { id: u64 },
+    /// Print a key in full: needs the key vault (`key_vault` in the config and its secret);
+    /// a key stored only as a hash is not recoverable (rotate it instead).
+    Reveal { id: u64 },
     /// A new key for the same id (usage and quota stay); prints it once.
     Rotate {
         id: u64,
@@ -263,6 +277,14 @@ fn real_main() -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             keygate::cli::accounts::run(&config, json, command).map_err(anyhow::Error::msg)
         }
+        Command::Vault {
+            config,
+            json,
+            command,
+        } => {
+            let config = Config::load(&config)?;
+            keygate::cli::vault::run(&config, json, command).map_err(anyhow::Error::msg)
+        }
         Command::Import {
             source: ImportSource::NewApi { config, json, file },
         } => import(&config, json, &file),
@@ -284,6 +306,13 @@ fn load(path: &std::path::Path) -> anyhow::Result<(Config, Gate)> {
 
 fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    let vault = match keygate::sync::vault::load_checked(&config)? {
+        Some((vault, sealed)) => {
+            log::info!("key vault: the secret opens all {sealed} sealed keys");
+            Some(vault)
+        }
+        None => None,
+    };
     let gate = Gate::from_config_with(&config, upgrade).map_err(anyhow::Error::msg)?;
     {
         // Not kept: holding the first table here would keep it in memory after every reload.
@@ -300,7 +329,7 @@ fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
         &config.sync_file,
     ));
     reloader.clone().spawn(config.watch_sync_file)?;
-    keygate::admin::start(&config, gate.clone(), reloader)?;
+    keygate::admin::start(&config, gate.clone(), reloader, vault)?;
     // Runs for the life of the process (a thread of its own).
     let _health = gate.upstreams().start_health_checks()?;
     let (server, _bound) = keygate::ops::server::build(&config, gate.clone(), upgrade)?;
@@ -340,6 +369,17 @@ fn check(path: &std::path::Path, no_env: bool) -> anyhow::Result<()> {
     }
     keygate::Upstreams::from_pools(&config.upstreams)
         .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+    let vault_line = match keygate::sync::vault::load_checked(&config) {
+        Ok(None) => None,
+        Ok(Some((_, n))) => Some(format!("key vault: the secret opens all {n} sealed keys")),
+        Err(keygate::sync::vault::StartError::Secret(
+            keygate::sync::vault::SecretError::Unset { var },
+        )) if no_env => {
+            unset.push(format!("key_vault: environment variable {var} is not set"));
+            None
+        }
+        Err(e) => return Err(vault_failures(e).context(format!("config {}", path.display()))),
+    };
     println!(
         "ok: {} ({} upstreams), {} ({} keys, revision {})",
         path.display(),
@@ -348,6 +388,9 @@ fn check(path: &std::path::Path, no_env: bool) -> anyhow::Result<()> {
         table.len(),
         table.revision
     );
+    if let Some(line) = vault_line {
+        println!("{line}");
+    }
     for u in &unset {
         println!("not checked (--no-env): {u}");
     }
@@ -355,6 +398,17 @@ fn check(path: &std::path::Path, no_env: bool) -> anyhow::Result<()> {
         println!("note: {note}");
     }
     Ok(())
+}
+
+/// A vault error, with each sealed value that failed on a line of its own.
+fn vault_failures(e: keygate::sync::vault::StartError) -> anyhow::Error {
+    use keygate::sync::vault::{CheckError, StartError};
+    match &e {
+        StartError::Check(CheckError::DoesNotOpen { failures, .. }) if failures.len() > 1 => {
+            anyhow::anyhow!("{e}\n  {}", failures.join("\n  "))
+        }
+        _ => anyhow::Error::new(e),
+    }
 }
 
 /// Budgets larger than the lifetime quota they sit under: allowed (the lifetime quota still
@@ -418,6 +472,8 @@ fn keys(path: &std::path::Path, json: bool, command: KeysCommand) -> anyhow::Res
     let editor = keys::SyncEditor::new(&config.sync_file);
     let now = keygate::gate::unix_now();
     let fail = anyhow::Error::msg;
+    // Read only for the commands that seal keys, so the others work without the secret.
+    let vault = || keygate::sync::vault::from_config(&config);
     let done = |what: &str, id: u64| {
         if json {
             println!("{}", serde_json::json!({"id": id, "ok": true}));
@@ -427,7 +483,8 @@ fn keys(path: &std::path::Path, json: bool, command: KeysCommand) -> anyhow::Res
     };
     match command {
         KeysCommand::Create(flags) => {
-            let (id, key) = keys::create(&editor, &flags.spec()?).map_err(fail)?;
+            let (id, key) =
+                keys::create(&editor, &flags.spec()?, vault()?.as_ref()).map_err(fail)?;
             if json {
                 println!("{}", serde_json::json!({"id": id, "key": key}));
             } else {
@@ -451,8 +508,11 @@ fn keys(path: &std::path::Path, json: bool, command: KeysCommand) -> anyhow::Res
             keys::delete(&editor, id).map_err(fail)?;
             done("deleted", id);
         }
+        KeysCommand::Reveal { id } => {
+            keygate::cli::vault::reveal(&config, id, json).map_err(fail)?
+        }
         KeysCommand::Rotate { id, grace } => {
-            let key = keys::rotate(&editor, id, grace, now).map_err(fail)?;
+            let key = keys::rotate(&editor, id, grace, now, vault()?.as_ref()).map_err(fail)?;
             if json {
                 println!("{}", serde_json::json!({"id": id, "key": key}));
             } else {
@@ -530,8 +590,8 @@ fn print_views(views: &[keygate::sync::edit::KeyView], json: bool) {
         return;
     }
     println!(
-        "{:>6}  {:<24} {:<9} {:<10} {:>12} {:>12} {:>12}  {:<11} restrictions",
-        "id", "name", "status", "group", "quota", "used", "remaining", "expires"
+        "{:>6}  {:<24} {:<21} {:<9} {:<10} {:>12} {:>12} {:>12}  {:<11} restrictions",
+        "id", "name", "key", "status", "group", "quota", "used", "remaining", "expires"
     );
     for v in views {
         let remaining = v.remaining.map_or("unlimited".into(), |r| r.to_string());
@@ -562,9 +622,10 @@ fn print_views(views: &[keygate::sync::edit::KeyView], json: bool) {
             restrictions.push(format!("budget={} spent={}", b.budget, b.spent));
         }
         println!(
-            "{:>6}  {:<24} {:<9} {:<10} {:>12} {:>12} {:>12}  {:<11} {}",
+            "{:>6}  {:<24} {:<21} {:<9} {:<10} {:>12} {:>12} {:>12}  {:<11} {}",
             v.id,
             v.name.chars().take(24).collect::<String>(),
+            v.key_hint.as_deref().unwrap_or("-"),
             v.status,
             v.group,
             quota,
@@ -595,7 +656,8 @@ fn import(path: &std::path::Path, json: bool, file: &std::path::Path) -> anyhow:
     let config = Config::load(path)?;
     let export = std::fs::read(file).with_context(|| format!("{}", file.display()))?;
     let editor = keygate::sync::edit::SyncEditor::new(&config.sync_file);
-    let report = keygate::cli::import::import_new_api(&editor, &export)
+    let vault = keygate::sync::vault::from_config(&config)?;
+    let report = keygate::cli::import::import_new_api(&editor, &export, vault.as_ref())
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

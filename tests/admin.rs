@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use keygate::mock::MockBackend;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::time::{Duration, Instant};
@@ -786,4 +787,132 @@ async fn the_openapi_document_matches_the_server_under_a_fuzzer() {
     eprintln!("{text}");
     assert!(out.status.success(), "schemathesis found failures:\n{text}");
     assert!(!env.gw.log().contains("panicked"), "{}", env.gw.log());
+}
+
+const VAULT_SECRET: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_a_vault_the_api_reveals_keys_it_created_ten_a_minute() {
+    let mock = MockBackend::start("127.0.0.1:0").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Opts {
+        sync: sync_with_accounts(),
+        extra: format!(
+            "{}key_vault: {{ secret_env: KG_TEST_VAULT }}\n",
+            admin_extra()
+        ),
+        ..Opts::default()
+    };
+    std::fs::write(
+        dir.path().join("keys.json"),
+        serde_json::to_vec_pretty(&opts.sync).unwrap(),
+    )
+    .unwrap();
+    let config = dir.path().join("keygate.yaml");
+    std::fs::write(
+        &config,
+        config_yaml(&opts, &format!("http://{}", mock.addr())),
+    )
+    .unwrap();
+    let gw = spawn_keygate_env(dir.path(), &config, &[], &[("KG_TEST_VAULT", VAULT_SECRET)]);
+    let env = Env { mock, gw, dir };
+    let api = Api { env: &env };
+    let (_, who) = api.admin("GET", "/admin/v1/session", None).await;
+    assert_eq!(who["vault"], true);
+    let (s, k) = api
+        .admin(
+            "POST",
+            "/admin/v1/keys",
+            Some(json!({"name": "sealed", "quota": 1000000})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let (id, secret) = (
+        k["id"].as_u64().unwrap(),
+        k["secret"].as_str().unwrap().to_string(),
+    );
+    assert_eq!(
+        k["key_hint"].as_str().unwrap(),
+        format!("{}**********{}", &secret[..7], &secret[secret.len() - 4..])
+    );
+    let stored = std::fs::read_to_string(env.dir.path().join("keys.json")).unwrap();
+    assert!(stored.contains("key_sealed") && !stored.contains(&secret[3..]));
+    let (_, got) = api
+        .admin("GET", &format!("/admin/v1/keys/{id}"), None)
+        .await;
+    assert_eq!(got["revealable"], true);
+    // Reveal gives back the key that serves; a viewer may not.
+    let (s, r) = api
+        .admin("POST", &format!("/admin/v1/keys/{id}/reveal"), None)
+        .await;
+    assert_eq!((s, r["secret"].as_str()), (200, Some(secret.as_str())));
+    assert_eq!(chat_status(&env, &secret).await, 200);
+    let (s, _) = api
+        .call(
+            Some(VIEWER),
+            "POST",
+            &format!("/admin/v1/keys/{id}/reveal"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 403);
+    // new-api's key route: the key without sk-.
+    let (_, r) = api
+        .admin("POST", &format!("/api/token/{id}/key"), None)
+        .await;
+    assert_eq!(r["data"]["key"].as_str(), Some(&secret[3..]), "{r}");
+    // A rotated key is sealed too.
+    let (_, rot) = api
+        .admin("POST", &format!("/admin/v1/keys/{id}/rotate"), None)
+        .await;
+    let new = rot["secret"].as_str().unwrap().to_string();
+    let (_, r) = api
+        .admin("POST", &format!("/admin/v1/keys/{id}/reveal"), None)
+        .await;
+    assert_eq!(r["secret"].as_str(), Some(new.as_str()));
+    // A sealed value edited by hand is refused, not decrypted to garbage.
+    let path = env.dir.path().join("keys.json");
+    let mut file: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let rev = file["revision"].as_u64().unwrap();
+    file["revision"] = json!(rev + 1);
+    for k in file["keys"].as_array_mut().unwrap() {
+        if k["id"] == id {
+            let sealed = k["key_sealed"].as_str().unwrap();
+            let mut chars: Vec<char> = sealed.chars().collect();
+            let at = chars.len() - 3;
+            chars[at] = if chars[at] == 'A' { 'B' } else { 'A' };
+            k["key_sealed"] = json!(chars.into_iter().collect::<String>());
+        }
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&file).unwrap()).unwrap();
+    let (s, e) = api
+        .admin("POST", &format!("/admin/v1/keys/{id}/reveal"), None)
+        .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (409, Some("sealed_value_invalid")),
+        "{e}"
+    );
+    assert!(!e.to_string().contains(&new[3..]));
+    // Ten a minute per token: four were made above, six more pass the limit, the 11th is 429.
+    for _ in 0..6 {
+        let (s, _) = api
+            .admin("POST", &format!("/admin/v1/keys/{id}/reveal"), None)
+            .await;
+        assert_eq!(s, 409);
+    }
+    let (s, e) = api
+        .admin("POST", &format!("/admin/v1/keys/{id}/reveal"), None)
+        .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (429, Some("rate_limited"))
+    );
+    // Audited (the three that gave a key), never the key.
+    let audit = std::fs::read_to_string(env.dir.path().join("var/audit.jsonl")).unwrap();
+    assert_eq!(audit.matches("\"key.reveal\"").count(), 3, "{audit}");
+    for s in [&secret[3..], &new[3..]] {
+        assert!(!audit.contains(s));
+        assert!(!env.gw.log().contains(s));
+    }
 }

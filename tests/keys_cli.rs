@@ -317,3 +317,28 @@ async fn new_api_export_is_imported_and_served() {
         "imported keys are stored hashed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_named_from_its_own_folder_is_edited() {
+    // `-c keygate.yaml` in the working folder: the sync file's folder is "" (bare name).
+    let env = Env::start().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args([
+            "keys",
+            "create",
+            "--quota",
+            "1000000",
+            "--json",
+            "-c",
+            "keygate.yaml",
+        ])
+        .current_dir(env.dir.path())
+        .env("KG_TEST_UPSTREAM_KEY", UPSTREAM_SECRET)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    let (_, key) = created(&text);
+    wait_for(&env, &key, "gpt-4o-mini", 200).await;
+}

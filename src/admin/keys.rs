@@ -10,6 +10,8 @@ use crate::core::config::{BudgetEntry, KeyEntry, KeyStatus, LimitsEntry, SyncFil
 use crate::core::limits::Limits;
 use crate::core::models::ModelSet;
 use crate::core::table::{digest_hex, generate_key, key_digest, MAX_NAME_CHARS};
+use crate::core::vault::Vault;
+use crate::sync::edit::set_secret_fields;
 use crate::sync::spending::{budget_view, BudgetView};
 use http::StatusCode;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -268,20 +270,20 @@ pub fn item(k: &KeyEntry, consumed: &dyn Fn(u64) -> i64, now: i64) -> KeyItem {
     }
 }
 
-/// `sk-abcd…wxyz`: the first and last four characters after the prefix.
-pub fn hint(key: &str) -> String {
-    let body = key.strip_prefix("sk-").unwrap_or(key);
-    let chars: Vec<char> = body.chars().collect();
-    if chars.len() < 12 {
-        return "sk-…".to_string();
-    }
-    let head: String = chars[..4].iter().collect();
-    let tail: String = chars[chars.len() - 4..].iter().collect();
-    format!("sk-{head}…{tail}")
+fn hint_of(k: &KeyEntry) -> Option<String> {
+    k.key_hint
+        .clone()
+        .or_else(|| k.key.as_deref().map(crate::core::vault::key_hint))
 }
 
-fn hint_of(k: &KeyEntry) -> Option<String> {
-    k.key.as_deref().map(hint)
+/// 409 when the vault's secret is not the one the file's sealed keys were sealed with (a key
+/// sealed now could never be opened together with them).
+fn same_secret(file: &SyncFile, vault: Option<&Vault>) -> Result<(), ApiError> {
+    match vault {
+        Some(v) => crate::core::vault::check_same_secret(file, v)
+            .map_err(|e| ApiError::conflict("vault_mismatch", e)),
+        None => Ok(()),
+    }
 }
 
 /// Does `caller` see key `k`?
@@ -457,10 +459,14 @@ pub async fn create_many(
         .collect();
     let fields = body.fields();
     let scope = caller.clone();
+    let vault = admin.vault();
+    let kept = secrets.clone();
     let (created, _rev) = admin
         .write(
             req.if_match()?,
             Box::new(move |file| {
+                let secrets = &kept;
+                same_secret(file, vault.as_deref())?;
                 let first = crate::sync::edit::next_free_id(file);
                 let mut entries = Vec::with_capacity(hashes.len());
                 for (i, hash) in hashes.iter().enumerate() {
@@ -481,7 +487,11 @@ pub async fn create_many(
                         account: scope.account.clone(),
                         limits: None,
                         budget: None,
+                        key_hint: None,
+                        key_sealed: None,
                     };
+                    set_secret_fields(&mut k, &secrets[i], vault.as_deref())
+                        .map_err(ApiError::internal)?;
                     body.apply(file, &scope, &mut k)?;
                     entries.push(k);
                 }
@@ -672,10 +682,13 @@ pub async fn rotate(admin: &Admin, caller: &Caller, req: &Req, id: u64) -> Reply
     let hash = digest_hex(&key_digest(key.as_bytes()));
     let now = crate::core::clock::unix_now();
     let scope = caller.clone();
+    let vault = admin.vault();
+    let secret = key.clone();
     admin
         .write(
             req.if_match()?,
             Box::new(move |file| {
+                same_secret(file, vault.as_deref())?;
                 let k = find_mut(file, &scope, id)?;
                 let old = match (&k.key_sha256, &k.key) {
                     (Some(h), _) => h.clone(),
@@ -696,6 +709,7 @@ pub async fn rotate(admin: &Admin, caller: &Caller, req: &Req, id: u64) -> Reply
                     });
                 }
                 k.key_sha256 = Some(hash.clone());
+                set_secret_fields(k, &secret, vault.as_deref()).map_err(ApiError::internal)?;
                 Ok(serde_json::Value::Null)
             }),
         )

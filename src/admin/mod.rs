@@ -20,6 +20,7 @@ pub mod writes;
 use self::auth::{Caller, Throttle, Tokens};
 use self::http::{ApiError, Body, Reply, Req, MAX_BODY};
 use crate::core::config::{Config, KeyEntry, KeyStatus, SyncFile};
+use crate::core::vault::Vault;
 use crate::gate::Gate;
 use crate::sync::edit::SyncEditor;
 use crate::sync::reload::Reloader;
@@ -43,6 +44,7 @@ pub struct Admin {
     audit: audit::Audit,
     reveals: Mutex<HashMap<String, VecDeque<Instant>>>,
     cache: Mutex<Option<(FileStamp, Arc<SyncFile>)>>,
+    vault: Option<Arc<Vault>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -68,6 +70,7 @@ pub fn start(
     config: &Config,
     gate: Gate,
     reloader: Arc<Reloader>,
+    vault: Option<Vault>,
 ) -> anyhow::Result<Option<SocketAddr>> {
     let Some(ac) = &config.admin else {
         return Ok(None);
@@ -90,6 +93,7 @@ pub fn start(
         audit,
         reveals: Mutex::new(HashMap::new()),
         cache: Mutex::new(None),
+        vault: vault.map(Arc::new),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -342,23 +346,27 @@ impl Admin {
 
     /// Is there a key vault?
     pub fn vault_enabled(&self) -> bool {
-        false
+        self.vault.is_some()
+    }
+
+    /// The key vault, for a write to seal with.
+    pub fn vault(&self) -> Option<Arc<Vault>> {
+        self.vault.clone()
     }
 
     /// Can `k`'s full key be shown again?
-    pub fn revealable(&self, _k: &KeyEntry) -> bool {
-        false
+    pub fn revealable(&self, k: &KeyEntry) -> bool {
+        k.key.is_some() || (self.vault.is_some() && k.key_sealed.is_some())
     }
 
-    /// `k`'s full key from the vault, or 409 `not_recoverable`.
+    /// `k`'s full key from the vault; 409 `not_recoverable` without one or for a key stored
+    /// only as a hash, 409 `sealed_value_invalid` for a sealed value that does not open (edited
+    /// by hand, moved to another key, sealed under another secret).
     pub fn reveal_key(&self, k: &KeyEntry) -> Result<String, ApiError> {
-        Err(ApiError::conflict(
-            "not_recoverable",
-            format!(
-                "key {} is stored only as a hash and cannot be shown again; rotate it instead",
-                k.id
-            ),
-        ))
+        crate::sync::vault::reveal_entry(k, self.vault.as_deref()).map_err(|e| {
+            let code = e.code();
+            ApiError::conflict(code, e.to_string())
+        })
     }
 
     /// 429 past [`REVEALS_PER_MINUTE`] reveals by this token in the last minute.

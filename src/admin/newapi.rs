@@ -65,8 +65,7 @@ fn status_code(state: &str) -> i64 {
 /// A key as new-api shows a token (its key masked and without `sk-`, as new-api does).
 fn token(it: &KeyItem) -> serde_json::Value {
     let masked = it.key_hint.as_deref().map_or(String::new(), |h| {
-        let body = h.strip_prefix("sk-").unwrap_or(h);
-        body.replace('…', "**********")
+        h.strip_prefix("sk-").unwrap_or(h).to_string()
     });
     serde_json::json!({
         "id": it.id,

@@ -9,6 +9,7 @@
 
 use crate::core::config::{KeyEntry, KeyStatus};
 use crate::core::table::{digest_hex, key_digest, MAX_NAME_CHARS};
+use crate::core::vault::Vault;
 use crate::sync::edit::SyncEditor;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -69,10 +70,18 @@ fn rows(bytes: &[u8]) -> Result<Vec<serde_json::Value>, String> {
     Ok(list)
 }
 
-/// Merge a new-api token export into the sync file behind `editor`.
-pub fn import_new_api(editor: &SyncEditor, export: &[u8]) -> Result<ImportReport, String> {
+/// Merge a new-api token export into the sync file behind `editor`. Keys are stored hashed,
+/// with their hint, and sealed when a `vault` is given.
+pub fn import_new_api(
+    editor: &SyncEditor,
+    export: &[u8],
+    vault: Option<&Vault>,
+) -> Result<ImportReport, String> {
     let rows = rows(export)?;
     editor.edit(|file| {
+        if let Some(v) = vault {
+            crate::core::vault::check_same_secret(file, v)?;
+        }
         let mut report = ImportReport::default();
         let mut ids: HashSet<u64> = file.keys.iter().map(|k| k.id).collect();
         let mut hashes: HashSet<String> = file
@@ -123,6 +132,13 @@ pub fn import_new_api(editor: &SyncEditor, export: &[u8]) -> Result<ImportReport
                         }
                     };
                     ids.insert(entry.id);
+                    let key = t.key.as_deref().map(str::trim).unwrap_or("");
+                    let key = if key.starts_with("sk-") {
+                        key.to_string()
+                    } else {
+                        format!("sk-{key}")
+                    };
+                    crate::sync::edit::set_secret_fields(&mut entry, &key, vault)?;
                     report.imported.push((entry.id, entry.name.clone()));
                     new_entries.push(entry);
                 }
@@ -210,6 +226,8 @@ fn token_entry(t: &Token, groups: &HashSet<&str>) -> Result<KeyEntry, String> {
         account: None,
         limits: None,
         budget: None,
+        key_hint: None,
+        key_sealed: None,
     })
 }
 
@@ -231,7 +249,7 @@ mod tests {
             {"id": 8, "key": "abcdefabcdefabcdefabcdefabcdefabcdefabcdefabcdef", "name": "dup"},
             {"id": 9, "key": "xxx", "name": "off", "status": 2, "remain_quota": 5}
         ]"#;
-        let r = import_new_api(&ed, export).unwrap();
+        let r = import_new_api(&ed, export, None).unwrap();
         assert_eq!(r.imported, vec![(5, "web".into()), (9, "off".into())]);
         let reasons: Vec<&str> = r.skipped.iter().map(|(_, why)| why.as_str()).collect();
         assert!(reasons[0].contains("10.0.0/8"));

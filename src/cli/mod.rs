@@ -1,5 +1,5 @@
 //! What the `keygate` binary's commands are built from besides the gateway itself: the new-api
-//! import, the demo and its built-in mock backend.
+//! import, the demo and its built-in mock backend, the key vault's commands.
 
 pub mod accounts;
 pub mod demo;
@@ -7,3 +7,4 @@ pub mod import;
 pub mod mock;
 pub mod mock_faults;
 mod mock_routes;
+pub mod vault;

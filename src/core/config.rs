@@ -359,6 +359,18 @@ pub struct Config {
     /// The admin API and console listener (SPEC §8); off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<crate::core::admin_config::AdminConfig>,
+    /// The key vault (SPEC §8): keys created or rotated here are also stored sealed, so that
+    /// they can be revealed again.
+    #[serde(default)]
+    pub key_vault: Option<KeyVaultConfig>,
+}
+
+/// `key_vault:` where the vault secret comes from.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyVaultConfig {
+    /// The environment variable holding the secret: 32 random bytes as 64 hex characters.
+    pub secret_env: String,
 }
 
 fn default_header_read_timeout() -> u64 {
@@ -465,6 +477,13 @@ impl Config {
             crate::core::net::parse_cidr(c).map_err(|e| format!("trusted_proxies: {e}"))?;
         }
         self.ledger.validate()?;
+        if let Some(v) = &self.key_vault {
+            if v.secret_env.trim().is_empty() {
+                return Err(
+                    "key_vault: secret_env: the name of an environment variable is needed".into(),
+                );
+            }
+        }
         if self.upstreams.is_empty() {
             return Err("upstreams: at least one upstream is needed".into());
         }

@@ -23,3 +23,4 @@ pub mod request_json;
 pub mod sync_schema;
 pub mod table;
 pub mod url;
+pub mod vault;

@@ -100,6 +100,14 @@ pub struct KeyEntry {
     /// The key's period budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetEntry>,
+    /// The masked key listings show (`sk-abcd**********wxyz`, SPEC §8); written when the key is
+    /// created or rotated here, computed from `key` when the key is given in clear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_hint: Option<String>,
+    /// The key sealed under the vault secret (`v1:<base64>`, [`crate::core::vault`]); written
+    /// when `key_vault` is configured, so that `reveal` can give the key back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_sealed: Option<String>,
 }
 
 /// `limits`: rate limits of a key, an account or a group's keys (SPEC §7). Signed, so that a

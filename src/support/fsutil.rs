@@ -7,7 +7,11 @@ use std::path::Path;
 /// Write `bytes` to `path` so that a reader (or a crash) sees the old content or the new, never a
 /// mix: write a temp file beside it, fsync it, rename it over `path`, fsync the folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    // A bare file name's parent is "", which cannot be opened to fsync: it is ".".
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -5,6 +5,7 @@
 
 use crate::core::config::{KeyEntry, KeyStatus, PreviousKey, SyncFile};
 use crate::core::table::{digest_hex, generate_key, key_digest, KeyTable};
+use crate::core::vault::{key_hint, Vault};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -172,11 +173,19 @@ fn entry_mut(file: &mut SyncFile, id: u64) -> Result<&mut KeyEntry, String> {
         .ok_or_else(|| format!("unknown id {id}"))
 }
 
-/// Create a key; returns its id and the key itself (shown once, only its hash is stored).
-pub fn create(editor: &SyncEditor, spec: &KeySpec) -> Result<(u64, String), String> {
+/// Create a key; returns its id and the key itself (shown once). The file stores its hash and
+/// its hint, and with a `vault` the key sealed (see [`crate::sync::vault`]).
+pub fn create(
+    editor: &SyncEditor,
+    spec: &KeySpec,
+    vault: Option<&Vault>,
+) -> Result<(u64, String), String> {
     let key = generate_key().map_err(|e| format!("cannot generate a key: {e}"))?;
     let hash = digest_hex(&key_digest(key.as_bytes()));
     let id = editor.edit(|file| {
+        if let Some(v) = vault {
+            crate::core::vault::check_same_secret(file, v)?;
+        }
         let id = next_free_id(file);
         file.next_id = Some(id + 1);
         let mut entry = KeyEntry {
@@ -196,12 +205,26 @@ pub fn create(editor: &SyncEditor, spec: &KeySpec) -> Result<(u64, String), Stri
             account: None,
             limits: None,
             budget: None,
+            key_hint: None,
+            key_sealed: None,
         };
+        set_secret_fields(&mut entry, &key, vault)?;
         spec.apply(&mut entry);
         file.keys.push(entry);
         Ok(id)
     })?;
     Ok((id, key))
+}
+
+/// Store `key`'s hint in `k`, and its sealed value with a vault (else none: an older sealed
+/// value would be stale).
+pub fn set_secret_fields(k: &mut KeyEntry, key: &str, vault: Option<&Vault>) -> Result<(), String> {
+    k.key_hint = Some(key_hint(key));
+    k.key_sealed = vault
+        .map(|v| v.seal(k.id, key))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 /// Change some fields of key `id`.
@@ -241,10 +264,14 @@ pub fn rotate(
     id: u64,
     grace_seconds: Option<u64>,
     now: i64,
+    vault: Option<&Vault>,
 ) -> Result<String, String> {
     let key = generate_key().map_err(|e| format!("cannot generate a key: {e}"))?;
     let hash = digest_hex(&key_digest(key.as_bytes()));
     editor.edit(|file| {
+        if let Some(v) = vault {
+            crate::core::vault::check_same_secret(file, v)?;
+        }
         let k = entry_mut(file, id)?;
         let old = match (k.key_sha256.take(), k.key.take()) {
             (Some(h), _) => h,
@@ -259,7 +286,7 @@ pub fn rotate(
             });
         }
         k.key_sha256 = Some(hash);
-        Ok(())
+        set_secret_fields(k, &key, vault)
     })?;
     Ok(key)
 }
@@ -298,6 +325,11 @@ pub struct KeyView {
     /// The budget and what was spent in the current period.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budget: Option<crate::sync::spending::BudgetView>,
+    /// The masked key (`sk-abcd**********wxyz`): stored, or computed from a key given in
+    /// clear; null for a key imported as a bare hash.
+    pub key_hint: Option<String>,
+    /// A sealed copy of the key is stored (`reveal` can give it back with the vault secret).
+    pub sealed: bool,
 }
 
 /// The keys of `file` with what the gateway charged them (`consumed`, by id) at time `now`.
@@ -338,6 +370,11 @@ pub fn views(file: &SyncFile, consumed: &HashMap<u64, i64>, now: i64) -> Vec<Key
                         now,
                     )
                 }),
+                key_hint: k
+                    .key_hint
+                    .clone()
+                    .or_else(|| k.key.as_deref().map(key_hint)),
+                sealed: k.key_sealed.is_some(),
             }
         })
         .collect()
@@ -359,6 +396,7 @@ mod tests {
                 quota: Some(10),
                 ..KeySpec::default()
             },
+            None,
         )
         .unwrap();
         assert_eq!(id, 1);
@@ -382,10 +420,10 @@ mod tests {
     fn ids_are_never_reused() {
         let dir = tempfile::tempdir().unwrap();
         let ed = SyncEditor::new(&dir.path().join("keys.json"));
-        create(&ed, &KeySpec::default()).unwrap();
-        let (two, _) = create(&ed, &KeySpec::default()).unwrap();
+        create(&ed, &KeySpec::default(), None).unwrap();
+        let (two, _) = create(&ed, &KeySpec::default(), None).unwrap();
         delete(&ed, two).unwrap();
-        let (next, _) = create(&ed, &KeySpec::default()).unwrap();
+        let (next, _) = create(&ed, &KeySpec::default(), None).unwrap();
         assert_eq!((two, next), (2, 3));
     }
 
@@ -393,13 +431,13 @@ mod tests {
     fn rotation_with_grace_keeps_the_old_key_until_then() {
         let dir = tempfile::tempdir().unwrap();
         let ed = SyncEditor::new(&dir.path().join("keys.json"));
-        let (id, old) = create(&ed, &KeySpec::default()).unwrap();
-        let new = rotate(&ed, id, Some(60), 1000).unwrap();
+        let (id, old) = create(&ed, &KeySpec::default(), None).unwrap();
+        let new = rotate(&ed, id, Some(60), 1000, None).unwrap();
         let t = KeyTable::load(ed.path()).unwrap();
         let o = t.lookup(&key_digest(old.as_bytes())).unwrap();
         assert_eq!(o.expires_at, Some(1060));
         assert!(t.lookup(&key_digest(new.as_bytes())).is_some());
-        rotate(&ed, id, None, 2000).unwrap();
+        rotate(&ed, id, None, 2000, None).unwrap();
         let t = KeyTable::load(ed.path()).unwrap();
         assert!(t.lookup(&key_digest(old.as_bytes())).is_none());
         assert!(t.lookup(&key_digest(new.as_bytes())).is_none());

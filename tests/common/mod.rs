@@ -262,6 +262,16 @@ pub fn spawn_keygate(dir: &Path, config: &Path) -> Gateway {
 
 /// [`spawn_keygate`] with extra arguments to `keygate run`.
 pub fn spawn_keygate_with(dir: &Path, config: &Path, extra: &[&str]) -> Gateway {
+    spawn_keygate_env(dir, config, extra, &[])
+}
+
+/// [`spawn_keygate_with`] with extra environment variables (the key vault's secret).
+pub fn spawn_keygate_env(
+    dir: &Path,
+    config: &Path,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Gateway {
     // The gateway's log (access log included) goes to a file beside its config.
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -276,6 +286,7 @@ pub fn spawn_keygate_with(dir: &Path, config: &Path, extra: &[&str]) -> Gateway 
         .env("KG_TEST_UPSTREAM_KEY", UPSTREAM_SECRET)
         .env("KG_TEST_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("RUST_LOG", "keygate=info,warn")
+        .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()
@@ -398,9 +409,15 @@ pub fn raw_exchange(addr: SocketAddr, bytes: &[u8], half_close: bool, timeout: D
 
 /// Run the keygate binary with `args`; returns (success, stdout + stderr).
 pub fn keygate_cli(args: &[&str]) -> (bool, String) {
+    keygate_cli_env(args, &[])
+}
+
+/// [`keygate_cli`] with extra environment variables.
+pub fn keygate_cli_env(args: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
         .args(args)
         .env("KG_TEST_UPSTREAM_KEY", UPSTREAM_SECRET)
+        .envs(envs.iter().copied())
         .output()
         .unwrap();
     let text = format!(
