@@ -16,6 +16,8 @@ use std::process::{Child, Command, Stdio};
 
 const ADMIN_TOKEN: &str = "kg-console-admin-token-0123456789abcdef";
 const VIEW_TOKEN: &str = "kg-console-view-token-0123456789abcdef";
+/// The key vault's secret: 32 bytes as 64 hex characters.
+const VAULT_SECRET: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 const XSS: &str = "<img src=x onerror=alert(1)>";
 
 /// A gateway with its admin listener (an admin and a viewer token) in front of the mock.
@@ -37,7 +39,7 @@ impl Console {
             extra: "admin:\n  listen: \"127.0.0.1:0\"\n  tokens:\n    \
                     - { name: \"ops\", token_env: \"KG_TEST_ADMIN_TOKEN\", role: \"admin\" }\n    \
                     - { name: \"grafana\", token_env: \"KG_TEST_VIEW_TOKEN\", role: \"viewer\" }\n  \
-                    audit_log: var/audit.jsonl\n"
+                    audit_log: var/audit.jsonl\nkey_vault: { secret_env: \"KG_TEST_VAULT\" }\n"
                 .into(),
             ..Opts::default()
         };
@@ -96,6 +98,7 @@ fn spawn_with_admin(dir: &std::path::Path, config: &std::path::Path) -> (Killed,
         .env("KG_TEST_UPSTREAM_KEY", UPSTREAM_SECRET)
         .env("KG_TEST_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("KG_TEST_VIEW_TOKEN", VIEW_TOKEN)
+        .env("KG_TEST_VAULT", VAULT_SECRET)
         .env("RUST_LOG", "keygate=info,warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
@@ -442,6 +445,43 @@ async fn rotate_and_batch_delete_take_effect_at_once() {
     b.click("#secret-done").await;
     assert_eq!(c.call(&secret).await.status(), 200);
     assert_eq!(denial(c.call(OK).await).await.1, "invalid_api_key");
+
+    // The rotated key is sealed in the vault: "View key" asks for the token again.
+    b.click("tr[data-key-id='1'] button[data-action=reveal]")
+        .await;
+    b.type_into("#reveal-token", "wrong-token").await;
+    b.click("#reveal-go").await;
+    b.until(
+        "document.querySelector('#reveal-form .form-error').innerText",
+        "the refusal",
+    )
+    .await;
+    assert!(b.text("#reveal-form .form-error").await.contains("token"));
+    b.type_into("#reveal-token", ADMIN_TOKEN).await;
+    b.click("#reveal-go").await;
+    let shown = b
+        .until(
+            "document.querySelector('#secret-list code.secret')?.textContent",
+            "the revealed key",
+        )
+        .await;
+    assert_eq!(shown, json!(secret));
+    assert_eq!(
+        b.js(
+            "return document.querySelector('#reveal-token').value",
+            vec![]
+        )
+        .await,
+        json!("")
+    );
+    b.click("#secret-done").await;
+    let html = b
+        .js("return document.documentElement.outerHTML", vec![])
+        .await;
+    assert!(
+        !html.as_str().unwrap().contains(&secret),
+        "the revealed key left the page"
+    );
 
     // Delete two keys at once, confirmed.
     b.click("tr[data-key-id='6'] input.pick").await;

@@ -359,7 +359,8 @@ pub fn select<'a>(
                 return None;
             }
         }
-        let it = item(k, &consumed, now);
+        let mut it = item(k, &consumed, now);
+        it.revealable = admin.revealable(k);
         if filter.state.is_some_and(|s| s != it.state) {
             return None;
         }

@@ -161,7 +161,8 @@ function reveal(k) {
       d.close();
       showSecrets({ name: k.name, secret: answer.secret || answer.key }, `Key of “${k.name}”`);
     } catch (err) {
-      formError(f, err.status === 409 ? `${err.message} — this key cannot be shown again; rotate it instead.` : err);
+      formError(f, err.status === 401 ? 'That token was not accepted (401); enter your admin token.'
+        : err.status === 409 ? `${err.message} — this key cannot be shown again; rotate it instead.` : err);
     }
   };
   d.addEventListener('close', () => { $('#reveal-token').value = ''; }, { once: true });
