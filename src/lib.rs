@@ -12,7 +12,8 @@
 //! fails on either.
 //!
 //! 0. [`core`]: pure. The config and sync-file schema as plain data, the compiled key table,
-//!    the checks, pricing, credential and model extraction, the refusals, the metric series.
+//!    the checks, pricing, credential and model extraction, the refusals, the metric series,
+//!    key hints and the key vault's seal and open.
 //!    Nothing of Pingora, tokio or the disk. [`support`]: leaf helpers (atomic file writes,
 //!    giving memory back).
 //! 1. [`ledger`]: reserve, settle, persist (local, or leases on Redis); the only place
@@ -22,7 +23,7 @@
 //! 3. [`gate`]: [`Gate`], the Pingora phases, one concern per file, and the answers keygate
 //!    gives itself.
 //! 4. [`ops`]: the server, connection limits, the metrics listener, the ready proxy;
-//!    [`sync`]: reloading and editing the sync file.
+//!    [`sync`]: reloading and editing the sync file, the key vault's secret, reveal and rekey.
 //! 5. [`cli`]: the import, the demo and its mock backend; [`admin`]: the admin API and the
 //!    console; [`fuzzing`]: fuzz entry points.
 //!

@@ -306,13 +306,7 @@ fn load(path: &std::path::Path) -> anyhow::Result<(Config, Gate)> {
 
 fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    let vault = match keygate::sync::vault::load_checked(&config)? {
-        Some((vault, sealed)) => {
-            log::info!("key vault: the secret opens all {sealed} sealed keys");
-            Some(vault)
-        }
-        None => None,
-    };
+    let vault = keygate::cli::vault::check_at_start(&config).map_err(anyhow::Error::msg)?;
     let gate = Gate::from_config_with(&config, upgrade).map_err(anyhow::Error::msg)?;
     {
         // Not kept: holding the first table here would keep it in memory after every reload.
@@ -369,17 +363,8 @@ fn check(path: &std::path::Path, no_env: bool) -> anyhow::Result<()> {
     }
     keygate::Upstreams::from_pools(&config.upstreams)
         .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
-    let vault_line = match keygate::sync::vault::load_checked(&config) {
-        Ok(None) => None,
-        Ok(Some((_, n))) => Some(format!("key vault: the secret opens all {n} sealed keys")),
-        Err(keygate::sync::vault::StartError::Secret(
-            keygate::sync::vault::SecretError::Unset { var },
-        )) if no_env => {
-            unset.push(format!("key_vault: environment variable {var} is not set"));
-            None
-        }
-        Err(e) => return Err(vault_failures(e).context(format!("config {}", path.display()))),
-    };
+    let vault_line = keygate::cli::vault::check_all(&config, no_env, &mut unset)
+        .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
     println!(
         "ok: {} ({} upstreams), {} ({} keys, revision {})",
         path.display(),
@@ -398,17 +383,6 @@ fn check(path: &std::path::Path, no_env: bool) -> anyhow::Result<()> {
         println!("note: {note}");
     }
     Ok(())
-}
-
-/// A vault error, with each sealed value that failed on a line of its own.
-fn vault_failures(e: keygate::sync::vault::StartError) -> anyhow::Error {
-    use keygate::sync::vault::{CheckError, StartError};
-    match &e {
-        StartError::Check(CheckError::DoesNotOpen { failures, .. }) if failures.len() > 1 => {
-            anyhow::anyhow!("{e}\n  {}", failures.join("\n  "))
-        }
-        _ => anyhow::Error::new(e),
-    }
 }
 
 /// Budgets larger than the lifetime quota they sit under: allowed (the lifetime quota still

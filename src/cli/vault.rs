@@ -3,7 +3,7 @@
 
 use crate::core::config::Config;
 use crate::sync::edit::SyncEditor;
-use crate::sync::vault;
+use crate::sync::vault::{self, Coverage, SecretError, StartError};
 
 /// `keygate vault …`
 #[derive(clap::Subcommand, Debug)]
@@ -75,4 +75,54 @@ pub fn reveal(config: &Config, id: u64, json: bool) -> Result<(), String> {
         println!("{key}");
     }
     Ok(())
+}
+
+/// `keygate run`, before anything is served: the vault secret must be set, well-formed, and
+/// open a sample of the sync file's sealed keys (a wrong secret fails on the first one). The
+/// vault, for the admin API to seal and reveal with.
+pub fn check_at_start(config: &Config) -> Result<Option<crate::core::vault::Vault>, String> {
+    match vault::load_checked(config, Coverage::Sample(64)).map_err(|e| e.to_string())? {
+        Some((v, c)) => {
+            log::info!(
+                "key vault: the secret opens the {} sealed keys tried of {}",
+                c.tried,
+                c.sealed
+            );
+            Ok(Some(v))
+        }
+        None => Ok(None),
+    }
+}
+
+/// `keygate check`: every sealed key must open; the line to print, if the config has a vault.
+/// With `no_env`, an unset secret variable is added to `unset` instead of failing.
+pub fn check_all(
+    config: &Config,
+    no_env: bool,
+    unset: &mut Vec<String>,
+) -> Result<Option<String>, String> {
+    match vault::load_checked(config, Coverage::All) {
+        Ok(None) => Ok(None),
+        Ok(Some((_, c))) => Ok(Some(format!(
+            "key vault: the secret opens all {} sealed keys",
+            c.sealed
+        ))),
+        Err(StartError::Secret(SecretError::Unset { var })) if no_env => {
+            unset.push(format!("key_vault: environment variable {var} is not set"));
+            Ok(None)
+        }
+        Err(e) => {
+            // Each key that failed on a line of its own.
+            let mut message = e.to_string();
+            if let StartError::Check(c) = &e {
+                if c.failures().len() > 1 {
+                    for f in c.failures() {
+                        message.push_str("\n  ");
+                        message.push_str(f);
+                    }
+                }
+            }
+            Err(message)
+        }
+    }
 }

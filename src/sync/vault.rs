@@ -7,7 +7,7 @@
 
 use crate::core::config::{Config, KeyEntry, SyncFile};
 use crate::core::table::{digest_hex, key_digest};
-pub use crate::core::vault::{key_hint, Vault, VaultError};
+pub use crate::core::vault::{check_same_secret, key_hint, Vault, VaultError};
 use crate::sync::edit::SyncEditor;
 use serde::Deserialize;
 use std::path::Path;
@@ -147,6 +147,16 @@ pub enum CheckError {
     },
 }
 
+impl CheckError {
+    /// The first failures, one message per key (none for a file that cannot be read).
+    pub fn failures(&self) -> &[String] {
+        match self {
+            CheckError::File { .. } => &[],
+            CheckError::DoesNotOpen { failures, .. } => failures,
+        }
+    }
+}
+
 /// Just what the vault check reads of each key (so a large file is not parsed whole again).
 #[derive(Deserialize)]
 struct SealedOnly {
@@ -161,9 +171,29 @@ struct SealedKey {
     key_sealed: Option<String>,
 }
 
-/// Open every sealed key of the sync file at `path` with `vault`; the number of sealed keys
-/// when all open. An absent file has none.
-pub fn check_file(path: &Path, vault: &Vault) -> Result<usize, CheckError> {
+/// Which sealed keys a check opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coverage {
+    /// Every one (`keygate check`).
+    All,
+    /// At most this many, spread evenly over the file, the first included (`keygate run`:
+    /// opening costs microseconds a key, as much as compiling the table again at 1M keys; a
+    /// wrong secret fails on the first one, a value damaged by hand is refused at reveal).
+    Sample(usize),
+}
+
+/// What a check found: the sealed keys in the file, and how many of them it opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checked {
+    /// Keys with a `key_sealed`.
+    pub sealed: usize,
+    /// How many of them were opened (all of them under [`Coverage::All`]).
+    pub tried: usize,
+}
+
+/// Open the sealed keys of the sync file at `path` that `coverage` names with `vault`; an
+/// absent file has none.
+pub fn check_file(path: &Path, vault: &Vault, coverage: Coverage) -> Result<Checked, CheckError> {
     let name = path.display().to_string();
     let file_err = |message: String| CheckError::File {
         path: name.clone(),
@@ -171,23 +201,36 @@ pub fn check_file(path: &Path, vault: &Vault) -> Result<usize, CheckError> {
     };
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Checked {
+                sealed: 0,
+                tried: 0,
+            })
+        }
         Err(e) => return Err(file_err(e.to_string())),
     };
     let parsed: SealedOnly = serde_json::from_slice(&bytes).map_err(|e| file_err(e.to_string()))?;
     drop(bytes);
-    check_sealed(
-        parsed
-            .keys
-            .iter()
-            .filter_map(|k| Some((k.id, k.key_sealed.as_deref()?))),
-        vault,
-    )
-    .map_err(|(first, detail, failures)| CheckError::DoesNotOpen {
-        path: name.clone(),
-        first,
-        detail,
-        failures,
+    let sealed: Vec<(u64, &str)> = parsed
+        .keys
+        .iter()
+        .filter_map(|k| Some((k.id, k.key_sealed.as_deref()?)))
+        .collect();
+    let step = match coverage {
+        Coverage::Sample(n) if n > 0 && sealed.len() > n => sealed.len().div_ceil(n),
+        _ => 1,
+    };
+    let tried = check_sealed(sealed.iter().step_by(step).copied(), vault).map_err(
+        |(first, detail, failures)| CheckError::DoesNotOpen {
+            path: name.clone(),
+            first,
+            detail,
+            failures,
+        },
+    )?;
+    Ok(Checked {
+        sealed: sealed.len(),
+        tried,
     })
 }
 
@@ -218,11 +261,11 @@ fn check_sealed<'a>(
         Some(first) => {
             let detail = if failed == total {
                 format!(
-                    "none of the {total} sealed values opens: is it the secret they were sealed with?"
+                    "none of the {total} sealed values tried opens: is it the secret they were sealed with?"
                 )
             } else {
                 format!(
-                    "{failed} of {total} sealed values do not open: edited by hand? {}",
+                    "{failed} of {total} sealed values tried do not open: edited by hand? {}",
                     failures.first().map(String::as_str).unwrap_or("")
                 )
             };
@@ -242,14 +285,18 @@ pub enum StartError {
     Check(#[from] CheckError),
 }
 
-/// At startup (`keygate run`, `keygate check`): the vault `config` names, with the number of
-/// sealed keys of its sync file, every one of which it opens; `None` without `key_vault`.
-pub fn load_checked(config: &Config) -> Result<Option<(Vault, usize)>, StartError> {
+/// At startup (`keygate run`: a sample; `keygate check`: all): the vault `config` names, once
+/// it has opened the sealed keys of its sync file that `coverage` names; `None` without
+/// `key_vault`.
+pub fn load_checked(
+    config: &Config,
+    coverage: Coverage,
+) -> Result<Option<(Vault, Checked)>, StartError> {
     let Some(vault) = from_config(config)? else {
         return Ok(None);
     };
-    let sealed = check_file(&config.sync_file, &vault)?;
-    Ok(Some((vault, sealed)))
+    let checked = check_file(&config.sync_file, &vault, coverage)?;
+    Ok(Some((vault, checked)))
 }
 
 /// Re-seal every sealed key under `to` (opened with `from`) in one locked, atomic edit: all
@@ -292,7 +339,11 @@ mod tests {
         assert_eq!(reveal(&file, id, Some(&v)).unwrap(), key);
         let new = rotate(&ed, id, None, 0, Some(&v)).unwrap();
         assert_eq!(reveal(&ed.read().unwrap(), id, Some(&v)).unwrap(), new);
-        assert_eq!(check_file(ed.path(), &v), Ok(1));
+        let all = Checked {
+            sealed: 1,
+            tried: 1,
+        };
+        assert_eq!(check_file(ed.path(), &v, Coverage::All), Ok(all));
         // A rotation without the vault drops the sealed value, which would be stale.
         rotate(&ed, id, None, 0, None).unwrap();
         let e = reveal(&ed.read().unwrap(), id, Some(&v)).unwrap_err();
@@ -335,11 +386,40 @@ mod tests {
             "{e}"
         );
         assert_eq!(std::fs::read(ed.path()).unwrap(), before);
-        let e = check_file(ed.path(), &old).unwrap_err().to_string();
+        let e = check_file(ed.path(), &old, Coverage::All)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("does not open key 1's sealed value (none of the 2"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_sample_opens_an_even_spread_with_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let ed = SyncEditor::new(&dir.path().join("keys.json"));
+        let v = vault(1);
+        for _ in 0..10 {
+            create(&ed, &KeySpec::default(), Some(&v)).unwrap();
+        }
+        let sample = check_file(ed.path(), &v, Coverage::Sample(4)).unwrap();
+        assert_eq!((sample.sealed, sample.tried), (10, 4));
+        // Keys 1, 4, 7 and 10 are tried: a damaged key 2 passes the sample, not the full check.
+        ed.edit(|f| {
+            f.keys[1].key_sealed = f.keys[2].key_sealed.clone();
+            Ok(())
+        })
+        .unwrap();
+        assert!(check_file(ed.path(), &v, Coverage::Sample(4)).is_ok());
+        let e = check_file(ed.path(), &v, Coverage::All)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key 2's sealed value (1 of 10"), "{e}");
+        let e = check_file(ed.path(), &vault(2), Coverage::Sample(4))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key 1's sealed value (none of the 4"), "{e}");
     }
 
     #[test]
