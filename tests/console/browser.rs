@@ -174,6 +174,12 @@ impl Browser {
         };
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
         std::fs::create_dir_all(&dir).unwrap();
+        // As a person first sees the page: scrolled to the top left.
+        self.js(
+            "window.scrollTo(0, 0); for (const t of document.querySelectorAll('.table-wrap')) t.scrollLeft = 0;",
+            vec![],
+        )
+        .await;
         let png = self.c.screenshot().await.unwrap();
         std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
     }

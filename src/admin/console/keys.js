@@ -71,7 +71,8 @@ function row(k) {
   return el('tr', { dataset: { keyId: k.id } },
     session.canWrite && el('td', {}, el('input', { type: 'checkbox', class: 'pick', value: k.id,
       'aria-label': `Select ${k.name}`, onchange: selectionChanged })),
-    el('td', { class: 'name' }, el('strong', {}, k.name), el('div', { class: 'muted small' }, `#${k.id}`)),
+    el('td', { class: 'name' }, el('strong', {}, k.name),
+      el('div', { class: 'small' }, el('a', { href: `#usage?key_id=${k.id}`, title: 'Usage of this key' }, `#${k.id} · usage`))),
     el('td', {}, el('span', { class: `badge ${state}` }, state)),
     el('td', {}, k.key_hint ? el('code', { class: 'hint' }, k.key_hint)
       : el('span', { class: 'muted small', title: 'Only the hash of this key is stored' }, 'hash only')),
@@ -80,7 +81,7 @@ function row(k) {
     el('td', {}, k.account || '—'),
     el('td', { class: 'models' }, Array.isArray(k.models) ? (k.models.length ? k.models.join(', ') : 'none allowed') : 'all'),
     el('td', { class: 'ips' }, k.allow_ips && k.allow_ips.length ? k.allow_ips.join(', ') : 'any'),
-    el('td', { class: 'nowrap' }, when(k.expires_at)),
+    el('td', { class: 'when' }, when(k.expires_at)),
     el('td', { class: 'row-actions' }, actions(k, state)),
   );
 }
@@ -110,7 +111,7 @@ function quotaBar(k) {
 function actions(k, state) {
   const btn = (action, label, fn, cls = 'ghost small') =>
     el('button', { type: 'button', class: cls, dataset: { action }, onclick: () => fn(k) }, label);
-  const list = [btn('usage', 'Usage', (key) => { location.hash = `#usage?key_id=${key.id}`; })];
+  const list = [];
   if (session.canWrite) {
     list.push(btn('edit', 'Edit', (key) => openKeyDialog(key, loadKeys)));
     list.push(k.status === 'disabled' || state === 'disabled'
