@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian/Ubuntu machine: cmake and a C toolchain
 # (Pingora), curl, the openai and anthropic Python SDKs (tests/sdk.rs), promtool
-# (tests/ops.rs), redis-server with redis-cli (tests/shared_ledger.rs) and schemathesis
-# (tests/admin.rs). Idempotent: installs
-# only what is missing.
+# (tests/ops.rs), redis-server with redis-cli (tests/shared_ledger.rs), schemathesis
+# (tests/admin.rs) and Debian's headless chromium with its WebDriver, chromedriver
+# (tests/console.rs). Idempotent: installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/bootstrap.sh
@@ -21,6 +21,8 @@ packages=()
 command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || packages+=(redis-tools)
+[[ -x /usr/bin/chromium ]] || packages+=(chromium)
+[[ -x /usr/bin/chromedriver ]] || packages+=(chromium-driver)
 if ((${#packages[@]})); then
   echo "keygate test: installing ${packages[*]} (Debian packages)" >&2
   sudo=""

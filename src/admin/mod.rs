@@ -3,9 +3,12 @@
 //! writes go through [`writes::Writer`], the same locked, validated, atomic edit as
 //! `keygate keys`, and answer once the new table is in force.
 //!
-//! The router is the `route` function below: a table to read top to bottom.
+//! The router is the `route` function below: a table to read top to bottom. The console's pages
+//! and files ([`assets`]) are served to anyone (they hold no data); everything they show comes
+//! from the API behind the same Bearer tokens.
 
 pub mod accounts;
+pub mod assets;
 pub mod audit;
 pub mod auth;
 pub mod http;
@@ -231,6 +234,9 @@ impl Admin {
         let path = req.path.trim_end_matches('/');
         let segs: Vec<&str> = path.split('/').skip(1).collect();
         let m = &req.method;
+        if (m == Method::GET || m == Method::HEAD) && assets::is_console_path(&req.path) {
+            return Ok(assets::response(&req.path, m == Method::HEAD));
+        }
         if let ["admin", "v1", "openapi.json"] = segs.as_slice() {
             return openapi::document(req);
         }
