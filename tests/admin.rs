@@ -918,3 +918,106 @@ async fn with_a_vault_the_api_reveals_keys_it_created_ten_a_minute() {
         assert!(!env.gw.log().contains(s));
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_usage_store_is_queried_on_the_admin_listener() {
+    let env = env().await;
+    let api = Api { env: &env };
+    for _ in 0..3 {
+        assert_eq!(chat_status(&env, OK).await, 200);
+    }
+    let globex = "sk-test-globex-0000000000000000000000000000000000000";
+    assert_eq!(chat_status(&env, globex).await, 200);
+    // Rows are written off the request path: wait for them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let logs = loop {
+        let (s, logs) = api.admin("GET", "/admin/v1/logs?page_size=10", None).await;
+        assert_eq!(s, 200, "{logs}");
+        if logs["items"].as_array().unwrap().len() >= 4 || Instant::now() > deadline {
+            break logs;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(logs["total"], 4, "{logs}");
+    assert_eq!(logs["items"][0]["key_id"], 20, "newest first");
+    let (_, mine) = api.admin("GET", "/admin/v1/logs?key_id=1", None).await;
+    assert_eq!(mine["total"], 3);
+    let (s, e) = api
+        .admin("GET", "/admin/v1/logs?start=yesterday", None)
+        .await;
+    assert_eq!(s, 400, "{e}");
+    // Stats from the roll-ups.
+    let (s, stats) = api
+        .admin("GET", "/admin/v1/stats?key_id=1&bucket=day", None)
+        .await;
+    assert_eq!(s, 200);
+    let requests: i64 = stats["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["requests"].as_i64().unwrap())
+        .sum();
+    assert_eq!(requests, 3, "{stats}");
+    // CSV, streamed.
+    let r = client()
+        .get(api.url("/admin/v1/logs.csv?key_id=1"))
+        .bearer_auth(VIEWER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/csv"));
+    let csv = r.text().await.unwrap();
+    assert_eq!(csv.lines().count(), 4, "a header and three rows:\n{csv}");
+    // An account-scoped token sees its account's calls only (acme has none).
+    let (_, scoped) = api
+        .call(Some(ACME_LEAD), "GET", "/admin/v1/logs?key_id=20", None)
+        .await;
+    assert_eq!(scoped["total"], 0, "{scoped}");
+    // Key holders on the admin listener, by their key.
+    let r = client()
+        .get(api.url("/api/log/token"))
+        .bearer_auth(OK)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["success"].as_bool(), v["data"].as_array().map(Vec::len)),
+        (Some(true), Some(3))
+    );
+    let r = client()
+        .get(api.url("/api/usage/token/"))
+        .bearer_auth(OK)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["data"]["total_used"].as_i64().unwrap() > 0, "{v}");
+    let r = client()
+        .get(api.url("/api/usage/token/stats?bucket=hour&days=1"))
+        .bearer_auth(OK)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client()
+        .get(api.url("/api/log/token"))
+        .bearer_auth(DISABLED)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client()
+        .get(api.url("/api/log/token"))
+        .bearer_auth("sk-nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}

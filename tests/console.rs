@@ -247,7 +247,6 @@ async fn an_admin_manages_a_key_through_the_console() {
 }
 
 #[tokio::test]
-#[ignore = "needs the usage store (SPEC §9): /admin/v1/logs, /admin/v1/stats, /admin/v1/logs.csv and the key-holder routes on the admin listener"]
 async fn usage_charts_the_log_and_the_holder_page_show_the_calls_made() {
     let c = Console::start().await;
     let b = Browser::start().await;

@@ -15,6 +15,7 @@ pub mod http;
 pub mod keys;
 pub mod newapi;
 pub mod openapi;
+pub mod usage;
 pub mod writes;
 
 use self::auth::{Caller, Throttle, Tokens};
@@ -240,6 +241,11 @@ impl Admin {
         if let ["admin", "v1", "openapi.json"] = segs.as_slice() {
             return openapi::document(req);
         }
+        if segs.starts_with(&["api", "usage", "token"])
+            || segs.starts_with(&["api", "log", "token"])
+        {
+            return usage::key_holder(self, req).await;
+        }
         let native = segs.starts_with(&["admin", "v1"]);
         let compat = segs.starts_with(&["api", "token"]);
         if !native && !compat {
@@ -253,6 +259,9 @@ impl Admin {
         match (m.clone(), &segs[2..]) {
             (Method::GET, ["session"]) => self.session(&caller).await,
             (Method::GET, ["sync"]) => self.sync(&caller, req).await,
+            (Method::GET, ["logs"]) => usage::logs(self, &caller, req).await,
+            (Method::GET, ["logs.csv"]) => usage::csv(self, &caller, req).await,
+            (Method::GET, ["stats"]) => usage::stats(self, &caller, req).await,
             (Method::GET, ["keys"]) => k::list(self, &caller, req).await,
             (Method::POST, ["keys"]) => k::create(self, &caller, req).await,
             (_, ["keys"]) => Err(ApiError::method("GET, POST")),
@@ -340,6 +349,11 @@ impl Admin {
             drop(table);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The gate this API manages.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
     }
 
     /// The sync file as it is now, parsed (once per change of the file).

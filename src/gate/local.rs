@@ -197,3 +197,37 @@ pub(super) fn go_escape(json: String) -> Vec<u8> {
 pub(super) fn model_object(id: &str, owner: &str) -> serde_json::Value {
     serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": owner})
 }
+
+impl Gate {
+    /// The key-holder routes (`/api/usage/token/`, `/detail`, `/api/log/token`,
+    /// `/api/usage/token/stats`) for `key`, looked up in `table` by the caller: how the admin
+    /// listener answers them (SPEC §9). `None` when `req` is none of them.
+    pub async fn key_holder_answer(
+        &self,
+        req: &RequestHeader,
+        table: &KeyTable,
+        key: &KeyRecord,
+    ) -> Option<(u16, Vec<u8>)> {
+        if req.method != http::Method::GET {
+            return None;
+        }
+        let path = req.uri.path();
+        let known = path == "/api/usage/token/detail"
+            || is_usage_path(path)
+            || super::store::is_store_path(path);
+        if !known {
+            return None;
+        }
+        if !self.inner.ledger.refresh(key.id).await {
+            let d = Denial::new(Reason::QuotaBackendUnavailable);
+            return Some((d.status(), d.body(crate::core::errors::ErrorShape::OpenAi)));
+        }
+        if let Some(a) = self.store_answer(req, key).await {
+            return Some(a);
+        }
+        if path == "/api/usage/token/detail" {
+            return Some((200, self.detail_answer(table, key)));
+        }
+        Some((200, self.usage_answer(path, table, key)))
+    }
+}
