@@ -53,6 +53,9 @@ enum Command {
         /// Where the demo's metrics listen.
         #[arg(long, default_value = "127.0.0.1:9091")]
         metrics_listen: String,
+        /// Where the demo's admin API and console listen.
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        admin_listen: String,
     },
     /// Create, list, edit, enable, disable, delete and rotate keys in the sync file.
     Keys {
@@ -274,7 +277,12 @@ fn real_main() -> anyhow::Result<()> {
         Command::Demo {
             listen,
             metrics_listen,
-        } => demo(&listen, &metrics_listen),
+            admin_listen,
+        } => keygate::cli::demo::run(keygate::cli::demo::DemoListen {
+            listen: &listen,
+            metrics: &metrics_listen,
+            admin: &admin_listen,
+        }),
         Command::Keys {
             config,
             json,
@@ -313,12 +321,6 @@ fn real_main() -> anyhow::Result<()> {
             }
         }
     }
-}
-
-fn load(path: &std::path::Path) -> anyhow::Result<(Config, Gate)> {
-    let config = Config::load(path)?;
-    let gate = Gate::from_config(&config).map_err(anyhow::Error::msg)?;
-    Ok((config, gate))
 }
 
 fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
@@ -433,30 +435,6 @@ fn budget_notes(table: &KeyTable) -> Vec<String> {
         over(format!("key {}", k.id), budget, left);
     }
     notes
-}
-
-fn demo(listen: &str, metrics_listen: &str) -> anyhow::Result<()> {
-    let mock = keygate::cli::demo::start_mock_thread("127.0.0.1:0")?;
-    let dir = std::env::temp_dir().join(format!("keygate-demo-{}", std::process::id()));
-    let listen = keygate::ops::server::resolve_port_zero(listen)
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let metrics_listen = keygate::ops::server::resolve_port_zero(metrics_listen)
-        .with_context(|| format!("cannot listen on {metrics_listen}"))?;
-    let (config_path, keys) =
-        keygate::cli::demo::write_demo_files(&dir, &listen, &metrics_listen, mock)?;
-    let (config, gate) = load(&config_path)?;
-    println!(
-        "keygate demo: mock backend on http://{mock}, files in {}",
-        dir.display()
-    );
-    println!("keygate demo: try these (the keys are new on every run):\n");
-    println!(
-        "{}",
-        keygate::cli::demo::curl_lines(&format!("http://{listen}"), &keys)
-    );
-    let (server, _bound) = keygate::ops::server::build(&config, gate.clone(), false)?;
-    keygate::ops::server::run(server, &gate);
-    Ok(())
 }
 
 fn keys(path: &std::path::Path, json: bool, command: KeysCommand) -> anyhow::Result<()> {
