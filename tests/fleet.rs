@@ -113,15 +113,30 @@ async fn a_follower_sees_admin_writes_and_survives_the_admin_going_away() {
         took[98].as_secs_f64() * 1e3,
         took[99].as_secs_f64() * 1e3
     );
+    // The follower converges on the admin's revision.
     let admin_rev = readyz(&admin_env.gw).await["revision"].as_u64().unwrap();
-    assert_eq!(
-        readyz(&follower).await["revision"].as_u64(),
-        Some(admin_rev)
-    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while readyz(&follower).await["revision"].as_u64() != Some(admin_rev) {
+        assert!(
+            Instant::now() < deadline,
+            "the follower stays behind revision {admin_rev}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let copy = fdir.path().join("var/followed-keys.json");
-    assert!(std::fs::read_to_string(&copy)
-        .unwrap()
-        .contains(&format!("\"revision\": {admin_rev}")));
+    // Kept right after it is in force.
+    let kept = format!("\"revision\": {admin_rev}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&copy)
+        .unwrap_or_default()
+        .contains(&kept)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "revision {admin_rev} is not kept in {copy:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // The admin instance goes away: the follower keeps serving.
     let Env {
