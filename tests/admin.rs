@@ -597,19 +597,19 @@ async fn the_cli_and_the_api_editing_at_once_lose_nothing() {
     for i in 0..100 {
         let url = api.url("/admin/v1/keys");
         calls.push(tokio::spawn(async move {
-            client()
+            let r = client()
                 .post(url)
                 .bearer_auth(ADMIN_TOKEN)
                 .json(&json!({"name": format!("api {i}")}))
                 .send()
                 .await
-                .unwrap()
-                .status()
-                .as_u16()
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
         }));
     }
     for c in calls {
-        assert_eq!(c.await.unwrap(), 201);
+        let (status, body) = c.await.unwrap();
+        assert_eq!(status, 201, "{body}");
     }
     cli.join().unwrap();
     let file: Value = serde_json::from_slice(&sync_bytes(&env)).unwrap();

@@ -140,20 +140,32 @@ fn attempt(
             (outcomes, changed)
         })
         .map_err(invalid)?;
-    let revision = match written {
-        None => reloader.gate_revision(),
-        Some(rev) => match reloader.check(false) {
-            ReloadOutcome::Reloaded { revision, .. } => revision,
-            ReloadOutcome::Unchanged => rev,
-            ReloadOutcome::Rejected(e) => {
-                log::error!("admin: the file just written was rejected: {e}");
-                return Err(ApiError::internal(
-                    "the sync file was written but not loaded; see the gateway's log",
-                ));
-            }
-        },
+    let Some(rev) = written else {
+        return Ok((outcomes, reloader.gate_revision()));
     };
-    Ok((outcomes, revision))
+    // Written: from here nothing may send the batch back to be applied again (that would add
+    // its keys twice). A reload can fail although the file validated, when another writer
+    // (`keygate keys`) replaced it while it was read; the next read loads theirs and ours.
+    for _ in 0..5 {
+        match reloader.check(false) {
+            ReloadOutcome::Reloaded { revision, .. } => return Ok((outcomes, revision)),
+            ReloadOutcome::Unchanged => return Ok((outcomes, rev.max(reloader.gate_revision()))),
+            ReloadOutcome::Rejected(e) => {
+                log::warn!("admin: reloading the file just written: {e}; reading it again");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+    log::error!("admin: the sync file was written (revision {rev}) but could not be loaded");
+    let failed =
+        ApiError::internal("the sync file was written but not loaded; see the gateway's log");
+    Ok((
+        outcomes
+            .into_iter()
+            .map(|o| o.and(Err(failed.clone())))
+            .collect(),
+        rev,
+    ))
 }
 
 /// A validation failure of the edited file as a 400, naming the field when the message does.
