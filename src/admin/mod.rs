@@ -12,6 +12,8 @@ pub mod assets;
 pub mod audit;
 pub mod auth;
 pub mod http;
+pub mod key_body;
+pub mod key_view;
 pub mod keys;
 pub mod newapi;
 pub mod openapi;

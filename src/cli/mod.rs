@@ -5,6 +5,7 @@
 pub mod accounts;
 pub mod demo;
 pub mod import;
+pub mod keys;
 pub mod mock;
 pub mod mock_faults;
 mod mock_routes;
