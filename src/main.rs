@@ -224,6 +224,7 @@ fn run(path: &std::path::Path, upgrade: bool) -> anyhow::Result<()> {
     reloader.clone().spawn(config.watch_sync_file)?;
     keygate::sync::follow::spawn(&config, reloader.clone()).map_err(anyhow::Error::msg)?;
     keygate::admin::start(&config, gate.clone(), reloader, vault)?;
+    keygate::ops::alerts::start(&config, &gate).map_err(anyhow::Error::msg)?;
     // Runs for the life of the process (a thread of its own).
     let _health = gate.upstreams().start_health_checks()?;
     let (server, _bound) = keygate::ops::server::build(&config, gate.clone(), upgrade)?;

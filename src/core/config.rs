@@ -4,6 +4,7 @@
 //! restriction) and only describe the files; [`crate::core::table`] compiles a sync file into the
 //! runtime table and [`Config::load`] resolves paths against the config file's folder.
 
+pub use super::alerts::AlertsConfig;
 pub use super::pools::{
     HealthConfig, PoolConfig, RetryConfig, RetryOn, RetryOnEntry, TargetConfig, RETRY_STATUSES,
 };
@@ -376,6 +377,10 @@ pub struct Config {
     /// The usage store (SPEC §9): on by default, SQLite in `state_dir`.
     #[serde(default)]
     pub usage_store: UsageStoreConfig,
+    /// Alerts (SPEC §7): a webhook told when quotas and budgets cross thresholds and keys
+    /// near their expiry; off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<AlertsConfig>,
 }
 
 /// `key_vault:` where the vault secret comes from.
@@ -524,6 +529,9 @@ impl Config {
             u.validate()?;
         }
         if let Some(a) = &self.admin {
+            a.validate()?;
+        }
+        if let Some(a) = &self.alerts {
             a.validate()?;
         }
         Ok(())

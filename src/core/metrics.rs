@@ -55,6 +55,8 @@ pub struct Metrics {
     pub admin_auth_failures: prometheus::IntCounter,
     /// The usage store's series, brought up to date at scrape time.
     pub usage_store: StoreSeries,
+    /// The alert webhook's series (SPEC §7).
+    pub alerts: AlertSeries,
     /// `keygate_ledger_write_errors_total`, brought up to date at scrape time.
     pub ledger_write_errors: prometheus::IntCounter,
     /// `keygate_ledger_backend_up`: 1 while the quota ledger's backend answers (always 1 for
@@ -151,6 +153,58 @@ impl StoreSeries {
                 prometheus::Counter::new(
                     "keygate_usage_store_batch_seconds_total",
                     "Time spent writing usage store batches.",
+                ),
+            ),
+        }
+    }
+}
+
+/// The alert webhook's series (SPEC §7).
+pub struct AlertSeries {
+    /// `keygate_alerts_sent_total{event}`: events the receiver accepted (2xx).
+    pub sent: IntCounterVec,
+    /// `keygate_alerts_dropped_total{reason}`: events given up: `queue_full` (never queued),
+    /// `failed` (every attempt failed), `rejected` (the receiver answered 4xx).
+    pub dropped: IntCounterVec,
+    /// `keygate_alerts_retries_total`: delivery attempts after the first.
+    pub retries: IntCounter,
+}
+
+/// The `event` label values of [`AlertSeries::sent`].
+pub const ALERT_EVENTS: [&str; 2] = ["quota_threshold", "key_expiring"];
+/// The `reason` label values of [`AlertSeries::dropped`].
+pub const ALERT_DROP_REASONS: [&str; 3] = ["queue_full", "failed", "rejected"];
+
+impl AlertSeries {
+    fn new(registry: &Registry) -> AlertSeries {
+        let vec = |name: &str, help: &str, label: &str, values: &[&str]| {
+            let v = registered(
+                registry,
+                IntCounterVec::new(Opts::new(name, help), &[label]),
+            );
+            for l in values {
+                v.with_label_values(&[*l]);
+            }
+            v
+        };
+        AlertSeries {
+            sent: vec(
+                "keygate_alerts_sent_total",
+                "Alert events the webhook accepted, by event.",
+                "event",
+                &ALERT_EVENTS,
+            ),
+            dropped: vec(
+                "keygate_alerts_dropped_total",
+                "Alert events given up, by reason (queue_full, failed, rejected).",
+                "reason",
+                &ALERT_DROP_REASONS,
+            ),
+            retries: registered(
+                registry,
+                IntCounter::new(
+                    "keygate_alerts_retries_total",
+                    "Alert delivery attempts after the first.",
                 ),
             ),
         }
@@ -281,6 +335,7 @@ impl Metrics {
             ),
         );
         let usage_store = StoreSeries::new(&registry);
+        let alerts = AlertSeries::new(&registry);
         let ledger_write_errors = registered(
             &registry,
             prometheus::IntCounter::new(
@@ -446,6 +501,7 @@ impl Metrics {
             admin_requests,
             admin_auth_failures,
             usage_store,
+            alerts,
             ledger_write_errors,
             ledger_backend_up,
             ledger_backend_ops,

@@ -7,6 +7,7 @@
 pub mod accounts;
 pub mod admin_config;
 pub mod admission;
+pub mod alerts;
 pub mod budget;
 pub mod clock;
 pub mod config;

@@ -11,6 +11,7 @@
 
 pub mod accounts;
 mod admission;
+mod alerts;
 mod answer;
 mod attempts;
 mod body;
@@ -69,6 +70,8 @@ struct Inner {
     id_prefix: String,
     id_counter: AtomicU64,
     draining: AtomicBool,
+    /// Threshold alerts (SPEC §7), once [`Gate::enable_alerts`] has been called.
+    alerts: std::sync::OnceLock<crate::core::alerts::Alerting>,
 }
 
 /// The gate. Cheap to clone; all clones share the table, upstreams and metrics.
@@ -147,6 +150,7 @@ impl Gate {
                 id_prefix: hex::encode(seed),
                 id_counter: AtomicU64::new(0),
                 draining: std::sync::atomic::AtomicBool::new(false),
+                alerts: std::sync::OnceLock::new(),
             }),
         })
     }

@@ -41,7 +41,7 @@ impl Gate {
                 m.usage_missing.inc();
             }
             let quota = price_of(&table, key, ctx.price, usage);
-            reservation.settle(quota);
+            self.charge(reservation, quota, &table, key, ctx.started_at);
             let status = if client_gone { 499 } else { ctx.status };
             (usage, quota, status)
         };

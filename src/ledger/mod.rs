@@ -349,6 +349,7 @@ impl Ledger {
             return Ok(Reservation {
                 amount,
                 done: false,
+                limit,
                 also: Vec::new(),
                 hold: Hold::Lease {
                     slot,
@@ -373,6 +374,7 @@ impl Ledger {
         let reservation = Reservation {
             amount,
             done: false,
+            limit,
             also: Vec::new(),
             hold: Hold::Counter {
                 key_id,
@@ -443,6 +445,8 @@ impl Ledger {
 pub struct Reservation {
     amount: i64,
     done: bool,
+    /// What the counter may commit in total, as reserved against (`None` = no cap).
+    limit: Option<i64>,
     hold: Hold,
     /// The same amount held on other counters (the key's account, budget periods), settled
     /// and refunded with this one: see [`Ledger::reserve_all`].
@@ -481,14 +485,50 @@ impl Reservation {
         self.close(actual.clamp(0, MAX_AMOUNT));
     }
 
+    /// [`Reservation::settle`], telling `seen` what the charge did to each counter (in the
+    /// order they were reserved: the first part, then the others of [`Ledger::reserve_all`]).
+    /// Counters of a shared ledger (Redis) are not reported: their settled value is not
+    /// known here.
+    pub fn settle_observed(mut self, actual: i64, seen: &mut dyn FnMut(Charged)) {
+        let actual = actual.clamp(0, MAX_AMOUNT);
+        self.done = true;
+        let mut report = |index: usize, r: &Reservation, before: Option<(u64, i64)>| {
+            if let Some((id, before)) = before.filter(|_| actual > 0) {
+                seen(Charged {
+                    index,
+                    id,
+                    limit: r.limit,
+                    before,
+                    after: before.saturating_add(actual),
+                });
+            }
+        };
+        let first = self.charge(actual);
+        report(0, &self, first);
+        for (i, mut other) in self.also.drain(..).enumerate() {
+            other.done = true;
+            let before = other.charge(actual);
+            report(i + 1, &other, before);
+        }
+    }
+
     /// Charge `actual` units (a refund charges 0 and does not count as consumed).
     fn close(&mut self, actual: i64) {
         self.done = true;
         for mut other in self.also.drain(..) {
             other.close(actual);
         }
+        self.charge(actual);
+    }
+
+    /// Charge `actual` units on this part's counter alone; its id and settled value before
+    /// the charge (a local counter only).
+    fn charge(&self, actual: i64) -> Option<(u64, i64)> {
         match &self.hold {
-            Hold::Lease { slot, ledger } => ledger.settle(slot, self.amount, actual),
+            Hold::Lease { slot, ledger } => {
+                ledger.settle(slot, self.amount, actual);
+                None
+            }
             Hold::Counter {
                 key_id,
                 counter,
@@ -497,7 +537,7 @@ impl Reservation {
                 counter
                     .committed
                     .fetch_add(actual - self.amount, Ordering::AcqRel);
-                counter.consumed.fetch_add(actual, Ordering::AcqRel);
+                let before = counter.consumed.fetch_add(actual, Ordering::AcqRel);
                 counter.outstanding.fetch_sub(1, Ordering::AcqRel);
                 ledger.outstanding_total.fetch_sub(1, Ordering::Relaxed);
                 let committed = counter.committed();
@@ -506,9 +546,26 @@ impl Reservation {
                     // (no wait).
                     request_ceiling(ledger, *key_id, counter, committed);
                 }
+                Some((*key_id, before))
             }
         }
     }
+}
+
+/// What a settle did to one counter: its settled value before and after the charge. Each
+/// charge is one atomic add, so concurrent settles of a counter see disjoint intervals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Charged {
+    /// The part's place in the reservation (0: the first part reserved).
+    pub index: usize,
+    /// The counter id.
+    pub id: u64,
+    /// What the counter could commit in total when the call was reserved (`None` = no cap).
+    pub limit: Option<i64>,
+    /// Settled units before the charge.
+    pub before: i64,
+    /// Settled units after it.
+    pub after: i64,
 }
 
 impl Drop for Reservation {
@@ -596,6 +653,44 @@ mod tests {
         assert_eq!(c.committed(), c.consumed());
         assert!(c.consumed() <= limit);
         assert!(granted.load(Ordering::Relaxed) > 0);
+    }
+
+    #[tokio::test]
+    async fn an_observed_settle_reports_each_counter_before_and_after() {
+        let l = Ledger::in_memory();
+        let parts = [
+            Part {
+                id: 1,
+                limit: Some(100),
+            },
+            Part { id: 2, limit: None },
+        ];
+        l.reserve_all(&parts, 10).await.unwrap().settle(30);
+        let mut seen = Vec::new();
+        l.reserve_all(&parts, 10)
+            .await
+            .unwrap()
+            .settle_observed(25, &mut |c| seen.push(c));
+        let c = |index, id, limit, before, after| Charged {
+            index,
+            id,
+            limit,
+            before,
+            after,
+        };
+        assert_eq!(
+            seen,
+            vec![c(0, 1, Some(100), 30, 55), c(1, 2, None, 30, 55)]
+        );
+        assert_eq!((l.consumed(1), l.consumed(2)), (55, 55));
+        assert_eq!(l.outstanding(), 0);
+        // A refund charges nothing and reports nothing.
+        let mut none = 0;
+        l.reserve_all(&parts, 10)
+            .await
+            .unwrap()
+            .settle_observed(0, &mut |_| none += 1);
+        assert_eq!((none, l.counter(1).committed()), (0, 55));
     }
 
     #[tokio::test]
