@@ -3,6 +3,8 @@
 //! * `ledger/reserve_settle/<threads>` — one `reserve` + `settle` on a single hot key, from 1, 2
 //!   and 8 threads at once (time per reserve+settle pair; no lock on the path, contention is on
 //!   one cache line).
+//! * `ledger/settle_plain`, `ledger/settle_watched` — one thread's reserve + settle, without and
+//!   with the alerts' threshold check at settle (the difference is what alerts cost per call).
 //! * `usage/json_1k` — usage from a ~1 KB non-streaming chat completion body.
 //! * `usage/sse_50_events` — a 50-event SSE stream with a final usage chunk, fed as it arrives
 //!   (pass-through mode: the stream is not copied; only partial lines are carried over), and the
@@ -13,6 +15,7 @@
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use futures_util::FutureExt;
+use keygate::core::alerts::Thresholds;
 use keygate::ledger::Ledger;
 use keygate::usage::{usage_from_json, SseTracker};
 use std::hint::black_box;
@@ -50,6 +53,45 @@ fn reserve_settle(c: &mut Criterion) {
             })
         });
     }
+    g.finish();
+}
+
+/// The alerts' cost at settle (SPEC §7): `reserve_settle/1` against the same pair settled with
+/// `settle_observed` and the threshold compare the gate makes for each charged counter
+/// (`keygate::gate` alerts.rs), on a key with a quota so the compare runs on every call.
+fn settle_watched(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ledger");
+    let thresholds = Thresholds::compile(&[0.8, 1.0]).unwrap();
+    let ledger = Ledger::in_memory();
+    let quota = i64::MAX / 2;
+    g.bench_function("settle_plain", |b| {
+        b.iter(|| {
+            let r = ledger
+                .reserve(black_box(2), Some(quota), black_box(9))
+                .now_or_never()
+                .expect("ready")
+                .expect("granted");
+            r.settle(black_box(8));
+        })
+    });
+    let mut crossed = 0usize;
+    g.bench_function("settle_watched", |b| {
+        b.iter(|| {
+            let r = ledger
+                .reserve(black_box(3), Some(quota), black_box(9))
+                .now_or_never()
+                .expect("ready")
+                .expect("granted");
+            r.settle_observed(black_box(8), &mut |ch| {
+                if let Some(limit) = ch.limit {
+                    crossed += thresholds
+                        .crossed(quota, quota - limit, ch.before, ch.after)
+                        .count();
+                }
+            });
+        })
+    });
+    black_box(crossed);
     g.finish();
 }
 
@@ -108,6 +150,6 @@ fn usage(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = reserve_settle, usage
+    targets = reserve_settle, settle_watched, usage
 }
 criterion_main!(benches);

@@ -131,7 +131,7 @@ impl Thresholds {
         self.values.iter().map(|v| v.0)
     }
 
-    /// The thresholds a charge crossed, with the point (in units of `full`) it passed. `full`
+    /// The thresholds a charge crossed (their points `ceil(t × full)`, in units). `full`
     /// is the quota or budget; `base` what counts against it outside the counter (a key's
     /// `used` baseline, a rolling window's earlier days); `before` and `after` the counter's
     /// settled value around the charge.
@@ -142,16 +142,19 @@ impl Thresholds {
         before: i64,
         after: i64,
     ) -> impl Iterator<Item = f64> + '_ {
-        let point =
-            move |ppm: i128| (i128::from(full) * ppm + 999_999) / 1_000_000 - i128::from(base);
-        let (lo, hi) = (i128::from(before), i128::from(after));
+        // `before < ceil(full × t) − base ≤ after`, in integers and without a division:
+        // `(base + before) × 10⁶ < full × ppm ≤ (base + after) × 10⁶`.
+        let (full, base) = (i128::from(full), i128::from(base));
+        let lo = (base + i128::from(before)) * 1_000_000;
+        let hi = (base + i128::from(after)) * 1_000_000;
+        let inside = move |ppm: i128| lo < full * ppm && full * ppm <= hi;
         let possible = full > 0
             && after > before
-            && self.values.first().is_some_and(|f| point(f.1) <= hi)
-            && self.values.last().is_some_and(|l| point(l.1) > lo);
+            && self.values.first().is_some_and(|f| full * f.1 <= hi)
+            && self.values.last().is_some_and(|l| full * l.1 > lo);
         self.values
             .iter()
-            .filter(move |v| possible && (lo + 1..=hi).contains(&point(v.1)))
+            .filter(move |v| possible && inside(v.1))
             .map(|v| v.0)
     }
 }
