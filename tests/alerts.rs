@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 const ALERTED: &str = "sk-alerts-key-000000000000000000000000000000000000";
 
-/// The webhook receiver: records every event as it arrives, then (after `delay`) answers 200.
+/// The webhook receiver: records every event as it arrives, then (after `delay`) answers
+/// `status` (200 unless started with [`Receiver::answering`]).
 struct Receiver {
     url: String,
     events: Arc<Mutex<Vec<Value>>>,
@@ -29,6 +30,10 @@ struct Receiver {
 
 impl Receiver {
     async fn start(delay: Duration) -> Receiver {
+        Receiver::answering(delay, 200).await
+    }
+
+    async fn answering(delay: Duration, status: u16) -> Receiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hooks/keygate", listener.local_addr().unwrap());
         let events = Arc::new(Mutex::new(Vec::new()));
@@ -49,7 +54,9 @@ impl Receiver {
                             ev.lock().unwrap().push(v);
                             tokio::time::sleep(delay).await;
                             ans.fetch_add(1, Ordering::SeqCst);
-                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+                            let mut r = Response::new(Full::new(Bytes::new()));
+                            *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, Infallible>(r)
                         }
                     });
                     let _ = http1::Builder::new()
@@ -443,4 +450,72 @@ async fn a_slow_receiver_does_not_delay_calls() {
     );
     let events = rx.wait("quota_threshold", 2).await;
     assert_eq!(events.len(), 2, "{events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_receiver_that_refuses_an_event_with_4xx_is_not_retried() {
+    let p = price().await;
+    let rx = Receiver::answering(Duration::ZERO, 400).await;
+    let sync = with_keys(
+        json!([{"id": 50, "name": "alerted key", "key": ALERTED, "quota": 10 * p}]),
+        json!({}),
+    );
+    let env = Env::with(Opts {
+        sync,
+        extra: alerts_yaml(&rx.url, ""),
+        ..Opts::default()
+    })
+    .await;
+    for i in 1..=8 {
+        assert_eq!(call(&env.gw.base, ALERTED).await, 200, "call {i}");
+    }
+    let text = wait_metric(
+        &env.gw,
+        "keygate_alerts_dropped_total{reason=\"rejected\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(metric(&text, "keygate_alerts_retries_total"), 0.0);
+    assert_eq!(rx.events("quota_threshold").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_beyond_the_queue_are_dropped_and_counted_while_calls_go_on() {
+    let p = price().await;
+    let rx = Receiver::start(Duration::from_secs(10)).await;
+    // Sixteen thresholds, all crossed by one call of a key whose quota is one call: sixteen
+    // events per key at once.
+    let thresholds: Vec<String> = (1..=16).map(|i| format!("{}", i as f64 / 16.0)).collect();
+    let keys: Vec<Value> = (0..3)
+        .map(|i| {
+            json!({"id": 90 + i, "name": format!("one call {i}"),
+                        "key": format!("sk-alerts-one-call-{i:032}"), "quota": p})
+        })
+        .collect();
+    let env = Env::with(Opts {
+        sync: with_keys(json!(keys), json!({})),
+        extra: format!(
+            "alerts:\n  webhook_url: \"{}\"\n  thresholds: [{}]\n  timeout_seconds: 60\n  queue_size: 2\n",
+            rx.url,
+            thresholds.join(", ")
+        ),
+        ..Opts::default()
+    })
+    .await;
+    for i in 0..3 {
+        let key = format!("sk-alerts-one-call-{i:032}");
+        assert_eq!(call(&env.gw.base, &key).await, 200);
+    }
+    // 48 events; at most 16 in delivery (held by the receiver), one waiting for a slot and
+    // two in the queue: the rest were dropped at once, and the calls were not held up.
+    let text = wait_metric(
+        &env.gw,
+        "keygate_alerts_dropped_total{reason=\"queue_full\"}",
+        1.0,
+    )
+    .await;
+    let dropped = metric(&text, "keygate_alerts_dropped_total{reason=\"queue_full\"}");
+    assert!(dropped >= 48.0 - 19.0, "{dropped}");
+    assert_eq!(call(&env.gw.base, OK).await, 200);
+    assert_eq!(rx.answered.load(Ordering::SeqCst), 0);
 }
