@@ -26,7 +26,7 @@ pub mod limits;
 mod writer;
 
 use self::files::{load_state, HANDOFF, LOCK};
-pub use joint::Part;
+pub use joint::{Charged, Part};
 pub use lease::RedisSettings;
 
 use dashmap::DashMap;
@@ -485,33 +485,6 @@ impl Reservation {
         self.close(actual.clamp(0, MAX_AMOUNT));
     }
 
-    /// [`Reservation::settle`], telling `seen` what the charge did to each counter (in the
-    /// order they were reserved: the first part, then the others of [`Ledger::reserve_all`]).
-    /// Counters of a shared ledger (Redis) are not reported: their settled value is not
-    /// known here.
-    pub fn settle_observed(mut self, actual: i64, seen: &mut dyn FnMut(Charged)) {
-        let actual = actual.clamp(0, MAX_AMOUNT);
-        self.done = true;
-        let mut report = |index: usize, r: &Reservation, before: Option<(u64, i64)>| {
-            if let Some((id, before)) = before.filter(|_| actual > 0) {
-                seen(Charged {
-                    index,
-                    id,
-                    limit: r.limit,
-                    before,
-                    after: before.saturating_add(actual),
-                });
-            }
-        };
-        let first = self.charge(actual);
-        report(0, &self, first);
-        for (i, mut other) in self.also.drain(..).enumerate() {
-            other.done = true;
-            let before = other.charge(actual);
-            report(i + 1, &other, before);
-        }
-    }
-
     /// Charge `actual` units (a refund charges 0 and does not count as consumed).
     fn close(&mut self, actual: i64) {
         self.done = true;
@@ -550,22 +523,6 @@ impl Reservation {
             }
         }
     }
-}
-
-/// What a settle did to one counter: its settled value before and after the charge. Each
-/// charge is one atomic add, so concurrent settles of a counter see disjoint intervals.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Charged {
-    /// The part's place in the reservation (0: the first part reserved).
-    pub index: usize,
-    /// The counter id.
-    pub id: u64,
-    /// What the counter could commit in total when the call was reserved (`None` = no cap).
-    pub limit: Option<i64>,
-    /// Settled units before the charge.
-    pub before: i64,
-    /// Settled units after it.
-    pub after: i64,
 }
 
 impl Drop for Reservation {
@@ -653,44 +610,6 @@ mod tests {
         assert_eq!(c.committed(), c.consumed());
         assert!(c.consumed() <= limit);
         assert!(granted.load(Ordering::Relaxed) > 0);
-    }
-
-    #[tokio::test]
-    async fn an_observed_settle_reports_each_counter_before_and_after() {
-        let l = Ledger::in_memory();
-        let parts = [
-            Part {
-                id: 1,
-                limit: Some(100),
-            },
-            Part { id: 2, limit: None },
-        ];
-        l.reserve_all(&parts, 10).await.unwrap().settle(30);
-        let mut seen = Vec::new();
-        l.reserve_all(&parts, 10)
-            .await
-            .unwrap()
-            .settle_observed(25, &mut |c| seen.push(c));
-        let c = |index, id, limit, before, after| Charged {
-            index,
-            id,
-            limit,
-            before,
-            after,
-        };
-        assert_eq!(
-            seen,
-            vec![c(0, 1, Some(100), 30, 55), c(1, 2, None, 30, 55)]
-        );
-        assert_eq!((l.consumed(1), l.consumed(2)), (55, 55));
-        assert_eq!(l.outstanding(), 0);
-        // A refund charges nothing and reports nothing.
-        let mut none = 0;
-        l.reserve_all(&parts, 10)
-            .await
-            .unwrap()
-            .settle_observed(0, &mut |_| none += 1);
-        assert_eq!((none, l.counter(1).committed()), (0, 55));
     }
 
     #[tokio::test]
