@@ -142,8 +142,50 @@ async fn a_failed_status_is_retried_on_another_target_with_the_whole_body_and_ch
         1.0,
         "{text}"
     );
+    // The access log, the usage log and the usage store all name the target that answered
+    // and count both attempts.
+    let second = m[1].addr().to_string();
+    assert_eq!(records[0]["target"], second.as_str(), "{records:?}");
+    assert_eq!(records[0]["attempts"], 2, "{records:?}");
     let log = gw.log();
-    assert!(log.contains("\"attempts\":2"), "{log}");
+    let access = log
+        .lines()
+        .find(|l| l.contains("keygate::access") && l.contains("/v1/chat/completions"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        access.contains(&format!("\"target\":\"{second}\"")),
+        "{access}"
+    );
+    assert!(access.contains("\"attempts\":2"), "{access}");
+    let row = store_rows(dir.path(), 1).await;
+    assert_eq!(row[0], (Some(second), 2, 200), "{row:?}");
+    // One attempt: one counted, its target named.
+    m[0].faults().set_status(0);
+    let ok = post_chat(&gw, &chat_body("gpt-4o-mini")).await;
+    assert_eq!(ok.status(), 200);
+    let records = gw.wait_records(2).await;
+    assert_eq!(records[1]["target"], m[0].addr().to_string().as_str());
+    assert_eq!(records[1]["attempts"], 1);
+    let rows = store_rows(dir.path(), 2).await;
+    assert_eq!(rows[1], (Some(m[0].addr().to_string()), 1, 200), "{rows:?}");
+}
+
+/// `(target, attempts, status)` of the usage store's rows, oldest first, once there are `n`.
+async fn store_rows(dir: &Path, n: usize) -> Vec<(Option<String>, i64, i64)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let rows = rusqlite::Connection::open(dir.join("var/usage.db"))
+            .and_then(|c| {
+                c.prepare("SELECT target, attempts, status FROM calls ORDER BY id")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .unwrap_or_default();
+        if rows.len() >= n || std::time::Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
