@@ -118,10 +118,34 @@ impl Upstream {
         })
     }
 
-    /// Choose the target for an attempt, avoiding those in `tried` (a bit per target).
+    /// Choose the target for an attempt, avoiding those in `tried` (a bit per target) while
+    /// others are available.
     #[inline]
     pub fn select(&self, tried: u64) -> Pick {
-        select(&self.targets, &self.levels, &self.counter, now_ms(), tried)
+        select(
+            &self.targets,
+            &self.levels,
+            &self.counter,
+            now_ms(),
+            tried,
+            0,
+        )
+    }
+
+    /// Choose the target for the attempt that retries target `failed`: another one, untried
+    /// ones first (SPEC §11: a retry goes to another target, not one already tried while
+    /// others remain).
+    #[inline]
+    pub fn select_retry(&self, tried: u64, failed: usize) -> Pick {
+        let tried = tried | 1 << failed;
+        select(
+            &self.targets,
+            &self.levels,
+            &self.counter,
+            now_ms(),
+            tried,
+            1 << failed,
+        )
     }
 
     /// Whether some target other than those in `tried` could take an attempt now.
@@ -133,12 +157,12 @@ impl Upstream {
             .any(|(i, t)| tried & (1 << i) == 0 && t.weight > 0 && t.state.available(now))
     }
 
-    /// The labels of the targets that are up now.
+    /// The labels of the targets in service: not ejected (nor ejected and waiting for their
+    /// probe), passing their health check.
     pub fn healthy_targets(&self) -> Vec<&str> {
-        let now = now_ms();
         self.targets
             .iter()
-            .filter(|t| t.state.up(now))
+            .filter(|t| t.state.in_service())
             .map(|t| t.label.as_str())
             .collect()
     }
@@ -272,5 +296,37 @@ mod tests {
         a.succeeded();
         assert!(a.up(now_ms()));
         assert_eq!(u.healthy_targets(), ["127.0.0.1:1"]);
+    }
+
+    #[test]
+    fn an_ejected_target_is_out_of_service_until_its_probe_answers() {
+        let u = pool("name: p\nmodels: ['*']\ntargets:\n  - {url: 'http://127.0.0.1:1'}\n  - {url: 'http://127.0.0.1:2'}\n");
+        let a = &u.targets[0].state;
+        for _ in 0..3 {
+            a.failed(3);
+        }
+        assert_eq!(u.healthy_targets(), ["127.0.0.1:2"]);
+        // The back-off ran out: it may take its probe, but it is not back yet.
+        a.down_until
+            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+        assert!(a.available(now_ms() + 1));
+        assert_eq!(u.healthy_targets(), ["127.0.0.1:2"]);
+        a.succeeded();
+        assert_eq!(u.healthy_targets(), ["127.0.0.1:1", "127.0.0.1:2"]);
+    }
+
+    #[test]
+    fn a_retry_goes_to_another_target_never_the_one_that_failed() {
+        let u = pool("name: p\nmodels: ['*']\ntargets:\n  - {url: 'http://127.0.0.1:1'}\n  - {url: 'http://127.0.0.1:2'}\n");
+        for _ in 0..10 {
+            // Both tried: the one that did not just fail.
+            assert_eq!(u.select_retry(0b11, 1), Pick::Target(0));
+            assert_eq!(u.select_retry(0b11, 0), Pick::Target(1));
+            assert_eq!(u.select_retry(0, 0), Pick::Target(1));
+        }
+        // No other target: no retry.
+        assert!(u.has_other(0b01));
+        let one = pool("name: p\nurl: http://127.0.0.1:1\nmodels: ['*']\n");
+        assert!(!one.has_other(0b1));
     }
 }

@@ -83,7 +83,15 @@ impl TargetState {
             && !self.health_down.load(Ordering::Relaxed)
     }
 
-    /// Whether it counts as up (`keygate_upstream_target_up`, `/readyz`).
+    /// Whether it is in service (`keygate_upstream_target_up`, `/readyz`): not ejected, nor
+    /// ejected and still to be probed (its back-off ran out, but nothing has shown it answers
+    /// again), and passing its health check.
+    pub fn in_service(&self) -> bool {
+        self.down_until.load(Ordering::Relaxed) == 0 && !self.health_down.load(Ordering::Relaxed)
+    }
+
+    /// Whether it can be chosen as up at `now` (an ejection that ran out counts: the next
+    /// request is its probe).
     pub fn up(&self, now: u64) -> bool {
         self.down_until.load(Ordering::Relaxed) <= now && !self.health_down.load(Ordering::Relaxed)
     }
