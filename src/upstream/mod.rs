@@ -14,7 +14,7 @@ use crate::core::config::{HealthConfig, PoolConfig, UpstreamConfig};
 use crate::core::table::ModelPattern;
 pub use crate::core::url::UpstreamUrl;
 use std::fmt;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -36,6 +36,13 @@ pub struct Upstream {
     pub targets: Vec<Target>,
     levels: Vec<Box<[usize]>>,
     counter: AtomicU64,
+    /// The first priority with a weight: its targets and their running weight sums, for
+    /// choosing while every target is clear.
+    calm: Calm,
+    /// Bumped by the targets' states at every trouble (shared with them).
+    troubles: Arc<AtomicU64>,
+    /// The value of `troubles` when every target was last seen clear.
+    calm_at: AtomicU64,
     /// When a failed attempt is tried again.
     pub retry: RetryPolicy,
     /// Consecutive failures that eject a target.
@@ -91,13 +98,20 @@ impl Upstream {
                     .filter(|i| targets[*i].priority == *p)
                     .collect()
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let troubles = Arc::new(AtomicU64::new(0));
+        for t in &mut targets {
+            t.state.troubles = troubles.clone();
+        }
         Ok(Upstream {
             name: c.name.clone(),
             url: targets[0].url.clone(),
             models,
+            calm: Calm::new(&targets, &levels),
             levels,
             counter: AtomicU64::new(0),
+            troubles,
+            calm_at: AtomicU64::new(0),
             retry: RetryPolicy::new(&c.retry_policy()),
             eject_after: c.health.as_ref().map_or(3, |h| h.unhealthy_after),
             health: c.health.clone(),
@@ -120,16 +134,26 @@ impl Upstream {
 
     /// Choose the target for an attempt, avoiding those in `tried` (a bit per target) while
     /// others are available.
+    ///
+    /// While no trouble has come since every target was last seen clear, a first attempt
+    /// needs neither the clock nor the targets' states: the pick is the weighted round-robin
+    /// over the first priority, exactly as [`select`] would choose it.
     #[inline]
     pub fn select(&self, tried: u64) -> Pick {
-        select(
-            &self.targets,
-            &self.levels,
-            &self.counter,
-            now_ms(),
-            tried,
-            0,
-        )
+        let troubles = self.troubles.load(Ordering::Acquire);
+        if tried == 0 && troubles == self.calm_at.load(Ordering::Relaxed) {
+            if let Some(i) = self.calm.pick(self.counter.fetch_add(1, Ordering::Relaxed)) {
+                return Pick::Target(i);
+            }
+        }
+        let now = now_ms();
+        let pick = select(&self.targets, &self.levels, &self.counter, now, tried, 0);
+        if self.targets.iter().all(|t| t.state.clear(now)) {
+            // Clear again (cooldowns over, ejected targets probed back): the fast choice
+            // holds until the next trouble, which bumps `troubles` past this value.
+            self.calm_at.store(troubles, Ordering::Relaxed);
+        }
+        pick
     }
 
     /// Choose the target for the attempt that retries target `failed`: another one, untried
@@ -165,6 +189,50 @@ impl Upstream {
             .filter(|t| t.state.in_service())
             .map(|t| t.label.as_str())
             .collect()
+    }
+}
+
+/// The choice while every target is clear: the first priority with a weight above 0, as
+/// target indices and the running sums of their weights (targets of weight 0 left out).
+#[derive(Debug, Default)]
+struct Calm {
+    targets: Box<[usize]>,
+    sums: Box<[u64]>,
+}
+
+impl Calm {
+    fn new(targets: &[Target], levels: &[Box<[usize]>]) -> Calm {
+        let Some(level) = levels
+            .iter()
+            .find(|l| l.iter().any(|i| targets[*i].weight > 0))
+        else {
+            return Calm::default();
+        };
+        let chosen: Box<[usize]> = level
+            .iter()
+            .copied()
+            .filter(|i| targets[*i].weight > 0)
+            .collect();
+        let sums = chosen
+            .iter()
+            .scan(0u64, |sum, i| {
+                *sum += u64::from(targets[*i].weight);
+                Some(*sum)
+            })
+            .collect();
+        Calm {
+            targets: chosen,
+            sums,
+        }
+    }
+
+    /// The target for the `n`th pick: what [`select`] chooses when every target is available.
+    #[inline]
+    fn pick(&self, n: u64) -> Option<usize> {
+        let total = *self.sums.last()?;
+        let r = n % total;
+        let at = self.sums.partition_point(|s| *s <= r);
+        self.targets.get(at).copied()
     }
 }
 
@@ -313,6 +381,63 @@ mod tests {
         assert_eq!(u.healthy_targets(), ["127.0.0.1:2"]);
         a.succeeded();
         assert_eq!(u.healthy_targets(), ["127.0.0.1:1", "127.0.0.1:2"]);
+    }
+
+    #[test]
+    fn the_calm_choice_is_the_one_the_full_choice_makes() {
+        let mut yaml = String::from("name: p\nmodels: ['*']\ntargets:\n");
+        for i in 0..16 {
+            let (w, p) = (i % 4, i / 12);
+            yaml.push_str(&format!(
+                "  - {{url: 'http://127.0.0.1:{}', weight: {w}, priority: {p}}}\n",
+                1 + i
+            ));
+        }
+        let u = pool(&yaml);
+        for n in 0..200 {
+            let full = select(&u.targets, &u.levels, &AtomicU64::new(n), now_ms(), 0, 0);
+            assert_eq!(full, Pick::Target(u.calm.pick(n).unwrap()), "{n}");
+        }
+    }
+
+    #[test]
+    fn trouble_leaves_the_calm_choice_until_every_target_is_clear_again() {
+        let u = pool("name: p\nmodels: ['*']\ntargets:\n  - {url: 'http://127.0.0.1:1'}\n  - {url: 'http://127.0.0.1:2'}\n");
+        let calm = || u.troubles.load(Ordering::Relaxed) == u.calm_at.load(Ordering::Relaxed);
+        assert!(calm());
+        u.targets[0]
+            .state
+            .cool_down(std::time::Duration::from_millis(30));
+        assert!(!calm());
+        for _ in 0..4 {
+            assert_eq!(u.select(0), Pick::Target(1));
+        }
+        assert!(!calm(), "still cooling");
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        u.select(0);
+        assert!(calm(), "the cooldown is over");
+        assert!(u.targets[1].state.set_health_down(true));
+        assert!(!calm());
+        for _ in 0..4 {
+            assert_eq!(u.select(0), Pick::Target(0));
+        }
+        assert!(u.targets[1].state.set_health_down(false));
+        u.select(0);
+        assert!(calm());
+        // An ejection holds it off until the probe answers, not merely until it runs out.
+        for _ in 0..3 {
+            u.targets[0].state.failed(3);
+        }
+        u.targets[0]
+            .state
+            .down_until
+            .store(now_ms(), Ordering::Relaxed);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        u.select(0);
+        assert!(!calm(), "ran out, not probed yet");
+        u.targets[0].state.succeeded();
+        u.select(0);
+        assert!(calm());
     }
 
     #[test]
