@@ -43,6 +43,9 @@ pub struct Upstream {
     troubles: Arc<AtomicU64>,
     /// The value of `troubles` when every target was last seen clear.
     calm_at: AtomicU64,
+    /// When (a [`now_ms`] time) the full choice last looked whether every target is clear:
+    /// at most once a millisecond.
+    calm_checked: AtomicU64,
     /// When a failed attempt is tried again.
     pub retry: RetryPolicy,
     /// Consecutive failures that eject a target.
@@ -112,6 +115,7 @@ impl Upstream {
             counter: AtomicU64::new(0),
             troubles,
             calm_at: AtomicU64::new(0),
+            calm_checked: AtomicU64::new(0),
             retry: RetryPolicy::new(&c.retry_policy()),
             eject_after: c.health.as_ref().map_or(3, |h| h.unhealthy_after),
             health: c.health.clone(),
@@ -148,7 +152,10 @@ impl Upstream {
         }
         let now = now_ms();
         let pick = select(&self.targets, &self.levels, &self.counter, now, tried, 0);
-        if self.targets.iter().all(|t| t.state.clear(now)) {
+        if self.calm_checked.load(Ordering::Relaxed) != now
+            && self.calm_checked.swap(now, Ordering::Relaxed) != now
+            && self.targets.iter().all(|t| t.state.clear(now))
+        {
             // Clear again (cooldowns over, ejected targets probed back): the fast choice
             // holds until the next trouble, which bumps `troubles` past this value.
             self.calm_at.store(troubles, Ordering::Relaxed);
@@ -422,6 +429,9 @@ mod tests {
             assert_eq!(u.select(0), Pick::Target(0));
         }
         assert!(u.targets[1].state.set_health_down(false));
+        // The full choice looks at most once a millisecond.
+        let next_ms = || std::thread::sleep(std::time::Duration::from_millis(2));
+        next_ms();
         u.select(0);
         assert!(calm());
         // An ejection holds it off until the probe answers, not merely until it runs out.
@@ -436,6 +446,7 @@ mod tests {
         u.select(0);
         assert!(!calm(), "ran out, not probed yet");
         u.targets[0].state.succeeded();
+        next_ms();
         u.select(0);
         assert!(calm());
     }
