@@ -1,5 +1,6 @@
 //! Choosing a pool's target (`Upstream::select`): the per-attempt cost of pools, with 1, 4
-//! and 16 targets in one priority, and with 16 where the attempt avoids tried ones.
+//! and 16 targets in one priority while all are clear, and with 16 where the attempt avoids
+//! tried ones or one target cools down (the full choice).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use keygate::config::PoolConfig;
@@ -29,7 +30,15 @@ fn select(c: &mut Criterion) {
     }
     let u = pool(16);
     g.bench_function(BenchmarkId::new("retry_avoiding_3", 16), |b| {
-        b.iter(|| black_box(u.select(black_box(0b1011))))
+        b.iter(|| black_box(u.select_retry(black_box(0b1011), black_box(3))))
+    });
+    // One target cooling down: every choice reads the clock and the targets' states.
+    let u = pool(16);
+    u.targets[15]
+        .state
+        .cool_down(std::time::Duration::from_secs(3600));
+    g.bench_function(BenchmarkId::new("first_attempt_one_cooling", 16), |b| {
+        b.iter(|| black_box(u.select(black_box(0))))
     });
     g.finish();
 }

@@ -30,16 +30,19 @@
 //! # Embedding `Gate` in your own Pingora proxy
 //!
 //! [`Gate`] has one method per Pingora phase. Call them from yours; everything else in your
-//! `ProxyHttp` stays your own.
+//! `ProxyHttp` stays your own. `fail_to_connect` and `error_while_proxy` are what make a
+//! pool retry a failed attempt on another target: Pingora's defaults never retry a POST once
+//! connected, so without the gate's a failed attempt ends the request with a 502.
 //!
 //! ```no_run
 //! use async_trait::async_trait;
 //! use bytes::Bytes;
 //! use keygate::{Gate, GateCtx, GateOptions, KeyTable, Upstreams};
-//! use keygate::config::UpstreamConfig;
+//! use keygate::config::PoolConfig;
 //! use pingora::http::{RequestHeader, ResponseHeader};
 //! use pingora::prelude::*;
-//! use pingora::proxy::{ProxyHttp, Session};
+//! use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+//! use std::time::Duration;
 //!
 //! struct MyProxy { gate: Gate }
 //!
@@ -51,38 +54,65 @@
 //!         // your own checks may run before or after keygate's
 //!         self.gate.request_filter(s, ctx).await
 //!     }
+//!     // Called again for each retry: the pool's next target.
 //!     async fn upstream_peer(&self, _s: &mut Session, ctx: &mut GateCtx) -> Result<Box<HttpPeer>> {
 //!         self.gate.upstream_peer(ctx)
 //!     }
 //!     async fn upstream_request_filter(&self, s: &mut Session, r: &mut RequestHeader, ctx: &mut GateCtx) -> Result<()> {
 //!         self.gate.upstream_request_filter(s, r, ctx).await
 //!     }
+//!     // Replays the whole body on a retry.
 //!     async fn request_body_filter(&self, s: &mut Session, b: &mut Option<Bytes>, eos: bool, ctx: &mut GateCtx) -> Result<()> {
 //!         self.gate.request_body_filter(s, b, eos, ctx).await
 //!     }
+//!     // Takes Retry-After as a cooldown, and turns a retryable status into a retry.
 //!     async fn response_filter(&self, s: &mut Session, r: &mut ResponseHeader, ctx: &mut GateCtx) -> Result<()> {
 //!         self.gate.response_filter(s, r, ctx).await
 //!     }
-//!     async fn logging(&self, s: &mut Session, e: Option<&pingora::Error>, ctx: &mut GateCtx) {
+//!     // Reads the usage the call is charged for.
+//!     fn response_body_filter(&self, s: &mut Session, b: &mut Option<Bytes>, eos: bool, ctx: &mut GateCtx) -> Result<Option<Duration>> {
+//!         self.gate.response_body_filter(s, b, eos, ctx)
+//!     }
+//!     // Retries: marks the error retryable when the pool's policy and budget allow.
+//!     fn fail_to_connect(&self, s: &mut Session, peer: &HttpPeer, ctx: &mut GateCtx, e: Box<Error>) -> Box<Error> {
+//!         self.gate.fail_to_connect(s, peer, ctx, e)
+//!     }
+//!     // Retries after connecting, only while nothing of the answer reached the client.
+//!     fn error_while_proxy(&self, peer: &HttpPeer, s: &mut Session, e: Box<Error>, ctx: &mut GateCtx, reused: bool) -> Box<Error> {
+//!         self.gate.error_while_proxy(peer, s, e, ctx, reused)
+//!     }
+//!     // keygate's own 502/504/429 in the client's error shape, or an in-band stream error.
+//!     async fn fail_to_proxy(&self, s: &mut Session, e: &Error, ctx: &mut GateCtx) -> FailToProxy {
+//!         self.gate.fail_to_proxy(s, e, ctx).await
+//!     }
+//!     // Settles the quota once, writes the usage record and the metrics.
+//!     async fn logging(&self, s: &mut Session, e: Option<&Error>, ctx: &mut GateCtx) {
 //!         self.gate.logging(s, e, ctx).await
+//!     }
+//!     // Error logs without credentials.
+//!     fn request_summary(&self, s: &Session, _ctx: &GateCtx) -> String {
+//!         keygate::gate::request_summary(s.req_header())
 //!     }
 //! }
 //!
 //! fn main() {
 //!     let table = KeyTable::load(std::path::Path::new("conf/keys.json")).unwrap();
-//!     let upstreams = Upstreams::from_config(&[UpstreamConfig {
-//!         name: "vllm".into(),
-//!         url: "http://127.0.0.1:8000".into(),
-//!         api_key_env: None,
-//!         models: vec!["*".into()],
-//!         tls_verify: true,
-//!         connect_timeout_seconds: 10,
-//!         read_timeout_seconds: 300,
-//!         write_timeout_seconds: 60,
-//!         idle_timeout_seconds: 60,
-//!     }])
+//!     // A pool as in the config file (SPEC §11): two replicas, a failed attempt retried on
+//!     // the other before the first byte of the answer.
+//!     let pool: PoolConfig = serde_norway::from_str(
+//!         "name: vllm
+//! models: ['*']
+//! targets:
+//!   - { url: 'http://127.0.0.1:8000' }
+//!   - { url: 'http://127.0.0.1:8001' }
+//! retry: { attempts: 2, on: [connect, timeout, 502, 503], budget_percent: 20 }
+//! health: { path: /v1/models, interval_seconds: 10 }",
+//!     )
 //!     .unwrap();
+//!     let upstreams = Upstreams::from_pools(&[pool]).unwrap();
 //!     let gate = Gate::new(table, upstreams, GateOptions::default()).unwrap();
+//!     // The active health checks of the pools with `health:` (a thread of their own).
+//!     let _health = gate.upstreams().start_health_checks().unwrap();
 //!     let mut server = Server::new(None).unwrap();
 //!     server.bootstrap();
 //!     let mut svc = pingora::proxy::http_proxy_service(&server.configuration, MyProxy { gate });

@@ -3,68 +3,12 @@
 
 mod common;
 
+use common::pools::*;
 use common::*;
 use keygate::mock::MockBackend;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::path::Path;
-
-/// `n` mock backends.
-async fn mocks(n: usize) -> Vec<MockBackend> {
-    let mut v = Vec::new();
-    for _ in 0..n {
-        v.push(MockBackend::start("127.0.0.1:0").await.unwrap());
-    }
-    v
-}
-
-/// A gateway with one pool named `pool`: `targets` are YAML flow maps without the url
-/// (`{url}` is replaced by the mock's), `extra` more keys of the pool.
-fn gateway(dir: &Path, targets: &[String], extra: &str) -> Gateway {
-    std::fs::write(
-        dir.join("keys.json"),
-        serde_json::to_vec_pretty(&standard_sync()).unwrap(),
-    )
-    .unwrap();
-    let mut yaml = String::from(
-        "listen: \"127.0.0.1:0\"\nthreads: 2\nmetrics_listen: \"127.0.0.1:0\"\nsync_file: keys.json\nstate_dir: var\nusage_log: var/usage.jsonl\nmax_body_bytes: 4194304\ngrace_period_seconds: 0\nupstreams:\n  - name: pool\n    models: [\"gpt-*\", \"claude-*\"]\n    targets:\n",
-    );
-    for t in targets {
-        yaml.push_str(&format!("      - {t}\n"));
-    }
-    for line in extra.lines() {
-        yaml.push_str(&format!("    {line}\n"));
-    }
-    let config = dir.join("keygate.yaml");
-    std::fs::write(&config, yaml).unwrap();
-    spawn_keygate(dir, &config)
-}
-
-fn target(m: &MockBackend, rest: &str) -> String {
-    let sep = if rest.is_empty() { "" } else { ", " };
-    format!(
-        "{{url: \"http://{}\", api_key_env: KG_TEST_UPSTREAM_KEY{sep}{rest}}}",
-        m.addr()
-    )
-}
-
-async fn post_chat(gw: &Gateway, body: &str) -> reqwest::Response {
-    client()
-        .post(format!("{}/v1/chat/completions", gw.base))
-        .bearer_auth(OK)
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap()
-}
-
-/// The value of a series in the metrics text (0 when absent).
-fn series(text: &str, name_and_labels: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_split_over_1000_calls_follows_the_weights_and_readyz_lists_the_targets() {
@@ -142,8 +86,50 @@ async fn a_failed_status_is_retried_on_another_target_with_the_whole_body_and_ch
         1.0,
         "{text}"
     );
+    // The access log, the usage log and the usage store all name the target that answered
+    // and count both attempts.
+    let second = m[1].addr().to_string();
+    assert_eq!(records[0]["target"], second.as_str(), "{records:?}");
+    assert_eq!(records[0]["attempts"], 2, "{records:?}");
     let log = gw.log();
-    assert!(log.contains("\"attempts\":2"), "{log}");
+    let access = log
+        .lines()
+        .find(|l| l.contains("keygate::access") && l.contains("/v1/chat/completions"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        access.contains(&format!("\"target\":\"{second}\"")),
+        "{access}"
+    );
+    assert!(access.contains("\"attempts\":2"), "{access}");
+    let row = store_rows(dir.path(), 1).await;
+    assert_eq!(row[0], (Some(second), 2, 200), "{row:?}");
+    // One attempt: one counted, its target named.
+    m[0].faults().set_status(0);
+    let ok = post_chat(&gw, &chat_body("gpt-4o-mini")).await;
+    assert_eq!(ok.status(), 200);
+    let records = gw.wait_records(2).await;
+    assert_eq!(records[1]["target"], m[0].addr().to_string().as_str());
+    assert_eq!(records[1]["attempts"], 1);
+    let rows = store_rows(dir.path(), 2).await;
+    assert_eq!(rows[1], (Some(m[0].addr().to_string()), 1, 200), "{rows:?}");
+}
+
+/// `(target, attempts, status)` of the usage store's rows, oldest first, once there are `n`.
+async fn store_rows(dir: &Path, n: usize) -> Vec<(Option<String>, i64, i64)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let rows = rusqlite::Connection::open(dir.join("var/usage.db"))
+            .and_then(|c| {
+                c.prepare("SELECT target, attempts, status FROM calls ORDER BY id")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .unwrap_or_default();
+        if rows.len() >= n || std::time::Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -399,14 +385,37 @@ fn keygate_check_names_what_is_wrong_with_a_pool() {
         ),
     ] {
         let config = dir.path().join("keygate.yaml");
-        std::fs::write(&config, format!("{head}{pool}")).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .args(["check", "-c"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{pool}");
-        assert!(stderr.contains(says), "{pool}: {stderr}");
+        std::fs::write(
+            &config,
+            format!("{head}{pool}grace_period_seconds: 0\nstate_dir: var\n"),
+        )
+        .unwrap();
+        // `keygate check`, and startup: both refuse, naming the upstream and the field.
+        for command in ["check", "run"] {
+            let mut child = std::process::Command::new(keygate_bin())
+                .args([command, "-c"])
+                .arg(&config)
+                .env("KG_TEST_UPSTREAM_KEY", UPSTREAM_SECRET)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("keygate {command} started with {pool}");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+            assert!(!status.success(), "{command}: {pool}");
+            assert!(stderr.contains(says), "{command}: {pool}: {stderr}");
+        }
     }
 }

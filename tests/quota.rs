@@ -380,10 +380,15 @@ async fn usage_log_records_every_settled_call_without_key_material() {
         "status",
         "duration_ms",
         "first_byte_ms",
+        "target",
+        "attempts",
     ] {
         assert!(rec.get(field).is_some(), "missing {field}: {rec}");
     }
     assert_eq!(rec["request_id"], "usage-log-test-1");
+    // A single `url` is a pool of one: its target, one attempt.
+    assert_eq!(rec["target"], env.mock.addr().to_string().as_str());
+    assert_eq!(rec["attempts"], 1);
     assert_eq!(
         (rec["key_id"].clone(), rec["key_name"].clone()),
         (json!(1), json!("ok"))

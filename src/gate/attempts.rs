@@ -99,7 +99,10 @@ impl Gate {
             })?;
         let i = match ctx.first_target.take() {
             Some(i) => i,
-            None => match u.select(ctx.tried) {
+            None => match ctx.target.map_or_else(
+                || u.select(ctx.tried),
+                |failed| u.select_retry(ctx.tried, failed),
+            ) {
                 Pick::Target(i) => i,
                 Pick::Cooling(until) => {
                     ctx.retry_after = Some(seconds_until(until));
@@ -250,7 +253,7 @@ impl Gate {
         };
         let retry = on.is_some_and(|on| u.retry.covers(on))
             && ctx.attempts < u.retry.attempts
-            && u.has_other(0)
+            && ctx.target.is_some_and(|t| u.has_other(1 << t))
             && u.retry.take_retry();
         if retry {
             series.retries[reason].inc();
@@ -283,10 +286,9 @@ impl Gate {
 
     /// Bring `keygate_upstream_target_up` up to date (at scrape time).
     pub fn observe_targets(&self) {
-        let now = now_ms();
         for (u, series) in self.inner.upstreams.iter().zip(&self.inner.pool_series) {
             for (t, s) in u.targets.iter().zip(&series.targets) {
-                s.up.set(i64::from(t.state.up(now)));
+                s.up.set(i64::from(t.state.in_service()));
             }
         }
     }

@@ -95,10 +95,7 @@ impl Gate {
                 "key_id": ctx.key_id(),
                 "model": ctx.model.as_deref(),
                 "upstream": upstream.map(|u| u.name.as_str()),
-                "target": upstream
-                    .zip(ctx.target)
-                    .and_then(|(u, t)| u.targets.get(t))
-                    .map(|t| t.label.as_str()),
+                "target": self.target_label(ctx),
                 "attempts": ctx.attempts,
                 "status": status,
                 "outcome": outcome,

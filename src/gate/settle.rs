@@ -90,8 +90,19 @@ impl Gate {
                 status,
                 duration_ms: since(Some(finished)).unwrap_or(0),
                 first_byte_ms: since(ctx.first_byte),
+                target: self.target_label(ctx),
+                attempts: ctx.attempts,
             });
         }
+    }
+}
+
+impl Gate {
+    /// The label of the target of the call's last attempt (`None`: no target was tried), as
+    /// the access log, the usage log and the usage store record it.
+    pub(super) fn target_label(&self, ctx: &GateCtx) -> Option<&str> {
+        let u = self.inner.upstreams.get(ctx.upstream?)?;
+        Some(u.targets.get(ctx.target?)?.label.as_str())
     }
 }
 

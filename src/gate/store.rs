@@ -81,10 +81,7 @@ impl Gate {
             first_byte_ms: since(ctx.first_byte),
             account: table.account_of(key).map(|a| a.id.to_string()),
             upstream: upstream.map(|u| u.name.clone()),
-            target: upstream
-                .zip(ctx.target)
-                .and_then(|(u, t)| u.targets.get(t))
-                .map(|t| t.label.clone()),
+            target: self.target_label(ctx).map(str::to_string),
             attempts: ctx.attempts,
             path: session.req_header().uri.path().to_string(),
             error_code: ctx.outcome.label().1.map(|r| r.code().to_string()),

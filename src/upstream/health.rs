@@ -7,7 +7,6 @@
 //! the check needs no TLS client of its own.
 
 use super::{Target, Upstream};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -54,7 +53,7 @@ async fn watch(pools: Arc<Vec<Upstream>>, p: usize, t: usize) {
         if ok {
             good += 1;
             bad = 0;
-            if good >= h.healthy_after && target.state.health_down.swap(false, Ordering::Relaxed) {
+            if good >= h.healthy_after && target.state.set_health_down(false) {
                 log::info!(
                     "upstream {}: target {} is healthy again",
                     pool.name,
@@ -64,7 +63,7 @@ async fn watch(pools: Arc<Vec<Upstream>>, p: usize, t: usize) {
         } else {
             bad += 1;
             good = 0;
-            if bad >= h.unhealthy_after && !target.state.health_down.swap(true, Ordering::Relaxed) {
+            if bad >= h.unhealthy_after && target.state.set_health_down(true) {
                 log::warn!(
                     "upstream {}: target {} failed its health check",
                     pool.name,

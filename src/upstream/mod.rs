@@ -14,7 +14,7 @@ use crate::core::config::{HealthConfig, PoolConfig, UpstreamConfig};
 use crate::core::table::ModelPattern;
 pub use crate::core::url::UpstreamUrl;
 use std::fmt;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -36,6 +36,16 @@ pub struct Upstream {
     pub targets: Vec<Target>,
     levels: Vec<Box<[usize]>>,
     counter: AtomicU64,
+    /// The first priority with a weight: its targets and their running weight sums, for
+    /// choosing while every target is clear.
+    calm: Calm,
+    /// Bumped by the targets' states at every trouble (shared with them).
+    troubles: Arc<AtomicU64>,
+    /// The value of `troubles` when every target was last seen clear.
+    calm_at: AtomicU64,
+    /// When (a [`now_ms`] time) the full choice last looked whether every target is clear:
+    /// at most once a millisecond.
+    calm_checked: AtomicU64,
     /// When a failed attempt is tried again.
     pub retry: RetryPolicy,
     /// Consecutive failures that eject a target.
@@ -91,13 +101,21 @@ impl Upstream {
                     .filter(|i| targets[*i].priority == *p)
                     .collect()
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let troubles = Arc::new(AtomicU64::new(0));
+        for t in &mut targets {
+            t.state.troubles = troubles.clone();
+        }
         Ok(Upstream {
             name: c.name.clone(),
             url: targets[0].url.clone(),
             models,
+            calm: Calm::new(&targets, &levels),
             levels,
             counter: AtomicU64::new(0),
+            troubles,
+            calm_at: AtomicU64::new(0),
+            calm_checked: AtomicU64::new(0),
             retry: RetryPolicy::new(&c.retry_policy()),
             eject_after: c.health.as_ref().map_or(3, |h| h.unhealthy_after),
             health: c.health.clone(),
@@ -118,10 +136,47 @@ impl Upstream {
         })
     }
 
-    /// Choose the target for an attempt, avoiding those in `tried` (a bit per target).
+    /// Choose the target for an attempt, avoiding those in `tried` (a bit per target) while
+    /// others are available.
+    ///
+    /// While no trouble has come since every target was last seen clear, a first attempt
+    /// needs neither the clock nor the targets' states: the pick is the weighted round-robin
+    /// over the first priority, exactly as [`select`] would choose it.
     #[inline]
     pub fn select(&self, tried: u64) -> Pick {
-        select(&self.targets, &self.levels, &self.counter, now_ms(), tried)
+        let troubles = self.troubles.load(Ordering::Acquire);
+        if tried == 0 && troubles == self.calm_at.load(Ordering::Relaxed) {
+            if let Some(i) = self.calm.pick(self.counter.fetch_add(1, Ordering::Relaxed)) {
+                return Pick::Target(i);
+            }
+        }
+        let now = now_ms();
+        let pick = select(&self.targets, &self.levels, &self.counter, now, tried, 0);
+        if self.calm_checked.load(Ordering::Relaxed) != now
+            && self.calm_checked.swap(now, Ordering::Relaxed) != now
+            && self.targets.iter().all(|t| t.state.clear(now))
+        {
+            // Clear again (cooldowns over, ejected targets probed back): the fast choice
+            // holds until the next trouble, which bumps `troubles` past this value.
+            self.calm_at.store(troubles, Ordering::Relaxed);
+        }
+        pick
+    }
+
+    /// Choose the target for the attempt that retries target `failed`: another one, untried
+    /// ones first (SPEC §11: a retry goes to another target, not one already tried while
+    /// others remain).
+    #[inline]
+    pub fn select_retry(&self, tried: u64, failed: usize) -> Pick {
+        let tried = tried | 1 << failed;
+        select(
+            &self.targets,
+            &self.levels,
+            &self.counter,
+            now_ms(),
+            tried,
+            1 << failed,
+        )
     }
 
     /// Whether some target other than those in `tried` could take an attempt now.
@@ -133,14 +188,58 @@ impl Upstream {
             .any(|(i, t)| tried & (1 << i) == 0 && t.weight > 0 && t.state.available(now))
     }
 
-    /// The labels of the targets that are up now.
+    /// The labels of the targets in service: not ejected (nor ejected and waiting for their
+    /// probe), passing their health check.
     pub fn healthy_targets(&self) -> Vec<&str> {
-        let now = now_ms();
         self.targets
             .iter()
-            .filter(|t| t.state.up(now))
+            .filter(|t| t.state.in_service())
             .map(|t| t.label.as_str())
             .collect()
+    }
+}
+
+/// The choice while every target is clear: the first priority with a weight above 0, as
+/// target indices and the running sums of their weights (targets of weight 0 left out).
+#[derive(Debug, Default)]
+struct Calm {
+    targets: Box<[usize]>,
+    sums: Box<[u64]>,
+}
+
+impl Calm {
+    fn new(targets: &[Target], levels: &[Box<[usize]>]) -> Calm {
+        let Some(level) = levels
+            .iter()
+            .find(|l| l.iter().any(|i| targets[*i].weight > 0))
+        else {
+            return Calm::default();
+        };
+        let chosen: Box<[usize]> = level
+            .iter()
+            .copied()
+            .filter(|i| targets[*i].weight > 0)
+            .collect();
+        let sums = chosen
+            .iter()
+            .scan(0u64, |sum, i| {
+                *sum += u64::from(targets[*i].weight);
+                Some(*sum)
+            })
+            .collect();
+        Calm {
+            targets: chosen,
+            sums,
+        }
+    }
+
+    /// The target for the `n`th pick: what [`select`] chooses when every target is available.
+    #[inline]
+    fn pick(&self, n: u64) -> Option<usize> {
+        let total = *self.sums.last()?;
+        let r = n % total;
+        let at = self.sums.partition_point(|s| *s <= r);
+        self.targets.get(at).copied()
     }
 }
 
@@ -272,5 +371,98 @@ mod tests {
         a.succeeded();
         assert!(a.up(now_ms()));
         assert_eq!(u.healthy_targets(), ["127.0.0.1:1"]);
+    }
+
+    #[test]
+    fn an_ejected_target_is_out_of_service_until_its_probe_answers() {
+        let u = pool("name: p\nmodels: ['*']\ntargets:\n  - {url: 'http://127.0.0.1:1'}\n  - {url: 'http://127.0.0.1:2'}\n");
+        let a = &u.targets[0].state;
+        for _ in 0..3 {
+            a.failed(3);
+        }
+        assert_eq!(u.healthy_targets(), ["127.0.0.1:2"]);
+        // The back-off ran out: it may take its probe, but it is not back yet.
+        a.down_until
+            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+        assert!(a.available(now_ms() + 1));
+        assert_eq!(u.healthy_targets(), ["127.0.0.1:2"]);
+        a.succeeded();
+        assert_eq!(u.healthy_targets(), ["127.0.0.1:1", "127.0.0.1:2"]);
+    }
+
+    #[test]
+    fn the_calm_choice_is_the_one_the_full_choice_makes() {
+        let mut yaml = String::from("name: p\nmodels: ['*']\ntargets:\n");
+        for i in 0..16 {
+            let (w, p) = (i % 4, i / 12);
+            yaml.push_str(&format!(
+                "  - {{url: 'http://127.0.0.1:{}', weight: {w}, priority: {p}}}\n",
+                1 + i
+            ));
+        }
+        let u = pool(&yaml);
+        for n in 0..200 {
+            let full = select(&u.targets, &u.levels, &AtomicU64::new(n), now_ms(), 0, 0);
+            assert_eq!(full, Pick::Target(u.calm.pick(n).unwrap()), "{n}");
+        }
+    }
+
+    #[test]
+    fn trouble_leaves_the_calm_choice_until_every_target_is_clear_again() {
+        let u = pool("name: p\nmodels: ['*']\ntargets:\n  - {url: 'http://127.0.0.1:1'}\n  - {url: 'http://127.0.0.1:2'}\n");
+        let calm = || u.troubles.load(Ordering::Relaxed) == u.calm_at.load(Ordering::Relaxed);
+        assert!(calm());
+        u.targets[0]
+            .state
+            .cool_down(std::time::Duration::from_millis(30));
+        assert!(!calm());
+        for _ in 0..4 {
+            assert_eq!(u.select(0), Pick::Target(1));
+        }
+        assert!(!calm(), "still cooling");
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        u.select(0);
+        assert!(calm(), "the cooldown is over");
+        assert!(u.targets[1].state.set_health_down(true));
+        assert!(!calm());
+        for _ in 0..4 {
+            assert_eq!(u.select(0), Pick::Target(0));
+        }
+        assert!(u.targets[1].state.set_health_down(false));
+        // The full choice looks at most once a millisecond.
+        let next_ms = || std::thread::sleep(std::time::Duration::from_millis(2));
+        next_ms();
+        u.select(0);
+        assert!(calm());
+        // An ejection holds it off until the probe answers, not merely until it runs out.
+        for _ in 0..3 {
+            u.targets[0].state.failed(3);
+        }
+        u.targets[0]
+            .state
+            .down_until
+            .store(now_ms(), Ordering::Relaxed);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        u.select(0);
+        assert!(!calm(), "ran out, not probed yet");
+        u.targets[0].state.succeeded();
+        next_ms();
+        u.select(0);
+        assert!(calm());
+    }
+
+    #[test]
+    fn a_retry_goes_to_another_target_never_the_one_that_failed() {
+        let u = pool("name: p\nmodels: ['*']\ntargets:\n  - {url: 'http://127.0.0.1:1'}\n  - {url: 'http://127.0.0.1:2'}\n");
+        for _ in 0..10 {
+            // Both tried: the one that did not just fail.
+            assert_eq!(u.select_retry(0b11, 1), Pick::Target(0));
+            assert_eq!(u.select_retry(0b11, 0), Pick::Target(1));
+            assert_eq!(u.select_retry(0, 0), Pick::Target(1));
+        }
+        // No other target: no retry.
+        assert!(u.has_other(0b01));
+        let one = pool("name: p\nurl: http://127.0.0.1:1\nmodels: ['*']\n");
+        assert!(!one.has_other(0b1));
     }
 }

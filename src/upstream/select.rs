@@ -17,8 +17,10 @@ pub enum Pick {
 }
 
 /// Choose a target for an attempt at `now`. Targets in `tried` (a bit per target) are
-/// avoided while others are available; when none is available, a target that is down is tried
-/// anyway (the least recently failed one), unless every target that is not down is cooling.
+/// avoided while others are available, and those in `keep_off` (a subset of `tried`: the
+/// target whose failure this attempt retries) even then; when none is available, a target
+/// that is down is tried anyway (the least recently failed one), unless every target that is
+/// not down is cooling.
 ///
 /// `levels` holds the target indices by priority, lowest first.
 #[inline]
@@ -28,8 +30,9 @@ pub fn select(
     counter: &AtomicU64,
     now: u64,
     tried: u64,
+    keep_off: u64,
 ) -> Pick {
-    for avoid in [tried, 0] {
+    for avoid in [tried, keep_off] {
         for level in levels {
             let mut sum = 0u64;
             let mut free = 0u64;
@@ -56,7 +59,7 @@ pub fn select(
                 r -= w;
             }
         }
-        if tried == 0 {
+        if tried == keep_off {
             break;
         }
     }

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The longest a passively ejected target stays out before it is probed again.
@@ -69,8 +70,13 @@ pub struct TargetState {
     pub cooling_until: AtomicU64,
     /// When it last failed (0: never).
     pub last_failure: AtomicU64,
-    /// The active health check's verdict.
+    /// The active health check's verdict (set through [`TargetState::set_health_down`]).
     pub health_down: AtomicBool,
+    /// Shared by the pool's targets: bumped after any change that can take a target out of
+    /// the choice (a cooldown, an ejection, a failed health check), so that while it stays
+    /// put the pool knows every target is available without reading their states (see
+    /// [`super::Upstream::select`]).
+    pub(super) troubles: Arc<AtomicU64>,
 }
 
 impl TargetState {
@@ -83,7 +89,15 @@ impl TargetState {
             && !self.health_down.load(Ordering::Relaxed)
     }
 
-    /// Whether it counts as up (`keygate_upstream_target_up`, `/readyz`).
+    /// Whether it is in service (`keygate_upstream_target_up`, `/readyz`): not ejected, nor
+    /// ejected and still to be probed (its back-off ran out, but nothing has shown it answers
+    /// again), and passing its health check.
+    pub fn in_service(&self) -> bool {
+        self.down_until.load(Ordering::Relaxed) == 0 && !self.health_down.load(Ordering::Relaxed)
+    }
+
+    /// Whether it can be chosen as up at `now` (an ejection that ran out counts: the next
+    /// request is its probe).
     pub fn up(&self, now: u64) -> bool {
         self.down_until.load(Ordering::Relaxed) <= now && !self.health_down.load(Ordering::Relaxed)
     }
@@ -134,14 +148,34 @@ impl TargetState {
             .saturating_mul(1 << n)
             .min(MAX_EJECTION.as_millis() as u64);
         self.down_until.store(now + backoff, Ordering::Relaxed);
+        self.troubles.fetch_add(1, Ordering::Release);
         true
+    }
+
+    /// The active health check's verdict; returns whether it changed.
+    pub fn set_health_down(&self, down: bool) -> bool {
+        let changed = self.health_down.swap(down, Ordering::Relaxed) != down;
+        if changed && down {
+            self.troubles.fetch_add(1, Ordering::Release);
+        }
+        changed
+    }
+
+    /// Whether nothing keeps it out of the choice at `now`: not cooling, not ejected (nor
+    /// waiting for its probe), passing its health check.
+    pub(super) fn clear(&self, now: u64) -> bool {
+        self.cooling_until.load(Ordering::Relaxed) <= now && self.in_service()
     }
 
     /// Cool down for `secs` from now; a cooldown is extended, never shortened. Returns whether
     /// it was extended.
     pub fn cool_down(&self, duration: Duration) -> bool {
         let until = now_ms() + duration.as_millis() as u64;
-        self.cooling_until.fetch_max(until, Ordering::Relaxed) < until
+        let extended = self.cooling_until.fetch_max(until, Ordering::Relaxed) < until;
+        if extended {
+            self.troubles.fetch_add(1, Ordering::Release);
+        }
+        extended
     }
 }
 

@@ -39,6 +39,14 @@ pub struct UsageRecord<S = String> {
     pub duration_ms: u64,
     /// Request start to the first response byte, milliseconds.
     pub first_byte_ms: Option<u64>,
+    /// The pool's target of the last attempt (its metric label, `host:port`); `null` when no
+    /// target was tried. Absent from lines written before pools: read as `null`.
+    #[serde(default)]
+    pub target: Option<S>,
+    /// Attempts made, tries of a target (0: none). Absent from lines written before pools:
+    /// read as 0.
+    #[serde(default)]
+    pub attempts: u32,
 }
 
 /// Lines written to stderr by a background thread through a bounded channel (the access log):
@@ -205,6 +213,8 @@ fn write_record(out: &mut Vec<u8>, r: &UsageRecord<&str>) -> serde_json::Result<
     value(out, b",\"status\":", r.status)?;
     value(out, b",\"duration_ms\":", r.duration_ms)?;
     value(out, b",\"first_byte_ms\":", r.first_byte_ms)?;
+    value(out, b",\"target\":", r.target)?;
+    value(out, b",\"attempts\":", r.attempts)?;
     out.push(b'}');
     Ok(())
 }
@@ -318,9 +328,9 @@ mod tests {
 
     #[test]
     fn a_usage_line_is_what_serde_writes() {
-        for (name, model, first_byte_ms) in [
-            ("k", "gpt-4o-mini", Some(2)),
-            ("quote \" back\\slash \u{1} tab\t é", "m/\"x\"", None),
+        for (name, model, first_byte_ms, target) in [
+            ("k", "gpt-4o-mini", Some(2), Some("127.0.0.1:8000#1")),
+            ("quote \" back\\slash \u{1} tab\t é", "m/\"x\"", None, None),
         ] {
             let r = UsageRecord {
                 created_at: -1,
@@ -336,6 +346,8 @@ mod tests {
                 status: 499,
                 duration_ms: 12,
                 first_byte_ms,
+                target,
+                attempts: 3,
             };
             let mut out = Vec::new();
             write_record(&mut out, &r).unwrap();
@@ -344,6 +356,22 @@ mod tests {
                 serde_json::to_string(&r).unwrap()
             );
         }
+    }
+
+    #[test]
+    fn target_and_attempts_follow_the_thirteen_fields_and_old_lines_still_read() {
+        let mut out = Vec::new();
+        write_record(&mut out, &sample_record("k")).unwrap();
+        let line = String::from_utf8(out).unwrap();
+        // The fields of SPEC §4 as they were, names and order, then the two of §11.
+        let before = r#"{"created_at":1,"request_id":"r","key_id":3,"key_name":"k","group":"default","model":"m","prompt_tokens":1,"completion_tokens":2,"quota":3,"is_stream":false,"status":200,"duration_ms":4,"first_byte_ms":null"#;
+        assert_eq!(
+            line,
+            format!(r#"{before},"target":"10.0.0.1:8000","attempts":2}}"#)
+        );
+        // A line written before pools reads with no target and no attempts.
+        let old: UsageRecord = serde_json::from_str(&format!("{before}}}")).unwrap();
+        assert_eq!((old.target, old.attempts), (None, 0));
     }
 
     /// A usage record with fixed values and `key_name`.
@@ -362,6 +390,8 @@ mod tests {
             status: 200,
             duration_ms: 4,
             first_byte_ms: None,
+            target: Some("10.0.0.1:8000"),
+            attempts: 2,
         }
     }
 
@@ -430,6 +460,8 @@ mod tests {
             status: 200,
             duration_ms: 4,
             first_byte_ms: Some(2),
+            target: Some("10.0.0.1:8000".into()),
+            attempts: 2,
         };
         for line in text.lines() {
             let back: UsageRecord = serde_json::from_str(line).unwrap();

@@ -56,6 +56,15 @@ pub fn standard_sync() -> Value {
     })
 }
 
+/// The keygate binary the tests run: `KEYGATE_BIN` when set, else the one cargo built for
+/// this test. Builders sharing one `CARGO_TARGET_DIR` overwrite each other's
+/// `target/debug/keygate` while tests run; a copy taken right after the build is safe.
+pub fn keygate_bin() -> PathBuf {
+    std::env::var_os("KEYGATE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_keygate")))
+}
+
 /// Options for one gateway.
 pub struct Opts {
     pub sync: Value,
@@ -278,7 +287,7 @@ pub fn spawn_keygate_env(
         .append(true)
         .open(dir.join("keygate.stderr"))
         .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+    let mut child = Command::new(keygate_bin())
         .arg("run")
         .arg("-c")
         .arg(config)
@@ -414,7 +423,7 @@ pub fn keygate_cli(args: &[&str]) -> (bool, String) {
 
 /// [`keygate_cli`] with extra environment variables.
 pub fn keygate_cli_env(args: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+    let out = Command::new(keygate_bin())
         .args(args)
         .env("KG_TEST_UPSTREAM_KEY", UPSTREAM_SECRET)
         .envs(envs.iter().copied())
@@ -427,4 +436,5 @@ pub fn keygate_cli_env(args: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+pub mod pools;
 pub mod redis;
