@@ -188,26 +188,7 @@ pub fn create(
         }
         let id = next_free_id(file);
         file.next_id = Some(id + 1);
-        let mut entry = KeyEntry {
-            id,
-            name: String::new(),
-            key_sha256: Some(hash),
-            key: None,
-            status: KeyStatus::Enabled,
-            quota: 0,
-            unlimited_quota: false,
-            used: 0,
-            expires_at: -1,
-            models: None,
-            allow_ips: None,
-            group: "default".into(),
-            previous_keys: Vec::new(),
-            account: None,
-            limits: None,
-            budget: None,
-            key_hint: None,
-            key_sealed: None,
-        };
+        let mut entry = KeyEntry::new(id, hash);
         set_secret_fields(&mut entry, &key, vault)?;
         spec.apply(&mut entry);
         file.keys.push(entry);
@@ -337,17 +318,10 @@ pub fn views(file: &SyncFile, consumed: &HashMap<u64, i64>, now: i64) -> Vec<Key
     file.keys
         .iter()
         .map(|k| {
-            let used = k.used + consumed.get(&k.id).copied().unwrap_or(0);
+            let charged = consumed.get(&k.id).copied().unwrap_or(0);
+            let used = k.used + charged;
             let remaining = (!k.unlimited_quota).then_some(k.quota - used);
-            let status = if k.status == KeyStatus::Disabled {
-                "disabled"
-            } else if k.expires_at > 0 && k.expires_at <= now {
-                "expired"
-            } else if remaining.is_some_and(|r| r <= 0) {
-                "exhausted"
-            } else {
-                "enabled"
-            };
+            let status = k.state(charged, now);
             KeyView {
                 id: k.id,
                 name: k.name.clone(),
