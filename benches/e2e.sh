@@ -19,6 +19,10 @@
 # KEYGATE_BASE=path/to/an/older/keygate: the A/B of a change. That binary runs beside this one
 # (same config, other ports, same core) and is measured in every repetition right after it, on
 # the JSON case; the ratio of CPU per request (new / base) is printed, and each pair's ratio.
+# KG_SYNC_LIMITS=1: the measured keygate (not the base, not the Redis one) reads a sync file where
+# every key is in an account and key and account both have quota, a daily budget in
+# Europe/Berlin, rpm, tpm and concurrency, none of them near (SPEC §7): with KEYGATE_BASE set to
+# the same binary, the A/B of limits on against off.
 # AB_ONLY=1 (with KEYGATE_BASE): measure only the passthrough, keygate and the base.
 # KG_BASE_EXTRA_CONFIG="key: value": config lines for the base only (KEYGATE_BASE may then be the
 # same binary: an A/B of one setting).
@@ -126,6 +130,21 @@ with open(f"{w}/keys.json", "w") as f:
                 f'"models":["gpt-4o-mini","gpt-stream"],"allow_ips":["127.0.0.1","10.0.0.0/8"]}}')
     f.write(']}')
 PY
+if [ "${KG_SYNC_LIMITS:-0}" = 1 ]; then
+  python3 - "$W" <<'PY'
+import json, sys
+w = sys.argv[1]
+limits = {"rpm": 1000000000, "tpm": 1000000000, "concurrency": 1000000}
+budget = {"period": "daily", "amount": 10**15, "timezone": "Europe/Berlin"}
+extra = ',"account":"acme","limits":%s,"budget":%s}' % (json.dumps(limits), json.dumps(budget))
+acct = {"acme": {"name": "Acme", "quota": 10**15, "limits": limits, "budget": budget}}
+with open(f"{w}/keys.json") as src, open(f"{w}/keys_limits.json", "w") as dst:
+    text = src.read()
+    # Every key object ends with its allow_ips list: add the account and limits there.
+    text = text.replace('"10.0.0.0/8"]}', '"10.0.0.0/8"]' + extra)
+    dst.write(text[:-1] + ',"accounts":' + json.dumps(acct) + '}')
+PY
+fi
 cat > "$W/keygate.yaml" <<EOF
 listen: "127.0.0.1:$P_KG"
 threads: 1
@@ -155,6 +174,9 @@ sed -e "s/^listen: .*/listen: \"127.0.0.1:$P_KGB\"/" -e "s/^metrics_listen: .*/m
   "$W/keygate.yaml" >"$W/keygate_base.yaml"
 # KG_BASE_EXTRA_CONFIG: lines for the base's config only (an A/B of a setting on one binary).
 printf '%s\n' "${KG_BASE_EXTRA_CONFIG:-}" >>"$W/keygate_base.yaml"
+if [ "${KG_SYNC_LIMITS:-0}" = 1 ]; then
+  sed -i -e "s/^sync_file: keys.json/sync_file: keys_limits.json/" "$W/keygate.yaml"
+fi
 
 # Resident memory per key: keygate with one key, then with the 1M keys (both after start).
 rss_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }

@@ -211,16 +211,7 @@ pub async fn create(admin: &Admin, caller: &Caller, req: &Req) -> Reply {
                         format!("account {new_id:?} exists already"),
                     ));
                 }
-                let mut a = AccountEntry {
-                    name: String::new(),
-                    status: KeyStatus::Enabled,
-                    quota: 0,
-                    used: 0,
-                    unlimited_quota: false,
-                    max_keys: None,
-                    limits: None,
-                    budget: None,
-                };
+                let mut a = AccountEntry::default();
                 body.clone().apply(&mut a);
                 file.accounts.insert(new_id.clone(), a);
                 Ok(serde_json::Value::Null)

@@ -51,7 +51,7 @@ pub struct KeyItem {
 pub fn item(k: &KeyEntry, consumed: &dyn Fn(u64) -> i64, now: i64) -> KeyItem {
     let used = k.used + consumed(k.id);
     let remaining = (!k.unlimited_quota).then_some(k.quota - used);
-    let state = state_of(k, consumed, now);
+    let state = k.state(consumed(k.id), now);
     KeyItem {
         id: k.id,
         name: k.name.clone(),
@@ -129,19 +129,6 @@ pub struct Filter<'a> {
     pub group: Option<&'a str>,
 }
 
-/// `k`'s derived state: `enabled`, `disabled`, `expired` or `exhausted`.
-pub fn state_of(k: &KeyEntry, consumed: &dyn Fn(u64) -> i64, now: i64) -> &'static str {
-    if k.status == KeyStatus::Disabled {
-        "disabled"
-    } else if k.expires_at > 0 && k.expires_at <= now {
-        "expired"
-    } else if !k.unlimited_quota && k.quota - k.used - consumed(k.id) <= 0 {
-        "exhausted"
-    } else {
-        "enabled"
-    }
-}
-
 /// One page of the keys `caller` sees that pass `filter`, newest first, and how many pass in
 /// all. Only the filters that need it read the ledger; only the page's keys are built into
 /// items (a page of 100 from a million keys is one pass over plain fields).
@@ -177,7 +164,7 @@ pub fn page<'a>(
         }
         if filter
             .state
-            .is_some_and(|s| s != state_of(k, consumed, now))
+            .is_some_and(|s| s != k.state(consumed(k.id), now))
         {
             continue;
         }

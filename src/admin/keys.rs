@@ -6,7 +6,7 @@ use super::auth::Caller;
 use super::http::{json, ok, ApiError, Paging, Reply, Req};
 pub use super::key_body::{nullable, KeyBody};
 use super::key_view::find_mut;
-pub use super::key_view::{find, item, page, parse_id, state_of, visible, Filter, KeyItem};
+pub use super::key_view::{find, item, page, parse_id, visible, Filter, KeyItem};
 use super::Admin;
 use crate::core::config::{KeyEntry, KeyStatus, SyncFile};
 use crate::core::table::{digest_hex, generate_key, key_digest};
@@ -133,24 +133,8 @@ pub async fn create_many(
                 let mut entries = Vec::with_capacity(hashes.len());
                 for (i, hash) in hashes.iter().enumerate() {
                     let mut k = KeyEntry {
-                        id: first + i as u64,
-                        name: String::new(),
-                        key_sha256: Some(hash.clone()),
-                        key: None,
-                        status: KeyStatus::Enabled,
-                        quota: 0,
-                        unlimited_quota: false,
-                        used: 0,
-                        expires_at: -1,
-                        models: None,
-                        allow_ips: None,
-                        group: "default".into(),
-                        previous_keys: Vec::new(),
                         account: scope.account.clone(),
-                        limits: None,
-                        budget: None,
-                        key_hint: None,
-                        key_sealed: None,
+                        ..KeyEntry::new(first + i as u64, hash.clone())
                     };
                     set_secret_fields(&mut k, &secrets[i], vault.as_deref())
                         .map_err(ApiError::internal)?;

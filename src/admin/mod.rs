@@ -46,25 +46,7 @@ pub struct Admin {
     throttle: Throttle,
     audit: audit::Audit,
     reveals: Mutex<HashMap<String, VecDeque<Instant>>>,
-    cache: Mutex<Option<(FileStamp, Arc<SyncFile>)>>,
     vault: Option<Arc<Vault>>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    len: u64,
-    modified: Option<std::time::SystemTime>,
-    inode: u64,
-}
-
-fn stamp(path: &std::path::Path) -> Option<FileStamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some(FileStamp {
-        len: m.len(),
-        modified: m.modified().ok(),
-        inode: m.ino(),
-    })
 }
 
 /// Start the admin listener when `config.admin` is set: binds now (so a bad address or a missing
@@ -85,8 +67,9 @@ pub fn start(
         .map_err(|e| anyhow::anyhow!("admin.listen {}: {e}", ac.listen))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    let editor = SyncEditor::new(&config.sync_file);
-    let writer = writes::Writer::start(SyncEditor::new(&config.sync_file), reloader)?;
+    // One editor for reads and writes: the parse a write leaves is what the next list reads.
+    let editor = SyncEditor::keeping(&config.sync_file);
+    let writer = writes::Writer::start(editor.clone(), reloader)?;
     let admin = Arc::new(Admin {
         gate,
         editor,
@@ -95,7 +78,6 @@ pub fn start(
         throttle: Throttle::default(),
         audit,
         reveals: Mutex::new(HashMap::new()),
-        cache: Mutex::new(None),
         vault: vault.map(Arc::new),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -360,23 +342,11 @@ impl Admin {
 
     /// The sync file as it is now, parsed (once per change of the file).
     pub async fn file(&self) -> Result<Arc<SyncFile>, ApiError> {
-        let path = self.editor.path().to_path_buf();
-        let now = stamp(&path);
-        if let Some((s, f)) = self.cache.lock().ok().and_then(|c| c.clone()) {
-            if Some(s) == now {
-                return Ok(f);
-            }
-        }
-        let editor = SyncEditor::new(&path);
-        let file = tokio::task::spawn_blocking(move || editor.read())
+        let editor = self.editor.clone();
+        tokio::task::spawn_blocking(move || editor.snapshot())
             .await
             .map_err(|e| ApiError::internal(format!("reading the sync file: {e}")))?
-            .map_err(ApiError::internal)?;
-        let file = Arc::new(file);
-        if let (Some(s), Ok(mut c)) = (now, self.cache.lock()) {
-            *c = Some((s, file.clone()));
-        }
-        Ok(file)
+            .map_err(ApiError::internal)
     }
 
     /// What this gateway's ledger charged, by counter id.

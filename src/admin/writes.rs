@@ -1,7 +1,7 @@
 //! Writes to the sync file, coalesced: API calls queue their change; one thread takes every
 //! change waiting, applies them in order to one read of the file, validates and writes it once
-//! (the same locked, atomic edit as `keygate keys`), reloads it into the gateway, and only then
-//! answers each caller. A hundred concurrent creates cost one or a few rewrites, not a hundred.
+//! (the same locked, atomic edit as `keygate keys`), puts the table that validated it in force
+//! on the gateway, and only then answers each caller. A hundred concurrent creates cost one or a few rewrites, not a hundred.
 
 use super::http::ApiError;
 use crate::core::config::SyncFile;
@@ -123,49 +123,49 @@ fn attempt(
     reloader: &Reloader,
     batch: &[Job],
 ) -> Result<(Outcomes, u64), ApiError> {
+    let mut published = None;
     let (outcomes, written) = editor
-        .edit_some(|file| {
-            let mut changed = false;
-            let outcomes: Outcomes = batch
-                .iter()
-                .map(|job| {
-                    if let Some(rev) = job.if_match.filter(|r| *r != file.revision) {
-                        return Err(ApiError::stale(rev, file.revision));
-                    }
-                    let r = (job.change)(file);
-                    changed |= r.is_ok();
-                    r
-                })
-                .collect();
-            (outcomes, changed)
-        })
+        .edit_publish(
+            |file| {
+                let mut changed = false;
+                let outcomes: Outcomes = batch
+                    .iter()
+                    .map(|job| {
+                        if let Some(rev) = job.if_match.filter(|r| *r != file.revision) {
+                            return Err(ApiError::stale(rev, file.revision));
+                        }
+                        let r = (job.change)(file);
+                        changed |= r.is_ok();
+                        r
+                    })
+                    .collect();
+                (outcomes, changed)
+            },
+            // The table that validated the file goes in force as it is: no second read.
+            |table| published = Some(reloader.publish_table(table)),
+        )
         .map_err(invalid)?;
-    let Some(rev) = written else {
-        return Ok((outcomes, reloader.gate_revision()));
-    };
-    // Written: from here nothing may send the batch back to be applied again (that would add
-    // its keys twice). A reload can fail although the file validated, when another writer
-    // (`keygate keys`) replaced it while it was read; the next read loads theirs and ours.
-    for _ in 0..5 {
-        match reloader.check(false) {
-            ReloadOutcome::Reloaded { revision, .. } => return Ok((outcomes, revision)),
-            ReloadOutcome::Unchanged => return Ok((outcomes, rev.max(reloader.gate_revision()))),
-            ReloadOutcome::Rejected(e) => {
-                log::warn!("admin: reloading the file just written: {e}; reading it again");
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
+    match (written, published) {
+        (None, _) => Ok((outcomes, reloader.gate_revision())),
+        (Some(_), Some(ReloadOutcome::Reloaded { revision, .. })) => Ok((outcomes, revision)),
+        (Some(rev), other) => {
+            // Written (so never to be applied again) but not in force: a publish of a compiled
+            // table cannot be refused, so this is not expected.
+            log::error!(
+                "admin: the sync file was written (revision {rev}) but not put in force: {other:?}"
+            );
+            let failed = ApiError::internal(
+                "the sync file was written but not loaded; see the gateway's log",
+            );
+            Ok((
+                outcomes
+                    .into_iter()
+                    .map(|o| o.and(Err(failed.clone())))
+                    .collect(),
+                rev,
+            ))
         }
     }
-    log::error!("admin: the sync file was written (revision {rev}) but could not be loaded");
-    let failed =
-        ApiError::internal("the sync file was written but not loaded; see the gateway's log");
-    Ok((
-        outcomes
-            .into_iter()
-            .map(|o| o.and(Err(failed.clone())))
-            .collect(),
-        rev,
-    ))
 }
 
 /// A validation failure of the edited file as a 400, naming the field when the message does.

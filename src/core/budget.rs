@@ -8,6 +8,7 @@ use crate::core::config::BudgetEntry;
 use jiff::civil::{Date, Weekday};
 use jiff::tz::TimeZone;
 use jiff::{Span, Timestamp};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Longest rolling window, in days.
 pub const MAX_ROLLING_DAYS: i64 = 90;
@@ -36,6 +37,9 @@ pub struct Budget {
     pub amount: i64,
     /// The zone's name as written (`UTC` by default), for display.
     pub timezone: Box<str>,
+    /// The calendar period found last: every call of the key asks for its window, and the
+    /// time-zone arithmetic costs more than the rest of an admission.
+    last: LastPeriod,
 }
 
 impl Budget {
@@ -84,7 +88,28 @@ impl Budget {
             period,
             amount: entry.amount,
             timezone: tz_name.into(),
+            last: LastPeriod::default(),
         })
+    }
+
+    /// The window at `now`: [`Period::window`], with the calendar period kept until it ends.
+    pub fn window(&self, now: i64) -> Window {
+        if let Period::RollingDays(_) = self.period {
+            return self.period.window(now);
+        }
+        let (current, resets_at) = match self.last.get(now) {
+            Some(bounds) => bounds,
+            None => {
+                let bounds = self.period.bounds(now);
+                self.last.set(bounds);
+                bounds
+            }
+        };
+        Window {
+            current,
+            earlier: Vec::new(),
+            resets_at,
+        }
     }
 
     /// The budget as the CLI writes it: `daily:200000@Europe/Berlin`, `rolling7:5000`.
@@ -114,6 +139,42 @@ pub struct Window {
     pub earlier: Vec<i64>,
     /// When spending next drops out of the window: the period's end.
     pub resets_at: i64,
+}
+
+/// A calendar period `[start, end)` in one word, so that a reader never sees the start of one
+/// period with the end of another: the start (unix seconds) in the high 42 bits, the length in
+/// the low 22 (up to 48 days; a month with a DST change is at most 31 days + 1 hour). 0: none
+/// yet. Periods that do not fit (before 1970, after year 141,000) are not kept.
+#[derive(Debug, Default)]
+struct LastPeriod(AtomicU64);
+
+const LENGTH_BITS: u32 = 22;
+
+impl LastPeriod {
+    fn get(&self, now: i64) -> Option<(i64, i64)> {
+        let packed = self.0.load(Ordering::Relaxed);
+        if packed == 0 {
+            return None;
+        }
+        let start = (packed >> LENGTH_BITS) as i64;
+        let end = start + (packed & ((1 << LENGTH_BITS) - 1)) as i64;
+        (start <= now && now < end).then_some((start, end))
+    }
+
+    fn set(&self, (start, end): (i64, i64)) {
+        let length = end - start;
+        if (0..1 << (64 - LENGTH_BITS)).contains(&start) && (1..1 << LENGTH_BITS).contains(&length)
+        {
+            let packed = (start as u64) << LENGTH_BITS | length as u64;
+            self.0.store(packed, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Clone for LastPeriod {
+    fn clone(&self) -> LastPeriod {
+        LastPeriod(AtomicU64::new(self.0.load(Ordering::Relaxed)))
+    }
 }
 
 impl Period {
@@ -207,6 +268,30 @@ mod tests {
 
     fn unix(s: &str) -> i64 {
         s.parse::<Timestamp>().unwrap().as_second()
+    }
+
+    #[test]
+    fn the_kept_period_is_the_computed_one_at_every_moment() {
+        // A year in steps of 47 minutes, across both DST changes, in three zones; forwards,
+        // then backwards (a clock that steps back must not keep a later period).
+        let from = unix("2024-01-01T00:00:00Z");
+        let steps: Vec<i64> = (0..11_200).map(|i| from + i * 47 * 60).collect();
+        for (period, tz) in [
+            ("daily", Some("Europe/Berlin")),
+            ("weekly", Some("America/New_York")),
+            ("monthly", Some("Australia/Lord_Howe")),
+            ("daily", None),
+        ] {
+            let b = budget(period, tz);
+            for &now in steps.iter().chain(steps.iter().rev()) {
+                let (kept, computed) = (b.window(now), b.period.window(now));
+                assert_eq!(
+                    (kept.current, kept.resets_at),
+                    (computed.current, computed.resets_at),
+                    "{period} {tz:?} at {now}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -222,7 +222,8 @@ pub struct BudgetEntry {
 }
 
 /// An account in the sync file (SPEC §7): keys that name it are checked and charged against it.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+/// Its default is what a file's `{}` means: enabled, no quota, no limits.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AccountEntry {
     /// Display name.
@@ -297,6 +298,49 @@ pub struct SyncFile {
     /// Accounts by id (SPEC §7).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub accounts: BTreeMap<String, AccountEntry>,
+}
+
+impl KeyEntry {
+    /// A new key as creating one writes it before its settings are applied: enabled, group
+    /// `default`, no quota, never expires, known by its hash only.
+    pub fn new(id: u64, key_sha256: String) -> KeyEntry {
+        KeyEntry {
+            id,
+            name: String::new(),
+            key_sha256: Some(key_sha256),
+            key: None,
+            status: KeyStatus::Enabled,
+            quota: 0,
+            unlimited_quota: false,
+            used: 0,
+            expires_at: -1,
+            models: None,
+            allow_ips: None,
+            group: "default".into(),
+            previous_keys: Vec::new(),
+            account: None,
+            limits: None,
+            budget: None,
+            key_hint: None,
+            key_sealed: None,
+        }
+    }
+}
+
+impl<S> KeyEntryOf<S> {
+    /// The key's state as shown to people: `disabled`, `expired`, `exhausted` (its `used`
+    /// plus what the gateway has charged since, `consumed`, reached its quota) or `enabled`.
+    pub fn state(&self, consumed: i64, now: i64) -> &'static str {
+        if self.status == KeyStatus::Disabled {
+            "disabled"
+        } else if self.expires_at > 0 && self.expires_at <= now {
+            "expired"
+        } else if !self.unlimited_quota && self.quota - self.used - consumed <= 0 {
+            "exhausted"
+        } else {
+            "enabled"
+        }
+    }
 }
 
 impl SyncFile {

@@ -137,7 +137,7 @@ pub async fn admit_policy(
         account.and_then(|a| Some((a.ledger_id, "account", a.budget.as_ref()?))),
     ];
     for (scope, whose, budget) in budgets.into_iter().flatten() {
-        let w = budget.period.window(now);
+        let w = budget.window(now);
         let earlier: i64 = w
             .earlier
             .iter()

@@ -112,6 +112,19 @@ impl Drop for GateCtx {
 }
 
 impl GateCtx {
+    /// Milliseconds from the request's start to `t` (the usage log's and the store's timings).
+    pub(super) fn ms_since_start(&self, t: Option<Instant>) -> Option<u64> {
+        t.zip(self.started)
+            .map(|(t, s)| t.saturating_duration_since(s).as_millis() as u64)
+    }
+    /// The wall-clock unix seconds at `finished`, from the clock reads the call made anyway.
+    pub(super) fn unix_at(&self, finished: Instant) -> i64 {
+        self.started_at
+            .zip(self.started)
+            .map_or_else(crate::core::clock::unix_now, |(at, s)| {
+                crate::core::clock::unix_secs(at + finished.saturating_duration_since(s))
+            })
+    }
     /// The request id sent upstream and back to the client.
     pub fn request_id(&self) -> Option<&str> {
         self.request_id.as_ref().and_then(|v| v.to_str().ok())

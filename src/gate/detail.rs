@@ -51,7 +51,7 @@ impl Gate {
     }
 
     fn budget_json(&self, scope: u64, b: &Budget, now: i64) -> Value {
-        let w = b.period.window(now);
+        let w = b.window(now);
         let spent: i64 = std::iter::once(w.current)
             .chain(w.earlier.iter().copied())
             .map(|start| self.inner.ledger.consumed(budget_ledger_id(scope, start)))

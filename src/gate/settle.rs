@@ -2,7 +2,6 @@
 
 use super::response::{final_usage, price_of};
 use super::{Gate, GateCtx, Outcome};
-use crate::core::clock::{unix_now, unix_secs};
 use crate::core::metrics::model_label;
 use crate::core::pricing::Usage;
 use crate::usage::UsageRecord;
@@ -61,17 +60,7 @@ impl Gate {
         series.completion_tokens.inc_by(usage.completion_tokens);
         ctx.series = Some(series);
         if let Some(log) = &self.inner.usage_log {
-            let since = |t: Option<Instant>| {
-                t.zip(ctx.started)
-                    .map(|(t, s)| t.saturating_duration_since(s).as_millis() as u64)
-            };
-            // From the clock reads the call made anyway.
-            let created_at = ctx
-                .started_at
-                .zip(ctx.started)
-                .map_or_else(unix_now, |(at, s)| {
-                    unix_secs(at + finished.saturating_duration_since(s))
-                });
+            let created_at = ctx.unix_at(finished);
             log.record(&UsageRecord {
                 created_at,
                 request_id: ctx
@@ -88,8 +77,8 @@ impl Gate {
                 quota,
                 is_stream: ctx.sse.is_some(),
                 status,
-                duration_ms: since(Some(finished)).unwrap_or(0),
-                first_byte_ms: since(ctx.first_byte),
+                duration_ms: ctx.ms_since_start(Some(finished)).unwrap_or(0),
+                first_byte_ms: ctx.ms_since_start(ctx.first_byte),
                 target: self.target_label(ctx),
                 attempts: ctx.attempts,
             });

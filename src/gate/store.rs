@@ -4,7 +4,7 @@
 //! Pingora worker.
 
 use super::{Gate, GateCtx, Outcome};
-use crate::core::clock::{unix_now, unix_secs};
+use crate::core::clock::unix_now;
 use crate::core::table::KeyRecord;
 use crate::usage::store::query::{self, Bucket, StatsFilter};
 use crate::usage::store::{StoreRow, UsageStore};
@@ -48,16 +48,7 @@ impl Gate {
         let (Some(table), Some(key)) = (ctx.table.as_ref(), ctx.key_record()) else {
             return;
         };
-        let since = |t: Option<Instant>| {
-            t.zip(ctx.started)
-                .map(|(t, s)| t.saturating_duration_since(s).as_millis() as u64)
-        };
-        let created_at = ctx
-            .started_at
-            .zip(ctx.started)
-            .map_or_else(unix_now, |(at, s)| {
-                unix_secs(at + finished.saturating_duration_since(s))
-            });
+        let created_at = ctx.unix_at(finished);
         let status = ctx.settled_status.unwrap_or_else(|| {
             session
                 .response_written()
@@ -77,8 +68,8 @@ impl Gate {
             quota,
             is_stream: ctx.sse.is_some(),
             status,
-            duration_ms: since(Some(finished)).unwrap_or(0),
-            first_byte_ms: since(ctx.first_byte),
+            duration_ms: ctx.ms_since_start(Some(finished)).unwrap_or(0),
+            first_byte_ms: ctx.ms_since_start(ctx.first_byte),
             account: table.account_of(key).map(|a| a.id.to_string()),
             upstream: upstream.map(|u| u.name.clone()),
             target: self.target_label(ctx).map(str::to_string),

@@ -283,9 +283,10 @@ pub fn headers<'a>(
             })
             .min_by_key(|&(_, left, _)| left)
     };
-    let mut out = Vec::new();
-    let mut policy = Vec::new();
-    let mut state = Vec::new();
+    use std::fmt::Write;
+    let mut out = Vec::with_capacity(8);
+    let mut policy = String::new();
+    let mut state = String::new();
     let kinds: [(&str, Pick, bool); 2] =
         [("requests", |l| l.rpm, false), ("tokens", |l| l.tpm, true)];
     for (name, pick, tpm) in kinds {
@@ -308,13 +309,15 @@ pub fn headers<'a>(
         out.push((l, limit.to_string()));
         out.push((r, left.to_string()));
         out.push((t, go_duration(reset)));
-        policy.push(format!("\"{name}\";q={limit};w=60"));
         let secs = crate::core::limits::retry_after_secs(reset).min(60) * u64::from(reset > 0);
-        state.push(format!("\"{name}\";r={left};t={secs}"));
+        let sep = if policy.is_empty() { "" } else { ", " };
+        // Writing to a String cannot fail.
+        let _ = write!(policy, "{sep}\"{name}\";q={limit};w=60");
+        let _ = write!(state, "{sep}\"{name}\";r={left};t={secs}");
     }
     if !policy.is_empty() {
-        out.push(("ratelimit-policy", policy.join(", ")));
-        out.push(("ratelimit", state.join(", ")));
+        out.push(("ratelimit-policy", policy));
+        out.push(("ratelimit", state));
     }
     out
 }

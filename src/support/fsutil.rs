@@ -3,6 +3,30 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
+use std::time::SystemTime;
+
+/// What tells cheaply whether a file changed: its length, modification time and inode (a file
+/// replaced by a rename, as [`write_atomic`] does, has a new inode).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+impl FileStamp {
+    /// The stamp of the file at `path` (following symlinks, so a swapped Kubernetes ConfigMap
+    /// `..data` shows as a new inode); `None` when it cannot be read.
+    pub fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            len: m.len(),
+            modified: m.modified().ok(),
+            inode: m.ino(),
+        })
+    }
+}
 
 /// Write `bytes` to `path` so that a reader (or a crash) sees the old content or the new, never a
 /// mix: write a temp file beside it, fsync it, rename it over `path`, fsync the folder.

@@ -92,16 +92,7 @@ pub fn create(editor: &SyncEditor, id: &str, spec: &AccountSpec) -> Result<(), S
         if file.accounts.contains_key(id) {
             return Err(format!("account {id:?} exists already"));
         }
-        let mut a = AccountEntry {
-            name: String::new(),
-            status: KeyStatus::Enabled,
-            quota: 0,
-            used: 0,
-            unlimited_quota: false,
-            max_keys: None,
-            limits: None,
-            budget: None,
-        };
+        let mut a = AccountEntry::default();
         spec.apply(&mut a);
         file.accounts.insert(id.to_string(), a);
         Ok(())

@@ -2,18 +2,31 @@
 //! exclusive lock, re-reads the file, applies the change, validates the whole result exactly as
 //! the gateway will, bumps `revision` and replaces the file atomically (temp file, fsync,
 //! rename, fsync the folder). A running gateway picks the change up through its normal reload.
+//!
+//! The admin API's editor ([`SyncEditor::keeping`]) also keeps the file's parse while the file
+//! on disk is the one it wrote or read last, and hands the table it compiled to validate an edit
+//! to the gateway ([`SyncEditor::edit_publish`]): at a million keys an edit then costs one
+//! compile and one write (side by side), not a read, a parse, a compile, a write and a reload.
 
 use crate::core::config::{KeyEntry, KeyStatus, PreviousKey, SyncFile};
 use crate::core::table::{digest_hex, generate_key, key_digest, KeyTable};
 use crate::core::vault::{key_hint, Vault};
+use crate::support::fsutil::FileStamp;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
-/// Edits one sync file.
+/// A parse of the file and the stamp the file had when it was read (or written).
+type Kept = Option<(FileStamp, Arc<SyncFile>)>;
+
+/// Edits one sync file. Clones share what they keep.
+#[derive(Clone)]
 pub struct SyncEditor {
     path: PathBuf,
+    /// `None`: nothing is kept (the CLI: one edit per process).
+    kept: Option<Arc<Mutex<Kept>>>,
 }
 
 impl SyncEditor {
@@ -21,7 +34,52 @@ impl SyncEditor {
     pub fn new(path: &Path) -> SyncEditor {
         SyncEditor {
             path: path.to_path_buf(),
+            kept: None,
         }
+    }
+
+    /// An editor that keeps the file's parse between edits and reads, for as long as the file
+    /// on disk keeps the stamp it had (another writer, such as `keygate keys`, changes it).
+    pub fn keeping(path: &Path) -> SyncEditor {
+        SyncEditor {
+            path: path.to_path_buf(),
+            kept: Some(Arc::new(Mutex::new(None))),
+        }
+    }
+
+    /// The file as it is now, parsed: the kept parse when the file has not changed since.
+    pub fn snapshot(&self) -> Result<Arc<SyncFile>, String> {
+        // The stamp is taken before the read: should the file change in between, the parse is
+        // kept under the older stamp and read again next time, never the reverse.
+        let now = FileStamp::of(&self.path);
+        if let Some(kept) = &self.kept {
+            let kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((stamp, file)) = kept.as_ref() {
+                if Some(*stamp) == now {
+                    return Ok(file.clone());
+                }
+            }
+        }
+        let file = Arc::new(self.read()?);
+        if let (Some(kept), Some(stamp)) = (&self.kept, now) {
+            *kept.lock().unwrap_or_else(PoisonError::into_inner) = Some((stamp, file.clone()));
+        }
+        Ok(file)
+    }
+
+    /// Take the kept parse out for an edit (under the file's lock), when the file still has its
+    /// stamp; else read the file.
+    fn take_for_edit(&self) -> Result<Arc<SyncFile>, String> {
+        let now = FileStamp::of(&self.path);
+        if let Some(kept) = &self.kept {
+            let taken = kept.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some((stamp, file)) = taken {
+                if Some(stamp) == now {
+                    return Ok(file);
+                }
+            }
+        }
+        self.read().map(Arc::new)
     }
 
     /// The file being edited.
@@ -86,19 +144,66 @@ impl SyncEditor {
         &self,
         change: impl FnOnce(&mut SyncFile) -> (T, bool),
     ) -> Result<(T, Option<u64>), String> {
+        self.edit_publish(change, drop)
+    }
+
+    /// [`edit_some`](Self::edit_some), and `publish` gets the table compiled from the written
+    /// file (its `source_digest` that of the bytes written) before the lock is released, so
+    /// that no other writer's file can be put in force before it.
+    pub fn edit_publish<T>(
+        &self,
+        change: impl FnOnce(&mut SyncFile) -> (T, bool),
+        publish: impl FnOnce(KeyTable),
+    ) -> Result<(T, Option<u64>), String> {
         let _lock = self.lock()?;
-        let mut file = self.read()?;
-        let (out, changed) = change(&mut file);
+        let mut shared = self.take_for_edit()?;
+        // Edited in place unless a reader still holds this parse (then it is copied).
+        let file = Arc::make_mut(&mut shared);
+        let (out, changed) = change(file);
         if !changed {
+            // Not kept: a change that failed half-way may have touched it.
             return Ok((out, None));
         }
         file.revision += 1;
-        KeyTable::compile(&file, &self.path.display().to_string()).map_err(|e| e.to_string())?;
-        let mut bytes = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;
-        bytes.push(b'\n');
+        // What was edited is not kept unless it is written: a failure below drops it.
+        let (table, bytes) = self.compile_and_serialize(file);
+        let mut table = table?;
+        let bytes = bytes?;
+        table.source_digest = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
         crate::support::fsutil::write_atomic(&self.path, &bytes)
             .map_err(|e| format!("sync file {}: {e}", self.path.display()))?;
-        Ok((out, Some(file.revision)))
+        drop(bytes);
+        let revision = file.revision;
+        publish(table);
+        self.keep(shared);
+        Ok((out, Some(revision)))
+    }
+
+    /// Validate `file` (compile it, exactly as the gateway will) and serialize it, side by side.
+    fn compile_and_serialize(
+        &self,
+        file: &SyncFile,
+    ) -> (Result<KeyTable, String>, Result<Vec<u8>, String>) {
+        let source = self.path.display().to_string();
+        std::thread::scope(|s| {
+            let bytes = s.spawn(|| {
+                let mut bytes = serde_json::to_vec_pretty(file).map_err(|e| e.to_string())?;
+                bytes.push(b'\n');
+                Ok(bytes)
+            });
+            let table = KeyTable::compile(file, &source).map_err(|e| e.to_string());
+            let bytes = bytes
+                .join()
+                .unwrap_or_else(|_| Err("writing the sync file failed".into()));
+            (table, bytes)
+        })
+    }
+
+    /// Keep `file` as the parse of the file on disk now.
+    fn keep(&self, file: Arc<SyncFile>) {
+        if let (Some(kept), Some(stamp)) = (&self.kept, FileStamp::of(&self.path)) {
+            *kept.lock().unwrap_or_else(PoisonError::into_inner) = Some((stamp, file));
+        }
     }
 }
 
@@ -188,26 +293,7 @@ pub fn create(
         }
         let id = next_free_id(file);
         file.next_id = Some(id + 1);
-        let mut entry = KeyEntry {
-            id,
-            name: String::new(),
-            key_sha256: Some(hash),
-            key: None,
-            status: KeyStatus::Enabled,
-            quota: 0,
-            unlimited_quota: false,
-            used: 0,
-            expires_at: -1,
-            models: None,
-            allow_ips: None,
-            group: "default".into(),
-            previous_keys: Vec::new(),
-            account: None,
-            limits: None,
-            budget: None,
-            key_hint: None,
-            key_sealed: None,
-        };
+        let mut entry = KeyEntry::new(id, hash);
         set_secret_fields(&mut entry, &key, vault)?;
         spec.apply(&mut entry);
         file.keys.push(entry);
@@ -337,17 +423,10 @@ pub fn views(file: &SyncFile, consumed: &HashMap<u64, i64>, now: i64) -> Vec<Key
     file.keys
         .iter()
         .map(|k| {
-            let used = k.used + consumed.get(&k.id).copied().unwrap_or(0);
+            let charged = consumed.get(&k.id).copied().unwrap_or(0);
+            let used = k.used + charged;
             let remaining = (!k.unlimited_quota).then_some(k.quota - used);
-            let status = if k.status == KeyStatus::Disabled {
-                "disabled"
-            } else if k.expires_at > 0 && k.expires_at <= now {
-                "expired"
-            } else if remaining.is_some_and(|r| r <= 0) {
-                "exhausted"
-            } else {
-                "enabled"
-            };
+            let status = k.state(charged, now);
             KeyView {
                 id: k.id,
                 name: k.name.clone(),

@@ -12,10 +12,11 @@
 
 use crate::core::table::{Digest, KeyTable, SyncFileSummary};
 use crate::gate::{unix_now, Gate};
+use crate::support::fsutil::FileStamp;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// How often the file is re-read and hashed even when neither an event nor `stat` shows a
 /// change (a fallback for lost events and same-size rewrites within one timestamp tick). A
@@ -38,22 +39,8 @@ pub enum ReloadOutcome {
     Rejected(String),
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct FileStamp {
-    len: u64,
-    modified: Option<SystemTime>,
-    inode: u64,
-}
-
 fn stamp(path: &Path) -> Option<FileStamp> {
-    use std::os::unix::fs::MetadataExt;
-    // `metadata` follows symlinks, so a swapped ConfigMap `..data` shows as a new inode.
-    let m = std::fs::metadata(path).ok()?;
-    Some(FileStamp {
-        len: m.len(),
-        modified: m.modified().ok(),
-        inode: m.ino(),
-    })
+    FileStamp::of(path)
 }
 
 /// Reloads one gate's table from one sync file.
@@ -142,6 +129,25 @@ impl Reloader {
                 KeyTable::from_json(bytes, source)
             })
         };
+        drop(one_at_a_time);
+        crate::support::memory::release_free_memory();
+        outcome
+    }
+
+    /// Put `table`, compiled from the file just written at this reloader's path (the admin
+    /// API's writes: [`crate::sync::edit::SyncEditor::edit_publish`]), in force without reading
+    /// the file again. Its `source_digest` must be that of the written bytes, so that the
+    /// watcher's next look at the file finds it unchanged.
+    pub fn publish_table(&self, table: KeyTable) -> ReloadOutcome {
+        let one_at_a_time = self
+            .checking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Ok(mut s) = self.last_stamp.lock() {
+            *s = stamp(&self.path);
+        }
+        let source = self.path.display().to_string();
+        let outcome = self.publish(table.source_digest, &source, Instant::now(), || Ok(table));
         drop(one_at_a_time);
         crate::support::memory::release_free_memory();
         outcome

@@ -36,7 +36,7 @@ pub fn budget_view(
     now: i64,
 ) -> Option<BudgetView> {
     let b = Budget::compile(b).ok()?;
-    let w = b.period.window(now);
+    let w = b.window(now);
     let spent = std::iter::once(w.current)
         .chain(w.earlier.iter().copied())
         .map(|start| consumed(budget_ledger_id(scope, start)))
