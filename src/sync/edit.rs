@@ -48,38 +48,24 @@ impl SyncEditor {
     }
 
     /// The file as it is now, parsed: the kept parse when the file has not changed since.
+    /// One parse at a time: callers that arrive while the file is parsed (or edited) wait for
+    /// that parse instead of each making their own (at a million keys, a gigabyte each).
     pub fn snapshot(&self) -> Result<Arc<SyncFile>, String> {
+        let Some(kept) = &self.kept else {
+            return self.read().map(Arc::new);
+        };
+        let mut kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
         // The stamp is taken before the read: should the file change in between, the parse is
         // kept under the older stamp and read again next time, never the reverse.
         let now = FileStamp::of(&self.path);
-        if let Some(kept) = &self.kept {
-            let kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some((stamp, file)) = kept.as_ref() {
-                if Some(*stamp) == now {
-                    return Ok(file.clone());
-                }
+        if let Some((stamp, file)) = kept.as_ref() {
+            if Some(*stamp) == now {
+                return Ok(file.clone());
             }
         }
         let file = Arc::new(self.read()?);
-        if let (Some(kept), Some(stamp)) = (&self.kept, now) {
-            *kept.lock().unwrap_or_else(PoisonError::into_inner) = Some((stamp, file.clone()));
-        }
+        *kept = now.map(|stamp| (stamp, file.clone()));
         Ok(file)
-    }
-
-    /// Take the kept parse out for an edit (under the file's lock), when the file still has its
-    /// stamp; else read the file.
-    fn take_for_edit(&self) -> Result<Arc<SyncFile>, String> {
-        let now = FileStamp::of(&self.path);
-        if let Some(kept) = &self.kept {
-            let taken = kept.lock().unwrap_or_else(PoisonError::into_inner).take();
-            if let Some((stamp, file)) = taken {
-                if Some(stamp) == now {
-                    return Ok(file);
-                }
-            }
-        }
-        self.read().map(Arc::new)
     }
 
     /// The file being edited.
@@ -156,7 +142,17 @@ impl SyncEditor {
         publish: impl FnOnce(KeyTable),
     ) -> Result<(T, Option<u64>), String> {
         let _lock = self.lock()?;
-        let mut shared = self.take_for_edit()?;
+        // Held through the edit: readers wait for the edited parse rather than parse the file
+        // being replaced.
+        let mut kept = self
+            .kept
+            .as_ref()
+            .map(|k| k.lock().unwrap_or_else(PoisonError::into_inner));
+        let now = FileStamp::of(&self.path);
+        let mut shared = match kept.as_mut().and_then(|k| k.take()) {
+            Some((stamp, file)) if Some(stamp) == now => file,
+            _ => Arc::new(self.read()?),
+        };
         // Edited in place unless a reader still holds this parse (then it is copied).
         let file = Arc::make_mut(&mut shared);
         let (out, changed) = change(file);
@@ -175,7 +171,9 @@ impl SyncEditor {
         drop(bytes);
         let revision = file.revision;
         publish(table);
-        self.keep(shared);
+        if let Some(kept) = kept.as_mut() {
+            **kept = FileStamp::of(&self.path).map(|stamp| (stamp, shared));
+        }
         Ok((out, Some(revision)))
     }
 
@@ -197,13 +195,6 @@ impl SyncEditor {
                 .unwrap_or_else(|_| Err("writing the sync file failed".into()));
             (table, bytes)
         })
-    }
-
-    /// Keep `file` as the parse of the file on disk now.
-    fn keep(&self, file: Arc<SyncFile>) {
-        if let (Some(kept), Some(stamp)) = (&self.kept, FileStamp::of(&self.path)) {
-            *kept.lock().unwrap_or_else(PoisonError::into_inner) = Some((stamp, file));
-        }
     }
 }
 
