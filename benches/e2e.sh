@@ -23,6 +23,9 @@
 # every key is in an account and key and account both have quota, a daily budget in
 # Europe/Berlin, rpm, tpm and concurrency, none of them near (SPEC §7): with KEYGATE_BASE set to
 # the same binary, the A/B of limits on against off.
+# KG_POOL_OF=N: the measured keygate's JSON upstream is a pool of N targets (all the same upstream,
+# equal weights) instead of one `url`: with KEYGATE_BASE set to the same binary, what a pool's
+# target choice costs on the success path (SPEC §11).
 # AB_ONLY=1 (with KEYGATE_BASE): measure only the passthrough, keygate and the base.
 # KG_BASE_EXTRA_CONFIG="key: value": config lines for the base only (KEYGATE_BASE may then be the
 # same binary: an A/B of one setting).
@@ -176,6 +179,10 @@ sed -e "s/^listen: .*/listen: \"127.0.0.1:$P_KGB\"/" -e "s/^metrics_listen: .*/m
 printf '%s\n' "${KG_BASE_EXTRA_CONFIG:-}" >>"$W/keygate_base.yaml"
 if [ "${KG_SYNC_LIMITS:-0}" = 1 ]; then
   sed -i -e "s/^sync_file: keys.json/sync_file: keys_limits.json/" "$W/keygate.yaml"
+fi
+if [ -n "${KG_POOL_OF:-}" ]; then
+  targets=$(for _ in $(seq 1 "$KG_POOL_OF"); do printf '{ url: "http://127.0.0.1:%s" }, ' "$U_JSON"; done)
+  sed -i -e "s|^    url: \"http://127.0.0.1:$U_JSON\"|    targets: [ ${targets%, } ]|" "$W/keygate.yaml"
 fi
 
 # Resident memory per key: keygate with one key, then with the 1M keys (both after start).
