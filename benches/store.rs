@@ -11,7 +11,8 @@
 //!   (`store-bench/usage-10m.db`, a few minutes) and reused by later runs.
 //!
 //! Run: `cargo bench --bench store -- --warm-up-time 1 --measurement-time 5`
-//! (PostgreSQL only: `cargo bench --bench store -- store/pg_ingest`)
+//! (PostgreSQL only, without making the 10M-row database:
+//! `KEYGATE_BENCH_NO_10M=1 cargo bench --bench store -- store/pg_ingest`)
 
 #[path = "../tests/common/pg.rs"]
 mod pg;
@@ -177,6 +178,10 @@ fn big_db() -> PathBuf {
 }
 
 fn queries(c: &mut Criterion) {
+    if std::env::var_os("KEYGATE_BENCH_NO_10M").is_some() {
+        eprintln!("store_10m skipped: KEYGATE_BENCH_NO_10M is set");
+        return;
+    }
     let path = big_db();
     let mut conn = keygate::usage::store::open_reader(&path).unwrap();
     let now = keygate::core::clock::unix_now();

@@ -103,7 +103,6 @@ async fn two_gateways_write_to_and_answer_from_one_database() {
     }
     assert_eq!(call(&b, MINI_ONLY, "gpt-4o-mini").await, 200);
     assert_eq!(call(&b, MINI_ONLY, "gpt-4o").await, 403);
-
     // Either gateway answers with the calls of both, newest first.
     let from_a = wait_logs(&a, 5, Duration::from_secs(20)).await;
     assert_eq!(from_a["total"], 5, "{from_a}");
@@ -240,6 +239,16 @@ async fn two_gateways_write_to_and_answer_from_one_database() {
     assert!(ok, "{out}");
     let v: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(v["store"]["requests"], 3, "{v}");
+
+    // A model name with a NUL (PostgreSQL text cannot hold one) is stored with U+FFFD, and
+    // the batch with it.
+    let _status = call(&b, OK, "gpt-4o-mini\0").await;
+    assert_eq!(call(&b, OK, "gpt-4o-mini").await, 200);
+    assert_eq!(wait_logs(&a, 7, Duration::from_secs(20)).await["total"], 7);
+    let (_, nul) = admin(&a, "/admin/v1/logs?model=gpt-4o-mini%EF%BF%BD").await;
+    assert_eq!(nul["total"], 1, "{nul}");
+    let m = b.metrics_text().await;
+    assert_eq!(metric(&m, "keygate_usage_store_dropped_total"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -12,15 +12,17 @@
 //! (and past its size are dropped and counted) until it is back. Queries ([`query`]) run on
 //! their own connection, never on the writer's, the same SQL on both backends ([`db::Db`]).
 
+mod csv_export;
 pub mod db;
+mod pg_read;
 pub mod postgres;
 pub mod query;
 mod sqlite;
 
+pub use self::csv_export::{CsvExport, CSV_HEADER};
 pub use self::db::{Db, Param};
-pub use self::query::{
-    Bucket, CallRow, CsvExport, LogFilter, LogPage, StatsFilter, StatsPage, Totals,
-};
+pub use self::pg_read::PgReader;
+pub use self::query::{Bucket, CallRow, LogFilter, LogPage, StatsFilter, StatsPage, Totals};
 pub use self::sqlite::{open_reader, remove_older, SCHEMA_VERSION};
 
 use crate::core::config::{StoreBackend, UsageStoreConfig};
@@ -198,7 +200,7 @@ impl StoreSettings {
 pub fn open_query(settings: &StoreSettings) -> Result<Box<dyn Db + Send>, StoreError> {
     Ok(match &settings.backend {
         Backend::Sqlite(path) => Box::new(sqlite::open_reader(path)?),
-        Backend::Postgres(url) => Box::new(postgres::PgReader::new(url)?),
+        Backend::Postgres(url) => Box::new(PgReader::new(url)?),
     })
 }
 
@@ -247,7 +249,7 @@ impl UsageStore {
             }
             Backend::Postgres(url) => {
                 let writer = postgres::PgWriter::new(url, settings.retention_days, stats.clone())?;
-                (Box::new(writer), Box::new(postgres::PgReader::new(url)?))
+                (Box::new(writer), Box::new(PgReader::new(url)?))
             }
         };
         let (rows, rows_rx) = std::sync::mpsc::sync_channel(settings.queue_size.max(1));

@@ -10,13 +10,12 @@
 //! reached the batch is kept and the rest waits in the queue; the writer reconnects with a
 //! growing pause (up to [`RECONNECT_MAX`]) and catches up when it is back.
 
-use super::db::{numbered, Db, Param, Row};
 use super::{Sink, StoreError, StoreRow, StoreStats, RETENTION_STEP};
 use crate::core::store_config::parse_postgres_url;
 use ::postgres::binary_copy::BinaryCopyInWriter;
-use ::postgres::types::{ToSql, Type};
-use ::postgres::{Client, NoTls, Statement};
-use std::collections::{BTreeMap, HashMap};
+use ::postgres::types::Type;
+use ::postgres::{Client, NoTls};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +24,8 @@ use std::time::{Duration, Instant};
 pub const SCHEMA_VERSION: i32 = 1;
 
 /// The tables and the indexes the queries use (those of SQLite, `id` last in the calls'
-/// indexes as SQLite's rowid is implicitly).
+/// indexes as SQLite's rowid is implicitly). The roll-ups leave room in their pages, so a
+/// batch's UPSERT updates a row in place (a HOT update: no new index entries).
 const SCHEMA: &str = "
 CREATE SCHEMA IF NOT EXISTS keygate_usage;
 CREATE TABLE IF NOT EXISTS keygate_usage.calls (
@@ -64,7 +64,7 @@ CREATE TABLE IF NOT EXISTS keygate_usage.hourly (
     completion_tokens BIGINT NOT NULL,
     quota BIGINT NOT NULL,
     UNIQUE (key_id, hour, model, account)
-);
+) WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS hourly_account_hour ON keygate_usage.hourly(account, hour);
 CREATE INDEX IF NOT EXISTS hourly_hour ON keygate_usage.hourly(hour);
 CREATE TABLE IF NOT EXISTS keygate_usage.schema_version (version INTEGER NOT NULL);
@@ -116,8 +116,6 @@ const RECONNECT_MIN: Duration = Duration::from_millis(250);
 pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// How often a retention pass starts (one runs at the first connection too).
 const RETENTION_EVERY: Duration = Duration::from_secs(600);
-/// A query of the admin or key-holder routes may run this long.
-const QUERY_TIMEOUT: &str = "30s";
 
 /// The database of `url` as messages name it: `postgres://user@host:port/database`, never the
 /// password.
@@ -143,7 +141,7 @@ fn describe(c: &::postgres::Config) -> String {
     )
 }
 
-fn settings(url: &str) -> Result<(::postgres::Config, String), StoreError> {
+pub(super) fn settings(url: &str) -> Result<(::postgres::Config, String), StoreError> {
     let config = parse_postgres_url(url).map_err(StoreError::Config)?;
     let at = describe(&config);
     Ok((config, at))
@@ -151,7 +149,7 @@ fn settings(url: &str) -> Result<(::postgres::Config, String), StoreError> {
 
 /// Connect, make the schema if it is not there (every gateway may be the first), check its
 /// version, and point the session at it.
-fn connect(config: &::postgres::Config) -> Result<Client, String> {
+pub(super) fn connect(config: &::postgres::Config) -> Result<Client, String> {
     let mut client = config.connect(NoTls).map_err(|e| e.to_string())?;
     let mut made = || -> Result<Option<i32>, ::postgres::Error> {
         let mut tx = client.transaction()?;
@@ -186,7 +184,7 @@ fn connect(config: &::postgres::Config) -> Result<Client, String> {
 /// Whether `e` means the connection is gone (or the server is going away): the batch is kept
 /// and the connection made again; else whether it is worth trying the batch again as it is
 /// (a deadlock, a full disk on the server).
-fn kept(e: &::postgres::Error) -> (bool, bool) {
+pub(super) fn kept(e: &::postgres::Error) -> (bool, bool) {
     let Some(code) = e.code() else {
         // No answer from the server: the connection failed.
         return (true, true);
@@ -495,139 +493,4 @@ pub fn remove_older(client: &mut Client, cutoff: i64) -> Result<u64, ::postgres:
         &[&(cutoff - 3600), &step],
     )?;
     Ok(calls + hours)
-}
-
-/// A connection for the queries: made at the first query and again after it is lost; its
-/// statements prepared once (at most [`PgReader::STATEMENTS`] kept).
-pub struct PgReader {
-    config: ::postgres::Config,
-    at: String,
-    client: Option<Client>,
-    statements: HashMap<String, Statement>,
-}
-
-impl PgReader {
-    /// Statements kept prepared at most (past it, all are forgotten).
-    pub const STATEMENTS: usize = 64;
-
-    /// A reader for `url` (checked here; connected at the first query).
-    pub fn new(url: &str) -> Result<PgReader, StoreError> {
-        let (config, at) = settings(url)?;
-        Ok(PgReader {
-            config,
-            at,
-            client: None,
-            statements: HashMap::new(),
-        })
-    }
-
-    fn error(&self, source: ::postgres::Error) -> StoreError {
-        StoreError::Postgres {
-            at: self.at.clone(),
-            source,
-        }
-    }
-
-    fn query(
-        &mut self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<::postgres::Row>, QueryFailed> {
-        if self.client.as_ref().is_some_and(Client::is_closed) {
-            self.client = None;
-        }
-        if self.client.is_none() {
-            self.statements.clear();
-            let mut c = connect(&self.config).map_err(QueryFailed::Connect)?;
-            c.batch_execute(&format!("SET statement_timeout = '{QUERY_TIMEOUT}'"))
-                .map_err(QueryFailed::Postgres)?;
-            self.client = Some(c);
-        }
-        let Some(client) = self.client.as_mut() else {
-            return Err(QueryFailed::Connect("no connection".into()));
-        };
-        let stmt = match self.statements.get(sql) {
-            Some(s) => s.clone(),
-            None => {
-                let s = client.prepare(sql).map_err(QueryFailed::Postgres)?;
-                if self.statements.len() >= Self::STATEMENTS {
-                    self.statements.clear();
-                }
-                self.statements.insert(sql.to_string(), s.clone());
-                s
-            }
-        };
-        client.query(&stmt, params).map_err(QueryFailed::Postgres)
-    }
-}
-
-enum QueryFailed {
-    Connect(String),
-    Postgres(::postgres::Error),
-}
-
-impl Row for ::postgres::Row {
-    fn int(&self, i: usize) -> Result<Option<i64>, StoreError> {
-        self.try_get(i)
-            .map_err(|e| StoreError::Other(format!("column {i}: {e}")))
-    }
-
-    fn text(&self, i: usize) -> Result<Option<String>, StoreError> {
-        self.try_get(i)
-            .map_err(|e| StoreError::Other(format!("column {i}: {e}")))
-    }
-
-    fn flag(&self, i: usize) -> Result<bool, StoreError> {
-        self.try_get(i)
-            .map_err(|e| StoreError::Other(format!("column {i}: {e}")))
-    }
-}
-
-impl Db for PgReader {
-    fn select(
-        &mut self,
-        sql: &str,
-        params: &[Param],
-        each: &mut dyn FnMut(&dyn Row) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        let sql = numbered(sql);
-        let values: Vec<&(dyn ToSql + Sync)> = params
-            .iter()
-            .map(|p| match p {
-                Param::Int(v) => v as &(dyn ToSql + Sync),
-                Param::Text(v) => v as &(dyn ToSql + Sync),
-            })
-            .collect();
-        let mut answer = self.query(&sql, &values);
-        // A connection lost since the last query (PostgreSQL restarted): once more, anew.
-        if let Err(QueryFailed::Postgres(e)) = &answer {
-            if kept(e).0 {
-                self.client = None;
-                answer = self.query(&sql, &values);
-            }
-        }
-        let rows = match answer {
-            Ok(rows) => rows,
-            Err(QueryFailed::Connect(e)) => {
-                return Err(StoreError::Other(format!(
-                    "PostgreSQL {}: cannot connect: {e}",
-                    self.at
-                )))
-            }
-            Err(QueryFailed::Postgres(e)) => {
-                if kept(&e).0 {
-                    self.client = None;
-                }
-                return Err(self.error(e));
-            }
-        };
-        for r in &rows {
-            each(r)?;
-        }
-        Ok(())
-    }
-
-    fn describe(&self) -> String {
-        self.at.clone()
-    }
 }
