@@ -2,12 +2,20 @@
 //!
 //! * `store/ingest` — rows pushed through [`UsageStore`] (queue, writer thread, one transaction
 //!   per batch with its roll-ups) until written: rows per second sustained by the writer.
+//! * `store/pg_ingest` — the same into PostgreSQL (`backend: postgres`: COPY in binary and the
+//!   roll-ups' UPSERT, one transaction per batch), on a throwaway local cluster with
+//!   PostgreSQL's own durability settings (fsync on). Skipped when PostgreSQL is not installed.
 //! * `store_10m/newest_100` — a key's newest 100 calls, and `store_10m/hourly_30d` — a key's
 //!   30-day hourly series from the roll-ups, on a database of 10M calls (1,000 keys, 6 models,
 //!   10 accounts, 30 days). The database is made once under the target folder
 //!   (`store-bench/usage-10m.db`, a few minutes) and reused by later runs.
 //!
 //! Run: `cargo bench --bench store -- --warm-up-time 1 --measurement-time 5`
+//! (PostgreSQL only, without making the 10M-row database:
+//! `KEYGATE_BENCH_NO_10M=1 cargo bench --bench store -- store/pg_ingest`)
+
+#[path = "../tests/common/pg.rs"]
+mod pg;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use keygate::usage::store::query::{self, Bucket, StatsFilter};
@@ -61,13 +69,43 @@ fn settings(path: PathBuf) -> StoreSettings {
 fn ingest(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = UsageStore::open(&settings(dir.path().join("ingest.db"))).unwrap();
+    ingest_into(c, "ingest", &store);
+}
+
+fn pg_ingest(c: &mut Criterion) {
+    if pg::bin_dir().is_none() {
+        eprintln!("store/pg_ingest skipped: PostgreSQL is not installed");
+        return;
+    }
+    let mut server = pg::PgServer::init_with(true);
+    server.start();
+    server.create_db("bench");
+    let store = UsageStore::open(&StoreSettings {
+        queue_size: 200_000,
+        retention_days: 36_500,
+        ..StoreSettings::postgres(&server.url("bench"))
+    })
+    .unwrap();
+    ingest_into(c, "pg_ingest", &store);
+    let rows = server.number("bench", "SELECT count(*) FROM keygate_usage.calls");
+    let written = store
+        .stats()
+        .written
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(rows as u64, written, "every row written is in the table");
+    drop(store);
+    server.stop();
+}
+
+/// Push 50,000 rows and wait until the writer has written them, per iteration.
+fn ingest_into(c: &mut Criterion, name: &str, store: &UsageStore) {
     const N: u64 = 50_000;
     let now = keygate::core::clock::unix_now();
     let rows: Vec<StoreRow> = (0..N).map(|i| row(i, now, 86_400, N)).collect();
     let mut g = c.benchmark_group("store");
     g.throughput(Throughput::Elements(N));
     g.sample_size(10);
-    g.bench_function("ingest", |b| {
+    g.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let mut spent = Duration::ZERO;
             for _ in 0..iters {
@@ -140,15 +178,19 @@ fn big_db() -> PathBuf {
 }
 
 fn queries(c: &mut Criterion) {
+    if std::env::var_os("KEYGATE_BENCH_NO_10M").is_some() {
+        eprintln!("store_10m skipped: KEYGATE_BENCH_NO_10M is set");
+        return;
+    }
     let path = big_db();
-    let conn = keygate::usage::store::open_reader(&path).unwrap();
+    let mut conn = keygate::usage::store::open_reader(&path).unwrap();
     let now = keygate::core::clock::unix_now();
     let mut g = c.benchmark_group("store_10m");
     let mut key = 0u64;
     g.bench_function("newest_100", |b| {
         b.iter(|| {
             key = key % 1000 + 1;
-            let rows = query::recent(&conn, key, 100).unwrap();
+            let rows = query::recent(&mut conn, key, 100).unwrap();
             assert_eq!(rows.len(), 100);
             rows
         })
@@ -163,7 +205,7 @@ fn queries(c: &mut Criterion) {
                 bucket: Bucket::Hour,
                 ..StatsFilter::default()
             };
-            let s = query::stats(&conn, &f, now).unwrap();
+            let s = query::stats(&mut conn, &f, now).unwrap();
             assert!(s.buckets.len() >= 720);
             s
         })
@@ -175,11 +217,11 @@ fn queries(c: &mut Criterion) {
                 account: Some(format!("acct-{}", key % 10)),
                 ..query::LogFilter::default()
             };
-            query::logs(&conn, &f, now).unwrap()
+            query::logs(&mut conn, &f, now).unwrap()
         })
     });
     g.finish();
 }
 
-criterion_group!(benches, ingest, queries);
+criterion_group!(benches, ingest, pg_ingest, queries);
 criterion_main!(benches);

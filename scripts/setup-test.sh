@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a fresh Debian/Ubuntu machine: cmake and a C toolchain
 # (Pingora), curl, the openai and anthropic Python SDKs (tests/sdk.rs), promtool
-# (tests/ops.rs), redis-server with redis-cli (tests/shared_ledger.rs), schemathesis
+# (tests/ops.rs), redis-server with redis-cli (tests/shared_ledger.rs), Debian's postgresql
+# (tests/usage_store_pg.rs and the store bench start throwaway clusters), schemathesis
 # (tests/admin.rs) and Debian's headless chromium with its WebDriver, chromedriver
 # (tests/console.rs). Idempotent: installs only what is missing.
 set -euo pipefail
@@ -21,6 +22,7 @@ packages=()
 command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || packages+=(redis-tools)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || packages+=(postgresql)
 [[ -x /usr/bin/chromium ]] || packages+=(chromium)
 [[ -x /usr/bin/chromedriver ]] || packages+=(chromium-driver)
 if ((${#packages[@]})); then

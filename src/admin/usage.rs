@@ -82,7 +82,7 @@ pub async fn csv(admin: &Admin, caller: &Caller, req: &Req) -> Reply {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
     tokio::task::spawn_blocking(move || {
         store.read(|c| {
-            let (export, _notes) = query::CsvExport::new(c, &f, now);
+            let (export, _notes) = crate::usage::store::CsvExport::new(c, &f, now);
             for chunk in export {
                 let item = chunk
                     .map(Bytes::from)

@@ -3,8 +3,8 @@
 
 use crate::config::Config;
 use crate::core::clock::unix_now;
-use crate::usage::store::open_reader;
 use crate::usage::store::query::{self, Bucket, StatsFilter, Totals, MAX_SPAN};
+use crate::usage::store::{open_query, StoreSettings};
 use serde_json::json;
 
 /// The flags of `keygate usage`.
@@ -57,8 +57,9 @@ pub fn run(config: &Config, json_out: bool, args: &UsageArgs) -> Result<String, 
         .map(|s| parse_time(s, now))
         .transpose()
         .map_err(|e| format!("--until: {e}"))?;
-    let path = config.usage_store.sqlite_path(&config.state_dir);
-    let conn = open_reader(&path).map_err(|e| e.to_string())?;
+    let settings = StoreSettings::from_config(&config.usage_store, &config.state_dir)
+        .ok_or("the usage store is off (usage_store.enabled: false)")?;
+    let mut db = open_query(&settings).map_err(|e| e.to_string())?;
     let filter = StatsFilter {
         key_id: args.key,
         account: args.account.clone(),
@@ -67,9 +68,9 @@ pub fn run(config: &Config, json_out: bool, args: &UsageArgs) -> Result<String, 
         bucket: Bucket::Hour,
         ..StatsFilter::default()
     };
-    let page = query::stats(&conn, &filter, now).map_err(|e| e.to_string())?;
+    let page = query::stats(&mut *db, &filter, now).map_err(|e| e.to_string())?;
     let totals = query::totals_by_model(
-        &conn,
+        &mut *db,
         args.key,
         args.account.as_deref(),
         page.start,
@@ -95,7 +96,7 @@ pub fn run(config: &Config, json_out: bool, args: &UsageArgs) -> Result<String, 
         "{who}, {} .. {} ({})\n",
         time_text(page.start),
         time_text(page.end),
-        path.display()
+        settings.describe()
     );
     for n in &page.notes {
         out.push_str(&format!("note: {n}\n"));
@@ -132,23 +133,21 @@ fn time_text(t: i64) -> String {
 }
 
 /// The store's totals for key `id` over the last [`MAX_SPAN`] (for `keygate keys usage`):
-/// `None` when the store is off or has no file yet.
+/// `None` when the store is off or (SQLite) has no file yet.
 pub fn key_totals(config: &Config, id: u64) -> Option<Result<Totals, String>> {
-    if !config.usage_store.enabled {
-        return None;
-    }
-    let path = config.usage_store.sqlite_path(&config.state_dir);
-    if !path.exists() {
-        return None;
+    let settings = StoreSettings::from_config(&config.usage_store, &config.state_dir)?;
+    if let crate::usage::store::Backend::Sqlite(path) = &settings.backend {
+        if !path.exists() {
+            return None;
+        }
     }
     let now = unix_now();
     Some(
-        open_reader(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|c| {
-                query::totals_by_model(&c, Some(id), None, now - MAX_SPAN, now)
-                    .map_err(|e| e.to_string())
+        open_query(&settings)
+            .and_then(|mut db| {
+                query::totals_by_model(&mut *db, Some(id), None, now - MAX_SPAN, now)
             })
+            .map_err(|e| e.to_string())
             .map(|mut t| t.swap_remove(0).1),
     )
 }

@@ -10,7 +10,7 @@ pub enum StoreBackend {
     /// An SQLite file beside the gateway (default: `state_dir/usage.db`).
     #[default]
     Sqlite,
-    /// One PostgreSQL shared by a fleet (not built yet: refused by validation).
+    /// One PostgreSQL database shared by a fleet (`url`).
     Postgres,
 }
 
@@ -89,10 +89,15 @@ impl UsageStoreConfig {
                 }
             }
             StoreBackend::Postgres => {
-                return Err(
-                    "usage_store: backend postgres is not built yet (use sqlite, the default)"
-                        .into(),
-                )
+                if self.path.is_some() {
+                    return Err(
+                        "usage_store: path is for backend sqlite (postgres takes url)".into(),
+                    );
+                }
+                let Some(url) = &self.url else {
+                    return Err("usage_store: backend postgres needs url: postgres://…".into());
+                };
+                parse_postgres_url(url).map_err(|e| format!("usage_store: url: {e}"))?;
             }
         }
         if !(1..=36_500).contains(&self.retention_days) {
@@ -105,5 +110,86 @@ impl UsageStoreConfig {
             return Err("usage_store: flush_interval_ms: must be between 1 and 60000".into());
         }
         Ok(())
+    }
+}
+
+/// How long a connection to PostgreSQL may take when the URL does not say
+/// (`connect_timeout=`).
+pub const POSTGRES_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The connection settings of a `postgres://…` (or `postgresql://…`) URL: it must name a host;
+/// TLS (`sslmode=require`) is not built, so it is refused rather than silently not used.
+/// Errors never repeat the URL (it may hold a password).
+pub fn parse_postgres_url(url: &str) -> Result<postgres::Config, String> {
+    let url = url.trim();
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("must start with postgres:// or postgresql://".into());
+    }
+    let mut config: postgres::Config = url
+        .parse()
+        .map_err(|e| format!("not a valid PostgreSQL URL: {e}"))?;
+    if config.get_hosts().is_empty() {
+        return Err("names no host (postgres://user:password@host:port/database)".into());
+    }
+    if matches!(config.get_ssl_mode(), postgres::config::SslMode::Require) {
+        return Err("sslmode=require: TLS to PostgreSQL is not built in this keygate".into());
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(POSTGRES_CONNECT_TIMEOUT);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("keygate");
+    }
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pg(url: &str) -> UsageStoreConfig {
+        UsageStoreConfig {
+            backend: StoreBackend::Postgres,
+            url: Some(url.into()),
+            ..UsageStoreConfig::default()
+        }
+    }
+
+    #[test]
+    fn postgres_urls_are_checked_and_never_echoed() {
+        assert_eq!(
+            pg("postgres://kg:pw@127.0.0.1:5432/usage").validate(),
+            Ok(())
+        );
+        assert_eq!(pg("postgresql://db.internal/usage").validate(), Ok(()));
+        for (url, says) in [
+            ("mysql://kg:secret@h/db", "must start with postgres://"),
+            (
+                "postgres://kg:secret@h:notaport/db",
+                "not a valid PostgreSQL URL",
+            ),
+            ("postgres://kg:secret@h/db?sslmode=require", "TLS"),
+            ("postgres:///db?user=secret", "names no host"),
+        ] {
+            let e = pg(url).validate().unwrap_err();
+            assert!(
+                e.starts_with("usage_store: url: ") && e.contains(says),
+                "{url}: {e}"
+            );
+            assert!(!e.contains("secret"), "{e}");
+        }
+        let none = UsageStoreConfig {
+            backend: StoreBackend::Postgres,
+            ..UsageStoreConfig::default()
+        };
+        assert!(none.validate().unwrap_err().contains("needs url"));
+        let both = UsageStoreConfig {
+            path: Some("x.db".into()),
+            ..pg("postgres://h/db")
+        };
+        assert!(both
+            .validate()
+            .unwrap_err()
+            .contains("path is for backend sqlite"));
     }
 }

@@ -95,14 +95,10 @@ impl Gate {
                 state_dir: Some(config.state_dir.clone()),
                 shared_ledger: crate::ledger::RedisSettings::from_config(&config.ledger),
                 usage_log: config.usage_log.clone(),
-                usage_store: config.usage_store.enabled.then(|| {
-                    crate::usage::store::StoreSettings {
-                        path: config.usage_store.sqlite_path(&config.state_dir),
-                        retention_days: config.usage_store.retention_days,
-                        queue_size: config.usage_store.queue_size,
-                        flush_every: Duration::from_millis(config.usage_store.flush_interval_ms),
-                    }
-                }),
+                usage_store: crate::usage::store::StoreSettings::from_config(
+                    &config.usage_store,
+                    &config.state_dir,
+                ),
                 access_log: config.access_log,
                 per_key_metrics: config.metrics.per_key,
                 upgrade,

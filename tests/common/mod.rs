@@ -436,5 +436,6 @@ pub fn keygate_cli_env(args: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+pub mod pg;
 pub mod pools;
 pub mod redis;

@@ -1,21 +1,31 @@
-//! The usage store (SPEC §9): every settled call as a row in SQLite, queryable by key, account,
-//! model and time, with hourly roll-ups per key and model kept as rows arrive.
+//! The usage store (SPEC §9): every settled call as a row, queryable by key, account, model
+//! and time, with hourly roll-ups per key and model kept as rows arrive. In an SQLite file
+//! beside the gateway ([`sqlite`], the default), or in one PostgreSQL database that every
+//! gateway of a fleet writes to and answers from ([`postgres`]).
 //!
 //! The request path only pushes a [`StoreRow`] into a bounded queue ([`UsageStore::push`]
 //! never waits: a full queue drops the row and counts it). A writer thread takes what was queued
 //! every [`DRAIN_EVERY`] and writes it in one transaction per batch of at most [`BATCH_MAX`]
 //! rows, together with the roll-ups of those rows (UPSERT), then removes rows older than
-//! `retention_days` in steps of [`RETENTION_STEP`]. Queries ([`query`]) run on their own
-//! read-only connection, never on the writer's.
+//! `retention_days` in steps of [`RETENTION_STEP`]. When the database cannot be reached
+//! (PostgreSQL down) the writer keeps its batch and stops taking rows: they wait in the queue
+//! (and past its size are dropped and counted) until it is back. Queries ([`query`]) run on
+//! their own connection, never on the writer's, the same SQL on both backends ([`db::Db`]).
 
+mod csv_export;
+pub mod db;
+mod pg_read;
+pub mod postgres;
 pub mod query;
 mod sqlite;
 
-pub use self::query::{
-    Bucket, CallRow, CsvExport, LogFilter, LogPage, StatsFilter, StatsPage, Totals,
-};
+pub use self::csv_export::{CsvExport, CSV_HEADER};
+pub use self::db::{Db, Param};
+pub use self::pg_read::PgReader;
+pub use self::query::{Bucket, CallRow, LogFilter, LogPage, StatsFilter, StatsPage, Totals};
 pub use self::sqlite::{open_reader, remove_older, SCHEMA_VERSION};
 
+use crate::core::config::{StoreBackend, UsageStoreConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,7 +76,7 @@ pub struct StoreRow {
     pub error_code: Option<String>,
 }
 
-/// Errors of the store: opening it (naming the file) and querying it.
+/// Errors of the store: opening it (naming the file or the database) and querying it.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database file cannot be used.
@@ -77,9 +87,23 @@ pub enum StoreError {
         /// What is wrong.
         message: String,
     },
-    /// A query failed.
+    /// The PostgreSQL settings cannot be used (a bad `url`).
+    #[error("usage_store url: {0}")]
+    Config(String),
+    /// A query failed (SQLite).
     #[error("usage store query: {0}")]
     Query(#[from] rusqlite::Error),
+    /// A query failed, or PostgreSQL could not be reached.
+    #[error("usage store (PostgreSQL {at}): {source}")]
+    Postgres {
+        /// The database, without its password.
+        at: String,
+        /// What failed.
+        source: ::postgres::Error,
+    },
+    /// Anything else (writing the CSV).
+    #[error("usage store: {0}")]
+    Other(String),
 }
 
 /// Counters of the store, read at scrape time.
@@ -103,11 +127,20 @@ enum Control {
     Flush(SyncSender<()>),
 }
 
+/// Where a store is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// An SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database: its `postgres://…` URL.
+    Postgres(String),
+}
+
 /// Settings of a store.
 #[derive(Clone, Debug)]
 pub struct StoreSettings {
-    /// The SQLite file.
-    pub path: PathBuf,
+    /// The database.
+    pub backend: Backend,
     /// Rows older than this many days are removed.
     pub retention_days: u32,
     /// Rows waiting for the writer at most.
@@ -120,12 +153,55 @@ impl StoreSettings {
     /// The defaults for a file: 90 days, 65,536 rows queued, a batch every [`DRAIN_EVERY`].
     pub fn new(path: PathBuf) -> StoreSettings {
         StoreSettings {
-            path,
+            backend: Backend::Sqlite(path),
             retention_days: 90,
             queue_size: 65_536,
             flush_every: DRAIN_EVERY,
         }
     }
+
+    /// The defaults for a PostgreSQL database given by its URL.
+    pub fn postgres(url: &str) -> StoreSettings {
+        StoreSettings {
+            backend: Backend::Postgres(url.to_string()),
+            ..StoreSettings::new(PathBuf::new())
+        }
+    }
+
+    /// The settings `usage_store:` asks for; `None` when the store is off.
+    pub fn from_config(c: &UsageStoreConfig, state_dir: &Path) -> Option<StoreSettings> {
+        if !c.enabled {
+            return None;
+        }
+        let backend = match c.backend {
+            StoreBackend::Sqlite => Backend::Sqlite(c.sqlite_path(state_dir)),
+            StoreBackend::Postgres => Backend::Postgres(c.url.clone().unwrap_or_default()),
+        };
+        Some(StoreSettings {
+            backend,
+            retention_days: c.retention_days,
+            queue_size: c.queue_size,
+            flush_every: Duration::from_millis(c.flush_interval_ms),
+        })
+    }
+
+    /// The file, or the database without its password.
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite(p) => p.display().to_string(),
+            Backend::Postgres(url) => postgres::describe_url(url),
+        }
+    }
+}
+
+/// A connection for queries on the store `settings` names (the CLI's): the SQLite file
+/// read-only (an error when it does not exist yet), or PostgreSQL (connected at the first
+/// query).
+pub fn open_query(settings: &StoreSettings) -> Result<Box<dyn Db + Send>, StoreError> {
+    Ok(match &settings.backend {
+        Backend::Sqlite(path) => Box::new(sqlite::open_reader(path)?),
+        Backend::Postgres(url) => Box::new(PgReader::new(url)?),
+    })
 }
 
 /// The store's handle: cheap to clone; the writer exits (after writing what is queued) when
@@ -135,8 +211,18 @@ pub struct UsageStore {
     rows: SyncSender<StoreRow>,
     control: SyncSender<Control>,
     stats: Arc<StoreStats>,
-    reader: Arc<Mutex<rusqlite::Connection>>,
-    path: Arc<Path>,
+    reader: Arc<Mutex<Box<dyn Db + Send>>>,
+    describe: Arc<str>,
+}
+
+/// The writer's side of a backend: write a batch with its roll-ups, take a retention step.
+pub(crate) trait Sink: Send {
+    /// Write `batch` (then empty it): rows that cannot be written are counted as dropped. When
+    /// the database cannot be reached the batch is kept instead (false): the writer tries it
+    /// again later and takes no more rows until then.
+    fn write_batch(&mut self, batch: &mut Vec<StoreRow>) -> bool;
+    /// One bounded retention step, when one is due.
+    fn retention_step(&mut self);
 }
 
 /// How often the writer collects what was queued.
@@ -147,34 +233,42 @@ pub const BATCH_MAX: usize = 10_000;
 pub const RETENTION_STEP: usize = 5_000;
 
 impl UsageStore {
-    /// Open (or create) the database, check it can be written, and start the writer. Errors
-    /// name the file: a corrupt database, a file or folder that cannot be written.
+    /// Open (or create) the database, check it can be written, and start the writer. SQLite's
+    /// errors name the file: a corrupt database, a file or folder that cannot be written.
+    /// PostgreSQL is reached by the writer (and the queries) once started: a gateway starts
+    /// while it is down; only a bad URL is an error here.
     pub fn open(settings: &StoreSettings) -> Result<UsageStore, StoreError> {
-        let conn = sqlite::open_writer(&settings.path)?;
-        let reader = sqlite::open_reader(&settings.path)?;
+        let stats = Arc::new(StoreStats::default());
+        let (writer, reader): (Box<dyn Sink>, Box<dyn Db + Send>) = match &settings.backend {
+            Backend::Sqlite(path) => {
+                let conn = sqlite::open_writer(path)?;
+                let reader = sqlite::open_reader(path)?;
+                let writer =
+                    sqlite::Writer::new(conn, path.clone(), settings.retention_days, stats.clone());
+                (Box::new(writer), Box::new(reader))
+            }
+            Backend::Postgres(url) => {
+                let writer = postgres::PgWriter::new(url, settings.retention_days, stats.clone())?;
+                (Box::new(writer), Box::new(PgReader::new(url)?))
+            }
+        };
         let (rows, rows_rx) = std::sync::mpsc::sync_channel(settings.queue_size.max(1));
         let (control, control_rx) = std::sync::mpsc::sync_channel(16);
-        let stats = Arc::new(StoreStats::default());
-        let writer = sqlite::Writer::new(
-            conn,
-            settings.path.clone(),
-            settings.retention_days,
-            stats.clone(),
-        );
         let every = settings.flush_every;
+        let describe = settings.describe();
         std::thread::Builder::new()
             .name("keygate-usage-store".into())
-            .spawn(move || run_writer(writer, every, &rows_rx, &control_rx))
-            .map_err(|e| StoreError::Open {
-                path: settings.path.clone(),
-                message: format!("starting the writer: {e}"),
-            })?;
+            .spawn({
+                let stats = stats.clone();
+                move || run_writer(writer, &stats, every, &rows_rx, &control_rx)
+            })
+            .map_err(|e| StoreError::Other(format!("{describe}: starting the writer: {e}")))?;
         Ok(UsageStore {
             rows,
             control,
             stats,
             reader: Arc::new(Mutex::new(reader)),
-            path: settings.path.as_path().into(),
+            describe: settings.describe().into(),
         })
     }
 
@@ -202,23 +296,26 @@ impl UsageStore {
         &self.stats
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The database file, or the PostgreSQL database without its password.
+    pub fn describe(&self) -> &str {
+        &self.describe
     }
 
-    /// Run `f` on the store's read-only connection (blocking: call it off the async
-    /// workers, e.g. in `spawn_blocking`).
-    pub fn read<T>(&self, f: impl FnOnce(&rusqlite::Connection) -> T) -> T {
-        let conn = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
-        f(&conn)
+    /// Run `f` on the store's query connection (blocking: call it off the async workers,
+    /// e.g. in `spawn_blocking`).
+    pub fn read<T>(&self, f: impl FnOnce(&mut dyn Db) -> T) -> T {
+        let mut conn = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut **conn)
     }
 }
 
 /// The writer's loop: every `every` (or at once when asked to flush) it writes what
-/// was queued, then takes a retention step when one is due. It exits once every handle is gone.
+/// was queued, then takes a retention step when one is due. While the database cannot be
+/// reached it keeps the batch in hand and leaves the rest queued, trying again every round.
+/// It exits once every handle is gone.
 fn run_writer(
-    mut writer: sqlite::Writer,
+    mut writer: Box<dyn Sink>,
+    stats: &StoreStats,
     every: Duration,
     rows: &Receiver<StoreRow>,
     control: &Receiver<Control>,
@@ -228,12 +325,15 @@ fn run_writer(
     loop {
         let asked = control.recv_timeout(every);
         let mut gone = false;
-        loop {
+        // A batch kept from an earlier round goes first; while it cannot be written, no more
+        // rows are taken.
+        let mut up = writer.write_batch(&mut batch);
+        while up {
             match rows.try_recv() {
                 Ok(r) => {
                     batch.push(r);
                     if batch.len() >= BATCH_MAX {
-                        writer.write_batch(&mut batch);
+                        up = writer.write_batch(&mut batch);
                     }
                 }
                 Err(TryRecvError::Empty) => break,
@@ -243,20 +343,27 @@ fn run_writer(
                 }
             }
         }
-        writer.write_batch(&mut batch);
+        if up {
+            up = writer.write_batch(&mut batch);
+        }
         match asked {
             Ok(Control::Flush(done)) => {
                 let _ = done.send(());
             }
-            Err(RecvTimeoutError::Timeout) => writer.retention_step(),
+            Err(RecvTimeoutError::Timeout) if up => writer.retention_step(),
+            Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => gone = true,
         }
         if gone {
-            // What raced in after the last drain.
+            // What raced in after the last drain; what cannot be written now is dropped.
             while let Ok(r) = rows.try_recv() {
                 batch.push(r);
             }
-            writer.write_batch(&mut batch);
+            if !writer.write_batch(&mut batch) {
+                stats
+                    .dropped
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            }
             return;
         }
     }

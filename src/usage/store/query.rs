@@ -1,14 +1,14 @@
-//! Queries over the usage store, as plain functions on a connection: a page of calls, stats
-//! buckets from the hourly roll-ups, a key's newest calls, totals, and a CSV export read in
-//! chunks. The admin routes, the key-holder routes and the CLI are each a few lines over them.
+//! Queries over the usage store, as plain functions on a database ([`Db`]: the SQLite file or
+//! PostgreSQL, the same SQL on both): a page of calls, stats buckets from the hourly roll-ups,
+//! a key's newest calls, totals (and, in [`super::csv_export`], a CSV export read in chunks).
+//! The admin routes, the key-holder routes and the CLI are each a few lines over them.
 //!
 //! Times are unix seconds. A range with no end ends now; with no start it spans the query's
 //! default; a reversed range is swapped and one longer than [`MAX_SPAN`] is cut to its last
 //! [`MAX_SPAN`] seconds; each change is said in the answer's `notes`.
 
-use super::StoreRow;
-use rusqlite::types::Value;
-use rusqlite::{params_from_iter, Connection, Row};
+use super::db::{Db, Param, Row};
+use super::{StoreError, StoreRow};
 use serde::Serialize;
 
 /// The longest time range a query covers (366 days).
@@ -231,64 +231,82 @@ pub struct StatsPage {
     pub notes: Vec<String>,
 }
 
-const COLUMNS: &str = "id, created_at, request_id, key_id, key_name, grp, model, prompt_tokens,
+pub(super) const COLUMNS: &str =
+    "id, created_at, request_id, key_id, key_name, grp, model, prompt_tokens,
     completion_tokens, quota, is_stream, status, duration_ms, first_byte_ms, account, upstream,
     target, attempts, path, error_code";
 
-fn call_row(r: &Row<'_>) -> rusqlite::Result<CallRow> {
-    let u = |i: usize| -> rusqlite::Result<u64> { Ok(r.get::<_, i64>(i)?.max(0) as u64) };
+pub(super) fn call_row(r: &dyn Row) -> Result<CallRow, StoreError> {
+    let int = |i: usize| -> Result<i64, StoreError> { Ok(r.int(i)?.unwrap_or(0)) };
+    let u = |i: usize| -> Result<u64, StoreError> { Ok(int(i)?.max(0) as u64) };
+    let text = |i: usize| -> Result<String, StoreError> { Ok(r.text(i)?.unwrap_or_default()) };
     Ok(CallRow {
-        id: r.get(0)?,
+        id: int(0)?,
         row: StoreRow {
-            created_at: r.get(1)?,
-            request_id: r.get(2)?,
+            created_at: int(1)?,
+            request_id: text(2)?,
             key_id: u(3)?,
-            key_name: r.get(4)?,
-            group: r.get(5)?,
-            model: r.get(6)?,
+            key_name: text(4)?,
+            group: text(5)?,
+            model: text(6)?,
             prompt_tokens: u(7)?,
             completion_tokens: u(8)?,
-            quota: r.get(9)?,
-            is_stream: r.get(10)?,
-            status: r.get(11)?,
+            quota: int(9)?,
+            is_stream: r.flag(10)?,
+            status: u16::try_from(int(11)?).unwrap_or(0),
             duration_ms: u(12)?,
-            first_byte_ms: r.get::<_, Option<i64>>(13)?.map(|v| v.max(0) as u64),
-            account: r.get(14)?,
-            upstream: r.get(15)?,
-            target: r.get(16)?,
-            attempts: r.get(17)?,
-            path: r.get(18)?,
-            error_code: r.get(19)?,
+            first_byte_ms: r.int(13)?.map(|v| v.max(0) as u64),
+            account: r.text(14)?,
+            upstream: r.text(15)?,
+            target: r.text(16)?,
+            attempts: u32::try_from(int(17)?).unwrap_or(0),
+            path: text(18)?,
+            error_code: r.text(19)?,
         },
     })
 }
 
+/// Every row of `sql` read by `read`.
+fn collect<T>(
+    db: &mut (impl Db + ?Sized),
+    sql: &str,
+    params: &[Param],
+    read: impl Fn(&dyn Row) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut out = Vec::new();
+    db.select(sql, params, &mut |r| {
+        out.push(read(r)?);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// The `WHERE` clause of a calls query and its values.
-fn calls_where(f: &LogFilter, start: i64, end: i64) -> (String, Vec<Value>) {
+pub(super) fn calls_where(f: &LogFilter, start: i64, end: i64) -> (String, Vec<Param>) {
     let mut sql = String::from("created_at >= ? AND created_at <= ?");
-    let mut values = vec![Value::Integer(start), Value::Integer(end)];
+    let mut values = vec![Param::Int(start), Param::Int(end)];
     if let Some(k) = f.key_id {
         sql.push_str(" AND key_id = ?");
-        values.push(Value::Integer(k as i64));
+        values.push(Param::Int(k as i64));
     }
     if let Some(a) = &f.account {
         sql.push_str(" AND account = ?");
-        values.push(Value::Text(a.clone()));
+        values.push(Param::Text(a.clone()));
     }
     if let Some(m) = &f.model {
         sql.push_str(" AND model = ?");
-        values.push(Value::Text(m.clone()));
+        values.push(Param::Text(m.clone()));
     }
     if let Some(s) = f.status {
         sql.push_str(" AND status = ?");
-        values.push(Value::Integer(i64::from(s)));
+        values.push(Param::Int(i64::from(s)));
     }
     (sql, values)
 }
 
 /// A page of calls matching `f`, newest first. With no `start` the range is the last
 /// [`MAX_SPAN`].
-pub fn logs(conn: &Connection, f: &LogFilter, now: i64) -> rusqlite::Result<LogPage> {
+pub fn logs(db: &mut (impl Db + ?Sized), f: &LogFilter, now: i64) -> Result<LogPage, StoreError> {
     let mut notes = Vec::new();
     let (start, end) = resolve_range(f.start, f.end, now, MAX_SPAN, &mut notes);
     let page = match f.page {
@@ -311,15 +329,16 @@ pub fn logs(conn: &Connection, f: &LogFilter, now: i64) -> rusqlite::Result<LogP
         Some(s) => s,
     };
     let (clause, values) = calls_where(f, start, end);
-    let total: i64 = conn.query_row(
+    let counted = collect(
+        db,
         &format!(
-            "SELECT count(*) FROM (SELECT 1 FROM calls WHERE {clause} LIMIT {})",
+            "SELECT count(*) FROM (SELECT 1 FROM calls WHERE {clause} LIMIT {}) AS matching",
             COUNT_AT_MOST + 1
         ),
-        params_from_iter(values.iter()),
-        |r| r.get(0),
+        &values,
+        |r| r.int(0),
     )?;
-    let total = total.max(0) as u64;
+    let total = counted.first().copied().flatten().unwrap_or(0).max(0) as u64;
     let offset = (page - 1).saturating_mul(page_size);
     let items = if offset > MAX_OFFSET {
         notes.push(format!(
@@ -327,12 +346,15 @@ pub fn logs(conn: &Connection, f: &LogFilter, now: i64) -> rusqlite::Result<LogP
         ));
         Vec::new()
     } else {
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM calls WHERE {clause}
-             ORDER BY created_at DESC, id DESC LIMIT {page_size} OFFSET {offset}"
-        ))?;
-        let rows = stmt.query_map(params_from_iter(values.iter()), call_row)?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()?
+        collect(
+            db,
+            &format!(
+                "SELECT {COLUMNS} FROM calls WHERE {clause}
+                 ORDER BY created_at DESC, id DESC LIMIT {page_size} OFFSET {offset}"
+            ),
+            &values,
+            call_row,
+        )?
     };
     Ok(LogPage {
         items,
@@ -347,12 +369,19 @@ pub fn logs(conn: &Connection, f: &LogFilter, now: i64) -> rusqlite::Result<LogP
 }
 
 /// A key's newest `n` calls, newest first.
-pub fn recent(conn: &Connection, key_id: u64, n: usize) -> rusqlite::Result<Vec<CallRow>> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM calls WHERE key_id = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2"
-    ))?;
-    let rows = stmt.query_map((key_id as i64, n as i64), call_row)?;
-    rows.collect()
+pub fn recent(
+    db: &mut (impl Db + ?Sized),
+    key_id: u64,
+    n: usize,
+) -> Result<Vec<CallRow>, StoreError> {
+    collect(
+        db,
+        &format!(
+            "SELECT {COLUMNS} FROM calls WHERE key_id = ? ORDER BY created_at DESC, id DESC LIMIT ?"
+        ),
+        &[Param::Int(key_id as i64), Param::Int(n as i64)],
+        call_row,
+    )
 }
 
 /// The `WHERE` clause of a roll-up query and its values (`hour` between `start` and `end`).
@@ -362,26 +391,30 @@ fn hourly_where(
     model: Option<&str>,
     start: i64,
     end: i64,
-) -> (String, Vec<Value>) {
+) -> (String, Vec<Param>) {
     let mut sql = String::from("hour >= ? AND hour <= ?");
-    let mut values = vec![Value::Integer(start), Value::Integer(end)];
+    let mut values = vec![Param::Int(start), Param::Int(end)];
     if let Some(k) = key_id {
         sql.push_str(" AND key_id = ?");
-        values.push(Value::Integer(k as i64));
+        values.push(Param::Int(k as i64));
     }
     if let Some(a) = account {
         sql.push_str(" AND account = ?");
-        values.push(Value::Text(a.to_string()));
+        values.push(Param::Text(a.to_string()));
     }
     if let Some(m) = model {
         sql.push_str(" AND model = ?");
-        values.push(Value::Text(m.to_string()));
+        values.push(Param::Text(m.to_string()));
     }
     (sql, values)
 }
 
 /// Stats buckets from the hourly roll-ups. With no `start` the range is the last 30 days.
-pub fn stats(conn: &Connection, f: &StatsFilter, now: i64) -> rusqlite::Result<StatsPage> {
+pub fn stats(
+    db: &mut (impl Db + ?Sized),
+    f: &StatsFilter,
+    now: i64,
+) -> Result<StatsPage, StoreError> {
     let mut notes = Vec::new();
     let (start, end) = resolve_range(f.start, f.end, now, 30 * 86_400, &mut notes);
     let width = f.bucket.seconds();
@@ -394,14 +427,15 @@ pub fn stats(conn: &Connection, f: &StatsFilter, now: i64) -> rusqlite::Result<S
         first,
         end,
     );
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT (hour / {width}) * {width} AS t, sum(requests), sum(errors), sum(prompt_tokens),
-                sum(completion_tokens), sum(quota)
-         FROM hourly WHERE {clause} GROUP BY t ORDER BY t"
-    ))?;
-    let found = stmt
-        .query_map(params_from_iter(values.iter()), totals_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let found = collect(
+        db,
+        &format!(
+            "SELECT (hour / {width}) * {width} AS t, {SUMS} FROM hourly WHERE {clause}
+             GROUP BY t ORDER BY t"
+        ),
+        &values,
+        totals_row,
+    )?;
     // Every bucket of the range, zero where no call fell.
     let mut buckets = Vec::with_capacity(((last - first) / width + 1) as usize);
     let mut found = found.into_iter().peekable();
@@ -425,37 +459,43 @@ pub fn stats(conn: &Connection, f: &StatsFilter, now: i64) -> rusqlite::Result<S
     })
 }
 
-fn totals_row(r: &Row<'_>) -> rusqlite::Result<Totals> {
+/// The roll-ups' sums, as 64-bit integers on both backends (PostgreSQL's `sum` of a `bigint`
+/// is a `numeric`).
+const SUMS: &str = "CAST(sum(requests) AS BIGINT), CAST(sum(errors) AS BIGINT),
+    CAST(sum(prompt_tokens) AS BIGINT), CAST(sum(completion_tokens) AS BIGINT),
+    CAST(sum(quota) AS BIGINT)";
+
+fn totals_row(r: &dyn Row) -> Result<Totals, StoreError> {
+    let int = |i: usize| -> Result<i64, StoreError> { Ok(r.int(i)?.unwrap_or(0)) };
     Ok(Totals {
-        t: r.get(0)?,
-        requests: r.get::<_, Option<i64>>(1)?.unwrap_or(0),
-        errors: r.get::<_, Option<i64>>(2)?.unwrap_or(0),
-        prompt_tokens: r.get::<_, Option<i64>>(3)?.unwrap_or(0),
-        completion_tokens: r.get::<_, Option<i64>>(4)?.unwrap_or(0),
-        quota: r.get::<_, Option<i64>>(5)?.unwrap_or(0),
+        t: int(0)?,
+        requests: int(1)?,
+        errors: int(2)?,
+        prompt_tokens: int(3)?,
+        completion_tokens: int(4)?,
+        quota: int(5)?,
     })
 }
 
 /// Totals per model over `start..=end` (whole hours) for a key or an account (or everything),
 /// from the roll-ups; the model "" sums them all, first.
 pub fn totals_by_model(
-    conn: &Connection,
+    db: &mut (impl Db + ?Sized),
     key_id: Option<u64>,
     account: Option<&str>,
     start: i64,
     end: i64,
-) -> rusqlite::Result<Vec<(String, Totals)>> {
+) -> Result<Vec<(String, Totals)>, StoreError> {
     let (clause, values) = hourly_where(key_id, account, None, start.div_euclid(3600) * 3600, end);
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT 0, sum(requests), sum(errors), sum(prompt_tokens), sum(completion_tokens),
-                sum(quota), model
-         FROM hourly WHERE {clause} GROUP BY model ORDER BY sum(quota) DESC, model"
-    ))?;
-    let per_model = stmt
-        .query_map(params_from_iter(values.iter()), |r| {
-            Ok((r.get::<_, String>(6)?, totals_row(r)?))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let per_model = collect(
+        db,
+        &format!(
+            "SELECT CAST(0 AS BIGINT), {SUMS}, model FROM hourly WHERE {clause}
+             GROUP BY model ORDER BY sum(quota) DESC, model"
+        ),
+        &values,
+        |r| Ok((r.text(6)?.unwrap_or_default(), totals_row(r)?)),
+    )?;
     let mut all = Totals::default();
     for (_, t) in &per_model {
         all.requests += t.requests;
@@ -467,139 +507,4 @@ pub fn totals_by_model(
     let mut out = vec![(String::new(), all)];
     out.extend(per_model);
     Ok(out)
-}
-
-/// The CSV export of the calls matching `f` (paging ignored), newest first, as an iterator
-/// of chunks: each chunk is one query of at most [`CsvExport::ROWS_PER_CHUNK`] rows, resumed
-/// after the last row sent, so the whole file is never in memory and no statement stays open
-/// between chunks.
-pub struct CsvExport<'c> {
-    conn: &'c Connection,
-    filter: LogFilter,
-    start: i64,
-    end: i64,
-    /// `(created_at, id)` of the last row sent.
-    after: Option<(i64, i64)>,
-    header_sent: bool,
-    done: bool,
-}
-
-/// The CSV header.
-pub const CSV_HEADER: [&str; 20] = [
-    "id",
-    "created_at",
-    "request_id",
-    "key_id",
-    "key_name",
-    "group",
-    "account",
-    "model",
-    "status",
-    "error_code",
-    "prompt_tokens",
-    "completion_tokens",
-    "quota",
-    "is_stream",
-    "duration_ms",
-    "first_byte_ms",
-    "upstream",
-    "target",
-    "attempts",
-    "path",
-];
-
-impl<'c> CsvExport<'c> {
-    /// Rows per chunk.
-    pub const ROWS_PER_CHUNK: usize = 1000;
-
-    /// The export of `f` over `conn`; the range is resolved as [`logs`] does, its notes
-    /// returned.
-    pub fn new(conn: &'c Connection, f: &LogFilter, now: i64) -> (CsvExport<'c>, Vec<String>) {
-        let mut notes = Vec::new();
-        let (start, end) = resolve_range(f.start, f.end, now, MAX_SPAN, &mut notes);
-        let export = CsvExport {
-            conn,
-            filter: f.clone(),
-            start,
-            end,
-            after: None,
-            header_sent: false,
-            done: false,
-        };
-        (export, notes)
-    }
-
-    fn chunk(&mut self) -> Result<Vec<u8>, super::StoreError> {
-        let mut out = csv::Writer::from_writer(Vec::with_capacity(64 * 1024));
-        let csv_err = |e: csv::Error| rusqlite::Error::ToSqlConversionFailure(Box::new(e));
-        if !self.header_sent {
-            out.write_record(CSV_HEADER).map_err(csv_err)?;
-            self.header_sent = true;
-        }
-        let (mut clause, mut values) = calls_where(&self.filter, self.start, self.end);
-        if let Some((t, id)) = self.after {
-            clause.push_str(" AND (created_at < ? OR (created_at = ? AND id < ?))");
-            values.extend([Value::Integer(t), Value::Integer(t), Value::Integer(id)]);
-        }
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM calls WHERE {clause}
-             ORDER BY created_at DESC, id DESC LIMIT {}",
-            Self::ROWS_PER_CHUNK
-        ))?;
-        let mut rows = stmt.query(params_from_iter(values.iter()))?;
-        let mut n = 0;
-        while let Some(r) = rows.next()? {
-            let c = call_row(r)?;
-            let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
-            let row = &c.row;
-            out.write_record([
-                c.id.to_string(),
-                row.created_at.to_string(),
-                row.request_id.clone(),
-                row.key_id.to_string(),
-                row.key_name.clone(),
-                row.group.clone(),
-                row.account.clone().unwrap_or_default(),
-                row.model.clone(),
-                row.status.to_string(),
-                row.error_code.clone().unwrap_or_default(),
-                row.prompt_tokens.to_string(),
-                row.completion_tokens.to_string(),
-                row.quota.to_string(),
-                row.is_stream.to_string(),
-                row.duration_ms.to_string(),
-                opt(row.first_byte_ms),
-                row.upstream.clone().unwrap_or_default(),
-                row.target.clone().unwrap_or_default(),
-                row.attempts.to_string(),
-                row.path.clone(),
-            ])
-            .map_err(csv_err)?;
-            self.after = Some((row.created_at, c.id));
-            n += 1;
-        }
-        if n < Self::ROWS_PER_CHUNK {
-            self.done = true;
-        }
-        out.into_inner()
-            .map_err(|e| super::StoreError::Query(csv_err(e.into_error().into())))
-    }
-}
-
-impl Iterator for CsvExport<'_> {
-    type Item = Result<Vec<u8>, super::StoreError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.done {
-            return None;
-        }
-        let chunk = self.chunk();
-        if chunk.is_err() {
-            self.done = true;
-        }
-        match chunk {
-            Ok(c) if c.is_empty() => None,
-            other => Some(other),
-        }
-    }
 }

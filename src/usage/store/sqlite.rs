@@ -1,7 +1,8 @@
 //! The SQLite side of the usage store: the schema, opening the file (with the startup checks),
 //! and the writer's batch, roll-up and retention statements.
 
-use super::{StoreError, StoreRow, StoreStats, RETENTION_STEP};
+use super::db::{Db, Param, Row};
+use super::{Sink, StoreError, StoreRow, StoreStats, RETENTION_STEP};
 use rusqlite::{params, Connection, OpenFlags};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -342,6 +343,60 @@ impl Writer {
                 self.log_error(&format!("retention: {e}"));
             }
         }
+    }
+}
+
+impl Sink for Writer {
+    fn write_batch(&mut self, batch: &mut Vec<StoreRow>) -> bool {
+        Writer::write_batch(self, batch);
+        true
+    }
+
+    fn retention_step(&mut self) {
+        Writer::retention_step(self);
+    }
+}
+
+impl rusqlite::ToSql for Param {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            Param::Int(v) => v.to_sql(),
+            Param::Text(v) => v.to_sql(),
+        }
+    }
+}
+
+impl Row for rusqlite::Row<'_> {
+    fn int(&self, i: usize) -> Result<Option<i64>, StoreError> {
+        Ok(self.get(i)?)
+    }
+
+    fn text(&self, i: usize) -> Result<Option<String>, StoreError> {
+        Ok(self.get(i)?)
+    }
+
+    fn flag(&self, i: usize) -> Result<bool, StoreError> {
+        Ok(self.get(i)?)
+    }
+}
+
+impl Db for Connection {
+    fn select(
+        &mut self,
+        sql: &str,
+        params: &[Param],
+        each: &mut dyn FnMut(&dyn Row) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut stmt = self.prepare_cached(sql)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
+        while let Some(r) = rows.next()? {
+            each(r)?;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.path().unwrap_or("").to_string()
     }
 }
 

@@ -1,8 +1,9 @@
 //! The store's queries and its writer on real SQLite files.
 
-use super::query::{self, Bucket, CsvExport, LogFilter, StatsFilter};
+use super::query::{self, Bucket, LogFilter, StatsFilter};
 use super::sqlite::{open_writer, Writer};
 use super::*;
+use super::{CsvExport, CSV_HEADER};
 use std::sync::atomic::Ordering;
 
 fn row(key_id: u64, created_at: i64, model: &str, status: u16) -> StoreRow {
@@ -225,7 +226,7 @@ fn csv_export_streams_every_row_in_chunks_with_quoting() {
         let mut reader = csv::Reader::from_reader(&all[..]);
         assert_eq!(
             reader.headers().unwrap().iter().collect::<Vec<_>>(),
-            query::CSV_HEADER.to_vec()
+            CSV_HEADER.to_vec()
         );
         let records: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
         assert_eq!(records.len(), 2500);
