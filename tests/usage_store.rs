@@ -306,12 +306,23 @@ async fn a_full_queue_drops_and_counts_and_the_gateway_keeps_serving() {
     for _ in 0..5 {
         assert_eq!(chat(&env, OK, "gpt-4o-mini").await.status(), 200);
     }
-    let text = env.gw.metrics_text().await;
-    let dropped = text
-        .lines()
-        .find_map(|l| l.strip_prefix("keygate_usage_store_dropped_total "))
-        .unwrap_or_else(|| panic!("no dropped series:\n{text}"));
-    assert_eq!(dropped.trim(), "4");
+    // A call's row is pushed in its logging phase, after the client has its answer: wait for
+    // the fifth. One slot, no drain for a minute: the first row waits, the other four drop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = env.gw.metrics_text().await;
+        let dropped = text
+            .lines()
+            .find_map(|l| l.strip_prefix("keygate_usage_store_dropped_total "))
+            .unwrap_or_else(|| panic!("no dropped series:\n{text}"))
+            .trim()
+            .to_string();
+        if dropped == "4" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "dropped {dropped}, not 4");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(env.gw.terminate().success());
     assert_eq!(count(&db(env.dir.path()), "SELECT count(*) FROM calls"), 1);
 }

@@ -210,10 +210,7 @@ fn token_entry(t: &Token, groups: &HashSet<&str>) -> Result<KeyEntry, String> {
         e => e,
     };
     Ok(KeyEntry {
-        id: 0,
         name,
-        key_sha256: Some(digest_hex(&key_digest(key.as_bytes()))),
-        key: None,
         status,
         quota: remain + used,
         unlimited_quota: t.unlimited_quota.unwrap_or(false),
@@ -222,12 +219,7 @@ fn token_entry(t: &Token, groups: &HashSet<&str>) -> Result<KeyEntry, String> {
         models,
         allow_ips: (!allow.is_empty()).then_some(allow),
         group,
-        previous_keys: Vec::new(),
-        account: None,
-        limits: None,
-        budget: None,
-        key_hint: None,
-        key_sealed: None,
+        ..KeyEntry::new(0, digest_hex(&key_digest(key.as_bytes())))
     })
 }
 

@@ -229,6 +229,43 @@ pub(crate) trait Sink: Send {
 pub const DRAIN_EVERY: Duration = Duration::from_millis(100);
 /// Rows per transaction at most.
 pub const BATCH_MAX: usize = 10_000;
+/// How often a retention pass starts (one runs at start too).
+const RETENTION_EVERY: Duration = Duration::from_secs(600);
+
+/// When a writer removes old rows: a pass every [`RETENTION_EVERY`] (one at start), and while a
+/// pass is under way every round takes a step, until a step removes nothing.
+pub(super) struct RetentionSchedule {
+    next: std::time::Instant,
+    under_way: bool,
+}
+
+impl RetentionSchedule {
+    pub(super) fn new() -> RetentionSchedule {
+        RetentionSchedule {
+            next: std::time::Instant::now(),
+            under_way: false,
+        }
+    }
+
+    /// Whether a step is due now (a pass starts when one is due).
+    pub(super) fn step_due(&mut self) -> bool {
+        if !self.under_way {
+            let now = std::time::Instant::now();
+            if now < self.next {
+                return false;
+            }
+            self.under_way = true;
+            self.next = now + RETENTION_EVERY;
+        }
+        true
+    }
+
+    /// After a step: the pass goes on while steps remove something (a failed step ends it).
+    pub(super) fn stepped(&mut self, removed_some: bool) {
+        self.under_way = removed_some;
+    }
+}
+
 /// Rows (or roll-ups) removed by one retention statement at most.
 pub const RETENTION_STEP: usize = 5_000;
 

@@ -114,8 +114,6 @@ const UPSERT_HOURS: &str = "INSERT INTO hourly (key_id, hour, model, account, re
 const RECONNECT_MIN: Duration = Duration::from_millis(250);
 /// The longest pause between two attempts to connect.
 pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
-/// How often a retention pass starts (one runs at the first connection too).
-const RETENTION_EVERY: Duration = Duration::from_secs(600);
 
 /// The database of `url` as messages name it: `postgres://user@host:port/database`, never the
 /// password.
@@ -202,8 +200,7 @@ pub(crate) struct PgWriter {
     client: Option<Client>,
     stats: Arc<StoreStats>,
     retention_days: u32,
-    next_retention: Instant,
-    retention_under_way: bool,
+    retention: super::RetentionSchedule,
     retry_at: Instant,
     pause: Duration,
     down_since: Option<Instant>,
@@ -224,8 +221,7 @@ impl PgWriter {
             client: None,
             stats,
             retention_days,
-            next_retention: Instant::now(),
-            retention_under_way: false,
+            retention: super::RetentionSchedule::new(),
             retry_at: Instant::now(),
             pause: RECONNECT_MIN,
             down_since: None,
@@ -457,21 +453,17 @@ impl Sink for PgWriter {
     /// One bounded step when a pass is due or under way (only while connected: it never
     /// makes a connection of its own).
     fn retention_step(&mut self) {
-        if !self.retention_under_way {
-            if Instant::now() < self.next_retention {
-                return;
-            }
-            self.retention_under_way = true;
-            self.next_retention = Instant::now() + RETENTION_EVERY;
+        if !self.retention.step_due() {
+            return;
         }
         let cutoff = crate::core::clock::unix_now() - i64::from(self.retention_days) * 86_400;
         let Some(client) = self.client.as_mut() else {
             return;
         };
         match remove_older(client, cutoff) {
-            Ok(removed) => self.retention_under_way = removed > 0,
+            Ok(removed) => self.retention.stepped(removed > 0),
             Err(e) => {
-                self.retention_under_way = false;
+                self.retention.stepped(false);
                 self.log_error(&format!("retention: {e}"));
             }
         }

@@ -147,15 +147,11 @@ pub(super) struct Writer {
     retention_days: u32,
     stats: Arc<StoreStats>,
     /// When the next retention pass starts; while one is under way, every round takes a step.
-    next_retention: Instant,
-    retention_under_way: bool,
+    retention: super::RetentionSchedule,
     last_error_logged: Option<Instant>,
     /// The insert of [`ROWS_PER_INSERT`] rows.
     insert_many: String,
 }
-
-/// How often a retention pass starts (one runs at start too).
-const RETENTION_EVERY: Duration = Duration::from_secs(600);
 
 const INSERT_CALL: &str = "INSERT INTO calls (created_at, request_id, key_id, key_name, grp, model,
     prompt_tokens, completion_tokens, quota, is_stream, status, duration_ms, first_byte_ms,
@@ -229,8 +225,7 @@ impl Writer {
             path,
             retention_days,
             stats,
-            next_retention: Instant::now(),
-            retention_under_way: false,
+            retention: super::RetentionSchedule::new(),
             last_error_logged: None,
             insert_many: insert_many_sql(ROWS_PER_INSERT),
         }
@@ -328,18 +323,14 @@ impl Writer {
     /// [`RETENTION_STEP`] old rows and as many old roll-ups, each its own short statement, so
     /// batches never wait long behind it.
     pub(super) fn retention_step(&mut self) {
-        if !self.retention_under_way {
-            if Instant::now() < self.next_retention {
-                return;
-            }
-            self.retention_under_way = true;
-            self.next_retention = Instant::now() + RETENTION_EVERY;
+        if !self.retention.step_due() {
+            return;
         }
         let cutoff = crate::core::clock::unix_now() - i64::from(self.retention_days) * 86_400;
         match remove_older(&self.conn, cutoff) {
-            Ok(removed) => self.retention_under_way = removed > 0,
+            Ok(removed) => self.retention.stepped(removed > 0),
             Err(e) => {
-                self.retention_under_way = false;
+                self.retention.stepped(false);
                 self.log_error(&format!("retention: {e}"));
             }
         }
