@@ -89,7 +89,17 @@ fn run(editor: &SyncEditor, reloader: &Reloader, rx: &Receiver<Job>) {
 }
 
 fn apply(editor: &SyncEditor, reloader: &Reloader, batch: Vec<Job>) {
-    match attempt(editor, reloader, &batch) {
+    // A change that panics fails its batch, not the writer (every later write would get 503).
+    // Nothing half-edited survives it: the editor keeps no parse of an edit that did not end.
+    let attempted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        attempt(editor, reloader, &batch)
+    }))
+    .unwrap_or_else(|_| {
+        Err(ApiError::internal(
+            "the write failed; see the gateway's log",
+        ))
+    });
+    match attempted {
         Ok((outcomes, revision)) => {
             for (job, outcome) in batch.into_iter().zip(outcomes) {
                 let _ = job.reply.send(outcome.map(|v| (v, revision)));

@@ -5,12 +5,15 @@ use std::io::Write;
 use std::path::Path;
 use std::time::SystemTime;
 
-/// What tells cheaply whether a file changed: its length, modification time and inode (a file
-/// replaced by a rename, as [`write_atomic`] does, has a new inode).
+/// What tells cheaply whether a file changed: its length, modification time, device and inode
+/// (a file replaced by a rename, as [`write_atomic`] does, has a new inode). Not proof: a file
+/// replaced twice within one tick of a coarse clock (1–2 s on some file systems), whose inode
+/// came back, with the same length, has the stamp it had.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct FileStamp {
     len: u64,
     modified: Option<SystemTime>,
+    device: u64,
     inode: u64,
 }
 
@@ -23,6 +26,7 @@ impl FileStamp {
         Some(FileStamp {
             len: m.len(),
             modified: m.modified().ok(),
+            device: m.dev(),
             inode: m.ino(),
         })
     }

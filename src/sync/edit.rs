@@ -63,6 +63,7 @@ impl SyncEditor {
                 return Ok(file.clone());
             }
         }
+        *kept = None; // not held while the file is parsed again
         let file = Arc::new(self.read()?);
         *kept = now.map(|stamp| (stamp, file.clone()));
         Ok(file)
@@ -151,7 +152,12 @@ impl SyncEditor {
         let now = FileStamp::of(&self.path);
         let mut shared = match kept.as_mut().and_then(|k| k.take()) {
             Some((stamp, file)) if Some(stamp) == now => file,
-            _ => Arc::new(self.read()?),
+            stale => {
+                // Not held while the file is parsed again: two parses at once are a gigabyte
+                // each at a million keys.
+                drop(stale);
+                Arc::new(self.read()?)
+            }
         };
         // Edited in place unless a reader still holds this parse (then it is copied).
         let file = Arc::make_mut(&mut shared);

@@ -359,7 +359,20 @@ mod tests {
         assert!(!a.failed(3) && !a.failed(3) && a.failed(3));
         let first = a.down_until.load(std::sync::atomic::Ordering::Relaxed) - now_ms();
         assert_eq!(u.select(0), Pick::Target(1));
-        assert!(a.failed(3), "still failing: ejected again");
+        // Calls sent before the ejection fail after it: no new ejection each.
+        let until = a.down_until.load(std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..10 {
+            assert!(!a.failed(3), "a call of before the ejection");
+        }
+        assert_eq!(
+            a.down_until.load(std::sync::atomic::Ordering::Relaxed),
+            until
+        );
+        // The back-off ran out and the probe failed: ejected again, for longer.
+        a.down_until
+            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+        a.claim_probe(now_ms());
+        assert!(a.failed(3), "the probe failed: ejected again");
         let second = a.down_until.load(std::sync::atomic::Ordering::Relaxed) - now_ms();
         assert!(second > first, "{second} > {first}");
         std::thread::sleep(std::time::Duration::from_millis(2));

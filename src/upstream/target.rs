@@ -66,6 +66,8 @@ pub struct TargetState {
     pub ejections: AtomicU32,
     /// Ejected until then (0: not ejected).
     pub down_until: AtomicU64,
+    /// A request is probing the target after its ejection ran out ([`Self::claim_probe`]).
+    pub probing: AtomicBool,
     /// Cooling down (Retry-After) until then.
     pub cooling_until: AtomicU64,
     /// When it last failed (0: never).
@@ -113,12 +115,15 @@ impl TargetState {
     pub fn claim_probe(&self, now: u64) {
         let until = self.down_until.load(Ordering::Relaxed);
         if until != 0 && until <= now {
-            let _ = self.down_until.compare_exchange(
+            let claimed = self.down_until.compare_exchange(
                 until,
                 now + PROBE_WINDOW.as_millis() as u64,
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             );
+            if claimed.is_ok() {
+                self.probing.store(true, Ordering::Relaxed);
+            }
         }
     }
 
@@ -131,16 +136,24 @@ impl TargetState {
         if self.down_until.load(Ordering::Relaxed) != 0 {
             self.down_until.store(0, Ordering::Relaxed);
             self.ejections.store(0, Ordering::Relaxed);
+            self.probing.store(false, Ordering::Relaxed);
         }
     }
 
     /// An attempt failed; after `eject_after` in a row the target is ejected for a back-off
-    /// that doubles with each ejection in a row. Returns whether it was ejected.
+    /// that doubles with each ejection in a row. Returns whether it was ejected. While it is
+    /// ejected, only its probe's failure ejects it again: the failures of calls sent before
+    /// the ejection (many, under concurrency) do not each double the back-off.
     pub fn failed(&self, eject_after: u32) -> bool {
         let now = now_ms();
         self.last_failure.store(now, Ordering::Relaxed);
         let fails = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
         if fails < eject_after {
+            return false;
+        }
+        if self.down_until.load(Ordering::Relaxed) > now
+            && !self.probing.swap(false, Ordering::Relaxed)
+        {
             return false;
         }
         let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
