@@ -2,14 +2,14 @@
 //! that configure `health`, and takes a target out after `unhealthy_after` failed probes in a
 //! row, back in after `healthy_after` good ones.
 //!
-//! A probe is a plain `GET {path}` over HTTP/1.1 for `http` targets (any status below 500 is
-//! healthy: a 401 still says the server is there); `https` targets get a TCP connect only, so
-//! the check needs no TLS client of its own.
+//! A probe is a `GET {path}` (reqwest, HTTP/1.1, no redirects followed) for `http` targets:
+//! any status below 500 is healthy (a 401 still says the server is there). `https` targets get a
+//! TCP connect only: a TLS probe would judge the upstream's certificate by other rules than the
+//! proxy's own connection does.
 
 use super::{Target, Upstream};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Start the checks for every pool with `health`, on a thread of their own. Returns `None`
 /// when no pool has one.
@@ -26,10 +26,22 @@ pub fn spawn_health_checks(
         .name("keygate-health".into())
         .spawn(move || {
             rt.block_on(async move {
+                let client = match reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .user_agent("keygate-health")
+                    .http1_only()
+                    .build()
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        log::error!("health checks: cannot build their HTTP client: {e}");
+                        return;
+                    }
+                };
                 let mut tasks = Vec::new();
                 for p in 0..pools.len() {
                     for t in 0..pools[p].targets.len() {
-                        tasks.push(tokio::spawn(watch(pools.clone(), p, t)));
+                        tasks.push(tokio::spawn(watch(client.clone(), pools.clone(), p, t)));
                     }
                 }
                 for t in tasks {
@@ -40,7 +52,7 @@ pub fn spawn_health_checks(
     Ok(Some(handle))
 }
 
-async fn watch(pools: Arc<Vec<Upstream>>, p: usize, t: usize) {
+async fn watch(client: reqwest::Client, pools: Arc<Vec<Upstream>>, p: usize, t: usize) {
     let pool = &pools[p];
     let Some(h) = pool.health.clone() else {
         return;
@@ -49,7 +61,13 @@ async fn watch(pools: Arc<Vec<Upstream>>, p: usize, t: usize) {
     let interval = Duration::from_secs(h.interval_seconds);
     let (mut good, mut bad) = (0u32, 0u32);
     loop {
-        let ok = probe(target, &h.path, interval.min(Duration::from_secs(5))).await;
+        let ok = probe(
+            &client,
+            target,
+            &h.path,
+            interval.min(Duration::from_secs(5)),
+        )
+        .await;
         if ok {
             good += 1;
             bad = 0;
@@ -76,31 +94,20 @@ async fn watch(pools: Arc<Vec<Upstream>>, p: usize, t: usize) {
 }
 
 /// One probe, bounded by `limit`.
-async fn probe(target: &Target, path: &str, limit: Duration) -> bool {
+async fn probe(client: &reqwest::Client, target: &Target, path: &str, limit: Duration) -> bool {
     let Some(addr) = target.addr() else {
         return false;
     };
-    let tls = target.url.tls;
-    let request = format!(
-        "GET {}{} HTTP/1.1\r\nHost: {}\r\nUser-Agent: keygate-health\r\nConnection: close\r\n\r\n",
+    if target.url.tls {
+        let connect = tokio::net::TcpStream::connect(addr);
+        return matches!(tokio::time::timeout(limit, connect).await, Ok(Ok(_)));
+    }
+    let url = format!(
+        "http://{}{}{}",
+        target.url.authority(),
         target.url.base_path,
-        path,
-        target.url.authority()
+        path
     );
-    let run = async move {
-        let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
-        if tls {
-            return Some(true);
-        }
-        conn.write_all(request.as_bytes()).await.ok()?;
-        let mut head = [0u8; 12];
-        conn.read_exact(&mut head).await.ok()?;
-        // "HTTP/1.1 200"
-        let status = std::str::from_utf8(&head[9..12])
-            .ok()?
-            .parse::<u16>()
-            .ok()?;
-        Some(status < 500)
-    };
-    matches!(tokio::time::timeout(limit, run).await, Ok(Some(true)))
+    let answer = client.get(url).timeout(limit).send().await;
+    answer.is_ok_and(|r| r.status().as_u16() < 500)
 }

@@ -448,7 +448,11 @@ pub fn stats(
                 ..Totals::default()
             }),
         }
-        t += width;
+        // A range that ends at the clock's last bucket (`end` near i64::MAX) ends here.
+        let Some(next) = t.checked_add(width) else {
+            break;
+        };
+        t = next;
     }
     Ok(StatsPage {
         buckets,
