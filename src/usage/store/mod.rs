@@ -17,6 +17,7 @@ pub mod db;
 mod pg_read;
 pub mod postgres;
 pub mod query;
+mod roll_up;
 mod sqlite;
 
 pub use self::csv_export::{CsvExport, CSV_HEADER};

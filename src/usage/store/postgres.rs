@@ -10,12 +10,13 @@
 //! reached the batch is kept and the rest waits in the queue; the writer reconnects with a
 //! growing pause (up to [`RECONNECT_MAX`]) and catches up when it is back.
 
+use super::roll_up::{int, roll_up};
 use super::{Sink, StoreError, StoreRow, StoreStats, RETENTION_STEP};
 use crate::core::store_config::parse_postgres_url;
 use ::postgres::binary_copy::BinaryCopyInWriter;
 use ::postgres::types::Type;
 use ::postgres::{Client, NoTls};
-use std::collections::BTreeMap;
+use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -311,21 +312,6 @@ fn without_nul(r: &StoreRow) -> Option<StoreRow> {
     })
 }
 
-/// u64 counts as PostgreSQL's `bigint` (saturating).
-fn int(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-/// One hour's sums for a key, model and account, added up over a batch.
-#[derive(Default)]
-struct Sums {
-    requests: i64,
-    errors: i64,
-    prompt_tokens: i64,
-    completion_tokens: i64,
-    quota: i64,
-}
-
 /// The batch's calls by COPY and its roll-ups, in one transaction.
 fn insert(client: &mut Client, batch: &[StoreRow]) -> Result<(), ::postgres::Error> {
     let mut tx = client.transaction()?;
@@ -357,25 +343,15 @@ fn insert(client: &mut Client, batch: &[StoreRow]) -> Result<(), ::postgres::Err
     }
     copy.finish()?;
     // Sorted by key, hour, model and account: every gateway takes the roll-up rows' locks in
-    // the same order, so two batches never deadlock.
-    let mut hours: BTreeMap<(u64, i64, String, String), Sums> = BTreeMap::new();
-    for r in batch {
-        let hour = r.created_at.div_euclid(3600) * 3600;
-        let account = r.account.as_deref().unwrap_or("");
-        let s = hours
-            .entry((
-                r.key_id,
-                hour,
-                r.model.replace('\0', "\u{fffd}"),
-                account.replace('\0', "\u{fffd}"),
-            ))
-            .or_default();
-        s.requests += 1;
-        s.errors += i64::from(r.status >= 400);
-        s.prompt_tokens = s.prompt_tokens.saturating_add(int(r.prompt_tokens));
-        s.completion_tokens = s.completion_tokens.saturating_add(int(r.completion_tokens));
-        s.quota = s.quota.saturating_add(r.quota);
-    }
+    // the same order, so two batches never deadlock. Grouped by the names as stored (a NUL
+    // becomes U+FFFD), so one statement never updates a roll-up row twice.
+    let hours = roll_up(batch, |t| {
+        if t.contains('\0') {
+            Cow::Owned(t.replace('\0', "\u{fffd}"))
+        } else {
+            Cow::Borrowed(t)
+        }
+    });
     let n = hours.len();
     let (mut keys, mut hrs, mut models, mut accounts) = (
         Vec::with_capacity(n),
@@ -387,8 +363,8 @@ fn insert(client: &mut Client, batch: &[StoreRow]) -> Result<(), ::postgres::Err
     for ((key, hour, model, account), s) in hours {
         keys.push(int(key));
         hrs.push(hour);
-        models.push(model);
-        accounts.push(account);
+        models.push(model.into_owned());
+        accounts.push(account.into_owned());
         for (col, v) in sums.iter_mut().zip([
             s.requests,
             s.errors,

@@ -2,9 +2,10 @@
 //! and the writer's batch, roll-up and retention statements.
 
 use super::db::{Db, Param, Row};
+use super::roll_up::{int, roll_up};
 use super::{Sink, StoreError, StoreRow, StoreStats, RETENTION_STEP};
 use rusqlite::{params, Connection, OpenFlags};
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -130,16 +131,6 @@ pub fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// One hour's sums for a key, model and account, added up over a batch.
-#[derive(Default)]
-struct Sums {
-    requests: i64,
-    errors: i64,
-    prompt_tokens: i64,
-    completion_tokens: i64,
-    quota: i64,
-}
-
 /// The writer's state: its connection and the retention schedule.
 pub(super) struct Writer {
     conn: Connection,
@@ -208,11 +199,6 @@ fn bind_call(
     Ok(())
 }
 
-/// u64 counts as SQLite integers (saturating: SQLite has no unsigned type).
-fn int(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
 impl Writer {
     pub(super) fn new(
         conn: Connection,
@@ -270,7 +256,6 @@ impl Writer {
 
     fn insert(&mut self, batch: &[StoreRow]) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
-        let mut hours: HashMap<(i64, u64, &str, &str), Sums> = HashMap::new();
         {
             // Several rows per statement: a statement's step, reset and bind cost more than
             // the row's own b-tree work.
@@ -289,23 +274,11 @@ impl Writer {
                 bind_call(&mut one, 0, r)?;
                 one.raw_execute()?;
             }
-            for r in batch {
-                let hour = r.created_at.div_euclid(3600) * 3600;
-                let account = r.account.as_deref().unwrap_or("");
-                let s = hours
-                    .entry((hour, r.key_id, r.model.as_str(), account))
-                    .or_default();
-                s.requests += 1;
-                s.errors += i64::from(r.status >= 400);
-                s.prompt_tokens = s.prompt_tokens.saturating_add(int(r.prompt_tokens));
-                s.completion_tokens = s.completion_tokens.saturating_add(int(r.completion_tokens));
-                s.quota = s.quota.saturating_add(r.quota);
-            }
             let mut upsert = tx.prepare_cached(UPSERT_HOUR)?;
-            for ((hour, key, model, account), s) in &hours {
+            for ((key, hour, model, account), s) in roll_up(batch, Cow::Borrowed) {
                 upsert.execute(params![
                     hour,
-                    int(*key),
+                    int(key),
                     model,
                     account,
                     s.requests,
