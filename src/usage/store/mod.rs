@@ -122,6 +122,16 @@ pub struct StoreStats {
     pub batch_micros: AtomicU64,
 }
 
+impl StoreStats {
+    /// A batch of `rows` rows was written, its transaction begun at `started`.
+    pub(super) fn batch_written(&self, rows: u64, started: std::time::Instant) {
+        self.written.fetch_add(rows, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.batch_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
 /// Messages to the writer besides rows.
 enum Control {
     /// Write everything queued, then answer.

@@ -396,11 +396,7 @@ impl Sink for PgWriter {
         let n = batch.len() as u64;
         match insert(client, batch) {
             Ok(()) => {
-                self.stats.written.fetch_add(n, Ordering::Relaxed);
-                self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .batch_micros
-                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                self.stats.batch_written(n, started);
                 batch.clear();
                 true
             }

@@ -227,11 +227,7 @@ impl Writer {
         let n = batch.len() as u64;
         match self.insert(batch) {
             Ok(()) => {
-                self.stats.written.fetch_add(n, Ordering::Relaxed);
-                self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .batch_micros
-                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                self.stats.batch_written(n, started);
             }
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
