@@ -12,8 +12,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 #[tokio::test]
 async fn a_slow_reader_is_held_back_not_buffered() {
     let env = Env::start().await;
-    // Warm up: the first call builds what every call shares.
-    assert_eq!(chat(&env, OK, "gpt-4o-mini").await.status(), 200);
+    // Warm up before the baseline: calls on both worker threads (each grows its allocator
+    // arena once), and the usage store's writer has written their rows (its SQLite page
+    // cache). Without this the baseline missed up to ~5 MB of one-off growth and the test
+    // failed in CI though nothing was buffered.
+    const WARM: usize = 16;
+    let calls = (0..WARM).map(|_| chat(&env, OK, "gpt-4o-mini"));
+    for r in futures_util::future::join_all(calls).await {
+        assert_eq!(r.status(), 200);
+    }
+    wait_rows_written(&env, WARM).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let before = env.gw.rss_kib();
 
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -57,4 +66,25 @@ async fn a_slow_reader_is_held_back_not_buffered() {
         String::from_utf8_lossy(&more).contains("data: {"),
         "the stream did not go on"
     );
+}
+
+/// Wait until the usage store has written at least `n` rows.
+async fn wait_rows_written(env: &Env, n: usize) {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = env.gw.metrics_text().await;
+        let written = text
+            .lines()
+            .find_map(|l| l.strip_prefix("keygate_usage_store_rows_written_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if written >= n as f64 {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "the store wrote {written} of {n} rows"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
