@@ -21,20 +21,61 @@ impl FileStamp {
     /// The stamp of the file at `path` (following symlinks, so a swapped Kubernetes ConfigMap
     /// `..data` shows as a new inode); `None` when it cannot be read.
     pub fn of(path: &Path) -> Option<FileStamp> {
+        Some(FileStamp::from_metadata(&std::fs::metadata(path).ok()?))
+    }
+
+    /// The stamp of an open file. Whoever keeps `file` open also keeps its inode from being
+    /// given to another file, so a stamp taken this way cannot match a later file by reuse.
+    pub fn of_file(file: &File) -> Option<FileStamp> {
+        Some(FileStamp::from_metadata(&file.metadata().ok()?))
+    }
+
+    fn from_metadata(m: &std::fs::Metadata) -> FileStamp {
         use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path).ok()?;
-        Some(FileStamp {
+        FileStamp {
             len: m.len(),
             modified: m.modified().ok(),
             device: m.dev(),
             inode: m.ino(),
-        })
+        }
+    }
+}
+
+/// A [`replace`] that failed, and whether `path` holds the new bytes already (the rename was
+/// done, only the folder's fsync failed: readers see the new file, a crash may bring back the
+/// old one).
+#[derive(Debug)]
+pub struct ReplaceError {
+    /// What failed.
+    pub error: std::io::Error,
+    /// The new bytes are in place.
+    pub replaced: bool,
+}
+
+impl std::fmt::Display for ReplaceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.replaced {
+            write!(
+                f,
+                "replaced, but its folder could not be synced: {}",
+                self.error
+            )
+        } else {
+            self.error.fmt(f)
+        }
     }
 }
 
 /// Write `bytes` to `path` so that a reader (or a crash) sees the old content or the new, never a
 /// mix: write a temp file beside it, fsync it, rename it over `path`, fsync the folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    replace(path, bytes).map_err(|e| e.error)
+}
+
+/// [`write_atomic`], telling a failure before the rename (the old file stays) from one after
+/// it (the new file is in place, not known to be durable): a caller that must not apply the
+/// same change twice needs the difference.
+pub fn replace(path: &Path, bytes: &[u8]) -> Result<(), ReplaceError> {
     // A bare file name's parent is "", which cannot be opened to fsync: it is ".".
     let dir = path
         .parent()
@@ -48,18 +89,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
-    let result = (|| {
+    let written = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
-        std::fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+        std::fs::rename(&tmp, path)
     })();
-    if result.is_err() {
+    if let Err(error) = written {
         let _ = std::fs::remove_file(&tmp);
+        return Err(ReplaceError {
+            error,
+            replaced: false,
+        });
     }
-    result
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|error| ReplaceError {
+            error,
+            replaced: true,
+        })
 }
 
 #[cfg(test)]
@@ -72,5 +121,28 @@ mod tests {
         super::write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_failure_before_the_rename_leaves_the_old_file_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        // A path whose folder does not exist: the temp file cannot be made.
+        let p = dir.path().join("missing").join("x.json");
+        let e = super::replace(&p, b"one").unwrap_err();
+        assert!(!e.replaced, "{e}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_open_file_keeps_its_stamp_from_matching_a_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.json");
+        super::write_atomic(&p, b"one").unwrap();
+        let pinned = std::fs::File::open(&p).unwrap();
+        let stamp = super::FileStamp::of_file(&pinned);
+        assert_eq!(stamp, super::FileStamp::of(&p));
+        // Same length, replaced: the new file cannot have the pinned inode.
+        super::write_atomic(&p, b"two").unwrap();
+        assert_ne!(stamp, super::FileStamp::of(&p));
     }
 }

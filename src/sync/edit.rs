@@ -18,8 +18,32 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// A parse of the file and the stamp the file had when it was read (or written).
-type Kept = Option<(FileStamp, Arc<SyncFile>)>;
+/// A parse of the file, the stamp the file had when it was read (or written), and the file
+/// kept open: while it is open its inode cannot be reused by a later file, so a stamp that
+/// matches is the same file, not a new one that got the old inode and length.
+struct KeptParse {
+    stamp: FileStamp,
+    pin: File,
+    file: Arc<SyncFile>,
+}
+
+type Kept = Option<KeptParse>;
+
+impl KeptParse {
+    /// Keep `file` as the parse of what `pin` (opened at the path) holds.
+    fn new(pin: File, file: Arc<SyncFile>) -> Option<KeptParse> {
+        Some(KeptParse {
+            stamp: FileStamp::of_file(&pin)?,
+            pin,
+            file,
+        })
+    }
+
+    /// Whether the file at the path is still the one kept.
+    fn is_current(&self, path: &Path) -> bool {
+        FileStamp::of(path) == Some(self.stamp)
+    }
+}
 
 /// Edits one sync file. Clones share what they keep.
 #[derive(Clone)]
@@ -55,18 +79,37 @@ impl SyncEditor {
             return self.read().map(Arc::new);
         };
         let mut kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
-        // The stamp is taken before the read: should the file change in between, the parse is
-        // kept under the older stamp and read again next time, never the reverse.
-        let now = FileStamp::of(&self.path);
-        if let Some((stamp, file)) = kept.as_ref() {
-            if Some(*stamp) == now {
-                return Ok(file.clone());
-            }
+        if let Some(k) = kept.as_ref().filter(|k| k.is_current(&self.path)) {
+            return Ok(k.file.clone());
         }
         *kept = None; // not held while the file is parsed again
-        let file = Arc::new(self.read()?);
-        *kept = now.map(|stamp| (stamp, file.clone()));
+        let (pin, file) = self.read_pinned()?;
+        let file = Arc::new(file);
+        *kept = pin.and_then(|pin| KeptParse::new(pin, file.clone()));
         Ok(file)
+    }
+
+    /// [`read`](Self::read) through a handle that is returned open (`None`: no file). Its
+    /// stamp, taken when it is kept, is that of the bytes read unless the file was written in
+    /// place meanwhile; then the stamp has moved on too and the parse is read again next time.
+    fn read_pinned(&self) -> Result<(Option<File>, SyncFile), String> {
+        use std::io::Read;
+        let failed = |e: std::io::Error| format!("sync file {}: {e}", self.path.display());
+        let mut pin = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, self.read()?)),
+            Err(e) => return Err(failed(e)),
+        };
+        let stamp = FileStamp::of_file(&pin);
+        #[cfg(test)]
+        tests::PARSES.with(|n| n.set(n.get() + 1));
+        let mut bytes = Vec::new();
+        pin.read_to_end(&mut bytes).map_err(failed)?;
+        let file = SyncFile::parse(&bytes)
+            .map_err(|e| format!("sync file {}: {e}", self.path.display()))?;
+        // Changed while it was read: not kept (the next look reads it again).
+        let pin = Some(pin).filter(|p| FileStamp::of_file(p) == stamp);
+        Ok((pin, file))
     }
 
     /// The file being edited.
@@ -110,13 +153,15 @@ impl SyncEditor {
         change: impl FnOnce(&mut SyncFile) -> Result<T, String>,
     ) -> Result<T, String> {
         let mut failed = None;
-        let (out, _) = self.edit_some(|file| match change(file) {
+        let change = |file: &mut SyncFile| match change(file) {
             Ok(out) => (Some(out), true),
             Err(e) => {
                 failed = Some(e);
                 (None, false)
             }
-        })?;
+        };
+        // A change that fails may have touched the file before it failed.
+        let (out, _) = self.edit_kept(change, drop, false)?;
         match (out, failed) {
             (Some(out), _) => Ok(out),
             (None, e) => Err(e.unwrap_or_default()),
@@ -127,6 +172,8 @@ impl SyncEditor {
     /// When it did, the result is validated, `revision` bumped and the file replaced; returns
     /// the outcome and the new revision (`None`: nothing written). An `Err` is the whole
     /// edit's failure (the file unreadable, the result invalid): nothing was written.
+    /// A change that says it changed nothing must have left the file untouched: the editor
+    /// goes on with that parse.
     pub fn edit_some<T>(
         &self,
         change: impl FnOnce(&mut SyncFile) -> (T, bool),
@@ -142,6 +189,17 @@ impl SyncEditor {
         change: impl FnOnce(&mut SyncFile) -> (T, bool),
         publish: impl FnOnce(KeyTable),
     ) -> Result<(T, Option<u64>), String> {
+        self.edit_kept(change, publish, true)
+    }
+
+    /// The edit; `untouched_if_unchanged`: the change promises to leave the file as it found
+    /// it when it says it changed nothing (so the parse is kept).
+    fn edit_kept<T>(
+        &self,
+        change: impl FnOnce(&mut SyncFile) -> (T, bool),
+        publish: impl FnOnce(KeyTable),
+        untouched_if_unchanged: bool,
+    ) -> Result<(T, Option<u64>), String> {
         let _lock = self.lock()?;
         // Held through the edit: readers wait for the edited parse rather than parse the file
         // being replaced.
@@ -149,21 +207,25 @@ impl SyncEditor {
             .kept
             .as_ref()
             .map(|k| k.lock().unwrap_or_else(PoisonError::into_inner));
-        let now = FileStamp::of(&self.path);
-        let mut shared = match kept.as_mut().and_then(|k| k.take()) {
-            Some((stamp, file)) if Some(stamp) == now => file,
+        let (mut pin, mut shared) = match kept.as_mut().and_then(|k| k.take()) {
+            Some(k) if k.is_current(&self.path) => (Some(k.pin), k.file),
             stale => {
                 // Not held while the file is parsed again: two parses at once are a gigabyte
                 // each at a million keys.
                 drop(stale);
-                Arc::new(self.read()?)
+                let (pin, file) = self.read_pinned()?;
+                (pin, Arc::new(file))
             }
         };
         // Edited in place unless a reader still holds this parse (then it is copied).
         let file = Arc::make_mut(&mut shared);
         let (out, changed) = change(file);
         if !changed {
-            // Not kept: a change that failed half-way may have touched it.
+            // Kept only when the change promises it did not touch it (one that failed
+            // half-way may have).
+            if let (Some(kept), Some(pin), true) = (kept.as_mut(), pin, untouched_if_unchanged) {
+                **kept = KeptParse::new(pin, shared);
+            }
             return Ok((out, None));
         }
         file.revision += 1;
@@ -172,13 +234,20 @@ impl SyncEditor {
         let mut table = table?;
         let bytes = bytes?;
         table.source_digest = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
-        crate::support::fsutil::write_atomic(&self.path, &bytes)
-            .map_err(|e| format!("sync file {}: {e}", self.path.display()))?;
+        match crate::support::fsutil::replace(&self.path, &bytes) {
+            Ok(()) => {}
+            // The new file is what everyone reads now: the edit is done (reporting it failed
+            // would have it applied again), only its durability is in doubt.
+            Err(e) if e.replaced => log::error!("sync file {}: {e}", self.path.display()),
+            Err(e) => return Err(format!("sync file {}: {e}", self.path.display())),
+        }
         drop(bytes);
+        // The file written, opened under the lock (no cooperating writer replaced it since).
+        pin = File::open(&self.path).ok();
         let revision = file.revision;
         publish(table);
-        if let Some(kept) = kept.as_mut() {
-            **kept = FileStamp::of(&self.path).map(|stamp| (stamp, shared));
+        if let (Some(kept), Some(pin)) = (kept.as_mut(), pin) {
+            **kept = KeptParse::new(pin, shared);
         }
         Ok((out, Some(revision)))
     }
@@ -490,6 +559,51 @@ mod tests {
         let t = KeyTable::load(&path).unwrap();
         assert!(t.lookup(&key_digest(key.as_bytes())).is_some());
         assert_eq!(t.revision, 1);
+    }
+
+    thread_local! {
+        /// Parses made by a keeping editor on this thread.
+        pub(super) static PARSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    #[test]
+    fn a_keeping_editor_parses_again_only_when_the_file_may_differ() {
+        let parses = || PARSES.with(|n| n.get());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let ed = SyncEditor::keeping(&path);
+        create(&ed, &KeySpec::default(), None).unwrap();
+        ed.snapshot().unwrap();
+        let start = parses();
+        ed.snapshot().unwrap();
+        // A change that changed nothing (a 404 of the admin API) keeps the parse.
+        let (_, written) = ed.edit_some(|_| ((), false)).unwrap();
+        assert_eq!(written, None);
+        ed.snapshot().unwrap();
+        // So does a write.
+        ed.edit_some(|f| (f.keys[0].name = "renamed".into(), true))
+            .unwrap();
+        assert_eq!(ed.snapshot().unwrap().keys[0].name, "renamed");
+        assert_eq!(parses(), start, "no parse after the first");
+        // A change that failed may have touched it: parsed again.
+        let failed: Result<(), String> = ed.edit(|f| {
+            f.revision = 99;
+            Err("half-way".into())
+        });
+        assert!(failed.is_err());
+        assert_eq!(
+            ed.snapshot().unwrap().revision,
+            2,
+            "what failed is not seen"
+        );
+        assert_eq!(parses(), start + 1);
+        // Another writer replaces the file with one of the same length: seen at once.
+        let bytes = std::fs::read(&path).unwrap();
+        let other = String::from_utf8(bytes)
+            .unwrap()
+            .replace("\"revision\": 2", "\"revision\": 7");
+        crate::support::fsutil::write_atomic(&path, other.as_bytes()).unwrap();
+        assert_eq!(ed.snapshot().unwrap().revision, 7);
     }
 
     #[test]
