@@ -116,6 +116,12 @@ impl ApiError {
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
+    /// 500 for a blocking task that panicked or was cancelled: what it said goes to the log,
+    /// not to the caller (a panic's text is an internal detail).
+    pub fn crashed(what: &str, e: tokio::task::JoinError) -> ApiError {
+        log::error!("admin: {what}: {e}");
+        ApiError::internal(format!("{what} failed; see the gateway's log"))
+    }
     /// 503.
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)

@@ -309,7 +309,7 @@ impl Admin {
                 let path = self.editor.path().to_path_buf();
                 let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
                     .await
-                    .map_err(|e| ApiError::internal(format!("reading the sync file: {e}")))?
+                    .map_err(|e| ApiError::crashed("reading the sync file", e))?
                     .map_err(|e| ApiError::internal(format!("reading the sync file: {e}")))?;
                 // Only the file in force: not one the gateway has yet to load (or rejected).
                 if <sha2::Sha256 as sha2::Digest>::digest(&bytes).as_slice() == table.source_digest
@@ -345,7 +345,7 @@ impl Admin {
         let editor = self.editor.clone();
         tokio::task::spawn_blocking(move || editor.snapshot())
             .await
-            .map_err(|e| ApiError::internal(format!("reading the sync file: {e}")))?
+            .map_err(|e| ApiError::crashed("reading the sync file", e))?
             .map_err(ApiError::internal)
     }
 

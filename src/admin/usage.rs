@@ -53,7 +53,7 @@ pub async fn logs(admin: &Admin, caller: &Caller, req: &Req) -> Reply {
     let now = crate::core::clock::unix_now();
     let page = tokio::task::spawn_blocking(move || store.read(|c| query::logs(c, &f, now)))
         .await
-        .map_err(failed)?
+        .map_err(|e| ApiError::crashed("the usage store query", e))?
         .map_err(failed)?;
     Ok(json(StatusCode::OK, &page))
 }
@@ -68,7 +68,7 @@ pub async fn stats(admin: &Admin, caller: &Caller, req: &Req) -> Reply {
     let now = crate::core::clock::unix_now();
     let page = tokio::task::spawn_blocking(move || store.read(|c| query::stats(c, &f, now)))
         .await
-        .map_err(failed)?
+        .map_err(|e| ApiError::crashed("the usage store query", e))?
         .map_err(failed)?;
     Ok(json(StatusCode::OK, &page))
 }
