@@ -3,6 +3,11 @@
 //! creates (how long, how many rewrites of the sync file).
 //!
 //! cargo build --release && cargo run --release --example admin_bench -- 10000 100000 1000000
+//!
+//! `-- breakdown N…`: what one write costs at N keys, by part, in this process (no gateway):
+//! reading and parsing the file (done once and kept), an edit, compiling the table (validation),
+//! serializing, writing it durably, and dropping a table. The parts the API runs side by side
+//! (compile and serialize) are timed apart here.
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
@@ -33,7 +38,49 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+/// Time `f`, printing `what` and the seconds it took.
+fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let out = f();
+    print!(" {what} {:.0} ms;", t.elapsed().as_secs_f64() * 1e3);
+    out
+}
+
+fn breakdown(sizes: &[usize]) {
+    use keygate::config::{KeyEntry, SyncFile};
+    use keygate::KeyTable;
+    for &n in sizes {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        write_sync(&path, n);
+        print!("{n} keys:");
+        let bytes = timed("read", || std::fs::read(&path).unwrap());
+        let mut file = timed("parse", || SyncFile::parse(&bytes).unwrap());
+        drop(bytes);
+        timed("edit", || {
+            let id = keygate::sync::edit::next_free_id(&file);
+            file.next_id = Some(id + 1);
+            file.keys.push(KeyEntry::new(id, format!("{id:064x}")));
+            file.revision += 1;
+        });
+        let table = timed("compile", || KeyTable::compile(&file, "bench").unwrap());
+        let out = timed("serialize", || serde_json::to_vec_pretty(&file).unwrap());
+        timed("write+fsync", || {
+            keygate::support::fsutil::write_atomic(&path, &out).unwrap()
+        });
+        timed("drop table", || drop(table));
+        println!(" ({} MB)", out.len() >> 20);
+    }
+}
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("breakdown") {
+        let sizes: Vec<usize> = std::env::args()
+            .skip(2)
+            .map(|a| a.parse().expect("key counts"))
+            .collect();
+        return breakdown(&sizes);
+    }
     let bin = std::env::var("KEYGATE_BIN").unwrap_or_else(|_| "target/release/keygate".into());
     let sizes: Vec<usize> = std::env::args()
         .skip(1)
