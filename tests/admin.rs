@@ -230,6 +230,53 @@ async fn a_created_key_works_in_the_next_request_and_its_secret_is_shown_once() 
     }
 }
 
+/// `keygate_sync_file_reads_total`.
+async fn sync_file_reads(env: &Env) -> u64 {
+    env.gw
+        .metrics_text()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("keygate_sync_file_reads_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("keygate_sync_file_reads_total exported")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateway_does_not_read_back_the_file_its_api_wrote() {
+    let env = env().await;
+    let api = Api { env: &env };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = sync_file_reads(&env).await;
+    for i in 0..5 {
+        let body = json!({"name": format!("k{i}")});
+        let (s, k) = api.admin("POST", "/admin/v1/keys", Some(body)).await;
+        assert_eq!(s, 201, "{k}");
+    }
+    // The watcher has seen the renames (and the periodic stat) by now.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        sync_file_reads(&env).await,
+        before,
+        "the watcher read the file the API had written and put in force"
+    );
+    // Another writer's change is still read.
+    let conf = env.dir.path().join("keygate.yaml");
+    let (ok, out) = keygate_cli(&[
+        "keys",
+        "create",
+        "--name",
+        "from the cli",
+        "-c",
+        conf.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let until = Instant::now() + Duration::from_secs(10);
+    while sync_file_reads(&env).await == before {
+        assert!(Instant::now() < until, "the CLI's write was not read");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_and_roles_are_enforced() {
     let env = env().await;

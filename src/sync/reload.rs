@@ -234,7 +234,14 @@ impl Reloader {
                             // Debounce: a writer may touch the file several times.
                             std::thread::sleep(Duration::from_millis(50));
                             while rx.try_recv().is_ok() {}
-                            self.check(false);
+                            // A file this gateway wrote itself (the admin API) is in force
+                            // already, under the stamp recorded when it was published: not
+                            // read again (at a million keys, a second of CPU per write). Any
+                            // other writer changes the stamp (a new inode, length or time);
+                            // what one tick of a coarse clock hides, the periodic hash finds.
+                            if self.stamp_changed() {
+                                self.check(false);
+                            }
                         }
                         Err(RecvTimeoutError::Timeout) if watch => {
                             if self.stamp_changed() || last_hash_check.elapsed() >= FULL_HASH_EVERY
