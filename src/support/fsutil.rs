@@ -41,6 +41,26 @@ impl FileStamp {
     }
 }
 
+/// Take the exclusive lock that writers of `path` hold while they edit it (a lock file beside
+/// it, `.NAME.lock`, made if missing); released when the returned file is dropped. Blocks
+/// while another holder (in any process) has it.
+pub fn lock_beside(path: &Path) -> Result<File, String> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let lock_path = path.with_file_name(format!(".{name}.lock"));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+    f.lock()
+        .map_err(|e| format!("{}: cannot lock: {e}", lock_path.display()))?;
+    Ok(f)
+}
+
 /// A [`replace`] that failed, and whether `path` holds the new bytes already (the rename was
 /// done, only the folder's fsync failed: readers see the new file, a crash may bring back the
 /// old one).

@@ -9,12 +9,12 @@
 //! compile and one write (side by side), not a read, a parse, a compile, a write and a reload.
 
 use crate::core::config::{KeyEntry, KeyStatus, PreviousKey, SyncFile};
-use crate::core::table::{digest_hex, generate_key, key_digest, KeyTable};
+use crate::core::table::{digest_hex, generate_key, key_digest, Digest, KeyTable};
 use crate::core::vault::{key_hint, Vault};
 use crate::support::fsutil::FileStamp;
 use serde::Serialize;
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -118,21 +118,7 @@ impl SyncEditor {
     }
 
     fn lock(&self) -> Result<File, String> {
-        let name = self
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let lock_path = self.path.with_file_name(format!(".{name}.lock"));
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
-        f.lock()
-            .map_err(|e| format!("{}: cannot lock: {e}", lock_path.display()))?;
-        Ok(f)
+        crate::support::fsutil::lock_beside(&self.path)
     }
 
     /// Read and parse the file (an absent file is an empty one).
@@ -201,6 +187,7 @@ impl SyncEditor {
         untouched_if_unchanged: bool,
     ) -> Result<(T, Option<u64>), String> {
         let _lock = self.lock()?;
+        let mut clock = PhaseClock::start();
         // Held through the edit: readers wait for the edited parse rather than parse the file
         // being replaced.
         let mut kept = self
@@ -217,9 +204,11 @@ impl SyncEditor {
                 (pin, Arc::new(file))
             }
         };
+        clock.lap("read");
         // Edited in place unless a reader still holds this parse (then it is copied).
         let file = Arc::make_mut(&mut shared);
         let (out, changed) = change(file);
+        clock.lap("edit");
         if !changed {
             // Kept only when the change promises it did not touch it (one that failed
             // half-way may have).
@@ -232,8 +221,9 @@ impl SyncEditor {
         // What was edited is not kept unless it is written: a failure below drops it.
         let (table, bytes) = self.compile_and_serialize(file);
         let mut table = table?;
-        let bytes = bytes?;
-        table.source_digest = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
+        let (bytes, digest) = bytes?;
+        table.source_digest = digest;
+        clock.lap("compile+serialize");
         match crate::support::fsutil::replace(&self.path, &bytes) {
             Ok(()) => {}
             // The new file is what everyone reads now: the edit is done (reporting it failed
@@ -242,13 +232,16 @@ impl SyncEditor {
             Err(e) => return Err(format!("sync file {}: {e}", self.path.display())),
         }
         drop(bytes);
+        clock.lap("write");
         // The file written, opened under the lock (no cooperating writer replaced it since).
         pin = File::open(&self.path).ok();
         let revision = file.revision;
         publish(table);
+        clock.lap("publish");
         if let (Some(kept), Some(pin)) = (kept.as_mut(), pin) {
             **kept = KeptParse::new(pin, shared);
         }
+        log::debug!("sync file {} edited:{}", self.path.display(), clock.laps);
         Ok((out, Some(revision)))
     }
 
@@ -256,13 +249,16 @@ impl SyncEditor {
     fn compile_and_serialize(
         &self,
         file: &SyncFile,
-    ) -> (Result<KeyTable, String>, Result<Vec<u8>, String>) {
+    ) -> (Result<KeyTable, String>, Result<Written, String>) {
         let source = self.path.display().to_string();
         std::thread::scope(|s| {
+            // The bytes' digest is taken on the same side (at a million keys, hashing the
+            // 290 MB is most of a second).
             let bytes = s.spawn(|| {
                 let mut bytes = serde_json::to_vec_pretty(file).map_err(|e| e.to_string())?;
                 bytes.push(b'\n');
-                Ok(bytes)
+                let digest = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
+                Ok((bytes, digest))
             });
             let table = KeyTable::compile(file, &source).map_err(|e| e.to_string());
             let bytes = bytes
@@ -270,6 +266,31 @@ impl SyncEditor {
                 .unwrap_or_else(|_| Err("writing the sync file failed".into()));
             (table, bytes)
         })
+    }
+}
+
+/// The serialized file and the digest of its bytes.
+type Written = (Vec<u8>, Digest);
+
+/// How long each part of an edit took (logged at debug level).
+struct PhaseClock {
+    at: std::time::Instant,
+    laps: String,
+}
+
+impl PhaseClock {
+    fn start() -> PhaseClock {
+        PhaseClock {
+            at: std::time::Instant::now(),
+            laps: String::new(),
+        }
+    }
+
+    fn lap(&mut self, what: &str) {
+        use std::fmt::Write;
+        let now = std::time::Instant::now();
+        let _ = write!(self.laps, " {what} {} ms", (now - self.at).as_millis());
+        self.at = now;
     }
 }
 

@@ -208,6 +208,15 @@ impl Reloader {
         ReloadOutcome::Rejected(message)
     }
 
+    /// Wait until no writer (`keygate keys`, the admin API) is editing the file, and keep them
+    /// out while the file is looked at: the admin API puts what it wrote in force itself and
+    /// records its stamp, so a look after it finds nothing to read (a look during it read and
+    /// compiled the file a second time: seconds at a million keys). `None` where no lock file
+    /// can be made (a read-only folder, such as a mounted ConfigMap: nobody edits there).
+    fn wait_for_writers(&self) -> Option<std::fs::File> {
+        crate::support::fsutil::lock_beside(&self.path).ok()
+    }
+
     fn stamp_changed(&self) -> bool {
         let now = stamp(&self.path);
         self.last_stamp.lock().map_or(true, |s| *s != now)
@@ -228,6 +237,7 @@ impl Reloader {
                     match rx.recv_timeout(Duration::from_secs(1)) {
                         Ok(Wake::Signal) => {
                             log::info!("SIGHUP: reloading {}", self.path.display());
+                            let _writers = self.wait_for_writers();
                             self.check(true);
                         }
                         Ok(Wake::FileEvent) => {
@@ -239,11 +249,13 @@ impl Reloader {
                             // read again (at a million keys, a second of CPU per write). Any
                             // other writer changes the stamp (a new inode, length or time);
                             // what one tick of a coarse clock hides, the periodic hash finds.
+                            let _writers = self.wait_for_writers();
                             if self.stamp_changed() {
                                 self.check(false);
                             }
                         }
                         Err(RecvTimeoutError::Timeout) if watch => {
+                            let _writers = self.wait_for_writers();
                             if self.stamp_changed() || last_hash_check.elapsed() >= FULL_HASH_EVERY
                             {
                                 last_hash_check = Instant::now();
