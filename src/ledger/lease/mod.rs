@@ -25,6 +25,7 @@
 //! Leases shrink near the limit (at most an eighth of the room left, or what the waiting calls
 //! need), so the quota stranded in other gateways' leases shrinks with it.
 
+pub(crate) mod rates;
 mod scripts;
 mod worker;
 
