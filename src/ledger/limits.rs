@@ -97,7 +97,7 @@ pub enum LimitRefusal {
     Unavailable(Scope),
 }
 
-/// Why [`LimitBook::admit_from`] did not admit.
+/// Why [`LimitBook::admit_leased`] did not admit.
 pub(crate) enum Refused {
     /// A refusal.
     No(LimitRefusal),
@@ -174,22 +174,48 @@ impl LimitBook {
         tokens: u64,
         now: i64,
     ) -> Result<LimitHold, LimitRefusal> {
-        self.admit_from(scopes, tokens, now, false)
-            .map_err(|r| match r {
-                Refused::No(r) => r,
-                // Only a lease can be short.
-                Refused::Short(i, _) => LimitRefusal::Requests(scopes[i].scope, WINDOW_NS),
-            })
+        for s in scopes {
+            if let Some(tpm) = s.limits.tpm {
+                if tokens > u64::from(tpm) {
+                    return Err(LimitRefusal::TokensNever(s.scope, tpm));
+                }
+            }
+        }
+        let mut hold = LimitHold {
+            book: self.shared.clone(),
+            parts: Vec::with_capacity(scopes.len()),
+        };
+        for s in scopes.iter().filter(|s| !s.limits.is_empty()) {
+            let live = self.scope(s.id);
+            let mut part = Part {
+                id: s.id,
+                live,
+                scope: s.scope,
+                limits: s.limits,
+                shared: false,
+                slot: false,
+                rpm: false,
+                tokens: 0,
+            };
+            let refused = part
+                .take_slot(&self.shared)
+                .and_then(|()| part.take_local(tokens, now));
+            hold.parts.push(part);
+            if let Err(r) = refused {
+                hold.cancel(now);
+                return Err(r);
+            }
+        }
+        Ok(hold)
     }
 
-    /// [`LimitBook::admit`], taking rpm and tpm from the local buckets or, when `shared`, from
-    /// the scopes' leases.
-    pub(crate) fn admit_from(
+    /// [`LimitBook::admit`] on the shared ledger: rpm and tpm from the scopes' leases (the
+    /// same steps; kept apart so that the local path stays as it was).
+    pub(crate) fn admit_leased(
         &self,
         scopes: &[ScopeLimits],
         tokens: u64,
         now: i64,
-        shared: bool,
     ) -> Result<LimitHold, Refused> {
         for s in scopes {
             if let Some(tpm) = s.limits.tpm {
@@ -212,12 +238,15 @@ impl LimitBook {
                 live,
                 scope: s.scope,
                 limits: s.limits,
-                shared,
+                shared: true,
                 slot: false,
                 rpm: false,
                 tokens: 0,
             };
-            let refused = part.take(i, tokens, now, &self.shared);
+            let refused = part
+                .take_slot(&self.shared)
+                .map_err(Refused::No)
+                .and_then(|()| part.take_lease(i, tokens, now));
             hold.parts.push(part);
             if let Err(r) = refused {
                 hold.cancel(now);
@@ -229,14 +258,7 @@ impl LimitBook {
 }
 
 impl Part {
-    fn take(&mut self, i: usize, tokens: u64, now: i64, book: &BookShared) -> Result<(), Refused> {
-        self.take_slot(book).map_err(Refused::No)?;
-        if self.shared {
-            return self.take_lease(i, tokens, now);
-        }
-        self.take_local(tokens, now).map_err(Refused::No)
-    }
-
+    #[inline]
     fn take_slot(&mut self, book: &BookShared) -> Result<(), LimitRefusal> {
         if let Some(max) = self.limits.concurrency {
             let max = i64::from(max);
@@ -276,6 +298,7 @@ impl Part {
         Ok(())
     }
 
+    #[inline]
     fn take_local(&mut self, tokens: u64, now: i64) -> Result<(), LimitRefusal> {
         if let Some(rpm) = self.limits.rpm {
             match self.live.rpm.take(rpm, 1, now) {

@@ -22,16 +22,16 @@
 //! from what is held, then refuses (503); `deny` refuses at once; `allow` falls back to this
 //! gateway's own buckets, which mirror the Redis bucket as last seen.
 
-use super::scripts::{connect, unreachable, Conn, Script};
+use super::rate_worker::Worker;
+use super::scripts::Script;
 use super::RedisSettings;
 use crate::core::config::OnUnavailable;
 use crate::ledger::limits::{
     mono_ns, LimitBook, LimitHold, LimitRefusal, Refused, ScopeLimits, ScopeLive,
 };
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// The rpm index of a [`RateSlot`]'s pairs.
@@ -42,14 +42,14 @@ pub(crate) const TPM: usize = 1;
 /// A lease covers what the limit refills in this long.
 pub(crate) const LEASE_COVERS: Duration = Duration::from_secs(2);
 /// A lease unused this long goes back to the bucket.
-const IDLE: Duration = Duration::from_secs(5);
+pub(super) const IDLE: Duration = Duration::from_secs(5);
 /// Debts and idle leases are reported this often.
-const FLUSH_EVERY: Duration = Duration::from_secs(1);
+pub(super) const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// A call that found its lease short tries again this many times after a refill.
 const ROUNDS: usize = 4;
 /// Script calls in flight at once.
-const CONCURRENT_CALLS: usize = 64;
-const WINDOW_US: i64 = 60_000_000;
+pub(super) const CONCURRENT_CALLS: usize = 64;
+pub(super) const WINDOW_US: i64 = 60_000_000;
 
 /// The most tokens a gateway holds for a scope with limit `limit`.
 pub(crate) fn lease_size(limit: u32) -> i64 {
@@ -98,10 +98,10 @@ pub(super) fn rate_key(id: u64) -> String {
 /// until when Redis said the bucket is empty.
 #[derive(Debug, Default)]
 pub struct RateSlot {
-    held: [AtomicI64; 2],
-    empty_until: [AtomicI64; 2],
-    last_use: AtomicI64,
-    queued: AtomicBool,
+    pub(super) held: [AtomicI64; 2],
+    pub(super) empty_until: [AtomicI64; 2],
+    pub(super) last_use: AtomicI64,
+    pub(super) queued: AtomicBool,
 }
 
 /// What a lease says about a request for tokens.
@@ -146,7 +146,7 @@ impl RateSlot {
     }
 
     /// Take out what is held (`positive`) or owed (not `positive`), to send it to Redis.
-    fn take_out(&self, k: usize, positive: bool) -> i64 {
+    pub(super) fn take_out(&self, k: usize, positive: bool) -> i64 {
         self.held[k]
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
                 ((h > 0) == positive && h != 0).then_some(0)
@@ -156,17 +156,17 @@ impl RateSlot {
 }
 
 /// A scope the worker is asked about.
-struct Ask {
-    id: u64,
-    live: Arc<ScopeLive>,
+pub(super) struct Ask {
+    pub(super) id: u64,
+    pub(super) live: Arc<ScopeLive>,
     /// rpm and tpm limits (0: none).
-    limits: [u32; 2],
+    pub(super) limits: [u32; 2],
     /// Tokens the waiting calls need, per kind.
-    need: [i64; 2],
-    replies: Vec<oneshot::Sender<bool>>,
+    pub(super) need: [i64; 2],
+    pub(super) replies: Vec<oneshot::Sender<bool>>,
 }
 
-enum Msg {
+pub(super) enum Msg {
     /// Calls of a scope wait for tokens (a top-up, when `reply` is `None`).
     Fill(Ask),
     /// Give every lease back, then answer.
@@ -175,10 +175,10 @@ enum Msg {
 
 /// The shared rate limits of one gateway.
 pub(crate) struct RateLeases {
-    mode: OnUnavailable,
-    up: AtomicBool,
+    pub(super) mode: OnUnavailable,
+    pub(super) up: AtomicBool,
     timeout: Duration,
-    ops: AtomicU64,
+    pub(super) ops: AtomicU64,
     tx: mpsc::UnboundedSender<Msg>,
 }
 
@@ -202,13 +202,7 @@ impl RateLeases {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let worker = Worker {
-            leases: leases.clone(),
-            settings,
-            conn: None,
-            script: Script::new(RATE_SCRIPT),
-            known: HashMap::new(),
-        };
+        let worker = Worker::new(leases.clone(), settings, Script::new(RATE_SCRIPT));
         std::thread::Builder::new()
             .name("keygate-rates".into())
             .spawn(move || runtime.block_on(worker.run(rx)))?;
@@ -296,7 +290,7 @@ impl LimitBook {
         }
         let mut short = (0, RPM);
         for _ in 0..ROUNDS {
-            match self.admit_from(scopes, tokens, mono_ns(), true) {
+            match self.admit_leased(scopes, tokens, mono_ns()) {
                 Ok(hold) => {
                     rates.top_up(&hold);
                     return Ok(hold);
@@ -323,274 +317,55 @@ impl LimitBook {
     }
 }
 
-/// One script call: per kind, what to want and what was taken out to give back.
-struct Call {
-    ask: Ask,
-    want: [i64; 2],
-    give: [i64; 2],
-}
+#[cfg(test)]
+mod tests {
+    //! The rate script's guarantees, against a real redis-server (skipped when it is not
+    //! installed, unless `KEYGATE_REQUIRE_REDIS` is set).
+    use super::super::scripts::Conn;
+    use super::super::tests::server;
+    use super::*;
 
-/// The worker thread: owns the connection and the scopes it holds leases for.
-struct Worker {
-    leases: Arc<RateLeases>,
-    settings: RedisSettings,
-    conn: Option<Conn>,
-    script: Script,
-    /// Scopes with a lease: the live state and their last limits.
-    known: HashMap<u64, (Arc<ScopeLive>, [u32; 2])>,
-}
-
-impl Worker {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
-        let mut next_flush = Instant::now() + FLUSH_EVERY;
-        loop {
-            let first = tokio::select! {
-                m = rx.recv() => match m {
-                    Some(m) => Some(m),
-                    None => return,
-                },
-                _ = tokio::time::sleep_until(next_flush.into()) => None,
-            };
-            let mut msgs: Vec<Msg> = first.into_iter().collect();
-            while let Ok(m) = rx.try_recv() {
-                msgs.push(m);
-            }
-            let mut asks: HashMap<u64, Ask> = HashMap::new();
-            let mut shutdown = None;
-            for m in msgs {
-                match m {
-                    Msg::Fill(a) => {
-                        a.live.lease.queued.store(false, Ordering::Release);
-                        self.known.insert(a.id, (a.live.clone(), a.limits));
-                        match asks.get_mut(&a.id) {
-                            Some(b) => {
-                                for k in 0..2 {
-                                    b.need[k] = b.need[k].saturating_add(a.need[k]);
-                                }
-                                b.limits = a.limits;
-                                b.replies.extend(a.replies);
-                            }
-                            None => {
-                                asks.insert(a.id, a);
-                            }
-                        }
-                    }
-                    Msg::Shutdown(done) => shutdown = Some(done),
-                }
-            }
-            let flush = Instant::now() >= next_flush || shutdown.is_some();
-            let closing = shutdown.is_some();
-            let mut calls: Vec<Call> = asks.into_values().map(|a| self.plan(a, false)).collect();
-            if flush {
-                calls.extend(self.flush(&calls, closing));
-                next_flush = Instant::now() + FLUSH_EVERY;
-            }
-            calls.retain(|c| c.want != [0, 0] || c.give != [0, 0] || !c.ask.replies.is_empty());
-            if !calls.is_empty() {
-                self.send(calls).await;
-            }
-            if let Some(done) = shutdown {
-                let _ = done.send(());
-                return;
-            }
-        }
+    /// One call for scope 9: rpm (limit, want, give), tpm (limit, want, give) → granted rpm,
+    /// granted tpm, and how far the rpm bucket is from full (s).
+    async fn rate(c: &mut Conn, rpm: [i64; 3], tpm: [i64; 3]) -> (i64, i64, f64) {
+        let key = rate_key(9);
+        let args = [rpm[0], rpm[1], rpm[2], tpm[0], tpm[1], tpm[2]];
+        let (g0, a0, g1, _): (i64, i64, i64, i64) = Script::new(RATE_SCRIPT)
+            .call(c, &[key.as_str()], &args, None)
+            .await
+            .unwrap();
+        (g0, g1, a0 as f64 / 1e6)
     }
 
-    /// What to ask for a scope: the waiting calls' need plus a lease; a debt goes along.
-    fn plan(&self, ask: Ask, give_back: bool) -> Call {
-        let mut call = Call {
-            want: [0, 0],
-            give: [0, 0],
-            ask,
-        };
-        let lease = &call.ask.live.lease;
-        for k in 0..2 {
-            let limit = call.ask.limits[k];
-            if limit == 0 {
-                continue;
-            }
-            call.give[k] = lease.take_out(k, false);
-            if give_back {
-                call.give[k] += lease.take_out(k, true);
-                continue;
-            }
-            let held = lease.held[k].load(Ordering::Acquire).max(0);
-            let target = call.ask.need[k].saturating_add(lease_size(limit));
-            call.want[k] = (target - held).max(0).min(i64::from(limit));
-        }
-        call
-    }
-
-    /// Scopes not asked about this round with a debt to report or an idle lease to give back.
-    fn flush(&mut self, asked: &[Call], closing: bool) -> Vec<Call> {
-        let now = mono_ns();
-        let idle_ns = IDLE.as_nanos() as i64;
-        let mut out = Vec::new();
-        let mut gone = Vec::new();
-        for (id, (live, limits)) in &self.known {
-            if asked.iter().any(|c| c.ask.id == *id) {
-                continue;
-            }
-            let lease = &live.lease;
-            let held = [0, 1].map(|k| lease.held[k].load(Ordering::Acquire));
-            let idle = closing || now - lease.last_use.load(Ordering::Relaxed) >= idle_ns;
-            if held == [0, 0] {
-                if idle {
-                    gone.push(*id);
-                }
-                continue;
-            }
-            if !(idle || held.iter().any(|h| *h < 0)) {
-                continue;
-            }
-            let ask = Ask {
-                id: *id,
-                live: live.clone(),
-                limits: *limits,
-                need: [0, 0],
-                replies: Vec::new(),
-            };
-            let mut call = self.plan(ask, idle);
-            if !idle {
-                // Only the debt: the lease stays as it is.
-                call.want = [0, 0];
-            }
-            out.push(call);
-        }
-        for id in gone {
-            self.known.remove(&id);
-        }
-        out
-    }
-
-    async fn ensure_conn(&mut self) -> bool {
-        if self.conn.is_none() {
-            match tokio::time::timeout(self.settings.timeout * 2, connect(&self.settings)).await {
-                Ok(Ok(c)) => self.conn = Some(c),
-                Ok(Err(e)) => return self.failed(&format!("connect: {e}")),
-                Err(_) => return self.failed("connect: timed out"),
-            }
-        }
-        true
-    }
-
-    fn failed(&self, why: &str) -> bool {
-        if self.leases.up.swap(false, Ordering::AcqRel) {
-            log::error!(
-                "rate limits: Redis unreachable ({why}); on_unavailable: {:?}",
-                self.leases.mode
-            );
-        }
-        false
-    }
-
-    /// Make the calls (several at once) and apply the answers.
-    async fn send(&mut self, mut calls: Vec<Call>) {
-        if !self.ensure_conn().await {
-            for c in calls {
-                undo(c);
-            }
+    #[tokio::test]
+    async fn grants_come_only_out_of_the_bucket() {
+        let Some((_s, mut c)) = server().await else {
             return;
-        }
-        while !calls.is_empty() {
-            let rest = calls.split_off(calls.len().min(CONCURRENT_CALLS));
-            let batch = std::mem::replace(&mut calls, rest);
-            let answers = futures_util::future::join_all(batch.iter().map(|c| {
-                let mut conn = self.conn.clone();
-                let script = &self.script;
-                let timeout = self.settings.timeout;
-                let key = rate_key(c.ask.id);
-                let mut args = [0i64; 6];
-                for k in 0..2 {
-                    args[k * 3] = i64::from(c.ask.limits[k]);
-                    args[k * 3 + 1] = c.want[k];
-                    args[k * 3 + 2] = c.give[k];
-                }
-                async move {
-                    let conn = conn.as_mut()?;
-                    let keys = [key.as_str()];
-                    let call = script.call::<(i64, i64, i64, i64)>(conn, &keys, &args, None);
-                    match tokio::time::timeout(timeout, call).await {
-                        Ok(Ok((a, b, c, d))) => Some(Ok([a, b, c, d])),
-                        Ok(Err(e)) if !unreachable(&e) => Some(Err(e)),
-                        Ok(Err(e)) => {
-                            log::debug!("rate limits: {e}");
-                            None
-                        }
-                        Err(_) => None,
-                    }
-                }
-            }))
-            .await;
-            self.leases
-                .ops
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            let reached = answers.iter().any(Option::is_some);
-            for (call, answer) in batch.into_iter().zip(answers) {
-                match answer {
-                    Some(Ok(v)) => apply(call, v),
-                    Some(Err(e)) => {
-                        log::error!("rate limits: scope {}: Redis refused: {e}", call.ask.id);
-                        undo(call);
-                    }
-                    None => undo(call),
-                }
-            }
-            if reached {
-                if !self.leases.up.swap(true, Ordering::AcqRel) {
-                    log::info!("rate limits: Redis reachable again");
-                }
-            } else {
-                self.failed("script calls failed or timed out");
-                for c in std::mem::take(&mut calls) {
-                    undo(c);
-                }
-            }
-        }
-    }
-}
-
-/// Credit an answer `[granted rpm, ahead rpm µs, granted tpm, ahead tpm µs]`: the tokens go to
-/// the lease, the local bucket mirrors the Redis one, and a grant short of what was asked marks
-/// the bucket empty until its next token.
-fn apply(call: Call, v: [i64; 4]) {
-    let now = mono_ns();
-    let live = &call.ask.live;
-    for k in 0..2 {
-        let limit = call.ask.limits[k];
-        if limit == 0 {
-            continue;
-        }
-        let (granted, ahead_ns) = (v[k * 2], v[k * 2 + 1].saturating_mul(1_000));
-        live.lease.give(k, granted);
-        let bucket = if k == RPM { &live.rpm } else { &live.tpm };
-        bucket.set_tat(now.saturating_add(ahead_ns));
-        if call.want[k] == 0 {
-            continue;
-        }
-        // Less than asked: the bucket is empty until its next token (calls that the lease
-        // cannot cover are refused here until then); all of it: not empty.
-        let until = if granted < call.want[k] {
-            let token_ns = WINDOW_US * 1_000 / i64::from(limit);
-            now + (ahead_ns + token_ns - WINDOW_US * 1_000).max(1_000_000)
-        } else {
-            0
         };
-        live.lease.empty_until[k].store(until, Ordering::Release);
+        // A full bucket of 60 grants 60 of 100 wanted, then nothing; it is a minute from full.
+        let (g, _, ahead) = rate(&mut c, [60, 100, 0], [0, 0, 0]).await;
+        assert_eq!(g, 60);
+        assert!((59.9..=60.0).contains(&ahead), "{ahead}");
+        assert_eq!(rate(&mut c, [60, 10, 0], [0, 0, 0]).await.0, 0);
+        // Tokens given back can be granted again; never more than the bucket holds.
+        assert_eq!(rate(&mut c, [60, 0, 5], [0, 0, 0]).await.0, 0);
+        assert_eq!(rate(&mut c, [60, 10, 0], [0, 0, 0]).await.0, 5);
+        // tpm is a bucket of its own.
+        assert_eq!(rate(&mut c, [60, 0, 0], [1_000, 400, 0]).await.1, 400);
     }
-    for r in call.ask.replies {
-        let _ = r.send(true);
-    }
-}
 
-/// A call without an answer: what was taken out to send goes back to the lease (a lost answer
-/// that Redis applied leaves the bucket stricter, never looser, except for a give-back), and
-/// the waiting calls are told.
-fn undo(call: Call) {
-    for k in 0..2 {
-        call.ask.live.lease.give(k, call.give[k]);
-    }
-    for r in call.ask.replies {
-        let _ = r.send(false);
+    #[tokio::test]
+    async fn a_give_back_never_fills_past_full_and_a_debt_is_charged() {
+        let Some((_s, mut c)) = server().await else {
+            return;
+        };
+        // Giving back to a full bucket leaves it full (not 1 060).
+        rate(&mut c, [60, 0, 1_000], [0, 0, 0]).await;
+        assert_eq!(rate(&mut c, [60, 100, 0], [0, 0, 0]).await.0, 60);
+        // tpm: 300 tokens used beyond a lease are charged whatever the room.
+        rate(&mut c, [0, 0, 0], [1_000, 0, -300]).await;
+        assert_eq!(rate(&mut c, [0, 0, 0], [1_000, 1_000, 0]).await.1, 700);
+        rate(&mut c, [0, 0, 0], [1_000, 0, -50]).await;
+        assert_eq!(rate(&mut c, [0, 0, 0], [1_000, 10, 0]).await.1, 0);
     }
 }
