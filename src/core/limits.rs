@@ -128,6 +128,12 @@ impl Bucket {
             });
     }
 
+    /// Put the bucket in a state learned elsewhere: full again at `tat` (the shared ledger
+    /// mirrors its Redis bucket here, for the headers).
+    pub fn set_tat(&self, tat: i64) {
+        self.tat.store(tat, Ordering::Release);
+    }
+
     /// Tokens left at `now` and ns until the bucket is full again.
     pub fn state(&self, limit: u32, now: i64) -> (u64, i64) {
         let debt = (self.tat.load(Ordering::Acquire) - now).max(0);

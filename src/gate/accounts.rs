@@ -105,7 +105,12 @@ pub async fn admit_policy(
     let scopes: Vec<ScopeLimits> = scopes.into_iter().flatten().collect();
     let mut hold = None;
     if !scopes.is_empty() {
-        match book.admit(&scopes, tokens, now_ns) {
+        let admitted = if ledger.shares_rates() {
+            ledger.admit_limits(book, &scopes, tokens, now_ns).await
+        } else {
+            book.admit(&scopes, tokens, now_ns)
+        };
+        match admitted {
             Ok(h) => hold = Some(h),
             Err(refusal) => {
                 let live: Vec<_> = scopes
@@ -199,6 +204,7 @@ fn limit_denial(r: LimitRefusal, account: Option<&str>) -> Denial {
             ),
         )
         .kind("tokens"),
+        LimitRefusal::Unavailable(_) => Denial::new(Reason::QuotaBackendUnavailable),
         LimitRefusal::Concurrency(s) => {
             Denial::with_message(d, format!("Too many calls in flight for {}.", whose(s)))
                 .kind("concurrency")

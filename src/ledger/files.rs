@@ -157,6 +157,9 @@ impl Ledger {
     /// Clean shutdown: write exact values to the snapshot and empty the journal, so nothing is
     /// stranded. Call after the server has stopped serving.
     pub fn shutdown(&self) -> std::io::Result<()> {
+        if let Some(r) = &self.rates {
+            r.shutdown(Duration::from_secs(1));
+        }
         if let Some(l) = &self.lease {
             l.shutdown(Duration::from_secs(3));
             return Ok(());

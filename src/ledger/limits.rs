@@ -3,9 +3,13 @@
 //!
 //! Lock-free on the request path: a sharded map read to find a scope's state (as for the quota
 //! counters), then compare-and-swap on its atomics. The state outlives table reloads (it is keyed
-//! by counter id, and a bucket reads its limit from the current table on every call). Limits are
-//! per gateway: on the shared ledger each gateway enforces them on its own traffic.
+//! by counter id, and a bucket reads its limit from the current table on every call).
+//!
+//! On the shared ledger (Redis) rpm and tpm are taken from a lease instead: tokens this gateway
+//! took from the scope's bucket in Redis ahead of use (see `lease::rates`); the local buckets
+//! then only mirror the Redis bucket for the headers. Concurrency stays per gateway.
 
+use super::lease::rates::{LeaseTake, RateSlot, RPM, TPM};
 use crate::core::limits::{go_duration, Bucket, Limits, Take, WINDOW_NS};
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -42,9 +46,11 @@ impl Scope {
 /// One scope's live state.
 #[derive(Debug, Default)]
 pub struct ScopeLive {
-    rpm: Bucket,
-    tpm: Bucket,
+    pub(crate) rpm: Bucket,
+    pub(crate) tpm: Bucket,
     inflight: AtomicI64,
+    /// Its lease on the scope's rpm and tpm buckets in Redis (shared ledger only).
+    pub(crate) lease: RateSlot,
 }
 
 impl ScopeLive {
@@ -52,13 +58,15 @@ impl ScopeLive {
     pub fn inflight(&self) -> i64 {
         self.inflight.load(Ordering::Acquire)
     }
-    /// Requests left and ns until full, at `now`.
+    /// Requests left and ns until full, at `now` (with what this gateway's lease holds).
     pub fn requests(&self, limit: u32, now: i64) -> (u64, i64) {
-        self.rpm.state(limit, now)
+        let (left, reset) = self.rpm.state(limit, now);
+        ((left + self.lease.held(RPM)).min(u64::from(limit)), reset)
     }
-    /// Tokens left and ns until full, at `now`.
+    /// Tokens left and ns until full, at `now` (with what this gateway's lease holds).
     pub fn tokens(&self, limit: u32, now: i64) -> (u64, i64) {
-        self.tpm.state(limit, now)
+        let (left, reset) = self.tpm.state(limit, now);
+        ((left + self.lease.held(TPM)).min(u64::from(limit)), reset)
     }
 }
 
@@ -85,6 +93,17 @@ pub enum LimitRefusal {
     TokensNever(Scope, u32),
     /// The concurrency limit is reached.
     Concurrency(Scope),
+    /// The shared ledger cannot be reached and `on_unavailable` does not admit.
+    Unavailable(Scope),
+}
+
+/// Why [`LimitBook::admit_leased`] did not admit.
+pub(crate) enum Refused {
+    /// A refusal.
+    No(LimitRefusal),
+    /// The lease of the scope at this index is short of this kind ([`RPM`] or [`TPM`]):
+    /// refill it and try again.
+    Short(usize, usize),
 }
 
 /// A scope to check: its counter id, kind and limits.
@@ -98,10 +117,13 @@ pub struct ScopeLimits {
     pub limits: Limits,
 }
 
-struct Part {
-    live: Arc<ScopeLive>,
+pub(crate) struct Part {
+    pub(crate) id: u64,
+    pub(crate) live: Arc<ScopeLive>,
     scope: Scope,
-    limits: Limits,
+    pub(crate) limits: Limits,
+    /// rpm and tpm come from the lease (shared ledger), not the local buckets.
+    shared: bool,
     slot: bool,
     rpm: bool,
     tokens: u64,
@@ -111,7 +133,7 @@ struct Part {
 /// concurrency slots, released exactly once when the hold is dropped, on every exit path.
 pub struct LimitHold {
     book: Arc<BookShared>,
-    parts: Vec<Part>,
+    pub(crate) parts: Vec<Part>,
 }
 
 impl std::fmt::Debug for LimitHold {
@@ -166,14 +188,65 @@ impl LimitBook {
         for s in scopes.iter().filter(|s| !s.limits.is_empty()) {
             let live = self.scope(s.id);
             let mut part = Part {
+                id: s.id,
                 live,
                 scope: s.scope,
                 limits: s.limits,
+                shared: false,
                 slot: false,
                 rpm: false,
                 tokens: 0,
             };
-            let refused = part.take(tokens, now, &self.shared);
+            let refused = part
+                .take_slot(&self.shared)
+                .and_then(|()| part.take_local(tokens, now));
+            hold.parts.push(part);
+            if let Err(r) = refused {
+                hold.cancel(now);
+                return Err(r);
+            }
+        }
+        Ok(hold)
+    }
+
+    /// [`LimitBook::admit`] on the shared ledger: rpm and tpm from the scopes' leases (the
+    /// same steps; kept apart so that the local path stays as it was).
+    pub(crate) fn admit_leased(
+        &self,
+        scopes: &[ScopeLimits],
+        tokens: u64,
+        now: i64,
+    ) -> Result<LimitHold, Refused> {
+        for s in scopes {
+            if let Some(tpm) = s.limits.tpm {
+                if tokens > u64::from(tpm) {
+                    return Err(Refused::No(LimitRefusal::TokensNever(s.scope, tpm)));
+                }
+            }
+        }
+        let mut hold = LimitHold {
+            book: self.shared.clone(),
+            parts: Vec::with_capacity(scopes.len()),
+        };
+        for (i, s) in scopes.iter().enumerate() {
+            if s.limits.is_empty() {
+                continue;
+            }
+            let live = self.scope(s.id);
+            let mut part = Part {
+                id: s.id,
+                live,
+                scope: s.scope,
+                limits: s.limits,
+                shared: true,
+                slot: false,
+                rpm: false,
+                tokens: 0,
+            };
+            let refused = part
+                .take_slot(&self.shared)
+                .map_err(Refused::No)
+                .and_then(|()| part.take_lease(i, tokens, now));
             hold.parts.push(part);
             if let Err(r) = refused {
                 hold.cancel(now);
@@ -185,7 +258,8 @@ impl LimitBook {
 }
 
 impl Part {
-    fn take(&mut self, tokens: u64, now: i64, book: &BookShared) -> Result<(), LimitRefusal> {
+    #[inline]
+    fn take_slot(&mut self, book: &BookShared) -> Result<(), LimitRefusal> {
         if let Some(max) = self.limits.concurrency {
             let max = i64::from(max);
             self.live
@@ -197,6 +271,35 @@ impl Part {
             self.slot = true;
             book.inflight[self.scope as usize].fetch_add(1, Ordering::Relaxed);
         }
+        Ok(())
+    }
+
+    /// rpm and tpm from the scope's lease (shared ledger).
+    fn take_lease(&mut self, i: usize, tokens: u64, now: i64) -> Result<(), Refused> {
+        let lease = &self.live.lease;
+        if self.limits.rpm.is_some() {
+            match lease.take(RPM, 1, now) {
+                LeaseTake::Ok => self.rpm = true,
+                LeaseTake::Wait(ns) => {
+                    return Err(Refused::No(LimitRefusal::Requests(self.scope, ns)))
+                }
+                LeaseTake::Short => return Err(Refused::Short(i, RPM)),
+            }
+        }
+        if self.limits.tpm.is_some() {
+            match lease.take(TPM, tokens, now) {
+                LeaseTake::Ok => self.tokens = tokens,
+                LeaseTake::Wait(ns) => {
+                    return Err(Refused::No(LimitRefusal::Tokens(self.scope, ns)))
+                }
+                LeaseTake::Short => return Err(Refused::Short(i, TPM)),
+            }
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn take_local(&mut self, tokens: u64, now: i64) -> Result<(), LimitRefusal> {
         if let Some(rpm) = self.limits.rpm {
             match self.live.rpm.take(rpm, 1, now) {
                 Take::Ok => self.rpm = true,
@@ -222,7 +325,12 @@ impl LimitHold {
             if let Some(tpm) = p.limits.tpm {
                 let delta = i64::try_from(actual).unwrap_or(i64::MAX)
                     - i64::try_from(p.tokens).unwrap_or(i64::MAX);
-                p.live.tpm.adjust(tpm, delta, now);
+                if p.shared {
+                    // A lease below zero is reported to Redis as tokens used beyond it.
+                    p.live.lease.give(TPM, -delta);
+                } else {
+                    p.live.tpm.adjust(tpm, delta, now);
+                }
                 p.tokens = actual;
             }
         }
@@ -232,12 +340,21 @@ impl LimitHold {
     /// Its slots are released when the hold drops.
     pub fn cancel(&mut self, now: i64) {
         for p in &mut self.parts {
+            let t = i64::try_from(p.tokens).unwrap_or(i64::MAX);
             if let (Some(rpm), true) = (p.limits.rpm, p.rpm) {
-                p.live.rpm.adjust(rpm, -1, now);
+                if p.shared {
+                    p.live.lease.give(RPM, 1);
+                } else {
+                    p.live.rpm.adjust(rpm, -1, now);
+                }
                 p.rpm = false;
             }
-            if let (Some(tpm), t) = (p.limits.tpm, p.tokens) {
-                p.live.tpm.adjust(tpm, -(t as i64), now);
+            if let Some(tpm) = p.limits.tpm {
+                if p.shared {
+                    p.live.lease.give(TPM, t);
+                } else {
+                    p.live.tpm.adjust(tpm, -t, now);
+                }
                 p.tokens = 0;
             }
         }

@@ -139,6 +139,8 @@ pub struct Ledger {
     shared: Arc<Shared>,
     /// The shared ledger on Redis, when configured: counters live there, not in `shared`.
     lease: Option<Arc<lease::LeaseLedger>>,
+    /// The rate limits shared through Redis, with `lease`.
+    rates: Option<Arc<lease::rates::RateLeases>>,
 }
 
 /// The least headroom a key's durable ceiling is raised with, in units: what a key spending
@@ -181,14 +183,42 @@ impl Ledger {
     pub fn redis(settings: RedisSettings, history: Option<&Path>) -> std::io::Result<Ledger> {
         let seed = history.map(lease::local_history).unwrap_or_default();
         let mut ledger = Ledger::in_memory();
+        ledger.rates = Some(lease::rates::RateLeases::start(settings.clone())?);
         ledger.lease = Some(lease::LeaseLedger::start(settings, seed)?);
         Ok(ledger)
+    }
+
+    /// Whether rpm and tpm are shared with other gateways (the ledger is on Redis).
+    #[inline]
+    pub fn shares_rates(&self) -> bool {
+        self.rates.is_some()
+    }
+
+    /// Rate-limit script calls made to Redis so far (0 for a local ledger).
+    pub fn rate_ops(&self) -> u64 {
+        self.rates.as_ref().map_or(0, |r| r.ops())
+    }
+
+    /// Take the limits of `scopes` for one call of `tokens` tokens: from this gateway's
+    /// buckets on a local ledger, from leases on Redis's buckets on a shared one.
+    pub async fn admit_limits(
+        &self,
+        book: &limits::LimitBook,
+        scopes: &[limits::ScopeLimits],
+        tokens: u64,
+        now_ns: i64,
+    ) -> Result<limits::LimitHold, limits::LimitRefusal> {
+        match &self.rates {
+            Some(r) => book.admit_shared(r, scopes, tokens).await,
+            None => book.admit(scopes, tokens, now_ns),
+        }
     }
 
     /// The shared ledger's state; `None` for a local one.
     pub fn backend_state(&self) -> Option<BackendState> {
         let l = self.lease.as_ref()?;
         let (ops, errors) = l.ops();
+        let ops = ops + self.rate_ops();
         Some(BackendState {
             up: l.is_up(),
             connected: l.has_reached(),
@@ -265,6 +295,7 @@ impl Ledger {
         let (flushed, _) = tokio::sync::watch::channel(0);
         Ledger {
             lease: None,
+            rates: None,
             shared: Arc::new(Shared {
                 counters,
                 dir,

@@ -25,6 +25,8 @@
 //! Leases shrink near the limit (at most an eighth of the room left, or what the waiting calls
 //! need), so the quota stranded in other gateways' leases shrinks with it.
 
+mod rate_worker;
+pub(crate) mod rates;
 mod scripts;
 mod worker;
 
@@ -412,7 +414,7 @@ mod tests {
     use super::scripts::*;
     use super::*;
 
-    struct Server(std::process::Child, u16);
+    pub(super) struct Server(std::process::Child, u16);
 
     impl Drop for Server {
         fn drop(&mut self) {
@@ -421,7 +423,7 @@ mod tests {
         }
     }
 
-    async fn server() -> Option<(Server, Conn)> {
+    pub(super) async fn server() -> Option<(Server, Conn)> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .ok()?

@@ -1,0 +1,296 @@
+//! The rate limits' worker thread: owns its Redis connection and the scopes this gateway holds
+//! leases for; tops leases up, serves waiting calls, reports debts and gives idle leases back.
+
+use super::rates::{
+    lease_size, rate_key, Ask, Msg, RateLeases, CONCURRENT_CALLS, FLUSH_EVERY, IDLE, RPM, WINDOW_US,
+};
+use super::scripts::{connect, unreachable, Conn, Script};
+use super::RedisSettings;
+use crate::ledger::limits::{mono_ns, ScopeLive};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// One script call: per kind, what to want and what was taken out to give back.
+struct Call {
+    ask: Ask,
+    want: [i64; 2],
+    give: [i64; 2],
+}
+
+/// The worker thread: owns the connection and the scopes it holds leases for.
+pub(super) struct Worker {
+    leases: Arc<RateLeases>,
+    settings: RedisSettings,
+    conn: Option<Conn>,
+    script: Script,
+    /// Scopes with a lease: the live state and their last limits.
+    known: HashMap<u64, (Arc<ScopeLive>, [u32; 2])>,
+}
+
+impl Worker {
+    pub(super) fn new(leases: Arc<RateLeases>, settings: RedisSettings, script: Script) -> Worker {
+        Worker {
+            leases,
+            settings,
+            conn: None,
+            script,
+            known: HashMap::new(),
+        }
+    }
+
+    pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        let mut next_flush = Instant::now() + FLUSH_EVERY;
+        loop {
+            let first = tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => Some(m),
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(next_flush.into()) => None,
+            };
+            let mut msgs: Vec<Msg> = first.into_iter().collect();
+            while let Ok(m) = rx.try_recv() {
+                msgs.push(m);
+            }
+            let mut asks: HashMap<u64, Ask> = HashMap::new();
+            let mut shutdown = None;
+            for m in msgs {
+                match m {
+                    Msg::Fill(a) => {
+                        a.live.lease.queued.store(false, Ordering::Release);
+                        self.known.insert(a.id, (a.live.clone(), a.limits));
+                        match asks.get_mut(&a.id) {
+                            Some(b) => {
+                                for k in 0..2 {
+                                    b.need[k] = b.need[k].saturating_add(a.need[k]);
+                                }
+                                b.limits = a.limits;
+                                b.replies.extend(a.replies);
+                            }
+                            None => {
+                                asks.insert(a.id, a);
+                            }
+                        }
+                    }
+                    Msg::Shutdown(done) => shutdown = Some(done),
+                }
+            }
+            let flush = Instant::now() >= next_flush || shutdown.is_some();
+            let closing = shutdown.is_some();
+            let mut calls: Vec<Call> = asks.into_values().map(|a| self.plan(a, false)).collect();
+            if flush {
+                calls.extend(self.flush(&calls, closing));
+                next_flush = Instant::now() + FLUSH_EVERY;
+            }
+            calls.retain(|c| c.want != [0, 0] || c.give != [0, 0] || !c.ask.replies.is_empty());
+            if !calls.is_empty() {
+                self.send(calls).await;
+            }
+            if let Some(done) = shutdown {
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+
+    /// What to ask for a scope: the waiting calls' need plus a lease; a debt goes along.
+    fn plan(&self, ask: Ask, give_back: bool) -> Call {
+        let mut call = Call {
+            want: [0, 0],
+            give: [0, 0],
+            ask,
+        };
+        let lease = &call.ask.live.lease;
+        for k in 0..2 {
+            let limit = call.ask.limits[k];
+            if limit == 0 {
+                continue;
+            }
+            call.give[k] = lease.take_out(k, false);
+            if give_back {
+                call.give[k] += lease.take_out(k, true);
+                continue;
+            }
+            let held = lease.held[k].load(Ordering::Acquire).max(0);
+            let target = call.ask.need[k].saturating_add(lease_size(limit));
+            call.want[k] = (target - held).max(0).min(i64::from(limit));
+        }
+        call
+    }
+
+    /// Scopes not asked about this round with a debt to report or an idle lease to give back.
+    fn flush(&mut self, asked: &[Call], closing: bool) -> Vec<Call> {
+        let now = mono_ns();
+        let idle_ns = IDLE.as_nanos() as i64;
+        let mut out = Vec::new();
+        let mut gone = Vec::new();
+        for (id, (live, limits)) in &self.known {
+            if asked.iter().any(|c| c.ask.id == *id) {
+                continue;
+            }
+            let lease = &live.lease;
+            let held = [0, 1].map(|k| lease.held[k].load(Ordering::Acquire));
+            let idle = closing || now - lease.last_use.load(Ordering::Relaxed) >= idle_ns;
+            if held == [0, 0] {
+                if idle {
+                    gone.push(*id);
+                }
+                continue;
+            }
+            if !(idle || held.iter().any(|h| *h < 0)) {
+                continue;
+            }
+            let ask = Ask {
+                id: *id,
+                live: live.clone(),
+                limits: *limits,
+                need: [0, 0],
+                replies: Vec::new(),
+            };
+            let mut call = self.plan(ask, idle);
+            if !idle {
+                // Only the debt: the lease stays as it is.
+                call.want = [0, 0];
+            }
+            out.push(call);
+        }
+        for id in gone {
+            self.known.remove(&id);
+        }
+        out
+    }
+
+    async fn ensure_conn(&mut self) -> bool {
+        if self.conn.is_none() {
+            match tokio::time::timeout(self.settings.timeout * 2, connect(&self.settings)).await {
+                Ok(Ok(c)) => self.conn = Some(c),
+                Ok(Err(e)) => return self.failed(&format!("connect: {e}")),
+                Err(_) => return self.failed("connect: timed out"),
+            }
+        }
+        true
+    }
+
+    fn failed(&self, why: &str) -> bool {
+        if self.leases.up.swap(false, Ordering::AcqRel) {
+            log::error!(
+                "rate limits: Redis unreachable ({why}); on_unavailable: {:?}",
+                self.leases.mode
+            );
+        }
+        false
+    }
+
+    /// Make the calls (several at once) and apply the answers.
+    async fn send(&mut self, mut calls: Vec<Call>) {
+        if !self.ensure_conn().await {
+            for c in calls {
+                undo(c);
+            }
+            return;
+        }
+        while !calls.is_empty() {
+            let rest = calls.split_off(calls.len().min(CONCURRENT_CALLS));
+            let batch = std::mem::replace(&mut calls, rest);
+            let answers = futures_util::future::join_all(batch.iter().map(|c| {
+                let mut conn = self.conn.clone();
+                let script = &self.script;
+                let timeout = self.settings.timeout;
+                let key = rate_key(c.ask.id);
+                let mut args = [0i64; 6];
+                for k in 0..2 {
+                    args[k * 3] = i64::from(c.ask.limits[k]);
+                    args[k * 3 + 1] = c.want[k];
+                    args[k * 3 + 2] = c.give[k];
+                }
+                async move {
+                    let conn = conn.as_mut()?;
+                    let keys = [key.as_str()];
+                    let call = script.call::<(i64, i64, i64, i64)>(conn, &keys, &args, None);
+                    match tokio::time::timeout(timeout, call).await {
+                        Ok(Ok((a, b, c, d))) => Some(Ok([a, b, c, d])),
+                        Ok(Err(e)) if !unreachable(&e) => Some(Err(e)),
+                        Ok(Err(e)) => {
+                            log::debug!("rate limits: {e}");
+                            None
+                        }
+                        Err(_) => None,
+                    }
+                }
+            }))
+            .await;
+            self.leases
+                .ops
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            let reached = answers.iter().any(Option::is_some);
+            for (call, answer) in batch.into_iter().zip(answers) {
+                match answer {
+                    Some(Ok(v)) => apply(call, v),
+                    Some(Err(e)) => {
+                        log::error!("rate limits: scope {}: Redis refused: {e}", call.ask.id);
+                        undo(call);
+                    }
+                    None => undo(call),
+                }
+            }
+            if reached {
+                if !self.leases.up.swap(true, Ordering::AcqRel) {
+                    log::info!("rate limits: Redis reachable again");
+                }
+            } else {
+                self.failed("script calls failed or timed out");
+                for c in std::mem::take(&mut calls) {
+                    undo(c);
+                }
+            }
+        }
+    }
+}
+
+/// Credit an answer `[granted rpm, ahead rpm µs, granted tpm, ahead tpm µs]`: the tokens go to
+/// the lease, the local bucket mirrors the Redis one, and a grant short of what was asked marks
+/// the bucket empty until its next token.
+fn apply(call: Call, v: [i64; 4]) {
+    let now = mono_ns();
+    let live = &call.ask.live;
+    for k in 0..2 {
+        let limit = call.ask.limits[k];
+        if limit == 0 {
+            continue;
+        }
+        let (granted, ahead_ns) = (v[k * 2], v[k * 2 + 1].saturating_mul(1_000));
+        live.lease.give(k, granted);
+        let bucket = if k == RPM { &live.rpm } else { &live.tpm };
+        bucket.set_tat(now.saturating_add(ahead_ns));
+        if call.want[k] == 0 {
+            continue;
+        }
+        // Less than asked: the bucket is empty until its next token (calls that the lease
+        // cannot cover are refused here until then); all of it: not empty.
+        let until = if granted < call.want[k] {
+            let token_ns = WINDOW_US * 1_000 / i64::from(limit);
+            now + (ahead_ns + token_ns - WINDOW_US * 1_000).max(1_000_000)
+        } else {
+            0
+        };
+        live.lease.empty_until[k].store(until, Ordering::Release);
+    }
+    for r in call.ask.replies {
+        let _ = r.send(true);
+    }
+}
+
+/// A call without an answer: what was taken out to send goes back to the lease (a lost answer
+/// that Redis applied leaves the bucket stricter, never looser, except for a give-back), and
+/// the waiting calls are told.
+fn undo(call: Call) {
+    for k in 0..2 {
+        call.ask.live.lease.give(k, call.give[k]);
+    }
+    for r in call.ask.replies {
+        let _ = r.send(false);
+    }
+}

@@ -1,0 +1,371 @@
+//! Rate limits across gateways (SPEC §7): the rpm and tpm buckets of a key or an account live
+//! in Redis, one hash per scope (`keygate:{id}:rate`, fields `rpm` and `tpm`: the bucket's
+//! "theoretical arrival time" in µs of Redis's clock, the GCRA of `core::limits`). The hash tag
+//! `{id}` puts it on the node of the scope's quota counter.
+//!
+//! A gateway does not ask Redis per request: it takes a *lease*, tokens taken out of the Redis
+//! bucket ahead of use, and admits locally from it with one atomic. A lease is at most
+//! [`lease_size`] tokens: what the limit refills in [`LEASE_COVERS`] (2 s), at least one. When
+//! it runs below half, a background call tops it up; a call that finds it empty waits for one
+//! script call (several waiting calls of a scope share it). When Redis says the bucket is
+//! empty, the gateway refuses locally until the time Redis named, without asking again.
+//! Tokens used beyond the lease (a settle above the call's tpm estimate) are reported as a
+//! debt, and a lease idle for [`IDLE`] goes back to the bucket.
+//!
+//! The bound (README): tokens admitted in a span of `W` s come from what the gateways held at
+//! its start (at most `lease_size` each) and what Redis granted during it (at most
+//! `L + L × W / 60`, the bucket's own bound), so across `G` gateways at most
+//! `L + L × W / 60 + G × lease_size(L)` with `lease_size(L) = max(1, ⌈L × 2 / 60⌉)`; for tpm,
+//! plus what settles below their estimate gave back to a lease.
+//!
+//! Concurrency stays per gateway. While Redis is away, `on_unavailable` applies: `lease` admits
+//! from what is held, then refuses (503); `deny` refuses at once; `allow` falls back to this
+//! gateway's own buckets, which mirror the Redis bucket as last seen.
+
+use super::rate_worker::Worker;
+use super::scripts::Script;
+use super::RedisSettings;
+use crate::core::config::OnUnavailable;
+use crate::ledger::limits::{
+    mono_ns, LimitBook, LimitHold, LimitRefusal, Refused, ScopeLimits, ScopeLive,
+};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// The rpm index of a [`RateSlot`]'s pairs.
+pub(crate) const RPM: usize = 0;
+/// The tpm index.
+pub(crate) const TPM: usize = 1;
+
+/// A lease covers what the limit refills in this long.
+pub(crate) const LEASE_COVERS: Duration = Duration::from_secs(2);
+/// A lease unused this long goes back to the bucket.
+pub(super) const IDLE: Duration = Duration::from_secs(5);
+/// Debts and idle leases are reported this often.
+pub(super) const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// A call that found its lease short tries again this many times after a refill.
+const ROUNDS: usize = 4;
+/// Script calls in flight at once.
+pub(super) const CONCURRENT_CALLS: usize = 64;
+pub(super) const WINDOW_US: i64 = 60_000_000;
+
+/// The most tokens a gateway holds for a scope with limit `limit`.
+pub(crate) fn lease_size(limit: u32) -> i64 {
+    let covers = LEASE_COVERS.as_millis() as i64;
+    ((i64::from(limit) * covers + 59_999) / 60_000).max(1)
+}
+
+/// Take tokens, give back, report a debt: one atomic step per scope. KEYS[1]: the scope's
+/// hash. ARGV per kind (rpm, then tpm): limit (0: none), tokens wanted, tokens given back
+/// (negative: used beyond the lease). Returns per kind: tokens granted and the bucket's
+/// `tat − now` in µs (how far it is from full).
+pub(super) const RATE_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local out = {}
+for k = 0, 1 do
+  local limit, want, give = tonumber(ARGV[k*3+1]), tonumber(ARGV[k*3+2]), tonumber(ARGV[k*3+3])
+  local grant, ahead = 0, 0
+  if limit > 0 then
+    local field = (k == 0) and 'rpm' or 'tpm'
+    local cost = 60000000 / limit
+    local tat = math.max(tonumber(redis.call('HGET', KEYS[1], field) or '0'), now)
+    -- A give-back never fills the bucket past full; a debt moves it on unconditionally.
+    tat = math.max(tat - give * cost, now)
+    local room = math.floor((now + 60000000 - tat) / cost + 0.000001)
+    grant = math.max(0, math.min(want, room))
+    tat = math.ceil(tat + grant * cost)
+    if give ~= 0 or grant > 0 then
+      redis.call('HSET', KEYS[1], field, string.format('%d', tat))
+    end
+    ahead = tat - now
+  end
+  out[#out + 1] = grant
+  out[#out + 1] = ahead
+end
+redis.call('PEXPIRE', KEYS[1], 120000)
+return out
+";
+
+/// The scope's Redis key.
+pub(super) fn rate_key(id: u64) -> String {
+    format!("keygate:{{{id}}}:rate")
+}
+
+/// One scope's lease, per kind: tokens held (negative: used beyond it, not yet reported) and
+/// until when Redis said the bucket is empty.
+#[derive(Debug, Default)]
+pub struct RateSlot {
+    pub(super) held: [AtomicI64; 2],
+    pub(super) empty_until: [AtomicI64; 2],
+    pub(super) last_use: AtomicI64,
+    pub(super) queued: AtomicBool,
+}
+
+/// What a lease says about a request for tokens.
+pub(crate) enum LeaseTake {
+    Ok,
+    /// Redis said the bucket is empty: this many ns until a token is free.
+    Wait(i64),
+    /// Not enough held: ask Redis.
+    Short,
+}
+
+impl RateSlot {
+    /// Take `n` tokens of kind `k` from the lease.
+    #[inline]
+    pub(crate) fn take(&self, k: usize, n: u64, now: i64) -> LeaseTake {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        self.last_use.store(now, Ordering::Relaxed);
+        let took = self.held[k].fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+            (h >= n).then(|| h - n)
+        });
+        if took.is_ok() {
+            return LeaseTake::Ok;
+        }
+        let until = self.empty_until[k].load(Ordering::Acquire);
+        if until > now {
+            LeaseTake::Wait(until - now)
+        } else {
+            LeaseTake::Short
+        }
+    }
+
+    /// Give `n` tokens back to the lease (negative: take them, below zero if need be).
+    pub(crate) fn give(&self, k: usize, n: i64) {
+        if n != 0 {
+            self.held[k].fetch_add(n, Ordering::AcqRel);
+        }
+    }
+
+    /// Tokens held, for the headers.
+    pub(crate) fn held(&self, k: usize) -> u64 {
+        u64::try_from(self.held[k].load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
+    /// Take out what is held (`positive`) or owed (not `positive`), to send it to Redis.
+    pub(super) fn take_out(&self, k: usize, positive: bool) -> i64 {
+        self.held[k]
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                ((h > 0) == positive && h != 0).then_some(0)
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// A scope the worker is asked about.
+pub(super) struct Ask {
+    pub(super) id: u64,
+    pub(super) live: Arc<ScopeLive>,
+    /// rpm and tpm limits (0: none).
+    pub(super) limits: [u32; 2],
+    /// Tokens the waiting calls need, per kind.
+    pub(super) need: [i64; 2],
+    pub(super) replies: Vec<oneshot::Sender<bool>>,
+}
+
+pub(super) enum Msg {
+    /// Calls of a scope wait for tokens (a top-up, when `reply` is `None`).
+    Fill(Ask),
+    /// Give every lease back, then answer.
+    Shutdown(std::sync::mpsc::Sender<()>),
+}
+
+/// The shared rate limits of one gateway.
+pub(crate) struct RateLeases {
+    pub(super) mode: OnUnavailable,
+    pub(super) up: AtomicBool,
+    timeout: Duration,
+    pub(super) ops: AtomicU64,
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+impl std::fmt::Debug for RateLeases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RateLeases({:?}, up: {})", self.mode, self.is_up())
+    }
+}
+
+impl RateLeases {
+    /// Start the worker thread (its own connection, made in the background).
+    pub(crate) fn start(settings: RedisSettings) -> std::io::Result<Arc<RateLeases>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let leases = Arc::new(RateLeases {
+            mode: settings.on_unavailable,
+            up: AtomicBool::new(true),
+            timeout: settings.timeout,
+            ops: AtomicU64::new(0),
+            tx,
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let worker = Worker::new(leases.clone(), settings, Script::new(RATE_SCRIPT));
+        std::thread::Builder::new()
+            .name("keygate-rates".into())
+            .spawn(move || runtime.block_on(worker.run(rx)))?;
+        Ok(leases)
+    }
+
+    pub(crate) fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Script calls made so far.
+    pub(crate) fn ops(&self) -> u64 {
+        self.ops.load(Ordering::Relaxed)
+    }
+
+    /// Ask for tokens for the scope `s` and wait for the answer: false when Redis did not
+    /// answer.
+    async fn fill(&self, s: &ScopeLimits, live: Arc<ScopeLive>, tokens: u64) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let t = i64::try_from(tokens).unwrap_or(i64::MAX);
+        let ask = Ask {
+            id: s.id,
+            live,
+            limits: [s.limits.rpm.unwrap_or(0), s.limits.tpm.unwrap_or(0)],
+            need: [
+                i64::from(s.limits.rpm.is_some()),
+                t * i64::from(s.limits.tpm.is_some()),
+            ],
+            replies: vec![tx],
+        };
+        if self.tx.send(Msg::Fill(ask)).is_err() {
+            return false;
+        }
+        let wait = self.timeout * 2 + Duration::from_secs(1);
+        matches!(tokio::time::timeout(wait, rx).await, Ok(Ok(true)))
+    }
+
+    /// After an admission: top up the leases that ran below half, in the background.
+    fn top_up(&self, hold: &LimitHold) {
+        for p in hold.parts.iter() {
+            let limits = [p.limits.rpm.unwrap_or(0), p.limits.tpm.unwrap_or(0)];
+            let low = (0..2).any(|k| {
+                limits[k] > 0
+                    && p.live.lease.held[k].load(Ordering::Relaxed) * 2 < lease_size(limits[k])
+            });
+            if low && !p.live.lease.queued.swap(true, Ordering::AcqRel) {
+                let _ = self.tx.send(Msg::Fill(Ask {
+                    id: p.id,
+                    live: p.live.clone(),
+                    limits,
+                    need: [0, 0],
+                    replies: Vec::new(),
+                }));
+            }
+        }
+    }
+
+    /// Give every lease back (waiting at most `wait`).
+    pub(crate) fn shutdown(&self, wait: Duration) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.tx.send(Msg::Shutdown(tx)).is_ok() {
+            let _ = rx.recv_timeout(wait);
+        }
+    }
+}
+
+impl LimitBook {
+    /// [`LimitBook::admit`] on the shared ledger: rpm and tpm from the scopes' leases, refilled
+    /// from Redis when short; `on_unavailable` while Redis is away.
+    pub(crate) async fn admit_shared(
+        &self,
+        rates: &RateLeases,
+        scopes: &[ScopeLimits],
+        tokens: u64,
+    ) -> Result<LimitHold, LimitRefusal> {
+        let first = scopes.first().map(|s| s.scope);
+        let unavailable =
+            || LimitRefusal::Unavailable(first.unwrap_or(crate::ledger::limits::Scope::Key));
+        if !rates.is_up() {
+            match rates.mode {
+                OnUnavailable::Deny => return Err(unavailable()),
+                OnUnavailable::Allow => return self.admit(scopes, tokens, mono_ns()),
+                OnUnavailable::Lease => {}
+            }
+        }
+        let mut short = (0, RPM);
+        for _ in 0..ROUNDS {
+            match self.admit_leased(scopes, tokens, mono_ns()) {
+                Ok(hold) => {
+                    rates.top_up(&hold);
+                    return Ok(hold);
+                }
+                Err(Refused::No(r)) => return Err(r),
+                Err(Refused::Short(i, kind)) => {
+                    short = (i, kind);
+                    let s = &scopes[i];
+                    if !rates.fill(s, self.scope(s.id), tokens).await {
+                        return match rates.mode {
+                            OnUnavailable::Allow => self.admit(scopes, tokens, mono_ns()),
+                            _ => Err(unavailable()),
+                        };
+                    }
+                }
+            }
+        }
+        // Other calls took every refill: the bucket is all but empty; try again in a moment.
+        let scope = scopes[short.0].scope;
+        Err(match short.1 {
+            RPM => LimitRefusal::Requests(scope, 1_000_000_000),
+            _ => LimitRefusal::Tokens(scope, 1_000_000_000),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The rate script's guarantees, against a real redis-server (skipped when it is not
+    //! installed, unless `KEYGATE_REQUIRE_REDIS` is set).
+    use super::super::scripts::Conn;
+    use super::super::tests::server;
+    use super::*;
+
+    /// One call for scope 9: rpm (limit, want, give), tpm (limit, want, give) → granted rpm,
+    /// granted tpm, and how far the rpm bucket is from full (s).
+    async fn rate(c: &mut Conn, rpm: [i64; 3], tpm: [i64; 3]) -> (i64, i64, f64) {
+        let key = rate_key(9);
+        let args = [rpm[0], rpm[1], rpm[2], tpm[0], tpm[1], tpm[2]];
+        let (g0, a0, g1, _): (i64, i64, i64, i64) = Script::new(RATE_SCRIPT)
+            .call(c, &[key.as_str()], &args, None)
+            .await
+            .unwrap();
+        (g0, g1, a0 as f64 / 1e6)
+    }
+
+    #[tokio::test]
+    async fn grants_come_only_out_of_the_bucket() {
+        let Some((_s, mut c)) = server().await else {
+            return;
+        };
+        // A full bucket of 60 grants 60 of 100 wanted, then nothing; it is a minute from full.
+        let (g, _, ahead) = rate(&mut c, [60, 100, 0], [0, 0, 0]).await;
+        assert_eq!(g, 60);
+        assert!((59.9..=60.0).contains(&ahead), "{ahead}");
+        assert_eq!(rate(&mut c, [60, 10, 0], [0, 0, 0]).await.0, 0);
+        // Tokens given back can be granted again; never more than the bucket holds.
+        assert_eq!(rate(&mut c, [60, 0, 5], [0, 0, 0]).await.0, 0);
+        assert_eq!(rate(&mut c, [60, 10, 0], [0, 0, 0]).await.0, 5);
+        // tpm is a bucket of its own.
+        assert_eq!(rate(&mut c, [60, 0, 0], [1_000, 400, 0]).await.1, 400);
+    }
+
+    #[tokio::test]
+    async fn a_give_back_never_fills_past_full_and_a_debt_is_charged() {
+        let Some((_s, mut c)) = server().await else {
+            return;
+        };
+        // Giving back to a full bucket leaves it full (not 1 060).
+        rate(&mut c, [60, 0, 1_000], [0, 0, 0]).await;
+        assert_eq!(rate(&mut c, [60, 100, 0], [0, 0, 0]).await.0, 60);
+        // tpm: 300 tokens used beyond a lease are charged whatever the room.
+        rate(&mut c, [0, 0, 0], [1_000, 0, -300]).await;
+        assert_eq!(rate(&mut c, [0, 0, 0], [1_000, 1_000, 0]).await.1, 700);
+        rate(&mut c, [0, 0, 0], [1_000, 0, -50]).await;
+        assert_eq!(rate(&mut c, [0, 0, 0], [1_000, 10, 0]).await.1, 0);
+    }
+}
