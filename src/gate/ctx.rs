@@ -87,8 +87,10 @@ pub struct GateCtx {
     pub(super) series: Option<Arc<CallSeries>>,
     pub(super) embedding: bool,
     pub(super) json_response: bool,
-    /// Headers keygate adds to the answer: the rate-limit headers, `Retry-After`.
+    /// Headers keygate adds to the answer: a refusal's rate-limit headers, `Retry-After`.
     pub(super) headers: Vec<(&'static str, String)>,
+    /// An admitted call's rate-limit headers, as numbers until the answer is written.
+    pub(super) rate: crate::ledger::limits::RateHeaders,
     /// The rate-limit tokens and concurrency slots this call holds (SPEC §7).
     pub(super) limit_hold: Option<crate::ledger::limits::LimitHold>,
 }

@@ -31,6 +31,8 @@ impl Gate {
         for (name, value) in &ctx.headers {
             resp.insert_header(*name, value)?;
         }
+        ctx.rate
+            .each(|name, value| resp.insert_header(name, value))?;
         if self.draining() {
             session.set_keepalive(None);
             resp.insert_header(http::header::CONNECTION, "close")?;
