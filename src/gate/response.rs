@@ -25,6 +25,8 @@ impl Gate {
     ) -> Result<()> {
         // Before anything reaches the client: a retryable status may become a retry.
         self.judge_answer(resp, ctx)?;
+        ctx.answer_final = true;
+        ctx.release_body();
         if let Some(id) = &ctx.request_id {
             resp.insert_header(&X_REQUEST_ID, id.clone())?;
         }
