@@ -69,7 +69,7 @@ python3 - "$W" <<'PY'
 import hashlib, json, sys
 w = sys.argv[1]
 # Limits and budgets far from reached: every check runs, none refuses.
-limits = {"rpm": 10**9, "tpm": 10**12, "concurrency": 10**6}
+limits = {"rpm": 10**9, "tpm": 10**9, "concurrency": 10**6}
 budget = {"period": "daily", "amount": 10**15, "timezone": "Europe/Berlin"}
 keys = []
 for i in range(1000):
