@@ -14,6 +14,12 @@
 # Usage: benches/concurrency.sh [N...]   (default: 1000 4000 8000)
 #   JSON_DELAY_S (default 6), SSE_SECONDS (default 30), CASES (default "json sse"),
 #   PROXIES (default "keygate passthrough nginx"), KEYGATE_BASE=path: also an older keygate.
+#   KEYGATE_BIN / PASS_BIN / HOLD_BIN=path: binaries built before (with SKIP_BUILD=1 nothing is
+#   built; a binary given is not rebuilt), so two keygate builds can be compared side by side.
+#   KEEP_DIR=path: the working directory (configs, logs, results), kept after the run.
+# keygate runs with every feature on: usage log, usage store (SQLite), access log, per-key
+# metrics, and keys in an account with rpm/tpm/concurrency limits and a daily budget (none near),
+# so each call carries the rate-limit headers and holds a concurrency slot; and alerts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COUNTS=${*:-1000 4000 8000}
@@ -32,16 +38,22 @@ fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 ./scripts/bootstrap.sh
 # SKIP_BUILD=1 with KEYGATE_BIN=path: measure a binary built before (the examples must exist).
-[ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --bin keygate --example passthrough --example hold 2>&1 | tail -1
+build=()
+[ -n "${KEYGATE_BIN:-}" ] || build+=(--bin keygate)
+[ -n "${PASS_BIN:-}" ] || build+=(--example passthrough)
+[ -n "${HOLD_BIN:-}" ] || build+=(--example hold)
+if [ "${SKIP_BUILD:-0}" != 1 ] && ((${#build[@]})); then
+  cargo build --release "${build[@]}" 2>&1 | tail -1
+fi
 KEYGATE=${KEYGATE_BIN:-target/release/keygate}
-PASS=target/release/examples/passthrough
-HOLD=target/release/examples/hold
+PASS=${PASS_BIN:-target/release/examples/passthrough}
+HOLD=${HOLD_BIN:-target/release/examples/hold}
 # Two descriptors per proxied call, plus the listener's and the logs'.
 ulimit -n "$(ulimit -Hn)"
 
-W=$(mktemp -d)
+if [ -n "${KEEP_DIR:-}" ]; then mkdir -p "$KEEP_DIR"; W=$(cd "$KEEP_DIR" && pwd); else W=$(mktemp -d); fi
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"; }
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; [ -n "${KEEP_DIR:-}" ] || rm -rf "$W"; }
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 300); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; return 1; }
@@ -54,14 +66,21 @@ taskset -c 1 "$KEYGATE" mock --listen "127.0.0.1:$U" >"$W/mock.out" 2>&1 & PIDS+
 
 KEY="sk-$(printf '%048d' 7)"
 python3 - "$W" <<'PY'
-import hashlib, sys
+import hashlib, json, sys
 w = sys.argv[1]
+# Limits and budgets far from reached: every check runs, none refuses.
+limits = {"rpm": 10**9, "tpm": 10**9, "concurrency": 10**6}
+budget = {"period": "daily", "amount": 10**15, "timezone": "Europe/Berlin"}
 keys = []
 for i in range(1000):
     h = hashlib.sha256(b"sk-%048d" % i).hexdigest()
-    keys.append(f'{{"id":{i+1},"name":"key {i}","key_sha256":"{h}","quota":1000000000000,'
-                f'"models":["gpt-4o-mini"],"allow_ips":["127.0.0.1"]}}')
-open(f"{w}/keys.json", "w").write('{"revision":1,"models":{"gpt-4o-mini":{"ratio":0.075,"completion_ratio":4}},"keys":[' + ",".join(keys) + "]}")
+    keys.append({"id": i + 1, "name": f"key {i}", "key_sha256": h, "quota": 10**12,
+                 "models": ["gpt-4o-mini"], "allow_ips": ["127.0.0.1"], "account": "acme",
+                 "limits": limits, "budget": budget})
+table = {"revision": 1, "models": {"gpt-4o-mini": {"ratio": 0.075, "completion_ratio": 4}},
+         "accounts": {"acme": {"name": "Acme", "quota": 10**15, "limits": limits, "budget": budget}},
+         "keys": keys}
+open(f"{w}/keys.json", "w").write(json.dumps(table))
 PY
 kg_conf() { # NAME LISTEN METRICS
   cat >"$W/$1.yaml" <<EOF
@@ -73,6 +92,8 @@ state_dir: var_$1
 usage_log: var_$1/usage.jsonl
 access_log: true
 metrics: { per_key: true }
+usage_store: { backend: sqlite }
+alerts: { webhook_url: "http://127.0.0.1:$U/alerts" }
 grace_period_seconds: 0
 upstreams:
   - name: mock

@@ -22,7 +22,8 @@
 # KG_SYNC_LIMITS=1: the measured keygate (not the base, not the Redis one) reads a sync file where
 # every key is in an account and key and account both have quota, a daily budget in
 # Europe/Berlin, rpm, tpm and concurrency, none of them near (SPEC §7): with KEYGATE_BASE set to
-# the same binary, the A/B of limits on against off.
+# the same binary, the A/B of limits on against off. KG_SYNC_LIMITS=both: the base reads it too
+# (the A/B of a change with limits on).
 # KG_POOL_OF=N: the measured keygate's JSON upstream is a pool of N targets (all the same upstream,
 # equal weights) instead of one `url`: with KEYGATE_BASE set to the same binary, what a pool's
 # target choice costs on the success path (SPEC §11).
@@ -133,7 +134,7 @@ with open(f"{w}/keys.json", "w") as f:
                 f'"models":["gpt-4o-mini","gpt-stream"],"allow_ips":["127.0.0.1","10.0.0.0/8"]}}')
     f.write(']}')
 PY
-if [ "${KG_SYNC_LIMITS:-0}" = 1 ]; then
+if [ "${KG_SYNC_LIMITS:-0}" != 0 ]; then
   python3 - "$W" <<'PY'
 import json, sys
 w = sys.argv[1]
@@ -177,8 +178,11 @@ sed -e "s/^listen: .*/listen: \"127.0.0.1:$P_KGB\"/" -e "s/^metrics_listen: .*/m
   "$W/keygate.yaml" >"$W/keygate_base.yaml"
 # KG_BASE_EXTRA_CONFIG: lines for the base's config only (an A/B of a setting on one binary).
 printf '%s\n' "${KG_BASE_EXTRA_CONFIG:-}" >>"$W/keygate_base.yaml"
-if [ "${KG_SYNC_LIMITS:-0}" = 1 ]; then
+if [ "${KG_SYNC_LIMITS:-0}" != 0 ]; then
   sed -i -e "s/^sync_file: keys.json/sync_file: keys_limits.json/" "$W/keygate.yaml"
+fi
+if [ "${KG_SYNC_LIMITS:-0}" = both ]; then
+  sed -i -e "s/^sync_file: keys.json/sync_file: keys_limits.json/" "$W/keygate_base.yaml"
 fi
 if [ -n "${KG_POOL_OF:-}" ]; then
   targets=$(for _ in $(seq 1 "$KG_POOL_OF"); do printf '{ url: "http://127.0.0.1:%s" }, ' "$U_JSON"; done)

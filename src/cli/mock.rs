@@ -66,11 +66,31 @@ pub struct RecordedRequest {
     pub body: Bytes,
 }
 
+/// Bind `addr` with a long accept queue: `benches/concurrency.sh` opens thousands of upstream
+/// connections in the same second, and with tokio's default backlog (1,024) the kernel reset
+/// some of them (502s that were the rig's, not the proxy's). The kernel caps it at somaxconn.
+async fn listen(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address");
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a) {
+            Ok(()) => return socket.listen(16 * 1024),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 impl MockBackend {
     /// Binds `addr` (e.g. "127.0.0.1:0"), spawns the accept loop on the current tokio runtime,
     /// returns at once.
     pub async fn start(addr: &str) -> std::io::Result<MockBackend> {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = listen(addr).await?;
         let addr = listener.local_addr()?;
         let requests: Recorded = Arc::new(Mutex::new(Vec::new()));
         let (shutdown, shutdown_rx) = watch::channel(false);

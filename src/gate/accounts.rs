@@ -51,7 +51,7 @@ impl Gate {
         match admitted {
             Ok((r, hold)) => {
                 if let Some(h) = &hold {
-                    ctx.headers.extend(h.headers(now_ns));
+                    ctx.rate = h.rate_headers(now_ns);
                 }
                 ctx.limit_hold = hold;
                 Ok(r)

@@ -81,6 +81,8 @@ impl Gate {
         for (name, value) in &ctx.headers {
             resp.insert_header(*name, value)?;
         }
+        ctx.rate
+            .each(|name, value| resp.insert_header(name, value))?;
         if !keep_alive {
             resp.insert_header(http::header::CONNECTION, "close")?;
         }

@@ -114,6 +114,7 @@ impl Gate {
         ctx.target = Some(i);
         ctx.tried |= 1 << i;
         ctx.attempts += 1;
+        ctx.body_sent = false;
         ctx.attempt_body = match (ctx.model.as_deref(), &ctx.body) {
             (Some(m), Some(body)) if ctx.facts.is_json => {
                 t.mapped_model(m).and_then(|to| rename_model(body, to))
@@ -175,7 +176,9 @@ impl Gate {
         if matches!(e.etype(), ErrorType::Custom(RETRY_STATUS)) {
             return e; // decided in `response_filter`
         }
-        let answered = session.response_written().is_some() || ctx.first_byte.is_some();
+        // `answer_final`: the head was taken (and the request body may be gone).
+        let answered =
+            session.response_written().is_some() || ctx.first_byte.is_some() || ctx.answer_final;
         if answered || matches!(e.esource(), pingora::ErrorSource::Downstream) {
             if answered && matches!(e.esource(), pingora::ErrorSource::Upstream) {
                 self.count_failure(ctx, Failure::Error);

@@ -87,8 +87,14 @@ pub struct GateCtx {
     pub(super) series: Option<Arc<CallSeries>>,
     pub(super) embedding: bool,
     pub(super) json_response: bool,
-    /// Headers keygate adds to the answer: the rate-limit headers, `Retry-After`.
+    /// Headers keygate adds to the answer: a refusal's rate-limit headers, `Retry-After`.
     pub(super) headers: Vec<(&'static str, String)>,
+    /// An admitted call's rate-limit headers, as numbers until the answer is written.
+    pub(super) rate: crate::ledger::limits::RateHeaders,
+    /// This attempt's request body has been handed to Pingora in full.
+    pub(super) body_sent: bool,
+    /// The upstream's answer was taken: no attempt follows.
+    pub(super) answer_final: bool,
     /// The rate-limit tokens and concurrency slots this call holds (SPEC §7).
     pub(super) limit_hold: Option<crate::ledger::limits::LimitHold>,
 }
@@ -112,6 +118,15 @@ impl Drop for GateCtx {
 }
 
 impl GateCtx {
+    /// Drop the request body once nothing can send it again: the answer is final and this
+    /// attempt's body is handed over. A long call (a stream of minutes) then does not hold the
+    /// prompt (Pingora's retry buffer keeps its own copy of the body's last 64 KiB at most).
+    pub(super) fn release_body(&mut self) {
+        if self.body_sent && self.answer_final {
+            self.body = None;
+            self.attempt_body = None;
+        }
+    }
     /// Milliseconds from the request's start to `t` (the usage log's and the store's timings).
     pub(super) fn ms_since_start(&self, t: Option<Instant>) -> Option<u64> {
         t.zip(self.started)

@@ -25,12 +25,16 @@ impl Gate {
     ) -> Result<()> {
         // Before anything reaches the client: a retryable status may become a retry.
         self.judge_answer(resp, ctx)?;
+        ctx.answer_final = true;
+        ctx.release_body();
         if let Some(id) = &ctx.request_id {
             resp.insert_header(&X_REQUEST_ID, id.clone())?;
         }
         for (name, value) in &ctx.headers {
             resp.insert_header(*name, value)?;
         }
+        ctx.rate
+            .each(|name, value| resp.insert_header(name, value))?;
         if self.draining() {
             session.set_keepalive(None);
             resp.insert_header(http::header::CONNECTION, "close")?;

@@ -67,6 +67,10 @@ impl Gate {
                 Bytes::new()
             });
         }
+        if end_of_stream {
+            ctx.body_sent = true;
+            ctx.release_body();
+        }
         Ok(())
     }
 }

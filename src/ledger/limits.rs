@@ -362,7 +362,12 @@ impl LimitHold {
 
     /// The rate-limit headers (the tightest scope for requests and for tokens), at `now`.
     pub fn headers(&self, now: i64) -> Vec<(&'static str, String)> {
-        headers(self.parts.iter().map(|p| (&*p.live, p.limits)), now)
+        self.rate_headers(now).to_vec()
+    }
+
+    /// The numbers of [`LimitHold::headers`], to be written later (no strings are kept).
+    pub fn rate_headers(&self, now: i64) -> RateHeaders {
+        RateHeaders::of(self.parts.iter().map(|p| (&*p.live, p.limits)), now)
     }
 }
 
@@ -377,66 +382,127 @@ impl Drop for LimitHold {
     }
 }
 
-/// Which limit of a [`Limits`] a header describes.
-type Pick = fn(&Limits) -> Option<u32>;
-
 /// The OpenAI `x-ratelimit-*` headers and the IETF draft's `RateLimit-Policy` / `RateLimit`
 /// for these scopes: for requests and for tokens, the scope with the fewest left.
 pub fn headers<'a>(
     scopes: impl Iterator<Item = (&'a ScopeLive, Limits)> + Clone,
     now: i64,
 ) -> Vec<(&'static str, String)> {
-    let tightest = |pick: Pick, tpm: bool| {
-        scopes
-            .clone()
-            .filter_map(|(live, l)| {
-                let limit = pick(&l)?;
-                let (left, reset) = if tpm {
-                    live.tokens(limit, now)
-                } else {
-                    live.requests(limit, now)
-                };
-                Some((limit, left, reset))
-            })
-            .min_by_key(|&(_, left, _)| left)
-    };
-    use std::fmt::Write;
-    let mut out = Vec::with_capacity(8);
-    let mut policy = String::new();
-    let mut state = String::new();
-    let kinds: [(&str, Pick, bool); 2] =
-        [("requests", |l| l.rpm, false), ("tokens", |l| l.tpm, true)];
-    for (name, pick, tpm) in kinds {
-        let Some((limit, left, reset)) = tightest(pick, tpm) else {
-            continue;
+    RateHeaders::of(scopes, now).to_vec()
+}
+
+/// The numbers the rate-limit headers state, taken at admission: a call in flight keeps these
+/// (about 50 bytes) rather than the eight header strings (about 600 bytes on the heap), and
+/// they are written when the answer is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateHeaders {
+    /// The tightest scope's (limit, left, ns until full) for requests, then for tokens.
+    kinds: [Option<(u32, u64, i64)>; 2],
+}
+
+impl RateHeaders {
+    /// The tightest of `scopes` for requests and for tokens, at `now`.
+    pub fn of<'a>(
+        scopes: impl Iterator<Item = (&'a ScopeLive, Limits)> + Clone,
+        now: i64,
+    ) -> RateHeaders {
+        let tightest = |tpm: bool| {
+            scopes
+                .clone()
+                .filter_map(|(live, l)| {
+                    let limit = if tpm { l.tpm } else { l.rpm }?;
+                    let (left, reset) = if tpm {
+                        live.tokens(limit, now)
+                    } else {
+                        live.requests(limit, now)
+                    };
+                    Some((limit, left, reset))
+                })
+                .min_by_key(|&(_, left, _)| left)
         };
-        let (l, r, t) = if tpm {
+        RateHeaders {
+            kinds: [tightest(false), tightest(true)],
+        }
+    }
+
+    /// No limit of either kind: no headers.
+    pub fn is_empty(&self) -> bool {
+        self.kinds.iter().all(Option::is_none)
+    }
+
+    /// Hand each header to `put`, in order: the three `x-ratelimit-*` of requests, of tokens,
+    /// then `ratelimit-policy` and `ratelimit`.
+    pub fn each<E>(
+        &self,
+        mut put: impl FnMut(&'static str, &str) -> Result<(), E>,
+    ) -> Result<(), E> {
+        use std::fmt::Write;
+        const NAMES: [(&str, [&str; 3]); 2] = [
             (
-                "x-ratelimit-limit-tokens",
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
-            )
-        } else {
+                "requests",
+                [
+                    "x-ratelimit-limit-requests",
+                    "x-ratelimit-remaining-requests",
+                    "x-ratelimit-reset-requests",
+                ],
+            ),
             (
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
-            )
-        };
-        out.push((l, limit.to_string()));
-        out.push((r, left.to_string()));
-        out.push((t, go_duration(reset)));
-        let secs = crate::core::limits::retry_after_secs(reset).min(60) * u64::from(reset > 0);
-        let sep = if policy.is_empty() { "" } else { ", " };
+                "tokens",
+                [
+                    "x-ratelimit-limit-tokens",
+                    "x-ratelimit-remaining-tokens",
+                    "x-ratelimit-reset-tokens",
+                ],
+            ),
+        ];
+        if self.is_empty() {
+            return Ok(());
+        }
+        let mut value = String::with_capacity(64);
         // Writing to a String cannot fail.
-        let _ = write!(policy, "{sep}\"{name}\";q={limit};w=60");
-        let _ = write!(state, "{sep}\"{name}\";r={left};t={secs}");
+        for (&(_, [l, r, t]), &(limit, left, reset)) in NAMES
+            .iter()
+            .zip(&self.kinds)
+            .filter_map(|(n, k)| Some((n, k.as_ref()?)))
+        {
+            value.clear();
+            let _ = write!(value, "{limit}");
+            put(l, &value)?;
+            value.clear();
+            let _ = write!(value, "{left}");
+            put(r, &value)?;
+            put(t, &go_duration(reset))?;
+        }
+        let present = || {
+            NAMES
+                .iter()
+                .zip(&self.kinds)
+                .filter_map(|(&(name, _), k)| Some((name, k.as_ref()?)))
+                .enumerate()
+                .map(|(i, (name, k))| (if i == 0 { "" } else { ", " }, name, *k))
+        };
+        value.clear();
+        for (sep, name, (limit, _, _)) in present() {
+            let _ = write!(value, "{sep}\"{name}\";q={limit};w=60");
+        }
+        put("ratelimit-policy", &value)?;
+        value.clear();
+        for (sep, name, (_, left, reset)) in present() {
+            let secs = crate::core::limits::retry_after_secs(reset).min(60) * u64::from(reset > 0);
+            let _ = write!(value, "{sep}\"{name}\";r={left};t={secs}");
+        }
+        put("ratelimit", &value)
     }
-    if !policy.is_empty() {
-        out.push(("ratelimit-policy", policy));
-        out.push(("ratelimit", state));
+
+    /// The headers as (name, value) pairs.
+    pub fn to_vec(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::with_capacity(8);
+        let _ = self.each(|name, value| {
+            out.push((name, value.to_owned()));
+            Ok::<(), ()>(())
+        });
+        out
     }
-    out
 }
 
 #[cfg(test)]

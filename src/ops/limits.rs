@@ -21,7 +21,7 @@
 use crate::core::errors::{Denial, Reason};
 use crate::gate::Gate;
 use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
@@ -88,19 +88,17 @@ impl<A> Limited<A> {
     }
 }
 
-#[async_trait]
-impl<A> ServerApp for Limited<A>
+/// The future of one request on a connection, boxed by the application.
+type Served<'a> = Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'a>>;
+
+impl<A> Limited<A>
 where
     A: HttpServerApp + Send + Sync + 'static,
 {
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            return ServerApp::process_new(&self.inner, stream, shutdown).await;
-        }
+    /// The first request on a new HTTP/1 connection. Not `async`: the session is built here
+    /// and moved into the application's (boxed) future, so the connection's future, held for
+    /// the whole life of the connection, keeps no room for a session (~1.4 KB) of its own.
+    fn serve_first<'a>(&'a self, stream: Stream, shutdown: &'a ShutdownWatch) -> Served<'a> {
         let limits = &self.shared.limits;
         let guard = HeadGuard::new(stream, self.shared.clone());
         let mut session = ServerSession::new_http1(Box::new(guard));
@@ -116,21 +114,43 @@ where
                 .max_requests_per_connection
                 .map(|n| n.saturating_sub(1)),
         );
-        let mut result = self.inner.process_new_http(session, shutdown).await;
-        while let Some((stream, settings)) = result.map(|r| r.consume()) {
-            let stream: Stream = match stream.into_any().downcast::<HeadGuard>() {
-                Ok(mut guard) => {
-                    guard.next_request();
-                    guard
-                }
-                // Not ours: cannot happen, the application hands back the stream it was given.
-                Err(_) => return None,
-            };
-            let mut session = ServerSession::new_http1(stream);
-            if let Some(settings) = settings {
-                settings.apply_to_session(&mut session);
-            }
-            result = self.inner.process_new_http(session, shutdown).await;
+        self.inner.process_new_http(session, shutdown)
+    }
+
+    /// The next request on a kept-alive connection; `None` when the stream is not the guard
+    /// it was given (cannot happen: the application hands back the stream it was given).
+    fn serve_next<'a>(
+        &'a self,
+        reused: ReusedHttpStream,
+        shutdown: &'a ShutdownWatch,
+    ) -> Option<Served<'a>> {
+        let (stream, settings) = reused.consume();
+        let mut guard = stream.into_any().downcast::<HeadGuard>().ok()?;
+        guard.next_request();
+        let mut session = ServerSession::new_http1(guard);
+        if let Some(settings) = settings {
+            settings.apply_to_session(&mut session);
+        }
+        Some(self.inner.process_new_http(session, shutdown))
+    }
+}
+
+#[async_trait]
+impl<A> ServerApp for Limited<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return ServerApp::process_new(&self.inner, stream, shutdown).await;
+        }
+        let mut result = self.serve_first(stream, shutdown).await;
+        while let Some(reused) = result {
+            result = self.serve_next(reused, shutdown)?.await;
         }
         None
     }
