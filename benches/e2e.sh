@@ -30,6 +30,8 @@
 # AB_ONLY=1 (with KEYGATE_BASE): measure only the passthrough, keygate and the base.
 # KG_BASE_EXTRA_CONFIG="key: value": config lines for the base only (KEYGATE_BASE may then be the
 # same binary: an A/B of one setting).
+# With the usage store on, the CPU its writer thread spent per request (part of the whole
+# process's, from /proc/PID/task/*/schedstat) is printed for each run.
 # PROFILE=1: build with symbols (cargo profile `profiling`: release plus line tables) and, after
 # the measured runs, record keygate with perf during one more run and print where its CPU time
 # goes (flat self time by function, and rolled up by crate).
@@ -246,6 +248,14 @@ end
 EOF
 
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# CPU nanoseconds of the usage store's writer thread of process $1 (0 when it has none).
+writer_ns() {
+  local f
+  for f in /proc/"$1"/task/*; do
+    if [ "$(cat "$f/comm" 2>/dev/null)" = keygate-usage-s ]; then awk '{print $1}' "$f/schedstat"; return; fi
+  done
+  echo 0
+}
 # The shared ledger's Redis calls so far (keygate_ledger_backend_operations_total).
 ledger_ops() { curl -s "http://127.0.0.1:$P_KGR_M/metrics" | awk '/^keygate_ledger_backend_operations_total/{print $2}'; }
 HZ=$(getconf CLK_TCK)
@@ -257,8 +267,10 @@ run() {
   local t0 t1 out ops0=0 ops1=0
   [ "$pid" = "$KGR_PID" ] && ops0=$(ledger_ops)
   t0=$(ticks "$pid")
+  local w0; w0=$(writer_ns "$pid")
   out=$(env "$@" taskset -c 1 wrk -t1 -c$CONNS -d${DURATION}s --latency -s "$W/post.lua" "http://127.0.0.1:$port/v1/chat/completions")
   t1=$(ticks "$pid")
+  local w1; w1=$(writer_ns "$pid")
   [ "$pid" = "$KGR_PID" ] && ops1=$(ledger_ops)
   local rps total p50 p99
   rps=$(awk '/Requests\/sec/{print $2}' <<<"$out")
@@ -269,6 +281,8 @@ run() {
   local cpu_us; cpu_us=$(python3 -c "print(round(($t1-$t0)/$HZ*1e6/max($total,1),2))")
   local ops; ops=$(python3 -c "print(round(($ops1-$ops0)*1000/max($total,1),3))")
   echo "$name $rps $(tomillis "$p50") $(tomillis "$p99") $cpu_us ${non2xx:-0} $ops" >>"$W/results"
+  # The usage store's writer thread: its part of the CPU per request (included in the above).
+  [ "$w1" = 0 ] || echo "$name $(python3 -c "print(round(($w1-$w0)/1000/max($total,1),2))")" >>"$W/writer"
 }
 tomillis() { python3 -c "
 v='$1'
@@ -305,6 +319,10 @@ for r in $(seq 1 "$REPS"); do
 done
 
 cat "$W/results"
+if [ -s "$W/writer" ]; then
+  echo "usage store writer thread, CPU us/request (part of the above), each run:"
+  awk '{a[$1]=a[$1]" "$2} END {for (n in a) print "  " n ":" a[n]}' "$W/writer"
+fi
 python3 - "$W/results" <<'PY'
 import statistics, sys, collections
 rows = collections.defaultdict(list)

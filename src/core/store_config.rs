@@ -37,7 +37,7 @@ pub struct UsageStoreConfig {
     #[serde(default = "default_queue_size")]
     pub queue_size: usize,
     /// How often the writer writes what was queued, milliseconds (a `kill -9` loses at most
-    /// this much, plus the batch being written). Default 100.
+    /// this much, plus the batch being written). Default 500.
     #[serde(default = "default_flush_interval_ms")]
     pub flush_interval_ms: u64,
 }
@@ -51,8 +51,11 @@ fn default_retention_days() -> u32 {
 fn default_queue_size() -> usize {
     65_536
 }
+/// Half a second: every commit rewrites each page it touched, and a batch touches about one
+/// page of the (key, time) index per active key whatever its size; at 100 ms the writer spent
+/// 5.8 µs a call, at 500 ms 3.3 µs (100 keys, one core). A `kill -9` may lose this long.
 fn default_flush_interval_ms() -> u64 {
-    100
+    500
 }
 
 impl Default for UsageStoreConfig {

@@ -236,8 +236,8 @@ pub(crate) trait Sink: Send {
     fn retention_step(&mut self);
 }
 
-/// How often the writer collects what was queued.
-pub const DRAIN_EVERY: Duration = Duration::from_millis(100);
+/// How often the writer collects what was queued (the default of `flush_interval_ms`).
+pub const DRAIN_EVERY: Duration = Duration::from_millis(500);
 /// Rows per transaction at most.
 pub const BATCH_MAX: usize = 10_000;
 /// How often a retention pass starts (one runs at start too).

@@ -1,7 +1,7 @@
 //! The store's queries and its writer on real SQLite files.
 
 use super::query::{self, Bucket, LogFilter, StatsFilter};
-use super::sqlite::{open_writer, Writer};
+use super::sqlite::{insert_many_sql, open_writer, Writer, CHECKPOINT_PAGES, WRITER_CACHE_KIB};
 use super::*;
 use super::{CsvExport, CSV_HEADER};
 use std::sync::atomic::Ordering;
@@ -336,4 +336,86 @@ fn a_corrupt_file_names_itself() {
         e.contains(&path.display().to_string()) && e.contains("not a database"),
         "{e}"
     );
+}
+
+#[test]
+fn the_writer_keeps_a_16_mib_cache_and_checkpoints_every_10000_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = open_writer(&dir.path().join("usage.db")).unwrap();
+    let pragma = |name: &str| -> i64 {
+        conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(WRITER_CACHE_KIB, 16 * 1024);
+    assert_eq!(pragma("cache_size"), -16 * 1024, "negative: KiB, not pages");
+    assert_eq!(CHECKPOINT_PAGES, 10_000);
+    assert_eq!(pragma("wal_autocheckpoint"), 10_000);
+    assert_eq!(pragma("synchronous"), 1, "NORMAL");
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    // The queries' connection keeps SQLite's defaults.
+    let reader = open_reader(&dir.path().join("usage.db")).unwrap();
+    let cache: i64 = reader
+        .query_row("PRAGMA cache_size", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(cache, -2000);
+}
+
+#[test]
+fn a_failing_row_does_not_undo_its_statement_so_no_statement_journal_is_kept() {
+    // The writer's multi-row insert is OR FAIL: a row that fails ends the statement and keeps
+    // the rows before it (the batch's transaction is what gets rolled back). With the default
+    // ABORT, SQLite undoes the statement itself, from a statement journal written as it goes.
+    let dir = tempfile::tempdir().unwrap();
+    let conn = open_writer(&dir.path().join("usage.db")).unwrap();
+    let sql = insert_many_sql(2);
+    assert!(sql.starts_with("INSERT OR FAIL INTO calls"), "{sql}");
+    conn.execute_batch("BEGIN").unwrap();
+    let mut values: Vec<rusqlite::types::Value> = Vec::new();
+    for i in 0..2 {
+        values.extend([
+            NOW.into(),
+            // The second row's request id is NULL: a NOT NULL constraint fails.
+            if i == 0 {
+                "r-1".to_string().into()
+            } else {
+                rusqlite::types::Value::Null
+            },
+            1i64.into(),
+            "k".to_string().into(),
+            "default".to_string().into(),
+            "m".to_string().into(),
+            1i64.into(),
+            1i64.into(),
+            1i64.into(),
+            0i64.into(),
+            200i64.into(),
+            1i64.into(),
+            rusqlite::types::Value::Null,
+            rusqlite::types::Value::Null,
+            rusqlite::types::Value::Null,
+            rusqlite::types::Value::Null,
+            1i64.into(),
+            "/v1/chat/completions".to_string().into(),
+            rusqlite::types::Value::Null,
+        ]);
+    }
+    let e = conn
+        .execute(&sql, rusqlite::params_from_iter(values))
+        .unwrap_err();
+    assert!(e.to_string().contains("NOT NULL"), "{e}");
+    let kept: i64 = conn
+        .query_row("SELECT count(*) FROM calls", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        kept, 1,
+        "the statement's first row stays until the transaction rolls back"
+    );
+    conn.execute_batch("ROLLBACK").unwrap();
+    let after: i64 = conn
+        .query_row("SELECT count(*) FROM calls", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(after, 0);
 }
