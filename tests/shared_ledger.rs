@@ -603,7 +603,14 @@ async fn a_gateway_started_before_redis_refuses_then_serves() {
     let _redis = RedisServer::start_on(data.path(), port);
     wait_until_admitted(&env.gw).await;
     assert_eq!(readyz(&env.gw).await.1["ledger"]["state"], "ok");
-    assert_eq!(env.gw.total_used(OK).await, actual());
+    // The call that was admitted settles after its answer is sent: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut used = env.gw.total_used(OK).await;
+    while used != actual() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        used = env.gw.total_used(OK).await;
+    }
+    assert_eq!(used, actual());
 }
 
 #[tokio::test(flavor = "multi_thread")]

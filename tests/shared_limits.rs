@@ -335,3 +335,36 @@ async fn on_unavailable_applies_to_shared_limits() {
         "{admitted} admitted with rpm 5"
     );
 }
+
+/// `deny` with a gateway that found Redis away: nothing asks Redis for tokens while it refuses,
+/// so the worker's own probe must notice Redis is back (it did not: limited keys got 503 until
+/// a restart).
+#[tokio::test(flavor = "multi_thread")]
+async fn deny_admits_again_once_redis_is_back() {
+    if !available() {
+        return;
+    }
+    let port = common::redis::free_port();
+    let sync = sync_with(json!({}), json!({"limits": {"rpm": 600}}));
+    let env = Env::with(Opts {
+        sync,
+        extra: ledger_yaml("redis", &format!("redis://127.0.0.1:{port}"), "deny"),
+        ..Opts::default()
+    })
+    .await;
+    let (status, code, _) = denial(call(&env.gw, KEY).await).await;
+    assert_eq!((status, code.as_str()), (503, "quota_backend_unavailable"));
+    let data = tempfile::tempdir().unwrap();
+    let _redis = RedisServer::start_on(data.path(), port);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = call(&env.gw, KEY).await;
+        if r.status() == 200 {
+            break;
+        }
+        let (status, code, _) = denial(r).await;
+        assert_eq!((status, code.as_str()), (503, "quota_backend_unavailable"));
+        assert!(Instant::now() < deadline, "never admitted again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

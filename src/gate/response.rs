@@ -23,6 +23,11 @@ impl Gate {
         resp: &mut ResponseHeader,
         ctx: &mut GateCtx,
     ) -> Result<()> {
+        // An interim answer (103 Early Hints, 100 Continue) is not the answer: the final head
+        // follows, may still be retried, and needs the request body for it.
+        if resp.status.is_informational() && resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(());
+        }
         // Before anything reaches the client: a retryable status may become a retry.
         self.judge_answer(resp, ctx)?;
         ctx.answer_final = true;

@@ -9,7 +9,7 @@
 //! took from the scope's bucket in Redis ahead of use (see `lease::rates`); the local buckets
 //! then only mirror the Redis bucket for the headers. Concurrency stays per gateway.
 
-use super::lease::rates::{LeaseTake, RateSlot, RPM, TPM};
+use super::lease::slot::{LeaseTake, RateSlot, RPM, TPM};
 use crate::core::limits::{go_duration, Bucket, Limits, Take, WINDOW_NS};
 use dashmap::DashMap;
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -28,6 +28,7 @@
 mod rate_worker;
 pub(crate) mod rates;
 mod scripts;
+pub(crate) mod slot;
 mod worker;
 
 use self::scripts::{connect, Scripts};

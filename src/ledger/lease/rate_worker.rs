@@ -2,16 +2,41 @@
 //! leases for; tops leases up, serves waiting calls, reports debts and gives idle leases back.
 
 use super::rates::{
-    lease_size, rate_key, Ask, Msg, RateLeases, CONCURRENT_CALLS, FLUSH_EVERY, IDLE, RPM, WINDOW_US,
+    lease_size, rate_key, Ask, Msg, RateLeases, CONCURRENT_CALLS, FLUSH_EVERY, IDLE, RATE_SCRIPT,
+    WINDOW_US,
 };
 use super::scripts::{connect, unreachable, Conn, Script};
+use super::slot::RPM;
 use super::RedisSettings;
 use crate::ledger::limits::{mono_ns, ScopeLive};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
+
+// Here, not beside `RateLeases`, so that the worker is imported by no one it imports.
+impl RateLeases {
+    /// Start the worker thread (its own connection, made in the background).
+    pub(crate) fn start(settings: RedisSettings) -> std::io::Result<Arc<RateLeases>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let leases = Arc::new(RateLeases {
+            mode: settings.on_unavailable,
+            up: AtomicBool::new(true),
+            timeout: settings.timeout,
+            ops: AtomicU64::new(0),
+            tx,
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let worker = Worker::new(leases.clone(), settings, Script::new(RATE_SCRIPT));
+        std::thread::Builder::new()
+            .name("keygate-rates".into())
+            .spawn(move || runtime.block_on(worker.run(rx)))?;
+        Ok(leases)
+    }
+}
 
 /// One script call: per kind, what to want and what was taken out to give back.
 struct Call {
@@ -80,7 +105,8 @@ impl Worker {
             }
             let flush = Instant::now() >= next_flush || shutdown.is_some();
             let closing = shutdown.is_some();
-            let mut calls: Vec<Call> = asks.into_values().map(|a| self.plan(a, false)).collect();
+            // Closing: what a waiting scope holds goes back rather than asking for more.
+            let mut calls: Vec<Call> = asks.into_values().map(|a| self.plan(a, closing)).collect();
             if flush {
                 calls.extend(self.flush(&calls, closing));
                 next_flush = Instant::now() + FLUSH_EVERY;
@@ -88,6 +114,8 @@ impl Worker {
             calls.retain(|c| c.want != [0, 0] || c.give != [0, 0] || !c.ask.replies.is_empty());
             if !calls.is_empty() {
                 self.send(calls).await;
+            } else if flush && !closing && !self.leases.is_up() {
+                self.probe().await;
             }
             if let Some(done) = shutdown {
                 let _ = done.send(());
@@ -135,7 +163,10 @@ impl Worker {
             let held = [0, 1].map(|k| lease.held[k].load(Ordering::Acquire));
             let idle = closing || now - lease.last_use.load(Ordering::Relaxed) >= idle_ns;
             if held == [0, 0] {
-                if idle {
+                // Forgotten only when no call holds it (here and in the book): a call still
+                // running (a long stream) may settle beyond its estimate, and that debt must
+                // be reported by a later flush.
+                if idle && Arc::strong_count(live) <= 2 {
                     gone.push(*id);
                 }
                 continue;
@@ -172,6 +203,33 @@ impl Worker {
             }
         }
         true
+    }
+
+    /// While Redis is away and no call asks it (`deny` refuses and `allow` admits without
+    /// asking), one PING a flush tells when it is back.
+    async fn probe(&mut self) {
+        if !self.ensure_conn().await {
+            return;
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        self.leases.ops.fetch_add(1, Ordering::Relaxed);
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(conn);
+        match tokio::time::timeout(self.settings.timeout, ping).await {
+            Ok(Ok(_)) => {
+                if !self.leases.up.swap(true, Ordering::AcqRel) {
+                    log::info!("rate limits: Redis reachable again");
+                }
+            }
+            Ok(Err(e)) => {
+                self.failed(&format!("PING: {e}"));
+            }
+            Err(_) => {
+                self.failed("PING timed out");
+            }
+        }
     }
 
     fn failed(&self, why: &str) -> bool {

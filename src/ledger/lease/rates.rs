@@ -22,22 +22,15 @@
 //! from what is held, then refuses (503); `deny` refuses at once; `allow` falls back to this
 //! gateway's own buckets, which mirror the Redis bucket as last seen.
 
-use super::rate_worker::Worker;
-use super::scripts::Script;
-use super::RedisSettings;
+use super::slot::RPM;
 use crate::core::config::OnUnavailable;
 use crate::ledger::limits::{
     mono_ns, LimitBook, LimitHold, LimitRefusal, Refused, ScopeLimits, ScopeLive,
 };
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
-
-/// The rpm index of a [`RateSlot`]'s pairs.
-pub(crate) const RPM: usize = 0;
-/// The tpm index.
-pub(crate) const TPM: usize = 1;
 
 /// A lease covers what the limit refills in this long.
 pub(crate) const LEASE_COVERS: Duration = Duration::from_secs(2);
@@ -65,6 +58,7 @@ pub(super) const RATE_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local out = {}
+local keep = 120000
 for k = 0, 1 do
   local limit, want, give = tonumber(ARGV[k*3+1]), tonumber(ARGV[k*3+2]), tonumber(ARGV[k*3+3])
   local grant, ahead = 0, 0
@@ -84,75 +78,16 @@ for k = 0, 1 do
   end
   out[#out + 1] = grant
   out[#out + 1] = ahead
+  -- Kept until the bucket is full again (a debt can move it minutes ahead), and a minute more.
+  keep = math.max(keep, math.ceil(ahead / 1000) + 60000)
 end
-redis.call('PEXPIRE', KEYS[1], 120000)
+redis.call('PEXPIRE', KEYS[1], keep)
 return out
 ";
 
 /// The scope's Redis key.
 pub(super) fn rate_key(id: u64) -> String {
     format!("keygate:{{{id}}}:rate")
-}
-
-/// One scope's lease, per kind: tokens held (negative: used beyond it, not yet reported) and
-/// until when Redis said the bucket is empty.
-#[derive(Debug, Default)]
-pub struct RateSlot {
-    pub(super) held: [AtomicI64; 2],
-    pub(super) empty_until: [AtomicI64; 2],
-    pub(super) last_use: AtomicI64,
-    pub(super) queued: AtomicBool,
-}
-
-/// What a lease says about a request for tokens.
-pub(crate) enum LeaseTake {
-    Ok,
-    /// Redis said the bucket is empty: this many ns until a token is free.
-    Wait(i64),
-    /// Not enough held: ask Redis.
-    Short,
-}
-
-impl RateSlot {
-    /// Take `n` tokens of kind `k` from the lease.
-    #[inline]
-    pub(crate) fn take(&self, k: usize, n: u64, now: i64) -> LeaseTake {
-        let n = i64::try_from(n).unwrap_or(i64::MAX);
-        self.last_use.store(now, Ordering::Relaxed);
-        let took = self.held[k].fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
-            (h >= n).then(|| h - n)
-        });
-        if took.is_ok() {
-            return LeaseTake::Ok;
-        }
-        let until = self.empty_until[k].load(Ordering::Acquire);
-        if until > now {
-            LeaseTake::Wait(until - now)
-        } else {
-            LeaseTake::Short
-        }
-    }
-
-    /// Give `n` tokens back to the lease (negative: take them, below zero if need be).
-    pub(crate) fn give(&self, k: usize, n: i64) {
-        if n != 0 {
-            self.held[k].fetch_add(n, Ordering::AcqRel);
-        }
-    }
-
-    /// Tokens held, for the headers.
-    pub(crate) fn held(&self, k: usize) -> u64 {
-        u64::try_from(self.held[k].load(Ordering::Relaxed)).unwrap_or(0)
-    }
-
-    /// Take out what is held (`positive`) or owed (not `positive`), to send it to Redis.
-    pub(super) fn take_out(&self, k: usize, positive: bool) -> i64 {
-        self.held[k]
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
-                ((h > 0) == positive && h != 0).then_some(0)
-            })
-            .unwrap_or(0)
-    }
 }
 
 /// A scope the worker is asked about.
@@ -177,9 +112,9 @@ pub(super) enum Msg {
 pub(crate) struct RateLeases {
     pub(super) mode: OnUnavailable,
     pub(super) up: AtomicBool,
-    timeout: Duration,
+    pub(super) timeout: Duration,
     pub(super) ops: AtomicU64,
-    tx: mpsc::UnboundedSender<Msg>,
+    pub(super) tx: mpsc::UnboundedSender<Msg>,
 }
 
 impl std::fmt::Debug for RateLeases {
@@ -189,26 +124,6 @@ impl std::fmt::Debug for RateLeases {
 }
 
 impl RateLeases {
-    /// Start the worker thread (its own connection, made in the background).
-    pub(crate) fn start(settings: RedisSettings) -> std::io::Result<Arc<RateLeases>> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let leases = Arc::new(RateLeases {
-            mode: settings.on_unavailable,
-            up: AtomicBool::new(true),
-            timeout: settings.timeout,
-            ops: AtomicU64::new(0),
-            tx,
-        });
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let worker = Worker::new(leases.clone(), settings, Script::new(RATE_SCRIPT));
-        std::thread::Builder::new()
-            .name("keygate-rates".into())
-            .spawn(move || runtime.block_on(worker.run(rx)))?;
-        Ok(leases)
-    }
-
     pub(crate) fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
     }
@@ -321,7 +236,7 @@ impl LimitBook {
 mod tests {
     //! The rate script's guarantees, against a real redis-server (skipped when it is not
     //! installed, unless `KEYGATE_REQUIRE_REDIS` is set).
-    use super::super::scripts::Conn;
+    use super::super::scripts::{Conn, Script};
     use super::super::tests::server;
     use super::*;
 
