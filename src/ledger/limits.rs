@@ -186,17 +186,7 @@ impl LimitBook {
             parts: Vec::with_capacity(scopes.len()),
         };
         for s in scopes.iter().filter(|s| !s.limits.is_empty()) {
-            let live = self.scope(s.id);
-            let mut part = Part {
-                id: s.id,
-                live,
-                scope: s.scope,
-                limits: s.limits,
-                shared: false,
-                slot: false,
-                rpm: false,
-                tokens: 0,
-            };
+            let mut part = Part::new(s, self.scope(s.id), false);
             let refused = part
                 .take_slot(&self.shared)
                 .and_then(|()| part.take_local(tokens, now));
@@ -232,17 +222,7 @@ impl LimitBook {
             if s.limits.is_empty() {
                 continue;
             }
-            let live = self.scope(s.id);
-            let mut part = Part {
-                id: s.id,
-                live,
-                scope: s.scope,
-                limits: s.limits,
-                shared: true,
-                slot: false,
-                rpm: false,
-                tokens: 0,
-            };
+            let mut part = Part::new(s, self.scope(s.id), true);
             let refused = part
                 .take_slot(&self.shared)
                 .map_err(Refused::No)
@@ -258,6 +238,21 @@ impl LimitBook {
 }
 
 impl Part {
+    /// Scope `s`'s share of a call, nothing taken yet; `shared`: rpm and tpm from its lease.
+    #[inline]
+    fn new(s: &ScopeLimits, live: Arc<ScopeLive>, shared: bool) -> Part {
+        Part {
+            id: s.id,
+            live,
+            scope: s.scope,
+            limits: s.limits,
+            shared,
+            slot: false,
+            rpm: false,
+            tokens: 0,
+        }
+    }
+
     #[inline]
     fn take_slot(&mut self, book: &BookShared) -> Result<(), LimitRefusal> {
         if let Some(max) = self.limits.concurrency {

@@ -5,7 +5,7 @@ use super::rates::{
     lease_size, rate_key, Ask, Msg, RateLeases, CONCURRENT_CALLS, FLUSH_EVERY, IDLE, RATE_SCRIPT,
     WINDOW_US,
 };
-use super::scripts::{connect, unreachable, Conn, Script};
+use super::scripts::{connect, next_messages, ping, unreachable, Conn, Script};
 use super::slot::RPM;
 use super::RedisSettings;
 use crate::ledger::limits::{mono_ns, ScopeLive};
@@ -69,17 +69,9 @@ impl Worker {
     pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let mut next_flush = Instant::now() + FLUSH_EVERY;
         loop {
-            let first = tokio::select! {
-                m = rx.recv() => match m {
-                    Some(m) => Some(m),
-                    None => return,
-                },
-                _ = tokio::time::sleep_until(next_flush.into()) => None,
+            let Some(msgs) = next_messages(&mut rx, next_flush).await else {
+                return;
             };
-            let mut msgs: Vec<Msg> = first.into_iter().collect();
-            while let Ok(m) = rx.try_recv() {
-                msgs.push(m);
-            }
             let mut asks: HashMap<u64, Ask> = HashMap::new();
             let mut shutdown = None;
             for m in msgs {
@@ -215,20 +207,17 @@ impl Worker {
             return;
         };
         self.leases.ops.fetch_add(1, Ordering::Relaxed);
-        let cmd = redis::cmd("PING");
-        let ping = cmd.query_async::<String>(conn);
-        match tokio::time::timeout(self.settings.timeout, ping).await {
-            Ok(Ok(_)) => {
-                if !self.leases.up.swap(true, Ordering::AcqRel) {
-                    log::info!("rate limits: Redis reachable again");
-                }
+        match ping(conn, self.settings.timeout).await {
+            Ok(()) => self.reached(),
+            Err(why) => {
+                self.failed(&why);
             }
-            Ok(Err(e)) => {
-                self.failed(&format!("PING: {e}"));
-            }
-            Err(_) => {
-                self.failed("PING timed out");
-            }
+        }
+    }
+
+    fn reached(&self) {
+        if !self.leases.up.swap(true, Ordering::AcqRel) {
+            log::info!("rate limits: Redis reachable again");
         }
     }
 
@@ -295,9 +284,7 @@ impl Worker {
                 }
             }
             if reached {
-                if !self.leases.up.swap(true, Ordering::AcqRel) {
-                    log::info!("rate limits: Redis reachable again");
-                }
+                self.reached();
             } else {
                 self.failed("script calls failed or timed out");
                 for c in std::mem::take(&mut calls) {

@@ -2,7 +2,8 @@
 //! one server or a cluster.
 
 use super::RedisSettings;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 
 /// Grant, give back and report, in one atomic step per key and gateway (see the module doc).
 /// KEYS: the key's hash (`committed`, `seeded`) and its lease records (gateway -> "granted
@@ -213,5 +214,32 @@ pub(super) async fn connect(settings: &RedisSettings) -> redis::RedisResult<Conn
         Ok(Conn::Single(
             redis::aio::ConnectionManager::new_with_config(client, config).await?,
         ))
+    }
+}
+
+/// A worker's next round: every message waiting (at least one, or none when `until` comes
+/// first); `None` once every sender is gone.
+pub(super) async fn next_messages<M>(
+    rx: &mut mpsc::UnboundedReceiver<M>,
+    until: Instant,
+) -> Option<Vec<M>> {
+    let first = tokio::select! {
+        m = rx.recv() => Some(m?),
+        _ = tokio::time::sleep_until(until.into()) => None,
+    };
+    let mut msgs: Vec<M> = first.into_iter().collect();
+    while let Ok(m) = rx.try_recv() {
+        msgs.push(m);
+    }
+    Some(msgs)
+}
+
+/// One PING within `timeout`: whether Redis answers (why not, if not).
+pub(super) async fn ping(conn: &mut Conn, timeout: Duration) -> Result<(), String> {
+    let cmd = redis::cmd("PING");
+    match tokio::time::timeout(timeout, cmd.query_async::<String>(conn)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("PING: {e}")),
+        Err(_) => Err("PING timed out".into()),
     }
 }

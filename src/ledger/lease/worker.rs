@@ -1,7 +1,7 @@
 //! The ledger thread's worker: owns the Redis connection and what it knows of each key;
 //! refills leases, gives back idle ones and reports consumption.
 
-use super::scripts::{redis_keys, unreachable, Conn, Scripts};
+use super::scripts::{next_messages, ping, redis_keys, unreachable, Conn, Scripts};
 use super::*;
 use crate::core::pricing::MAX_AMOUNT;
 
@@ -68,17 +68,9 @@ impl Worker {
             self.probe().await;
         }
         loop {
-            let first = tokio::select! {
-                m = rx.recv() => match m {
-                    Some(m) => Some(m),
-                    None => return,
-                },
-                _ = tokio::time::sleep_until(next_flush.into()) => None,
+            let Some(msgs) = next_messages(&mut rx, next_flush).await else {
+                return;
             };
-            let mut msgs: Vec<Msg> = first.into_iter().collect();
-            while let Ok(m) = rx.try_recv() {
-                msgs.push(m);
-            }
             if !self.ensure_ready().await {
                 self.answer_unavailable(msgs);
                 next_flush = Instant::now() + FLUSH_EVERY;
@@ -181,15 +173,10 @@ impl Worker {
             return;
         };
         self.ledger.stats.ops.fetch_add(1, Ordering::Relaxed);
-        let cmd = redis::cmd("PING");
-        let ping = cmd.query_async::<String>(conn);
-        match tokio::time::timeout(self.settings.timeout, ping).await {
-            Ok(Ok(_)) => self.reached(),
-            Ok(Err(e)) => {
-                self.failed(&format!("PING: {e}"));
-            }
-            Err(_) => {
-                self.failed("PING timed out");
+        match ping(conn, self.settings.timeout).await {
+            Ok(()) => self.reached(),
+            Err(why) => {
+                self.failed(&why);
             }
         }
     }
