@@ -8,7 +8,6 @@ mod common;
 use common::redis::{available, RedisCluster, RedisServer};
 use common::*;
 use serde_json::{json, Value};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 const KEY: &str = "sk-shared-limits-000000000000000000000000000000000";
@@ -66,24 +65,35 @@ fn ledger_yaml(backend: &str, url: &str, on_unavailable: &str) -> String {
     )
 }
 
-/// Two gateways (in `root/a` and `root/b`) on one mock upstream and one Redis.
-fn two_gateways(
-    root: &Path,
-    mock: &keygate::mock::MockBackend,
-    sync: &Value,
-    ledger: &str,
-) -> [Gateway; 2] {
+/// Two gateways on one mock upstream, sharing the ledger `ledger` says.
+struct Fleet {
+    gws: [Gateway; 2],
+    mock: keygate::mock::MockBackend,
+    _root: tempfile::TempDir,
+}
+
+/// [`Fleet`] with `sync` (each gateway in a folder of its own).
+async fn two_gateways(sync: &Value, ledger: &str) -> Fleet {
+    let mock = keygate::mock::MockBackend::start("127.0.0.1:0")
+        .await
+        .unwrap();
+    let root = tempfile::tempdir().unwrap();
     let url = format!("http://{}", mock.addr());
     let opts = Opts {
         sync: sync.clone(),
         extra: ledger.to_string(),
         ..Opts::default()
     };
-    ["a", "b"].map(|name| {
-        let dir = root.join(name);
+    let gws = ["a", "b"].map(|name| {
+        let dir = root.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         start_gateway(&dir, &opts, &url)
-    })
+    });
+    Fleet {
+        gws,
+        mock,
+        _root: root,
+    }
 }
 
 async fn call(gw: &Gateway, key: &str) -> reqwest::Response {
@@ -130,18 +140,9 @@ async fn burst(gws: &[Gateway; 2], keys: usize, n: usize, kind: &str) -> (usize,
 /// Two gateways, one key with rpm 30: a burst of 100 calls over both admits about 30, within
 /// the stated bound (each gateway alone would admit 30: 60 in all).
 async fn rpm_holds_across_two_gateways(url: &str, backend: &str) {
-    let mock = keygate::mock::MockBackend::start("127.0.0.1:0")
-        .await
-        .unwrap();
-    let root = tempfile::tempdir().unwrap();
     let sync = sync_with(json!({}), json!({"limits": {"rpm": 30}}));
-    let gws = two_gateways(
-        root.path(),
-        &mock,
-        &sync,
-        &ledger_yaml(backend, url, "lease"),
-    );
-    let (admitted, secs) = burst(&gws, 1, 100, "requests").await;
+    let f = two_gateways(&sync, &ledger_yaml(backend, url, "lease")).await;
+    let (admitted, secs) = burst(&f.gws, 1, 100, "requests").await;
     let max = bound(30, secs, 2);
     eprintln!("{backend}: admitted {admitted} of 100 in {secs:.2} s (bound {max:.1})");
     assert!(admitted as f64 <= max, "admitted {admitted} > {max}");
@@ -149,9 +150,9 @@ async fn rpm_holds_across_two_gateways(url: &str, backend: &str) {
         admitted >= 26,
         "admitted only {admitted}: the bucket was not used"
     );
-    assert_eq!(mock.request_count(), admitted);
+    assert_eq!(f.mock.request_count(), admitted);
     // Both gateways send the limit's headers.
-    let r = call(&gws[1], KEY).await;
+    let r = call(&f.gws[1], KEY).await;
     assert_eq!(r.headers()["x-ratelimit-limit-requests"], "30");
 }
 
@@ -182,15 +183,11 @@ async fn tpm_holds_across_two_gateways() {
     }
     let data = tempfile::tempdir().unwrap();
     let redis = RedisServer::start(data.path());
-    let mock = keygate::mock::MockBackend::start("127.0.0.1:0")
-        .await
-        .unwrap();
-    let root = tempfile::tempdir().unwrap();
     let tpm = 2_000;
     let sync = sync_with(json!({}), json!({"limits": {"tpm": tpm}}));
     let ledger = ledger_yaml("redis", &redis.url(), "lease");
-    let gws = two_gateways(root.path(), &mock, &sync, &ledger);
-    let (admitted, secs) = burst(&gws, 1, 120, "tokens").await;
+    let f = two_gateways(&sync, &ledger).await;
+    let (admitted, secs) = burst(&f.gws, 1, 120, "tokens").await;
     // The tokens the calls really counted (their estimates were corrected at settle).
     let used = admitted as u64 * actual_tokens();
     let max = bound(tpm, secs, 2);
@@ -209,14 +206,10 @@ async fn an_accounts_rpm_holds_across_its_keys_and_two_gateways() {
     }
     let data = tempfile::tempdir().unwrap();
     let redis = RedisServer::start(data.path());
-    let mock = keygate::mock::MockBackend::start("127.0.0.1:0")
-        .await
-        .unwrap();
-    let root = tempfile::tempdir().unwrap();
     let sync = sync_with(json!({"limits": {"rpm": 20}}), json!({}));
     let ledger = ledger_yaml("redis", &redis.url(), "lease");
-    let gws = two_gateways(root.path(), &mock, &sync, &ledger);
-    let (admitted, secs) = burst(&gws, 4, 80, "requests").await;
+    let f = two_gateways(&sync, &ledger).await;
+    let (admitted, secs) = burst(&f.gws, 4, 80, "requests").await;
     let max = bound(20, secs, 2);
     eprintln!("account: admitted {admitted} of 80 in {secs:.2} s (bound {max:.1})");
     assert!(admitted as f64 <= max, "admitted {admitted} > {max}");
