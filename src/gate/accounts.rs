@@ -105,10 +105,10 @@ pub async fn admit_policy(
     let scopes: Vec<ScopeLimits> = scopes.into_iter().flatten().collect();
     let mut hold = None;
     if !scopes.is_empty() {
-        let admitted = if ledger.shares_rates() {
-            ledger.admit_limits(book, &scopes, tokens, now_ns).await
-        } else {
-            book.admit(&scopes, tokens, now_ns)
+        // On Redis from leases on the shared buckets; else this gateway's own (no await).
+        let admitted = match ledger.shared_rates() {
+            Some(rates) => book.admit_shared(rates, &scopes, tokens).await,
+            None => book.admit(&scopes, tokens, now_ns),
         };
         match admitted {
             Ok(h) => hold = Some(h),

@@ -188,30 +188,16 @@ impl Ledger {
         Ok(ledger)
     }
 
-    /// Whether rpm and tpm are shared with other gateways (the ledger is on Redis).
+    /// The rate limits shared with other gateways (the ledger is on Redis); `None`: this
+    /// gateway's own buckets decide.
     #[inline]
-    pub fn shares_rates(&self) -> bool {
-        self.rates.is_some()
+    pub(crate) fn shared_rates(&self) -> Option<&lease::rates::RateLeases> {
+        self.rates.as_deref()
     }
 
     /// Rate-limit script calls made to Redis so far (0 for a local ledger).
     pub fn rate_ops(&self) -> u64 {
         self.rates.as_ref().map_or(0, |r| r.ops())
-    }
-
-    /// Take the limits of `scopes` for one call of `tokens` tokens: from this gateway's
-    /// buckets on a local ledger, from leases on Redis's buckets on a shared one.
-    pub async fn admit_limits(
-        &self,
-        book: &limits::LimitBook,
-        scopes: &[limits::ScopeLimits],
-        tokens: u64,
-        now_ns: i64,
-    ) -> Result<limits::LimitHold, limits::LimitRefusal> {
-        match &self.rates {
-            Some(r) => book.admit_shared(r, scopes, tokens).await,
-            None => book.admit(scopes, tokens, now_ns),
-        }
     }
 
     /// The shared ledger's state; `None` for a local one.
