@@ -87,28 +87,37 @@ pub async fn admit_policy(
     };
     let account = table.account_of(key);
 
-    let mut scopes = [None, None];
-    if !policy.limits.is_empty() {
-        scopes[0] = Some(ScopeLimits {
-            id: key.id,
-            scope: Scope::Key,
-            limits: policy.limits,
-        });
-    }
-    if let Some(a) = account.filter(|a| !a.limits.is_empty()) {
-        scopes[1] = Some(ScopeLimits {
+    let key_scope = (!policy.limits.is_empty()).then_some(ScopeLimits {
+        id: key.id,
+        scope: Scope::Key,
+        limits: policy.limits,
+    });
+    let account_scope = account
+        .filter(|a| !a.limits.is_empty())
+        .map(|a| ScopeLimits {
             id: a.ledger_id,
             scope: Scope::Account,
             limits: a.limits,
         });
-    }
-    let scopes: Vec<ScopeLimits> = scopes.into_iter().flatten().collect();
+    // Key first, then account: on the stack, as the parts below (no Vec per call).
+    let pair;
+    let scopes: &[ScopeLimits] = match (key_scope, account_scope) {
+        (Some(k), Some(a)) => {
+            pair = [k, a];
+            &pair
+        }
+        (Some(s), None) | (None, Some(s)) => {
+            pair = [s, s];
+            &pair[..1]
+        }
+        (None, None) => &[],
+    };
     let mut hold = None;
     if !scopes.is_empty() {
         // On Redis from leases on the shared buckets; else this gateway's own (no await).
         let admitted = match ledger.shared_rates() {
-            Some(rates) => book.admit_shared(rates, &scopes, tokens).await,
-            None => book.admit(&scopes, tokens, now_ns),
+            Some(rates) => book.admit_shared(rates, scopes, tokens).await,
+            None => book.admit(scopes, tokens, now_ns),
         };
         match admitted {
             Ok(h) => hold = Some(h),
@@ -123,19 +132,30 @@ pub async fn admit_policy(
         }
     }
 
-    let mut parts = Vec::with_capacity(4);
-    let mut kinds = Vec::with_capacity(4);
-    parts.push(Part {
-        id: key.id,
-        limit: (!key.unlimited_quota).then(|| key.quota.saturating_sub(key.used)),
-    });
-    kinds.push(PartKind::Key);
+    // At most four parts: the key, its account, and a budget of each.
+    let mut parts = [Part { id: 0, limit: None }; 4];
+    let mut kinds = [PartKind::Key, PartKind::Key, PartKind::Key, PartKind::Key];
+    let mut n = 0;
+    let mut push = |part: Part, kind| {
+        parts[n] = part;
+        kinds[n] = kind;
+        n += 1;
+    };
+    push(
+        Part {
+            id: key.id,
+            limit: (!key.unlimited_quota).then(|| key.quota.saturating_sub(key.used)),
+        },
+        PartKind::Key,
+    );
     if let Some(a) = account {
-        parts.push(Part {
-            id: a.ledger_id,
-            limit: a.quota_limit(),
-        });
-        kinds.push(PartKind::Account(&a.id));
+        push(
+            Part {
+                id: a.ledger_id,
+                limit: a.quota_limit(),
+            },
+            PartKind::Account(&a.id),
+        );
     }
     let budgets = [
         policy.budget.as_ref().map(|b| (key.id, "API key", b)),
@@ -148,18 +168,20 @@ pub async fn admit_policy(
             .iter()
             .map(|&start| ledger.consumed(budget_ledger_id(scope, start)))
             .sum();
-        parts.push(Part {
-            id: budget_ledger_id(scope, w.current),
-            limit: Some(budget.amount.saturating_sub(earlier)),
-        });
-        kinds.push(PartKind::Budget {
-            whose,
-            budget,
-            resets_at: w.resets_at,
-        });
+        push(
+            Part {
+                id: budget_ledger_id(scope, w.current),
+                limit: Some(budget.amount.saturating_sub(earlier)),
+            },
+            PartKind::Budget {
+                whose,
+                budget,
+                resets_at: w.resets_at,
+            },
+        );
     }
 
-    match ledger.reserve_all(&parts, amount).await {
+    match ledger.reserve_all(&parts[..n], amount).await {
         Ok(r) => Ok((r, hold)),
         Err((i, e)) => {
             let headers = hold.as_ref().map(|h| h.headers(now_ns)).unwrap_or_default();

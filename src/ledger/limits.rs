@@ -10,8 +10,8 @@
 //! then only mirror the Redis bucket for the headers. Concurrency stays per gateway.
 
 use super::lease::slot::{LeaseTake, RateSlot, RPM, TPM};
+use super::IdMap;
 use crate::core::limits::{go_duration, Bucket, Limits, Take, WINDOW_NS};
-use dashmap::DashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -72,7 +72,7 @@ impl ScopeLive {
 
 #[derive(Debug, Default)]
 struct BookShared {
-    scopes: DashMap<u64, Arc<ScopeLive>>,
+    scopes: IdMap<Arc<ScopeLive>>,
     inflight: [AtomicI64; 2],
 }
 

@@ -40,6 +40,11 @@ use std::time::{Duration, Instant};
 
 pub use crate::core::pricing::MAX_AMOUNT;
 
+/// A concurrent map by counter id, found on every admission: foldhash instead of the default
+/// SipHash (several lookups a call; the ids are set by the operator or are hashes already, and
+/// the seed is random per map all the same).
+pub(crate) type IdMap<V> = DashMap<u64, V, foldhash::fast::RandomState>;
+
 /// The counters of one key id.
 #[derive(Debug, Default)]
 pub struct KeyCounter {
@@ -110,7 +115,7 @@ pub struct BackendState {
 }
 
 struct Shared {
-    counters: DashMap<u64, Arc<KeyCounter>>,
+    counters: IdMap<Arc<KeyCounter>>,
     dir: Option<PathBuf>,
     queue: Mutex<Vec<u64>>,
     wake: Condvar,
@@ -268,7 +273,7 @@ impl Ledger {
     }
 
     fn build(dir: Option<PathBuf>, ceilings: HashMap<u64, i64>) -> Ledger {
-        let counters = DashMap::with_capacity(ceilings.len());
+        let counters = IdMap::with_capacity_and_hasher(ceilings.len(), Default::default());
         for (id, c) in ceilings {
             let k = KeyCounter::default();
             k.committed.store(c, Ordering::Relaxed);

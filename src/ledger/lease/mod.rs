@@ -35,7 +35,6 @@ use self::scripts::{connect, Scripts};
 use self::worker::Worker;
 use super::ReserveError;
 use crate::core::config::OnUnavailable;
-use dashmap::DashMap;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -142,7 +141,7 @@ enum Msg {
 
 /// The shared ledger of one gateway.
 pub(crate) struct LeaseLedger {
-    slots: DashMap<u64, Arc<Slot>>,
+    slots: crate::ledger::IdMap<Arc<Slot>>,
     mode: OnUnavailable,
     up: AtomicBool,
     /// Redis has answered at least once.
@@ -170,7 +169,7 @@ impl LeaseLedger {
     ) -> std::io::Result<Arc<LeaseLedger>> {
         let (tx, rx) = mpsc::unbounded_channel();
         let ledger = Arc::new(LeaseLedger {
-            slots: DashMap::new(),
+            slots: Default::default(),
             mode: settings.on_unavailable,
             // Not known to be down: the first calls wait for the worker's first connection.
             up: AtomicBool::new(true),
