@@ -543,3 +543,51 @@ async fn a_long_calls_slot_outlives_the_lease_ttl() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `on_unavailable` for shared concurrency: with Redis gone, `allow` falls back to this
+/// gateway's own count (2 of 5 slow calls at once admitted), `lease` admits only from spare
+/// slots held (none below a limit of 8) and then answers 503.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_unavailable_applies_to_shared_concurrency() {
+    if !available() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start(data.path());
+    let sync = sync_with(json!({}), json!({"limits": {"concurrency": 2}}));
+    let env = Env::with(Opts {
+        sync: sync.clone(),
+        extra: ledger_yaml("redis", &redis.url(), "allow"),
+        ..Opts::default()
+    })
+    .await;
+    assert_eq!(call(&env.gw, KEY).await.status(), 200);
+    redis.kill9();
+    let calls = (0..5).map(|_| slow_call(&env.gw, KEY, 1_000));
+    let statuses: Vec<u16> = futures_util::future::join_all(calls)
+        .await
+        .iter()
+        .map(|r| r.status().as_u16())
+        .collect();
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(admitted, 2, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    drop(env);
+
+    redis.restart();
+    let env = Env::with(Opts {
+        sync,
+        extra: ledger_yaml("redis", &redis.url(), "lease"),
+        ..Opts::default()
+    })
+    .await;
+    assert_eq!(call(&env.gw, KEY).await.status(), 200);
+    // The slot went back to Redis with the call's end.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill9();
+    let (status, code, _) = denial(call(&env.gw, KEY).await).await;
+    assert_eq!((status, code.as_str()), (503, "quota_backend_unavailable"));
+}
