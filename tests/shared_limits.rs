@@ -1,6 +1,7 @@
-//! Rate limits across gateways (SPEC §7): on the shared ledger, rpm and tpm hold across two
-//! real gateways on a real redis-server and a real 3-node Redis Cluster, with the bound the
-//! README states; without a Redis round trip per call; `on_unavailable` while Redis is away.
+//! Rate limits across gateways (SPEC §7): on the shared ledger, rpm, tpm and concurrency hold
+//! across two real gateways on a real redis-server and a real 3-node Redis Cluster, with the
+//! bound the README states; without a Redis round trip per call; `on_unavailable` while Redis
+//! is away; a killed gateway's concurrency slots come back.
 //! Skipped (with a message) when redis-server is not installed, unless `KEYGATE_REQUIRE_REDIS`.
 
 mod common;
@@ -234,8 +235,8 @@ async fn calls_do_not_each_ask_redis() {
     let redis = RedisServer::start(data.path());
     let env = Env::with(Opts {
         sync: sync_with(
-            json!({"limits": {"rpm": 60_000, "tpm": 100_000_000}}),
-            json!({"limits": {"rpm": 6_000, "tpm": 10_000_000}}),
+            json!({"limits": {"rpm": 60_000, "tpm": 100_000_000, "concurrency": 500}}),
+            json!({"limits": {"rpm": 6_000, "tpm": 10_000_000, "concurrency": 50}}),
         ),
         extra: ledger_yaml("redis", &redis.url(), "lease"),
         ..Opts::default()
@@ -252,9 +253,9 @@ async fn calls_do_not_each_ask_redis() {
     let ops = redis_ops(&env.gw).await - before;
     let secs = started.elapsed().as_secs_f64();
     eprintln!("200 calls in {secs:.2} s: {ops} Redis calls");
-    // Leases (quota and rates) are topped up in the background (a key's rpm lease here is
-    // 6 000 × 2 / 60 = 200 calls) and reported once a second: a few calls per second of the
-    // run, not one per call.
+    // Leases (quota, rates and spare concurrency slots) are topped up in the background (a
+    // key's rpm lease here is 6 000 × 2 / 60 = 200 calls, its spare slots 50 / 8 = 6) and
+    // reported once a second: a few calls per second of the run, not one per call.
     assert!(
         (ops as f64) < 20.0 + 4.0 * secs,
         "{ops} Redis calls for 200 calls"
@@ -360,4 +361,233 @@ async fn deny_admits_again_once_redis_is_back() {
         assert!(Instant::now() < deadline, "never admitted again");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A call the mock answers after `delay_ms`.
+async fn slow_call(gw: &Gateway, key: &str, delay_ms: u64) -> reqwest::Response {
+    client()
+        .post(format!("{}/v1/chat/completions", gw.base))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .header("x-mock-delay-ms", delay_ms.to_string())
+        .body(small_call())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// `n` slow calls at once, spread over both gateways: how many were admitted (each refusal a
+/// 429 `rate_limit_exceeded` of type `concurrency`). Every admitted call is still at the mock
+/// when the last one is admitted (they are all sent together and take `delay_ms`), so this is
+/// also the most calls in flight at the mock at once.
+async fn slow_burst(gws: &[Gateway; 2], n: usize, delay_ms: u64) -> usize {
+    let calls = (0..n).map(|i| slow_call(&gws[i % 2], KEY, delay_ms));
+    let mut admitted = 0;
+    for r in futures_util::future::join_all(calls).await {
+        match r.status().as_u16() {
+            200 => admitted += 1,
+            429 => {
+                assert!(r.headers().get("retry-after").is_some());
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(v["error"]["code"], "rate_limit_exceeded", "{v}");
+                assert_eq!(v["error"]["type"], "concurrency", "{v}");
+            }
+            s => panic!("unexpected status {s}: {}", r.text().await.unwrap()),
+        }
+    }
+    admitted
+}
+
+/// Two gateways, one key with concurrency 4, a slow upstream: of 20 calls at once over both,
+/// 4 are admitted (each gateway alone would admit 4: 8 in all). With a limit below 8 no slot
+/// is kept spare, so none is stranded either.
+async fn concurrency_holds_across_two_gateways(url: &str, backend: &str) {
+    let sync = sync_with(json!({}), json!({"limits": {"concurrency": 4}}));
+    let f = two_gateways(&sync, &ledger_yaml(backend, url, "lease")).await;
+    let admitted = slow_burst(&f.gws, 20, 1_500).await;
+    eprintln!("{backend}: admitted {admitted} of 20 with concurrency 4");
+    assert_eq!(admitted, 4, "calls in flight across both gateways");
+    assert_eq!(f.mock.request_count(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrency_holds_across_two_gateways_on_redis() {
+    if !available() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(data.path());
+    concurrency_holds_across_two_gateways(&redis.url(), "redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrency_holds_across_two_gateways_on_a_redis_cluster() {
+    if !available() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let cluster = RedisCluster::start(data.path());
+    concurrency_holds_across_two_gateways(&cluster.url(), "redis-cluster").await;
+}
+
+/// Slots come back when calls end: 100 calls in sequence, alternating gateways, are all
+/// admitted with concurrency 2; then a burst still admits exactly 2.
+#[tokio::test(flavor = "multi_thread")]
+async fn shared_slots_come_back_when_calls_end() {
+    if !available() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(data.path());
+    let sync = sync_with(json!({}), json!({"limits": {"concurrency": 2}}));
+    let f = two_gateways(&sync, &ledger_yaml("redis", &redis.url(), "lease")).await;
+    for i in 0..100 {
+        let r = call(&f.gws[i % 2], KEY).await;
+        assert_eq!(r.status(), 200, "call {i}");
+    }
+    assert_eq!(slow_burst(&f.gws, 10, 1_000).await, 2);
+}
+
+/// A gateway killed with -9 while its calls hold every slot: the other gateway refuses, then
+/// admits again once the dead gateway's record lapsed (`lease_ttl_seconds`, 3 s here).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_gateways_slots_come_back_within_the_lease_ttl() {
+    if !available() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(data.path());
+    let sync = sync_with(json!({}), json!({"limits": {"concurrency": 2}}));
+    let mut f = two_gateways(&sync, &ledger_yaml("redis", &redis.url(), "lease")).await;
+    let base = f.gws[0].base.clone();
+    let slow = (0..2).map(|_| {
+        let base = base.clone();
+        tokio::spawn(async move {
+            let _ = client()
+                .post(format!("{base}/v1/chat/completions"))
+                .bearer_auth(KEY)
+                .header("content-type", "application/json")
+                .header("x-mock-delay-ms", "25000")
+                .body(small_call())
+                .send()
+                .await;
+        })
+    });
+    let slow: Vec<_> = slow.collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.mock.request_count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow calls never reached the mock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = call(&f.gws[1], KEY).await;
+    assert_eq!(r.status(), 429, "gateway b admitted a third call");
+    f.gws[0].kill9();
+    let killed = Instant::now();
+    loop {
+        let r = call(&f.gws[1], KEY).await;
+        if r.status() == 200 {
+            break;
+        }
+        assert_eq!(r.status(), 429);
+        assert!(
+            killed.elapsed() < Duration::from_millis(4_500),
+            "not admitted {:?} after the kill (lease_ttl 3 s)",
+            killed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("admitted again {:?} after the kill", killed.elapsed());
+    for s in slow {
+        s.abort();
+    }
+}
+
+/// A call longer than `lease_ttl_seconds` keeps its slot: its gateway renews the record, so the
+/// other gateway still refuses after the TTL (a lapsed record would let it admit a second).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_calls_slot_outlives_the_lease_ttl() {
+    if !available() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(data.path());
+    let sync = sync_with(json!({}), json!({"limits": {"concurrency": 1}}));
+    let f = two_gateways(&sync, &ledger_yaml("redis", &redis.url(), "lease")).await;
+    let long = slow_call(&f.gws[0], KEY, 6_000);
+    let probe = async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while f.mock.request_count() < 1 {
+            assert!(
+                Instant::now() < deadline,
+                "the long call never reached the mock"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Past the 3 s TTL of the record the grant wrote (renewed since, every second).
+        tokio::time::sleep(Duration::from_millis(4_500)).await;
+        call(&f.gws[1], KEY).await.status().as_u16()
+    };
+    let (long, probe) = tokio::join!(long, probe);
+    assert_eq!(long.status(), 200);
+    assert_eq!(
+        probe, 429,
+        "the long call's slot was given to the other gateway"
+    );
+    // Once it ended, the slot is free again (handed back in gateway a's next Redis call).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while call(&f.gws[1], KEY).await.status() != 200 {
+        assert!(Instant::now() < deadline, "the slot did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `on_unavailable` for shared concurrency: with Redis gone, `allow` falls back to this
+/// gateway's own count (2 of 5 slow calls at once admitted), `lease` admits only from spare
+/// slots held (none below a limit of 8) and then answers 503.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_unavailable_applies_to_shared_concurrency() {
+    if !available() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start(data.path());
+    let sync = sync_with(json!({}), json!({"limits": {"concurrency": 2}}));
+    let env = Env::with(Opts {
+        sync: sync.clone(),
+        extra: ledger_yaml("redis", &redis.url(), "allow"),
+        ..Opts::default()
+    })
+    .await;
+    assert_eq!(call(&env.gw, KEY).await.status(), 200);
+    redis.kill9();
+    let calls = (0..5).map(|_| slow_call(&env.gw, KEY, 1_000));
+    let statuses: Vec<u16> = futures_util::future::join_all(calls)
+        .await
+        .iter()
+        .map(|r| r.status().as_u16())
+        .collect();
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(admitted, 2, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    drop(env);
+
+    redis.restart();
+    let env = Env::with(Opts {
+        sync,
+        extra: ledger_yaml("redis", &redis.url(), "lease"),
+        ..Opts::default()
+    })
+    .await;
+    assert_eq!(call(&env.gw, KEY).await.status(), 200);
+    // The slot went back to Redis with the call's end.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill9();
+    let (status, code, _) = denial(call(&env.gw, KEY).await).await;
+    assert_eq!((status, code.as_str()), (503, "quota_backend_unavailable"));
 }

@@ -7,9 +7,11 @@
 //!
 //! On the shared ledger (Redis) rpm and tpm are taken from a lease instead: tokens this gateway
 //! took from the scope's bucket in Redis ahead of use (see `lease::rates`); the local buckets
-//! then only mirror the Redis bucket for the headers. Concurrency stays per gateway.
+//! then only mirror the Redis bucket for the headers. A concurrency slot is taken from the
+//! lease's spare slots as well (after the local count, which still caps this gateway alone)
+//! and goes back to them when the call ends.
 
-use super::lease::slot::{LeaseTake, RateSlot, RPM, TPM};
+use super::lease::slot::{spare_slots, LeaseTake, RateSlot, SpareSlots, CONC, RPM, TPM};
 use super::IdMap;
 use crate::core::limits::{go_duration, Bucket, Limits, Take, WINDOW_NS};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -49,7 +51,8 @@ pub struct ScopeLive {
     pub(crate) rpm: Bucket,
     pub(crate) tpm: Bucket,
     inflight: AtomicI64,
-    /// Its lease on the scope's rpm and tpm buckets in Redis (shared ledger only).
+    /// Its lease on the scope's rpm and tpm buckets and concurrency slots in Redis (shared
+    /// ledger only).
     pub(crate) lease: RateSlot,
 }
 
@@ -101,8 +104,8 @@ pub enum LimitRefusal {
 pub(crate) enum Refused {
     /// A refusal.
     No(LimitRefusal),
-    /// The lease of the scope at this index is short of this kind ([`RPM`] or [`TPM`]):
-    /// refill it and try again.
+    /// The lease of the scope at this index is short of this kind ([`RPM`], [`TPM`] or
+    /// [`CONC`]): refill it and try again.
     Short(usize, usize),
 }
 
@@ -125,6 +128,8 @@ pub(crate) struct Part {
     /// rpm and tpm come from the lease (shared ledger), not the local buckets.
     shared: bool,
     slot: bool,
+    /// The concurrency slot came from the lease's spare slots (shared ledger).
+    leased_slot: bool,
     rpm: bool,
     tokens: u64,
 }
@@ -134,6 +139,8 @@ pub(crate) struct Part {
 pub struct LimitHold {
     book: Arc<BookShared>,
     pub(crate) parts: Vec<Part>,
+    /// Told when a leased slot that came back leaves its scope with more spare than it keeps.
+    spare: Option<Arc<dyn SpareSlots>>,
 }
 
 impl std::fmt::Debug for LimitHold {
@@ -184,6 +191,7 @@ impl LimitBook {
         let mut hold = LimitHold {
             book: self.shared.clone(),
             parts: Vec::with_capacity(scopes.len()),
+            spare: None,
         };
         for s in scopes.iter().filter(|s| !s.limits.is_empty()) {
             let mut part = Part::new(s, self.scope(s.id), false);
@@ -199,13 +207,15 @@ impl LimitBook {
         Ok(hold)
     }
 
-    /// [`LimitBook::admit`] on the shared ledger: rpm and tpm from the scopes' leases (the
-    /// same steps; kept apart so that the local path stays as it was).
+    /// [`LimitBook::admit`] on the shared ledger: rpm, tpm and concurrency slots from the
+    /// scopes' leases (the same steps; kept apart so that the local path stays as it was).
+    /// `spare` is told when a slot that came back leaves too many spare.
     pub(crate) fn admit_leased(
         &self,
         scopes: &[ScopeLimits],
         tokens: u64,
         now: i64,
+        spare: &Arc<dyn SpareSlots>,
     ) -> Result<LimitHold, Refused> {
         for s in scopes {
             if let Some(tpm) = s.limits.tpm {
@@ -217,6 +227,7 @@ impl LimitBook {
         let mut hold = LimitHold {
             book: self.shared.clone(),
             parts: Vec::with_capacity(scopes.len()),
+            spare: Some(spare.clone()),
         };
         for (i, s) in scopes.iter().enumerate() {
             if s.limits.is_empty() {
@@ -248,6 +259,7 @@ impl Part {
             limits: s.limits,
             shared,
             slot: false,
+            leased_slot: false,
             rpm: false,
             tokens: 0,
         }
@@ -269,9 +281,16 @@ impl Part {
         Ok(())
     }
 
-    /// rpm and tpm from the scope's lease (shared ledger).
+    /// rpm, tpm and a concurrency slot from the scope's lease (shared ledger).
     fn take_lease(&mut self, i: usize, tokens: u64, now: i64) -> Result<(), Refused> {
         let lease = &self.live.lease;
+        if self.slot {
+            // A slot is never "empty until": one may come back any moment, here or elsewhere.
+            match lease.take(CONC, 1, now) {
+                LeaseTake::Ok => self.leased_slot = true,
+                _ => return Err(Refused::Short(i, CONC)),
+            }
+        }
         if self.limits.rpm.is_some() {
             match lease.take(RPM, 1, now) {
                 LeaseTake::Ok => self.rpm = true,
@@ -372,6 +391,14 @@ impl Drop for LimitHold {
             if std::mem::take(&mut p.slot) {
                 p.live.inflight.fetch_sub(1, Ordering::AcqRel);
                 self.book.inflight[p.scope as usize].fetch_sub(1, Ordering::Relaxed);
+            }
+            if std::mem::take(&mut p.leased_slot) {
+                let keep = spare_slots(p.limits.concurrency.unwrap_or(0));
+                if p.live.lease.release(keep) {
+                    if let Some(s) = &self.spare {
+                        s.spare(p.id);
+                    }
+                }
             }
         }
     }

@@ -196,8 +196,8 @@ impl Ledger {
     /// The rate limits shared with other gateways (the ledger is on Redis); `None`: this
     /// gateway's own buckets decide.
     #[inline]
-    pub(crate) fn shared_rates(&self) -> Option<&lease::rates::RateLeases> {
-        self.rates.as_deref()
+    pub(crate) fn shared_rates(&self) -> Option<&Arc<lease::rates::RateLeases>> {
+        self.rates.as_ref()
     }
 
     /// Rate-limit script calls made to Redis so far (0 for a local ledger).

@@ -364,7 +364,7 @@ impl LeaseLedger {
 }
 
 /// A random name for this gateway process's lease records.
-fn gateway_id() -> String {
+pub(super) fn gateway_id() -> String {
     let mut b = [0u8; 8];
     let _ = getrandom::fill(&mut b);
     format!("{}-{}", std::process::id(), hex::encode(b))

@@ -1,12 +1,13 @@
 //! The rate limits' worker thread: owns its Redis connection and the scopes this gateway holds
-//! leases for; tops leases up, serves waiting calls, reports debts and gives idle leases back.
+//! leases for; tops leases up, serves waiting calls, reports debts, gives idle leases and
+//! spare slots back and renews this gateway's concurrency records.
 
 use super::rates::{
     lease_size, rate_key, Ask, Msg, RateLeases, CONCURRENT_CALLS, FLUSH_EVERY, IDLE, RATE_SCRIPT,
     WINDOW_US,
 };
 use super::scripts::{connect, next_messages, ping, unreachable, Conn, Script};
-use super::slot::RPM;
+use super::slot::{spare_slots, CONC, KINDS, RPM};
 use super::RedisSettings;
 use crate::ledger::limits::{mono_ns, ScopeLive};
 use std::collections::HashMap;
@@ -22,6 +23,7 @@ impl RateLeases {
         let (tx, rx) = mpsc::unbounded_channel();
         let leases = Arc::new(RateLeases {
             mode: settings.on_unavailable,
+            ttl: settings.lease_ttl,
             up: AtomicBool::new(true),
             timeout: settings.timeout,
             ops: AtomicU64::new(0),
@@ -38,11 +40,16 @@ impl RateLeases {
     }
 }
 
-/// One script call: per kind, what to want and what was taken out to give back.
+/// One script call: per kind, what to want and what was taken out to give back; and, when
+/// `slots`, the concurrency slots this gateway has once `give` is back (restated each call).
+/// `renew`: made for the concurrency record's sake alone.
 struct Call {
     ask: Ask,
-    want: [i64; 2],
-    give: [i64; 2],
+    want: [i64; KINDS],
+    give: [i64; KINDS],
+    slots: bool,
+    has: i64,
+    renew: bool,
 }
 
 /// The worker thread: owns the connection and the scopes it holds leases for.
@@ -52,7 +59,9 @@ pub(super) struct Worker {
     conn: Option<Conn>,
     script: Script,
     /// Scopes with a lease: the live state and their last limits.
-    known: HashMap<u64, (Arc<ScopeLive>, [u32; 2])>,
+    known: HashMap<u64, (Arc<ScopeLive>, [u32; KINDS])>,
+    /// This gateway's name in the concurrency records.
+    gateway: String,
 }
 
 impl Worker {
@@ -63,6 +72,7 @@ impl Worker {
             conn: None,
             script,
             known: HashMap::new(),
+            gateway: super::gateway_id(),
         }
     }
 
@@ -75,13 +85,26 @@ impl Worker {
             let mut asks: HashMap<u64, Ask> = HashMap::new();
             let mut shutdown = None;
             for m in msgs {
+                let m = match m {
+                    Msg::Spare(id) => match self.known.get(&id) {
+                        Some((live, limits)) => Msg::Fill(Ask {
+                            id,
+                            live: live.clone(),
+                            limits: *limits,
+                            need: [0; KINDS],
+                            replies: Vec::new(),
+                        }),
+                        None => continue,
+                    },
+                    m => m,
+                };
                 match m {
                     Msg::Fill(a) => {
                         a.live.lease.queued.store(false, Ordering::Release);
                         self.known.insert(a.id, (a.live.clone(), a.limits));
                         match asks.get_mut(&a.id) {
                             Some(b) => {
-                                for k in 0..2 {
+                                for k in 0..KINDS {
                                     b.need[k] = b.need[k].saturating_add(a.need[k]);
                                 }
                                 b.limits = a.limits;
@@ -93,6 +116,7 @@ impl Worker {
                         }
                     }
                     Msg::Shutdown(done) => shutdown = Some(done),
+                    Msg::Spare(_) => {}
                 }
             }
             let flush = Instant::now() >= next_flush || shutdown.is_some();
@@ -103,7 +127,13 @@ impl Worker {
                 calls.extend(self.flush(&calls, closing));
                 next_flush = Instant::now() + FLUSH_EVERY;
             }
-            calls.retain(|c| c.want != [0, 0] || c.give != [0, 0] || !c.ask.replies.is_empty());
+            calls.retain(|c| {
+                c.want != [0; KINDS]
+                    || c.give != [0; KINDS]
+                    || !c.ask.replies.is_empty()
+                    || c.renew
+                    || (c.slots && c.has != c.ask.live.lease.recorded.load(Ordering::Acquire))
+            });
             if !calls.is_empty() {
                 self.send(calls).await;
             } else if flush && !closing && !self.leases.is_up() {
@@ -116,14 +146,35 @@ impl Worker {
         }
     }
 
-    /// What to ask for a scope: the waiting calls' need plus a lease; a debt goes along.
+    /// What to ask for a scope: the waiting calls' need plus a lease; a debt goes along, and
+    /// spare slots beyond what the scope keeps go back.
     fn plan(&self, ask: Ask, give_back: bool) -> Call {
         let mut call = Call {
-            want: [0, 0],
-            give: [0, 0],
+            want: [0; KINDS],
+            give: [0; KINDS],
+            slots: false,
+            has: 0,
+            renew: false,
             ask,
         };
         let lease = &call.ask.live.lease;
+        let limit = call.ask.limits[CONC];
+        let owned = lease.owned.load(Ordering::Acquire);
+        if limit > 0 || owned > 0 || lease.recorded.load(Ordering::Acquire) != 0 {
+            let spare = lease.held[CONC].load(Ordering::Acquire).max(0);
+            let target = if give_back {
+                0
+            } else {
+                call.ask.need[CONC] + spare_slots(limit)
+            };
+            if spare > target {
+                call.give[CONC] = lease.take_out_up_to(CONC, spare - target);
+            } else if limit > 0 {
+                call.want[CONC] = (target - spare).min(i64::from(limit));
+            }
+            call.slots = true;
+            call.has = owned - call.give[CONC];
+        }
         for k in 0..2 {
             let limit = call.ask.limits[k];
             if limit == 0 {
@@ -141,10 +192,12 @@ impl Worker {
         call
     }
 
-    /// Scopes not asked about this round with a debt to report or an idle lease to give back.
+    /// Scopes not asked about this round with a debt to report, an idle lease or spare slots
+    /// to give back, or a concurrency record to renew.
     fn flush(&mut self, asked: &[Call], closing: bool) -> Vec<Call> {
         let now = mono_ns();
         let idle_ns = IDLE.as_nanos() as i64;
+        let renew_ns = (self.leases.ttl / 3).as_nanos() as i64;
         let mut out = Vec::new();
         let mut gone = Vec::new();
         for (id, (live, limits)) in &self.known {
@@ -152,31 +205,36 @@ impl Worker {
                 continue;
             }
             let lease = &live.lease;
-            let held = [0, 1].map(|k| lease.held[k].load(Ordering::Acquire));
+            let held = [0, 1, 2].map(|k| lease.held[k].load(Ordering::Acquire));
             let idle = closing || now - lease.last_use.load(Ordering::Relaxed) >= idle_ns;
-            if held == [0, 0] {
+            let owned = lease.owned.load(Ordering::Acquire);
+            let stale = owned != lease.recorded.load(Ordering::Acquire)
+                || (owned > 0 && now - lease.renewed.load(Ordering::Acquire) >= renew_ns);
+            let extra = held[CONC] > spare_slots(limits[CONC]);
+            if held == [0; KINDS] && !stale {
                 // Forgotten only when no call holds it (here and in the book): a call still
                 // running (a long stream) may settle beyond its estimate, and that debt must
                 // be reported by a later flush.
-                if idle && Arc::strong_count(live) <= 2 {
+                if idle && owned == 0 && Arc::strong_count(live) <= 2 {
                     gone.push(*id);
                 }
                 continue;
             }
-            if !(idle || held.iter().any(|h| *h < 0)) {
+            if !(idle || stale || extra || held.iter().any(|h| *h < 0)) {
                 continue;
             }
             let ask = Ask {
                 id: *id,
                 live: live.clone(),
                 limits: *limits,
-                need: [0, 0],
+                need: [0; KINDS],
                 replies: Vec::new(),
             };
             let mut call = self.plan(ask, idle);
+            call.renew = stale;
             if !idle {
-                // Only the debt: the lease stays as it is.
-                call.want = [0, 0];
+                // Only the debt, extra slots and the record: the lease stays as it is.
+                call.want = [0; KINDS];
             }
             out.push(call);
         }
@@ -246,19 +304,25 @@ impl Worker {
                 let mut conn = self.conn.clone();
                 let script = &self.script;
                 let timeout = self.settings.timeout;
+                let gateway = self.gateway.as_str();
                 let key = rate_key(c.ask.id);
-                let mut args = [0i64; 6];
+                let mut args = [0i64; 10];
                 for k in 0..2 {
                     args[k * 3] = i64::from(c.ask.limits[k]);
                     args[k * 3 + 1] = c.want[k];
                     args[k * 3 + 2] = c.give[k];
                 }
+                args[6] = i64::from(c.ask.limits[CONC]);
+                args[7] = c.has;
+                args[8] = c.want[CONC];
+                args[9] = self.leases.ttl.as_millis() as i64;
                 async move {
                     let conn = conn.as_mut()?;
                     let keys = [key.as_str()];
-                    let call = script.call::<(i64, i64, i64, i64)>(conn, &keys, &args, None);
+                    type Answer = (i64, i64, i64, i64, i64, i64);
+                    let call = script.call::<Answer>(conn, &keys, &args, Some(gateway));
                     match tokio::time::timeout(timeout, call).await {
-                        Ok(Ok((a, b, c, d))) => Some(Ok([a, b, c, d])),
+                        Ok(Ok((a, b, c, d, e, f))) => Some(Ok([a, b, c, d, e, f])),
                         Ok(Err(e)) if !unreachable(&e) => Some(Err(e)),
                         Ok(Err(e)) => {
                             log::debug!("rate limits: {e}");
@@ -295,12 +359,27 @@ impl Worker {
     }
 }
 
-/// Credit an answer `[granted rpm, ahead rpm µs, granted tpm, ahead tpm µs]`: the tokens go to
-/// the lease, the local bucket mirrors the Redis one, and a grant short of what was asked marks
-/// the bucket empty until its next token.
-fn apply(call: Call, v: [i64; 4]) {
+/// Credit an answer `[granted rpm, ahead rpm µs, granted tpm, ahead tpm µs, granted slots,
+/// room]`: the tokens go to the lease, the local bucket mirrors the Redis one, and a grant
+/// short of what was asked marks the bucket empty until its next token. Slots go to the lease
+/// too; when the live records hold more than the limit (it was lowered, or this gateway's
+/// record had lapsed), spare slots go back at the next round.
+fn apply(call: Call, v: [i64; 6]) {
     let now = mono_ns();
     let live = &call.ask.live;
+    if call.slots {
+        let lease = &live.lease;
+        let (granted, room) = (v[4], v[5]);
+        lease.give(CONC, granted);
+        lease
+            .slots_full
+            .store(granted < call.want[CONC], Ordering::Release);
+        let has = call.has + granted;
+        lease.recorded.store(has, Ordering::Release);
+        lease.renewed.store(now, Ordering::Release);
+        let over = lease.take_out_up_to(CONC, -room);
+        lease.owned.store(has - over, Ordering::Release);
+    }
     for k in 0..2 {
         let limit = call.ask.limits[k];
         if limit == 0 {
@@ -332,7 +411,7 @@ fn apply(call: Call, v: [i64; 4]) {
 /// that Redis applied leaves the bucket stricter, never looser, except for a give-back), and
 /// the waiting calls are told.
 fn undo(call: Call) {
-    for k in 0..2 {
+    for k in 0..KINDS {
         call.ask.live.lease.give(k, call.give[k]);
     }
     for r in call.ask.replies {

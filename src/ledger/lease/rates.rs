@@ -18,11 +18,24 @@
 //! `L + L × W / 60 + G × lease_size(L)` with `lease_size(L) = max(1, ⌈L × 2 / 60⌉)`; for tpm,
 //! plus what settles below their estimate gave back to a lease.
 //!
-//! Concurrency stays per gateway. While Redis is away, `on_unavailable` applies: `lease` admits
-//! from what is held, then refuses (503); `deny` refuses at once; `allow` falls back to this
-//! gateway's own buckets, which mirror the Redis bucket as last seen.
+//! Concurrency is shared the same way, in the same hash and script call: each gateway has a
+//! field `c:<gateway>` = "slots deadline_ms", the slots Redis counts for it (in use by its
+//! calls, or spare) and until when the record lives. A grant comes only out of the room the
+//! limit leaves beside every live record, so the calls in flight of a scope across gateways
+//! never exceed its limit. A call takes a spare slot of the lease (asking Redis only when there
+//! is none) and puts it back when it ends; a gateway keeps at most [`spare_slots`] (an eighth
+//! of the limit, none below 8) spare and hands the rest back in the worker's next round, which
+//! the call that ended asks for; all of it after [`IDLE`] without calls and at shutdown. Each
+//! call states the gateway's slots anew (not a difference), so a lost answer is corrected by
+//! the next one. A gateway with slots renews its record every third of `lease_ttl_seconds`; the
+//! script drops a record past its deadline, so the slots of a gateway killed with `-9` come
+//! back at most `lease_ttl_seconds` after it died.
+//!
+//! While Redis is away, `on_unavailable` applies: `lease` admits from what is held, then
+//! refuses (503); `deny` refuses at once; `allow` falls back to this gateway's own buckets
+//! and in-flight count, which mirror the Redis bucket as last seen.
 
-use super::slot::RPM;
+use super::slot::{spare_slots, SpareSlots, CONC, KINDS, RPM};
 use crate::core::config::OnUnavailable;
 use crate::ledger::limits::{
     mono_ns, LimitBook, LimitHold, LimitRefusal, Refused, ScopeLimits, ScopeLive,
@@ -50,17 +63,20 @@ pub(crate) fn lease_size(limit: u32) -> i64 {
     ((i64::from(limit) * covers + 59_999) / 60_000).max(1)
 }
 
-/// Take tokens, give back, report a debt: one atomic step per scope. KEYS[1]: the scope's
-/// hash. ARGV per kind (rpm, then tpm): limit (0: none), tokens wanted, tokens given back
-/// (negative: used beyond the lease). Returns per kind: tokens granted and the bucket's
-/// `tat − now` in µs (how far it is from full).
+/// Take tokens, give back, report a debt, state and take concurrency slots: one atomic step per
+/// scope and gateway. KEYS[1]: the scope's hash. ARGV[1]: the gateway; then per kind (rpm, then
+/// tpm): limit (0: none), tokens wanted, tokens given back (negative: used beyond the lease);
+/// then concurrency: limit (0: none), the slots the gateway has (in use and spare, after what
+/// it gives back), slots wanted, the record's lifetime in ms. Returns per kind: tokens granted
+/// and the bucket's `tat − now` in µs (how far it is from full); then slots granted and the
+/// room left (negative: the live records hold more than the limit).
 pub(super) const RATE_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local out = {}
 local keep = 120000
 for k = 0, 1 do
-  local limit, want, give = tonumber(ARGV[k*3+1]), tonumber(ARGV[k*3+2]), tonumber(ARGV[k*3+3])
+  local limit, want, give = tonumber(ARGV[k*3+2]), tonumber(ARGV[k*3+3]), tonumber(ARGV[k*3+4])
   local grant, ahead = 0, 0
   if limit > 0 then
     local field = (k == 0) and 'rpm' or 'tpm'
@@ -81,6 +97,37 @@ for k = 0, 1 do
   -- Kept until the bucket is full again (a debt can move it minutes ahead), and a minute more.
   keep = math.max(keep, math.ceil(ahead / 1000) + 60000)
 end
+local climit, has, cwant, ttl = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local mine = 'c:' .. ARGV[1]
+local grant, room = 0, 0
+if climit > 0 or has > 0 or redis.call('HEXISTS', KEYS[1], mine) == 1 then
+  local ms = math.floor(now / 1000)
+  local others = 0
+  local fields = redis.call('HGETALL', KEYS[1])
+  for i = 1, #fields, 2 do
+    local f = fields[i]
+    if f ~= mine and string.sub(f, 1, 2) == 'c:' then
+      local n, e = string.match(fields[i + 1], '^(%S+) (%S+)$')
+      -- A gateway silent past its record's deadline is gone: its slots are free.
+      if tonumber(e or '0') < ms then
+        redis.call('HDEL', KEYS[1], f)
+      else
+        others = others + tonumber(n)
+      end
+    end
+  end
+  room = climit - others - has
+  if climit > 0 then grant = math.max(0, math.min(cwant, room)) end
+  room = room - grant
+  if has + grant > 0 then
+    redis.call('HSET', KEYS[1], mine, string.format('%d %d', has + grant, ms + ttl))
+  else
+    redis.call('HDEL', KEYS[1], mine)
+  end
+  keep = math.max(keep, 2 * ttl)
+end
+out[#out + 1] = grant
+out[#out + 1] = room
 redis.call('PEXPIRE', KEYS[1], keep)
 return out
 ";
@@ -94,16 +141,18 @@ pub(super) fn rate_key(id: u64) -> String {
 pub(super) struct Ask {
     pub(super) id: u64,
     pub(super) live: Arc<ScopeLive>,
-    /// rpm and tpm limits (0: none).
-    pub(super) limits: [u32; 2],
-    /// Tokens the waiting calls need, per kind.
-    pub(super) need: [i64; 2],
+    /// rpm, tpm and concurrency limits (0: none).
+    pub(super) limits: [u32; KINDS],
+    /// Tokens (slots) the waiting calls need, per kind.
+    pub(super) need: [i64; KINDS],
     pub(super) replies: Vec<oneshot::Sender<bool>>,
 }
 
 pub(super) enum Msg {
     /// Calls of a scope wait for tokens (a top-up, when `reply` is `None`).
     Fill(Ask),
+    /// A scope holds more spare slots than it keeps: hand the rest back.
+    Spare(u64),
     /// Give every lease back, then answer.
     Shutdown(std::sync::mpsc::Sender<()>),
 }
@@ -111,6 +160,8 @@ pub(super) enum Msg {
 /// The shared rate limits of one gateway.
 pub(crate) struct RateLeases {
     pub(super) mode: OnUnavailable,
+    /// A concurrency record's lifetime without renewal (`lease_ttl_seconds`).
+    pub(super) ttl: Duration,
     pub(super) up: AtomicBool,
     pub(super) timeout: Duration,
     pub(super) ops: AtomicU64,
@@ -141,10 +192,11 @@ impl RateLeases {
         let ask = Ask {
             id: s.id,
             live,
-            limits: [s.limits.rpm.unwrap_or(0), s.limits.tpm.unwrap_or(0)],
+            limits: limits_of(&s.limits),
             need: [
                 i64::from(s.limits.rpm.is_some()),
                 t * i64::from(s.limits.tpm.is_some()),
+                i64::from(s.limits.concurrency.is_some()),
             ],
             replies: vec![tx],
         };
@@ -158,17 +210,21 @@ impl RateLeases {
     /// After an admission: top up the leases that ran below half, in the background.
     fn top_up(&self, hold: &LimitHold) {
         for p in hold.parts.iter() {
-            let limits = [p.limits.rpm.unwrap_or(0), p.limits.tpm.unwrap_or(0)];
-            let low = (0..2).any(|k| {
-                limits[k] > 0
-                    && p.live.lease.held[k].load(Ordering::Relaxed) * 2 < lease_size(limits[k])
+            let limits = limits_of(&p.limits);
+            let low = (0..KINDS).any(|k| {
+                let size = if k == CONC {
+                    spare_slots(limits[k])
+                } else {
+                    lease_size(limits[k])
+                };
+                limits[k] > 0 && p.live.lease.held[k].load(Ordering::Relaxed) * 2 < size
             });
             if low && !p.live.lease.queued.swap(true, Ordering::AcqRel) {
                 let _ = self.tx.send(Msg::Fill(Ask {
                     id: p.id,
                     live: p.live.clone(),
                     limits,
-                    need: [0, 0],
+                    need: [0; KINDS],
                     replies: Vec::new(),
                 }));
             }
@@ -184,12 +240,27 @@ impl RateLeases {
     }
 }
 
+impl SpareSlots for RateLeases {
+    fn spare(&self, id: u64) {
+        let _ = self.tx.send(Msg::Spare(id));
+    }
+}
+
+/// A scope's rpm, tpm and concurrency limits as the script takes them (0: none).
+fn limits_of(l: &crate::core::limits::Limits) -> [u32; KINDS] {
+    [
+        l.rpm.unwrap_or(0),
+        l.tpm.unwrap_or(0),
+        l.concurrency.unwrap_or(0),
+    ]
+}
+
 impl LimitBook {
-    /// [`LimitBook::admit`] on the shared ledger: rpm and tpm from the scopes' leases, refilled
-    /// from Redis when short; `on_unavailable` while Redis is away.
+    /// [`LimitBook::admit`] on the shared ledger: rpm, tpm and concurrency slots from the
+    /// scopes' leases, refilled from Redis when short; `on_unavailable` while Redis is away.
     pub(crate) async fn admit_shared(
         &self,
-        rates: &RateLeases,
+        rates: &Arc<RateLeases>,
         scopes: &[ScopeLimits],
         tokens: u64,
     ) -> Result<LimitHold, LimitRefusal> {
@@ -203,15 +274,27 @@ impl LimitBook {
                 OnUnavailable::Lease => {}
             }
         }
+        let spare: Arc<dyn SpareSlots> = rates.clone();
         let mut short = (0, RPM);
+        // The scopes whose slots Redis was asked for: a slot is not "empty until" a time, so
+        // once Redis said the limit is taken, a call still short is refused (while it had room,
+        // a call that found its slot taken by another asks again).
+        let mut slots_asked = 0u64;
         for _ in 0..ROUNDS {
-            match self.admit_leased(scopes, tokens, mono_ns()) {
+            match self.admit_leased(scopes, tokens, mono_ns(), &spare) {
                 Ok(hold) => {
                     rates.top_up(&hold);
                     return Ok(hold);
                 }
                 Err(Refused::No(r)) => return Err(r),
                 Err(Refused::Short(i, kind)) => {
+                    if kind == CONC {
+                        let asked = slots_asked & (1 << i.min(63)) != 0;
+                        if asked && self.scope(scopes[i].id).lease.slots_full() {
+                            return Err(LimitRefusal::Concurrency(scopes[i].scope));
+                        }
+                        slots_asked |= 1 << i.min(63);
+                    }
                     short = (i, kind);
                     let s = &scopes[i];
                     if !rates.fill(s, self.scope(s.id), tokens).await {
@@ -227,6 +310,7 @@ impl LimitBook {
         let scope = scopes[short.0].scope;
         Err(match short.1 {
             RPM => LimitRefusal::Requests(scope, 1_000_000_000),
+            CONC => LimitRefusal::Concurrency(scope),
             _ => LimitRefusal::Tokens(scope, 1_000_000_000),
         })
     }
@@ -244,12 +328,63 @@ mod tests {
     /// granted tpm, and how far the rpm bucket is from full (s).
     async fn rate(c: &mut Conn, rpm: [i64; 3], tpm: [i64; 3]) -> (i64, i64, f64) {
         let key = rate_key(9);
-        let args = [rpm[0], rpm[1], rpm[2], tpm[0], tpm[1], tpm[2]];
-        let (g0, a0, g1, _): (i64, i64, i64, i64) = Script::new(RATE_SCRIPT)
-            .call(c, &[key.as_str()], &args, None)
+        let args = [rpm[0], rpm[1], rpm[2], tpm[0], tpm[1], tpm[2], 0, 0, 0, 0];
+        let (g0, a0, g1, _, _, _): (i64, i64, i64, i64, i64, i64) = Script::new(RATE_SCRIPT)
+            .call(c, &[key.as_str()], &args, Some("gw"))
             .await
             .unwrap();
         (g0, g1, a0 as f64 / 1e6)
+    }
+
+    /// One concurrency call for scope 9 by gateway `gw`: limit, slots it has, slots wanted,
+    /// record lifetime (ms) → slots granted, room left.
+    async fn slots(
+        c: &mut Conn,
+        gw: &str,
+        limit: i64,
+        has: i64,
+        want: i64,
+        ttl: i64,
+    ) -> (i64, i64) {
+        let key = rate_key(9);
+        let args = [0, 0, 0, 0, 0, 0, limit, has, want, ttl];
+        let (_, _, _, _, g, room): (i64, i64, i64, i64, i64, i64) = Script::new(RATE_SCRIPT)
+            .call(c, &[key.as_str()], &args, Some(gw))
+            .await
+            .unwrap();
+        (g, room)
+    }
+
+    #[tokio::test]
+    async fn slots_are_granted_only_out_of_the_limit_across_gateways() {
+        let Some((_s, mut c)) = server().await else {
+            return;
+        };
+        assert_eq!(slots(&mut c, "a", 4, 0, 3, 10_000).await, (3, 1));
+        // b wants 3, gets the 1 left; then nothing.
+        assert_eq!(slots(&mut c, "b", 4, 0, 3, 10_000).await, (1, 0));
+        assert_eq!(slots(&mut c, "b", 4, 1, 1, 10_000).await, (0, 0));
+        // a states it has 1 (2 handed back): b gets them.
+        assert_eq!(slots(&mut c, "a", 4, 1, 0, 10_000).await, (0, 2));
+        assert_eq!(slots(&mut c, "b", 4, 1, 5, 10_000).await, (2, 0));
+        // A lowered limit: the room is negative, nothing is granted.
+        assert_eq!(slots(&mut c, "a", 2, 1, 1, 10_000).await, (0, -2));
+        // A restatement corrects a record a lost answer left too high (b: 3 → 1).
+        assert_eq!(slots(&mut c, "b", 4, 1, 0, 10_000).await, (0, 2));
+        // Stating 0 removes the record.
+        slots(&mut c, "a", 4, 0, 0, 10_000).await;
+        assert_eq!(slots(&mut c, "b", 4, 1, 0, 10_000).await, (0, 3));
+    }
+
+    #[tokio::test]
+    async fn a_silent_gateways_slots_come_back_after_its_record_lapses() {
+        let Some((_s, mut c)) = server().await else {
+            return;
+        };
+        assert_eq!(slots(&mut c, "dead", 2, 0, 2, 300).await, (2, 0));
+        assert_eq!(slots(&mut c, "live", 2, 0, 1, 10_000).await, (0, 0));
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        assert_eq!(slots(&mut c, "live", 2, 0, 1, 10_000).await, (1, 1));
     }
 
     #[tokio::test]
