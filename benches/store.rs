@@ -128,8 +128,8 @@ fn ingest_into(c: &mut Criterion, name: &str, store: &UsageStore) {
                     })
                     .collect();
                 let began = Instant::now();
-                for r in batch {
-                    store.push(r);
+                for r in &batch {
+                    store.push(&r.borrowed());
                 }
                 store.flush(Duration::from_secs(60));
                 spent += began.elapsed();
@@ -169,7 +169,7 @@ fn big_db() -> PathBuf {
         let mut i = 0;
         while i < TOTAL {
             for _ in 0..100_000 {
-                store.push(row(i, end, 30 * 86_400, TOTAL));
+                store.push(&row(i, end, 30 * 86_400, TOTAL).borrowed());
                 i += 1;
             }
             store.flush(Duration::from_secs(120));

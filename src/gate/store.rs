@@ -34,7 +34,8 @@ impl Gate {
     }
 
     /// Push the finished call's row to the store: every call of a known key that was
-    /// forwarded or refused (not keygate's own read-only answers).
+    /// forwarded or refused (not keygate's own read-only answers). The row borrows its texts
+    /// from the call and the key table; the store copies them into its queue.
     pub(super) fn store_call(&self, session: &Session, ctx: &GateCtx, finished: Instant) {
         let Some(store) = &self.inner.usage_store else {
             return;
@@ -56,13 +57,13 @@ impl Gate {
         });
         let upstream = ctx.upstream.and_then(|i| self.inner.upstreams.get(i));
         let (usage, quota) = ctx.charged.unwrap_or_default();
-        store.push(StoreRow {
+        store.push(&StoreRow {
             created_at,
-            request_id: ctx.request_id().unwrap_or("").to_string(),
+            request_id: ctx.request_id().unwrap_or(""),
             key_id: key.id,
-            key_name: key.name.to_string(),
-            group: table.group_of(key).name.to_string(),
-            model: ctx.model.clone().unwrap_or_default(),
+            key_name: &key.name,
+            group: &table.group_of(key).name,
+            model: ctx.model.as_deref().unwrap_or(""),
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             quota,
@@ -70,12 +71,12 @@ impl Gate {
             status,
             duration_ms: ctx.ms_since_start(Some(finished)).unwrap_or(0),
             first_byte_ms: ctx.ms_since_start(ctx.first_byte),
-            account: table.account_of(key).map(|a| a.id.to_string()),
-            upstream: upstream.map(|u| u.name.clone()),
-            target: self.target_label(ctx).map(str::to_string),
+            account: table.account_of(key).map(|a| &*a.id),
+            upstream: upstream.map(|u| u.name.as_str()),
+            target: self.target_label(ctx),
             attempts: ctx.attempts,
-            path: session.req_header().uri.path().to_string(),
-            error_code: ctx.outcome.label().1.map(|r| r.code().to_string()),
+            path: session.req_header().uri.path(),
+            error_code: ctx.outcome.label().1.map(|r| r.code()),
         });
     }
 

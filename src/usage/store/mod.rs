@@ -3,12 +3,13 @@
 //! beside the gateway ([`sqlite`], the default), or in one PostgreSQL database that every
 //! gateway of a fleet writes to and answers from ([`postgres`]).
 //!
-//! The request path only pushes a [`StoreRow`] into a bounded queue ([`UsageStore::push`]
-//! never waits: a full queue drops the row and counts it). A writer thread takes what was queued
-//! every [`DRAIN_EVERY`] and writes it in one transaction per batch of at most [`BATCH_MAX`]
-//! rows, together with the roll-ups of those rows (UPSERT), then removes rows older than
-//! `retention_days` in steps of [`RETENTION_STEP`]. When the database cannot be reached
-//! (PostgreSQL down) the writer keeps its batch and stops taking rows: they wait in the queue
+//! The request path only copies a [`StoreRow`] that borrows its texts into a bounded queue
+//! ([`UsageStore::push`] never waits: a full queue drops the row and counts it): no allocation
+//! per row, nothing formatted, nothing freed on another thread. A writer thread takes everything
+//! queued every [`DRAIN_EVERY`] (swapping the queue's buffers for its own) and writes it in one
+//! transaction per batch of at most [`BATCH_MAX`] rows, together with the roll-ups of those rows
+//! (UPSERT), then removes rows older than `retention_days` in steps of [`RETENTION_STEP`]. When the database cannot be reached
+//! (PostgreSQL down) the writer keeps what it took and takes no more: new rows wait in the queue
 //! (and past its size are dropped and counted) until it is back. Queries ([`query`]) run on
 //! their own connection, never on the writer's, the same SQL on both backends ([`db::Db`]).
 
@@ -30,25 +31,27 @@ use crate::core::config::{StoreBackend, UsageStoreConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// One call as the store keeps it: the usage log's fields plus where it went and how it ended.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct StoreRow {
+/// Its texts are `S`: `String` when owned (a query's answer), `&str` when borrowed (what the
+/// request path pushes, and what the writer binds: neither allocates per row).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct StoreRow<S = String> {
     /// Unix seconds (the end of the call).
     pub created_at: i64,
     /// The request id.
-    pub request_id: String,
+    pub request_id: S,
     /// The key's id.
     pub key_id: u64,
     /// The key's name.
-    pub key_name: String,
+    pub key_name: S,
     /// The key's group.
-    pub group: String,
+    pub group: S,
     /// The model the request named ("" when it named none).
-    pub model: String,
+    pub model: S,
     /// Prompt tokens charged.
     pub prompt_tokens: u64,
     /// Completion tokens charged.
@@ -64,17 +67,112 @@ pub struct StoreRow {
     /// Request start to the first response byte, milliseconds.
     pub first_byte_ms: Option<u64>,
     /// The key's account, if it has one.
-    pub account: Option<String>,
+    pub account: Option<S>,
     /// The upstream pool that served (or was chosen for) the call.
-    pub upstream: Option<String>,
+    pub upstream: Option<S>,
     /// The pool's target of the last attempt.
-    pub target: Option<String>,
+    pub target: Option<S>,
     /// Attempts made (0: refused before any).
     pub attempts: u32,
     /// The request path (no query string: it may carry `key=`).
-    pub path: String,
+    pub path: S,
     /// keygate's error code when it refused the call or the upstream failed.
-    pub error_code: Option<String>,
+    pub error_code: Option<S>,
+}
+
+impl<S> StoreRow<S> {
+    /// The same row with each of its texts passed through `f`, in field order.
+    pub fn map<'a, T>(&'a self, mut f: impl FnMut(&'a S) -> T) -> StoreRow<T> {
+        StoreRow {
+            created_at: self.created_at,
+            request_id: f(&self.request_id),
+            key_id: self.key_id,
+            key_name: f(&self.key_name),
+            group: f(&self.group),
+            model: f(&self.model),
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            quota: self.quota,
+            is_stream: self.is_stream,
+            status: self.status,
+            duration_ms: self.duration_ms,
+            first_byte_ms: self.first_byte_ms,
+            account: self.account.as_ref().map(&mut f),
+            upstream: self.upstream.as_ref().map(&mut f),
+            target: self.target.as_ref().map(&mut f),
+            attempts: self.attempts,
+            path: f(&self.path),
+            error_code: self.error_code.as_ref().map(&mut f),
+        }
+    }
+}
+
+impl<S: AsRef<str>> StoreRow<S> {
+    /// The row borrowing its texts (what [`UsageStore::push`] takes).
+    pub fn borrowed(&self) -> StoreRow<&str> {
+        self.map(AsRef::as_ref)
+    }
+
+    /// The row with texts of its own.
+    pub fn owned(&self) -> StoreRow<String> {
+        self.map(|s| s.as_ref().to_string())
+    }
+}
+
+/// Where a queued row's text is in its queue's [`Queued::text`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+/// Rows waiting for the writer: their fixed parts in one vector, their texts one after another
+/// in one string. Pushing a row copies it in (no allocation once the buffers have grown), and
+/// the writer takes both buffers whole, so no row's memory is allocated on one thread and
+/// freed on another.
+#[derive(Default)]
+struct Queued {
+    rows: Vec<StoreRow<Span>>,
+    text: String,
+    /// Rows the writer holds from an earlier take and has not written yet (PostgreSQL down):
+    /// they count against the queue's size.
+    in_hand: usize,
+}
+
+/// Text past this many bytes is not queued (its spans are `u32`): the row is dropped.
+const QUEUED_TEXT_MAX: usize = 1 << 31;
+
+impl Queued {
+    fn push(&mut self, row: &StoreRow<&str>) {
+        let text = &mut self.text;
+        self.rows.push(row.map(|s| {
+            let start = text.len() as u32;
+            text.push_str(s);
+            Span {
+                start,
+                end: text.len() as u32,
+            }
+        }));
+    }
+
+    /// The rows, their texts borrowed.
+    fn view(&self) -> Vec<StoreRow<&str>> {
+        self.rows
+            .iter()
+            .map(|r| {
+                r.map(|s| {
+                    self.text
+                        .get(s.start as usize..s.end as usize)
+                        .unwrap_or("")
+                })
+            })
+            .collect()
+    }
+
+    fn clear(&mut self) {
+        self.rows.clear();
+        self.text.clear();
+    }
 }
 
 /// Errors of the store: opening it (naming the file or the database) and querying it.
@@ -219,19 +317,32 @@ pub fn open_query(settings: &StoreSettings) -> Result<Box<dyn Db + Send>, StoreE
 /// the last handle is dropped.
 #[derive(Clone)]
 pub struct UsageStore {
-    rows: SyncSender<StoreRow>,
+    queue: Arc<Queue>,
     control: SyncSender<Control>,
     stats: Arc<StoreStats>,
     reader: Arc<Mutex<Box<dyn Db + Send>>>,
     describe: Arc<str>,
 }
 
+/// The queue between the request path and the writer: at most `size` rows, queued and in the
+/// writer's hand together.
+struct Queue {
+    queued: Mutex<Queued>,
+    size: usize,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.queued.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// The writer's side of a backend: write a batch with its roll-ups, take a retention step.
 pub(crate) trait Sink: Send {
-    /// Write `batch` (then empty it): rows that cannot be written are counted as dropped. When
-    /// the database cannot be reached the batch is kept instead (false): the writer tries it
-    /// again later and takes no more rows until then.
-    fn write_batch(&mut self, batch: &mut Vec<StoreRow>) -> bool;
+    /// Write `batch`: rows that cannot be written are counted as dropped (true). When the
+    /// database cannot be reached the batch is kept instead (false): the writer tries it again
+    /// later and takes no more rows until then.
+    fn write_batch(&mut self, batch: &[StoreRow<&str>]) -> bool;
     /// One bounded retention step, when one is due.
     fn retention_step(&mut self);
 }
@@ -300,19 +411,22 @@ impl UsageStore {
                 (Box::new(writer), Box::new(PgReader::new(url)?))
             }
         };
-        let (rows, rows_rx) = std::sync::mpsc::sync_channel(settings.queue_size.max(1));
+        let queue = Arc::new(Queue {
+            queued: Mutex::default(),
+            size: settings.queue_size.max(1),
+        });
         let (control, control_rx) = std::sync::mpsc::sync_channel(16);
         let every = settings.flush_every;
         let describe = settings.describe();
         std::thread::Builder::new()
             .name("keygate-usage-store".into())
             .spawn({
-                let stats = stats.clone();
-                move || run_writer(writer, &stats, every, &rows_rx, &control_rx)
+                let (stats, queue) = (stats.clone(), queue.clone());
+                move || run_writer(writer, &stats, every, &queue, &control_rx)
             })
             .map_err(|e| StoreError::Other(format!("{describe}: starting the writer: {e}")))?;
         Ok(UsageStore {
-            rows,
+            queue,
             control,
             stats,
             reader: Arc::new(Mutex::new(reader)),
@@ -320,15 +434,16 @@ impl UsageStore {
         })
     }
 
-    /// Queue a row for the writer. Never waits: when the queue is full the row is dropped
-    /// and counted.
-    pub fn push(&self, row: StoreRow) {
-        match self.rows.try_send(row) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+    /// Queue a copy of a row for the writer. Never waits (but for the queue's lock, held
+    /// while the row is copied in): when the queue is full the row is dropped and counted.
+    pub fn push(&self, row: &StoreRow<&str>) {
+        let mut q = self.queue.lock();
+        if q.rows.len() + q.in_hand >= self.queue.size || q.text.len() >= QUEUED_TEXT_MAX {
+            drop(q);
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
         }
+        q.push(row);
     }
 
     /// Wait until every row queued so far is written (at most `timeout`).
@@ -359,62 +474,72 @@ impl UsageStore {
 
 /// The writer's loop: every `every` (or at once when asked to flush) it writes what
 /// was queued, then takes a retention step when one is due. While the database cannot be
-/// reached it keeps the batch in hand and leaves the rest queued, trying again every round.
+/// reached it keeps the rows in hand and leaves the rest queued, trying again every round.
 /// It exits once every handle is gone.
 fn run_writer(
     mut writer: Box<dyn Sink>,
     stats: &StoreStats,
     every: Duration,
-    rows: &Receiver<StoreRow>,
+    queue: &Queue,
     control: &Receiver<Control>,
 ) {
-    use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
-    let mut batch: Vec<StoreRow> = Vec::with_capacity(1024);
+    use std::sync::mpsc::RecvTimeoutError;
+    // The buffers swapped with the queue's: each side keeps its capacity.
+    let mut hand = Queued::default();
     loop {
         let asked = control.recv_timeout(every);
-        let mut gone = false;
-        // A batch kept from an earlier round goes first; while it cannot be written, no more
-        // rows are taken.
-        let mut up = writer.write_batch(&mut batch);
-        while up {
-            match rows.try_recv() {
-                Ok(r) => {
-                    batch.push(r);
-                    if batch.len() >= BATCH_MAX {
-                        up = writer.write_batch(&mut batch);
-                    }
-                }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    gone = true;
-                    break;
-                }
-            }
-        }
-        if up {
-            up = writer.write_batch(&mut batch);
-        }
+        let up = write_round(&mut *writer, queue, &mut hand);
         match asked {
             Ok(Control::Flush(done)) => {
                 let _ = done.send(());
             }
             Err(RecvTimeoutError::Timeout) if up => writer.retention_step(),
             Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => gone = true,
-        }
-        if gone {
-            // What raced in after the last drain; what cannot be written now is dropped.
-            while let Ok(r) = rows.try_recv() {
-                batch.push(r);
+            Err(RecvTimeoutError::Disconnected) => {
+                // What raced in after the last round; what cannot be written now is dropped.
+                if !(up && write_round(&mut *writer, queue, &mut hand)) {
+                    let q = queue.lock();
+                    stats
+                        .dropped
+                        .fetch_add((hand.rows.len() + q.rows.len()) as u64, Ordering::Relaxed);
+                }
+                return;
             }
-            if !writer.write_batch(&mut batch) {
-                stats
-                    .dropped
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            }
-            return;
         }
     }
+}
+
+/// One round of the writer: the rows in hand (kept from an earlier round) or, when there are
+/// none, everything queued, written in batches of at most [`BATCH_MAX`]. False when the
+/// database cannot be reached: what was not written stays in hand.
+fn write_round(writer: &mut dyn Sink, queue: &Queue, hand: &mut Queued) -> bool {
+    if hand.rows.is_empty() {
+        hand.clear();
+        let mut q = queue.lock();
+        std::mem::swap(&mut q.rows, &mut hand.rows);
+        std::mem::swap(&mut q.text, &mut hand.text);
+        q.in_hand = hand.rows.len();
+    }
+    if hand.rows.is_empty() {
+        return true;
+    }
+    let view = hand.view();
+    let mut done = 0;
+    for batch in view.chunks(BATCH_MAX) {
+        if !writer.write_batch(batch) {
+            break;
+        }
+        done += batch.len();
+    }
+    let all = done == view.len();
+    drop(view);
+    if all {
+        hand.clear();
+    } else {
+        hand.rows.drain(..done);
+    }
+    queue.lock().in_hand = hand.rows.len();
+    all
 }
 
 #[cfg(test)]

@@ -282,42 +282,19 @@ impl PgWriter {
 }
 
 /// `r` with any NUL character replaced (PostgreSQL text cannot hold one), when it has one.
-fn without_nul(r: &StoreRow) -> Option<StoreRow> {
-    let texts = [
-        Some(&r.request_id),
-        Some(&r.key_name),
-        Some(&r.group),
-        Some(&r.model),
-        Some(&r.path),
-        r.account.as_ref(),
-        r.upstream.as_ref(),
-        r.target.as_ref(),
-        r.error_code.as_ref(),
-    ];
-    if !texts.iter().flatten().any(|s| s.contains('\0')) {
-        return None;
-    }
-    let fix = |s: &String| s.replace('\0', "\u{fffd}");
-    Some(StoreRow {
-        request_id: fix(&r.request_id),
-        key_name: fix(&r.key_name),
-        group: fix(&r.group),
-        model: fix(&r.model),
-        path: fix(&r.path),
-        account: r.account.as_ref().map(fix),
-        upstream: r.upstream.as_ref().map(fix),
-        target: r.target.as_ref().map(fix),
-        error_code: r.error_code.as_ref().map(fix),
-        ..r.clone()
-    })
+fn without_nul(r: &StoreRow<&str>) -> Option<StoreRow> {
+    let mut nul = false;
+    r.map(|s| nul |= s.contains('\0'));
+    nul.then(|| r.map(|s| s.replace('\0', "\u{fffd}")))
 }
 
 /// The batch's calls by COPY and its roll-ups, in one transaction.
-fn insert(client: &mut Client, batch: &[StoreRow]) -> Result<(), ::postgres::Error> {
+fn insert(client: &mut Client, batch: &[StoreRow<&str>]) -> Result<(), ::postgres::Error> {
     let mut tx = client.transaction()?;
     let mut copy = BinaryCopyInWriter::new(tx.copy_in(COPY_CALLS)?, &CALL_TYPES);
     for r in batch {
         let fixed = without_nul(r);
+        let fixed = fixed.as_ref().map(StoreRow::borrowed);
         let r = fixed.as_ref().unwrap_or(r);
         copy.write(&[
             &r.created_at,
@@ -385,7 +362,7 @@ fn insert(client: &mut Client, batch: &[StoreRow]) -> Result<(), ::postgres::Err
 }
 
 impl Sink for PgWriter {
-    fn write_batch(&mut self, batch: &mut Vec<StoreRow>) -> bool {
+    fn write_batch(&mut self, batch: &[StoreRow<&str>]) -> bool {
         if batch.is_empty() {
             return true;
         }
@@ -397,7 +374,6 @@ impl Sink for PgWriter {
         match insert(client, batch) {
             Ok(()) => {
                 self.stats.batch_written(n, started);
-                batch.clear();
                 true
             }
             Err(e) => {
@@ -414,7 +390,6 @@ impl Sink for PgWriter {
                     (false, false) => {
                         self.stats.dropped.fetch_add(n, Ordering::Relaxed);
                         self.log_error(&format!("{n} rows dropped: {e}"));
-                        batch.clear();
                         true
                     }
                 }

@@ -23,15 +23,15 @@ pub(super) type Group<'a> = (u64, i64, Cow<'a, str>, Cow<'a, str>);
 /// `text` is applied to the model and account first: what the backend stores, so that names it
 /// stores alike fall in one group.
 pub(super) fn roll_up<'a>(
-    batch: &'a [StoreRow],
+    batch: &[StoreRow<&'a str>],
     text: impl Fn(&'a str) -> Cow<'a, str>,
 ) -> BTreeMap<Group<'a>, Sums> {
     let mut groups: BTreeMap<Group<'a>, Sums> = BTreeMap::new();
     for r in batch {
         let hour = r.created_at.div_euclid(3600) * 3600;
-        let account = text(r.account.as_deref().unwrap_or(""));
+        let account = text(r.account.unwrap_or(""));
         let s = groups
-            .entry((r.key_id, hour, text(&r.model), account))
+            .entry((r.key_id, hour, text(r.model), account))
             .or_default();
         s.requests += 1;
         s.errors += i64::from(r.status >= 400);

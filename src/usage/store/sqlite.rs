@@ -195,14 +195,14 @@ pub(super) fn insert_many_sql(n: usize) -> String {
 fn bind_call(
     stmt: &mut rusqlite::CachedStatement<'_>,
     at: usize,
-    r: &StoreRow,
+    r: &StoreRow<&str>,
 ) -> rusqlite::Result<()> {
     stmt.raw_bind_parameter(at + 1, r.created_at)?;
-    stmt.raw_bind_parameter(at + 2, &r.request_id)?;
+    stmt.raw_bind_parameter(at + 2, r.request_id)?;
     stmt.raw_bind_parameter(at + 3, int(r.key_id))?;
-    stmt.raw_bind_parameter(at + 4, &r.key_name)?;
-    stmt.raw_bind_parameter(at + 5, &r.group)?;
-    stmt.raw_bind_parameter(at + 6, &r.model)?;
+    stmt.raw_bind_parameter(at + 4, r.key_name)?;
+    stmt.raw_bind_parameter(at + 5, r.group)?;
+    stmt.raw_bind_parameter(at + 6, r.model)?;
     stmt.raw_bind_parameter(at + 7, int(r.prompt_tokens))?;
     stmt.raw_bind_parameter(at + 8, int(r.completion_tokens))?;
     stmt.raw_bind_parameter(at + 9, r.quota)?;
@@ -210,12 +210,12 @@ fn bind_call(
     stmt.raw_bind_parameter(at + 11, r.status)?;
     stmt.raw_bind_parameter(at + 12, int(r.duration_ms))?;
     stmt.raw_bind_parameter(at + 13, r.first_byte_ms.map(int))?;
-    stmt.raw_bind_parameter(at + 14, &r.account)?;
-    stmt.raw_bind_parameter(at + 15, &r.upstream)?;
-    stmt.raw_bind_parameter(at + 16, &r.target)?;
+    stmt.raw_bind_parameter(at + 14, r.account)?;
+    stmt.raw_bind_parameter(at + 15, r.upstream)?;
+    stmt.raw_bind_parameter(at + 16, r.target)?;
     stmt.raw_bind_parameter(at + 17, r.attempts)?;
-    stmt.raw_bind_parameter(at + 18, &r.path)?;
-    stmt.raw_bind_parameter(at + 19, &r.error_code)?;
+    stmt.raw_bind_parameter(at + 18, r.path)?;
+    stmt.raw_bind_parameter(at + 19, r.error_code)?;
     Ok(())
 }
 
@@ -237,9 +237,9 @@ impl Writer {
         }
     }
 
-    /// Write `batch` (then empty it) in one transaction with its roll-ups. On failure (a full
-    /// disk) the rows are counted as dropped; the gateway goes on serving.
-    pub(super) fn write_batch(&mut self, batch: &mut Vec<StoreRow>) {
+    /// Write `batch` in one transaction with its roll-ups. On failure (a full disk) the rows
+    /// are counted as dropped; the gateway goes on serving.
+    pub(super) fn write_batch(&mut self, batch: &[StoreRow<&str>]) {
         if batch.is_empty() {
             return;
         }
@@ -256,7 +256,6 @@ impl Writer {
                 self.log_error(&format!("{n} rows dropped: {e}"));
             }
         }
-        batch.clear();
     }
 
     fn log_error(&mut self, what: &str) {
@@ -270,7 +269,7 @@ impl Writer {
         }
     }
 
-    fn insert(&mut self, batch: &[StoreRow]) -> rusqlite::Result<()> {
+    fn insert(&mut self, batch: &[StoreRow<&str>]) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
         {
             // Several rows per statement: a statement's step, reset and bind cost more than
@@ -327,7 +326,7 @@ impl Writer {
 }
 
 impl Sink for Writer {
-    fn write_batch(&mut self, batch: &mut Vec<StoreRow>) -> bool {
+    fn write_batch(&mut self, batch: &[StoreRow<&str>]) -> bool {
         Writer::write_batch(self, batch);
         true
     }

@@ -28,8 +28,8 @@ fn row(key_id: u64, created_at: i64, model: &str, status: u16) -> StoreRow {
 fn store_with(rows: Vec<StoreRow>) -> (tempfile::TempDir, UsageStore) {
     let dir = tempfile::tempdir().unwrap();
     let store = UsageStore::open(&StoreSettings::new(dir.path().join("usage.db"))).unwrap();
-    for r in rows {
-        store.push(r);
+    for r in &rows {
+        store.push(&r.borrowed());
     }
     store.flush(Duration::from_secs(10));
     (dir, store)
@@ -275,11 +275,11 @@ fn a_full_disk_drops_and_counts_and_the_writer_goes_on() {
     let stats = Arc::new(StoreStats::default());
     let mut w = Writer::new(conn, path, 90, stats.clone());
     for round in 0..20 {
-        let mut batch: Vec<StoreRow> = (0..500)
+        let batch: Vec<StoreRow> = (0..500)
             .map(|i| row(1, NOW + round * 1000 + i, "m", 200))
             .collect();
-        w.write_batch(&mut batch);
-        assert!(batch.is_empty());
+        let batch: Vec<_> = batch.iter().map(StoreRow::borrowed).collect();
+        w.write_batch(&batch);
     }
     let (written, dropped) = (
         stats.written.load(Ordering::Relaxed),
@@ -418,4 +418,40 @@ fn a_failing_row_does_not_undo_its_statement_so_no_statement_journal_is_kept() {
         .query_row("SELECT count(*) FROM calls", [], |r| r.get(0))
         .unwrap();
     assert_eq!(after, 0);
+}
+
+#[test]
+fn rows_read_back_as_pushed_texts_and_absent_fields_alike() {
+    // The queue keeps every row's texts one after another in one string: each row must get
+    // back exactly its own, present or absent, whatever their lengths.
+    let rows = vec![
+        StoreRow {
+            key_name: "ключ «one»".into(),
+            account: Some("acme".into()),
+            upstream: Some("openai".into()),
+            target: Some("https://a.example".into()),
+            error_code: None,
+            first_byte_ms: Some(12),
+            is_stream: true,
+            ..row(1, NOW - 3, "gpt-4o", 200)
+        },
+        StoreRow {
+            key_name: String::new(),
+            group: String::new(),
+            account: None,
+            upstream: None,
+            error_code: Some("quota_exhausted".into()),
+            ..row(1, NOW - 2, "", 429)
+        },
+        StoreRow {
+            model: "m".repeat(300),
+            account: Some(String::new()),
+            target: Some("t".into()),
+            ..row(1, NOW - 1, "x", 502)
+        },
+    ];
+    let (_dir, store) = store_with(rows.clone());
+    let got = store.read(|c| query::recent(c, 1, 10)).unwrap();
+    let got: Vec<StoreRow> = got.into_iter().rev().map(|c| c.row).collect();
+    assert_eq!(got, rows);
 }
