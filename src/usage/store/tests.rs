@@ -455,3 +455,88 @@ fn rows_read_back_as_pushed_texts_and_absent_fields_alike() {
     let got: Vec<StoreRow> = got.into_iter().rev().map(|c| c.row).collect();
     assert_eq!(got, rows);
 }
+
+/// The account index's `CREATE` statement, and the plan of an account's newest calls.
+fn account_index_and_plan(path: &std::path::Path) -> (String, String) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let sql: String = conn
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE name = 'calls_account_time'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let (clause, _) = query::calls_where(
+        &LogFilter {
+            account: Some("acme".into()),
+            ..LogFilter::default()
+        },
+        0,
+        NOW,
+    );
+    let plan = conn
+        .prepare(&format!(
+            "EXPLAIN QUERY PLAN SELECT id FROM calls WHERE {clause} ORDER BY created_at DESC"
+        ))
+        .unwrap()
+        .query_map(rusqlite::params![0, NOW, "acme"], |r| r.get::<_, String>(3))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect::<Vec<_>>()
+        .join("; ");
+    (sql, plan)
+}
+
+#[test]
+fn a_version_1_store_gets_the_partial_account_index_and_keeps_its_rows() {
+    // Version 1 as it was: the account index over every call.
+    let rows = [
+        row(1, NOW - 20, "gpt-4o", 200),
+        StoreRow {
+            account: Some("acme".into()),
+            ..row(2, NOW - 10, "gpt-4o", 200)
+        },
+    ];
+    let (dir, store) = store_with(rows.to_vec());
+    drop(store);
+    let path = dir.path().join("usage.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DROP INDEX calls_account_time;
+             CREATE INDEX calls_account_time ON calls(account, created_at);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let store = UsageStore::open(&StoreSettings::new(path.clone())).unwrap();
+    let (sql, plan) = account_index_and_plan(&path);
+    assert!(sql.contains("WHERE account IS NOT NULL"), "{sql}");
+    assert!(plan.contains("calls_account_time"), "{plan}");
+    let conn = open_reader(&path).unwrap();
+    let (calls, with_account): (i64, i64) = conn
+        .query_row("SELECT count(*), count(account) FROM calls", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!((calls, with_account), (2, 1));
+    drop(store);
+}
+
+#[test]
+fn a_store_of_a_newer_keygate_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("usage.db");
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("PRAGMA user_version = 9;")
+        .unwrap();
+    let e = UsageStore::open(&StoreSettings::new(path.clone()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains(&path.display().to_string()) && e.contains("schema version 9 is newer"),
+        "{e}"
+    );
+}
