@@ -768,6 +768,12 @@ mod tests {
             "what failed is not seen"
         );
         assert_eq!(parses(), start + 1);
+        // Writes were journaled; a compaction folds them into the file and keeps the parse.
+        assert!(!std::fs::read(journal_path(&path)).unwrap().is_empty());
+        ed.compact(drop).unwrap();
+        assert!(std::fs::read(journal_path(&path)).unwrap().is_empty());
+        assert_eq!(ed.snapshot().unwrap().keys[0].name, "renamed");
+        assert_eq!(parses(), start + 1);
         // Another writer replaces the file with one of the same length: seen at once.
         let bytes = std::fs::read(&path).unwrap();
         let other = String::from_utf8(bytes)
