@@ -1,7 +1,8 @@
 //! The admin API (SPEC §8): a listener of its own, off by default, where Bearer tokens manage
-//! keys and accounts over HTTP. Reads come from the sync file as it is (parsed once per change);
-//! writes go through [`writes::Writer`], the same locked, validated, atomic edit as
-//! `keygate keys`, and answer once the new table is in force.
+//! keys and accounts over HTTP. Reads come from the sync file as it is, its edit journal folded
+//! in (parsed once per change); writes go through [`writes::Writer`], the same locked,
+//! validated edit as `keygate keys` (journaled: one line appended beside the file, folded into
+//! it a second later), and answer once the new table is in force.
 //!
 //! The router is the `route` function below: a table to read top to bottom. The console's pages
 //! and files ([`assets`]) are served to anyone (they hold no data); everything they show comes

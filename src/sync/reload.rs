@@ -149,10 +149,10 @@ impl Reloader {
         outcome
     }
 
-    /// Put `table`, compiled from the file just written at this reloader's path (the admin
-    /// API's writes: [`crate::sync::edit::SyncEditor::edit_publish`]), in force without reading
-    /// the file again. Its `source_digest` must be that of the written bytes, so that the
-    /// watcher's next look at the file finds it unchanged.
+    /// Put `table`, compiled from the file (and journal) just written at this reloader's path
+    /// (the admin API's writes: [`crate::sync::edit::SyncEditor::edit_publish`]), in force
+    /// without reading them again. Its `source_digest` must be that of the file's bytes and the
+    /// journal's, so that the watcher's next look finds them unchanged.
     pub fn publish_table(&self, table: KeyTable) -> ReloadOutcome {
         let one_at_a_time = self
             .checking
