@@ -887,7 +887,10 @@ async fn with_a_vault_the_api_reveals_keys_it_created_ten_a_minute() {
         k["key_hint"].as_str().unwrap(),
         format!("{}**********{}", &secret[..7], &secret[secret.len() - 4..])
     );
-    let stored = std::fs::read_to_string(env.dir.path().join("keys.json")).unwrap();
+    // Stored sealed, in the file or its journal.
+    let stored = ["keys.json", "keys.json.journal"]
+        .map(|f| std::fs::read_to_string(env.dir.path().join(f)).unwrap_or_default())
+        .concat();
     assert!(stored.contains("key_sealed") && !stored.contains(&secret[3..]));
     let (_, got) = api
         .admin("GET", &format!("/admin/v1/keys/{id}"), None)
@@ -922,7 +925,17 @@ async fn with_a_vault_the_api_reveals_keys_it_created_ten_a_minute() {
         .admin("POST", &format!("/admin/v1/keys/{id}/reveal"), None)
         .await;
     assert_eq!(r["secret"].as_str(), Some(new.as_str()));
-    // A sealed value edited by hand is refused, not decrypted to garbage.
+    // A sealed value edited by hand is refused, not decrypted to garbage. A hand edit waits
+    // for the journal to be folded into the file (README, "Admin API").
+    let journal = env.dir.path().join("keys.json.journal");
+    let started = Instant::now();
+    while std::fs::metadata(&journal).is_ok_and(|m| m.len() > 0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never compacted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let path = env.dir.path().join("keys.json");
     let mut file: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     let rev = file["revision"].as_u64().unwrap();

@@ -145,7 +145,12 @@ async fn a_follower_sees_admin_writes_and_survives_the_admin_going_away() {
         dir: admin_dir,
     } = admin_env;
     admin_gw.kill9();
-    assert_eq!(status(&follower.base, &last).await, 200);
+    assert_eq!(
+        status(&follower.base, &last).await,
+        200,
+        "{}",
+        follower.log()
+    );
     // A restart while it is away starts from the last good copy.
     follower.terminate();
     let follower = spawn_keygate(fdir.path(), &fdir.path().join("keygate.yaml"));

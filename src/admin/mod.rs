@@ -1,7 +1,8 @@
 //! The admin API (SPEC §8): a listener of its own, off by default, where Bearer tokens manage
-//! keys and accounts over HTTP. Reads come from the sync file as it is (parsed once per change);
-//! writes go through [`writes::Writer`], the same locked, validated, atomic edit as
-//! `keygate keys`, and answer once the new table is in force.
+//! keys and accounts over HTTP. Reads come from the sync file as it is, its edit journal folded
+//! in (parsed once per change); writes go through [`writes::Writer`], the same locked,
+//! validated edit as `keygate keys` (journaled: one line appended beside the file, folded into
+//! it a second later), and answer once the new table is in force.
 //!
 //! The router is the `route` function below: a table to read top to bottom. The console's pages
 //! and files ([`assets`]) are served to anyone (they hold no data); everything they show comes
@@ -47,7 +48,11 @@ pub struct Admin {
     audit: audit::Audit,
     reveals: Mutex<HashMap<String, VecDeque<Instant>>>,
     vault: Option<Arc<Vault>>,
+    /// The last sync file served to a follower, serialized, and the parse it is of.
+    sync_cache: Arc<Mutex<SyncCache>>,
 }
+
+type SyncCache = Option<(std::sync::Weak<SyncFile>, bytes::Bytes)>;
 
 /// Start the admin listener when `config.admin` is set: binds now (so a bad address or a missing
 /// token is a startup error), serves on a thread of its own. Returns the bound address.
@@ -79,6 +84,7 @@ pub fn start(
         audit,
         reveals: Mutex::new(HashMap::new()),
         vault: vault.map(Arc::new),
+        sync_cache: Arc::default(),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -304,35 +310,57 @@ impl Admin {
         }
         let deadline = Instant::now() + Duration::from_secs(wait.unsigned_abs());
         loop {
-            let table = self.gate.table();
-            if i64::try_from(table.revision).unwrap_or(i64::MAX) > after {
-                let path = self.editor.path().to_path_buf();
-                let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
-                    .await
-                    .map_err(|e| ApiError::crashed("reading the sync file", e))?
-                    .map_err(|e| ApiError::internal(format!("reading the sync file: {e}")))?;
-                // Only the file in force: not one the gateway has yet to load (or rejected).
-                if <sha2::Sha256 as sha2::Digest>::digest(&bytes).as_slice() == table.source_digest
-                {
-                    return Ok(::http::Response::builder()
-                        .status(StatusCode::OK)
-                        .header(::http::header::CONTENT_TYPE, "application/json")
-                        .header("x-keygate-revision", table.revision)
-                        .header(::http::header::CACHE_CONTROL, "no-store")
-                        .body(http::full(bytes))
-                        .unwrap_or_default());
-                }
+            // The revision sent and the bytes are those of one and the same parse (the file
+            // with its journal folded in), and only the one in force: not one the gateway has
+            // yet to load (or rejected).
+            let file = self.file().await?;
+            let in_force = self.gate.table().revision;
+            if file.revision == in_force && i64::try_from(in_force).unwrap_or(i64::MAX) > after {
+                let bytes = self.serialized(file).await?;
+                return Ok(::http::Response::builder()
+                    .status(StatusCode::OK)
+                    .header(::http::header::CONTENT_TYPE, "application/json")
+                    .header("x-keygate-revision", in_force)
+                    .header(::http::header::CACHE_CONTROL, "no-store")
+                    .body(http::full(bytes))
+                    .unwrap_or_default());
             }
+            drop(file);
             if Instant::now() >= deadline {
                 return Ok(::http::Response::builder()
                     .status(StatusCode::NOT_MODIFIED)
-                    .header("x-keygate-revision", table.revision)
+                    .header("x-keygate-revision", in_force)
                     .body(http::full(Vec::new()))
                     .unwrap_or_default());
             }
-            drop(table);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// `file` as a sync file's bytes, serialized once per parse: the cache names the parse
+    /// without keeping it (a kept parse would make the next edit copy it whole), and a parse
+    /// edited in place is a new one for it (`Arc::make_mut` moves it away from a `Weak`).
+    async fn serialized(&self, file: Arc<SyncFile>) -> Result<bytes::Bytes, ApiError> {
+        let cache = self.sync_cache.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut cache = cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((_, bytes)) = cache
+                .as_ref()
+                .filter(|(of, _)| of.upgrade().is_some_and(|f| Arc::ptr_eq(&f, &file)))
+            {
+                return Ok(bytes.clone());
+            }
+            let mut bytes = serde_json::to_vec_pretty(&*file)
+                .map_err(|e| ApiError::internal(format!("serializing the sync file: {e}")))?;
+            bytes.push(b'\n');
+            let bytes = bytes::Bytes::from(bytes);
+            *cache = Some((Arc::downgrade(&file), bytes.clone()));
+            Ok(bytes)
+        })
+        .await
+        .map_err(|e| ApiError::crashed("serializing the sync file", e))?
     }
 
     /// The gate this API manages.

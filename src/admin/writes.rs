@@ -2,13 +2,21 @@
 //! change waiting, applies them in order to one read of the file, validates and writes it once
 //! (the same locked, atomic edit as `keygate keys`), puts the table that validated it in force
 //! on the gateway, and only then answers each caller. A hundred concurrent creates cost one or a few rewrites, not a hundred.
+//!
+//! A batch that touches only keys, accounts and ids is journaled (one line appended to
+//! `<sync file>.journal`, [`crate::core::journal`]) rather than rewriting the file; a second
+//! after the last write, this thread folds the journal into the file ([`SyncEditor::compact`]).
 
 use super::http::ApiError;
 use crate::core::config::SyncFile;
 use crate::sync::edit::SyncEditor;
 use crate::sync::reload::{ReloadOutcome, Reloader};
-use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long the writer waits without a write before it folds the journal into the file.
+const COMPACT_AFTER: Duration = Duration::from_secs(1);
 
 /// A change to the file. It must check everything it can before it mutates anything: an
 /// `Err` leaves the file as it found it.
@@ -61,14 +69,28 @@ impl Writer {
 
 fn run(editor: &SyncEditor, reloader: &Reloader, rx: &Receiver<Job>) {
     let mut held: Option<Job> = None;
+    // Written since the last compaction.
+    let mut dirty = false;
     loop {
         let first = match held.take() {
             Some(j) => j,
+            None if dirty => match rx.recv_timeout(COMPACT_AFTER) {
+                Ok(j) => j,
+                Err(RecvTimeoutError::Timeout) => {
+                    dirty = false;
+                    if let Err(e) = editor.compact(|digest| reloader.compacted(digest)) {
+                        log::error!("admin: folding the journal into the sync file: {e}");
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            },
             None => match rx.recv() {
                 Ok(j) => j,
                 Err(_) => return,
             },
         };
+        dirty = true;
         let mut batch = vec![first];
         // A conditional write goes alone: it must see the revision the caller saw, not one an
         // earlier change of its batch is about to move on.

@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod credential;
 pub mod errors;
+pub mod journal;
 pub mod json_scan;
 pub mod limits;
 pub mod metrics;

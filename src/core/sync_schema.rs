@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// `enabled` or `disabled`.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum KeyStatus {
     /// The key may be used.
@@ -62,7 +62,7 @@ pub type KeyEntryRef<'a> = KeyEntryOf<Text<'a>>;
 /// [`KeyEntryRef`] (borrowed) are this one declaration, so a new member is added here once and
 /// both read it alike (the same defaults, checks and messages; `rename` keeps serde's messages
 /// naming `struct KeyEntry`). The table compiles either ([`crate::core::table`]).
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Hash)]
 #[serde(
     deny_unknown_fields,
     rename = "KeyEntry",
@@ -190,7 +190,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
 
 /// `limits`: rate limits of a key, an account or a group's keys (SPEC §7). Signed, so that a
 /// negative value is read and refused with a precise message rather than a serde one.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsEntry {
     /// Requests per minute.
@@ -205,7 +205,7 @@ pub struct LimitsEntry {
 }
 
 /// `budget`: what may be spent per period, in quota units (SPEC §7).
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetEntry {
     /// `daily`, `weekly` or `monthly`; absent when `rolling_days` is given.
@@ -253,7 +253,7 @@ pub struct AccountEntry {
 }
 
 /// A rotated-out key that still works until its grace period ends.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct PreviousKey {
     /// Hex SHA-256 of the old key.

@@ -1,47 +1,71 @@
 //! Editing the sync file safely (`keygate keys …`, `keygate import`): every edit takes an
-//! exclusive lock, re-reads the file, applies the change, validates the whole result exactly as
-//! the gateway will, bumps `revision` and replaces the file atomically (temp file, fsync,
-//! rename, fsync the folder). A running gateway picks the change up through its normal reload.
+//! exclusive lock, re-reads the file (with its journal folded in), applies the change,
+//! validates the whole result exactly as the gateway will, bumps `revision` and replaces the
+//! file atomically (temp file, fsync, rename, fsync the folder), then empties the journal. A
+//! running gateway picks the change up through its normal reload.
 //!
 //! The admin API's editor ([`SyncEditor::keeping`]) also keeps the file's parse while the file
-//! on disk is the one it wrote or read last, and hands the table it compiled to validate an edit
-//! to the gateway ([`SyncEditor::edit_publish`]): at a million keys an edit then costs one
-//! compile and one write (side by side), not a read, a parse, a compile, a write and a reload.
+//! and its journal on disk are the ones it wrote or read last, and appends what a batch
+//! changed to the journal ([`crate::core::journal`]) instead of rewriting the file: at a
+//! million keys an edit then costs one compile and a line, not a serialization of the whole
+//! file, its hash and its write. It hands the table it compiled to validate an edit to the
+//! gateway ([`SyncEditor::edit_publish`]), and folds the journal into the file when asked
+//! ([`SyncEditor::compact`]: a second after the last write) or when the journal grows past
+//! [`MAX_JOURNAL`].
 
 use crate::core::config::{KeyEntry, KeyStatus, PreviousKey, SyncFile};
+use crate::core::journal::{Before, Fingerprints};
 use crate::core::table::{digest_hex, generate_key, key_digest, Digest, KeyTable};
 use crate::core::vault::{key_hint, Vault};
 use crate::support::fsutil::FileStamp;
+use crate::support::sync_file::{append_journal, clear_journal, journal_path, Journal};
 use serde::Serialize;
+use sha2::Digest as _;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// A parse of the file, the stamp the file had when it was read (or written), and the file
-/// kept open: while it is open its inode cannot be reused by a later file, so a stamp that
-/// matches is the same file, not a new one that got the old inode and length.
-struct KeptParse {
-    stamp: FileStamp,
-    pin: File,
+/// A journal past this size is folded into the file at the next write.
+pub const MAX_JOURNAL: u64 = 64 << 20;
+
+/// A parse of the file with its journal folded in, and what tells whether they are still the
+/// ones on disk: the file kept open (while it is open its inode cannot be reused by a later
+/// file, so a stamp that matches is the same file, not a new one that got the old inode and
+/// length) with its stamp, and the journal's stamp.
+struct Parse {
+    /// `None`: not to be kept (no file, or it changed while it was read).
+    pin: Option<(File, FileStamp)>,
+    journal_stamp: Option<FileStamp>,
     file: Arc<SyncFile>,
+    /// The digest of the file's bytes and the journal's (a table's `source_digest`), to which
+    /// a line appended is added.
+    digest: sha2::Sha256,
+    /// The journal's well-formed bytes: a torn line after them is cut before appending.
+    journal_len: u64,
+    /// The fingerprints of `file.keys`, once an edit has needed them.
+    fingerprints: Option<Fingerprints>,
 }
 
-type Kept = Option<KeptParse>;
+type Kept = Option<Parse>;
 
-impl KeptParse {
-    /// Keep `file` as the parse of what `pin` (opened at the path) holds.
-    fn new(pin: File, file: Arc<SyncFile>) -> Option<KeptParse> {
-        Some(KeptParse {
-            stamp: FileStamp::of_file(&pin)?,
-            pin,
-            file,
-        })
+impl Parse {
+    /// Whether the file and the journal at `path` are still the ones parsed.
+    fn is_current(&self, path: &Path) -> bool {
+        self.pin
+            .as_ref()
+            .is_some_and(|(_, s)| FileStamp::of(path) == Some(*s))
+            && FileStamp::of(&journal_path(path)) == self.journal_stamp
     }
 
-    /// Whether the file at the path is still the one kept.
-    fn is_current(&self, path: &Path) -> bool {
-        FileStamp::of(path) == Some(self.stamp)
+    /// The stamps of what was just written at `path` (under the lock: no cooperating writer
+    /// changed them since).
+    fn written(&mut self, path: &Path) {
+        self.pin = File::open(path)
+            .ok()
+            .and_then(|f| Some((FileStamp::of_file(&f)?, f)))
+            .map(|(s, f)| (f, s));
+        self.journal_stamp = FileStamp::of(&journal_path(path));
     }
 }
 
@@ -49,7 +73,7 @@ impl KeptParse {
 #[derive(Clone)]
 pub struct SyncEditor {
     path: PathBuf,
-    /// `None`: nothing is kept (the CLI: one edit per process).
+    /// `None`: nothing is kept (the CLI: one edit per process, written whole).
     kept: Option<Arc<Mutex<Kept>>>,
 }
 
@@ -63,7 +87,8 @@ impl SyncEditor {
     }
 
     /// An editor that keeps the file's parse between edits and reads, for as long as the file
-    /// on disk keeps the stamp it had (another writer, such as `keygate keys`, changes it).
+    /// and its journal on disk keep the stamps they had (another writer, such as
+    /// `keygate keys`, changes them), and journals its edits.
     pub fn keeping(path: &Path) -> SyncEditor {
         SyncEditor {
             path: path.to_path_buf(),
@@ -71,9 +96,10 @@ impl SyncEditor {
         }
     }
 
-    /// The file as it is now, parsed: the kept parse when the file has not changed since.
-    /// One parse at a time: callers that arrive while the file is parsed (or edited) wait for
-    /// that parse instead of each making their own (at a million keys, a gigabyte each).
+    /// The file as it is now, its journal folded in, parsed: the kept parse when neither has
+    /// changed since. One parse at a time: callers that arrive while the file is parsed (or
+    /// edited) wait for that parse instead of each making their own (at a million keys, a
+    /// gigabyte each).
     pub fn snapshot(&self) -> Result<Arc<SyncFile>, String> {
         let Some(kept) = &self.kept else {
             return self.read().map(Arc::new);
@@ -83,33 +109,49 @@ impl SyncEditor {
             return Ok(k.file.clone());
         }
         *kept = None; // not held while the file is parsed again
-        let (pin, file) = self.read_pinned()?;
-        let file = Arc::new(file);
-        *kept = pin.and_then(|pin| KeptParse::new(pin, file.clone()));
+        let parse = self.read_pinned()?;
+        let file = parse.file.clone();
+        *kept = Some(parse).filter(|p| p.pin.is_some());
         Ok(file)
     }
 
-    /// [`read`](Self::read) through a handle that is returned open (`None`: no file). Its
-    /// stamp, taken when it is kept, is that of the bytes read unless the file was written in
-    /// place meanwhile; then the stamp has moved on too and the parse is read again next time.
-    fn read_pinned(&self) -> Result<(Option<File>, SyncFile), String> {
+    /// Read the journal, then the file (in that order: a writer that folds the journal into
+    /// the file writes the file first, so lines read before it are at or below its revision),
+    /// through a handle that is kept open. Its stamp, taken when it is opened, is that of the
+    /// bytes read unless the file was written in place meanwhile; then the stamp has moved on
+    /// too and the parse is read again next time.
+    fn read_pinned(&self) -> Result<Parse, String> {
         use std::io::Read;
         let failed = |e: std::io::Error| format!("sync file {}: {e}", self.path.display());
-        let mut pin = match File::open(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, self.read()?)),
+        let jpath = journal_path(&self.path);
+        let journal_stamp = FileStamp::of(&jpath);
+        let journal = Journal::read(&self.path)?;
+        let (pin, bytes) = match File::open(&self.path) {
+            Ok(mut f) => {
+                let stamp = FileStamp::of_file(&f);
+                #[cfg(test)]
+                tests::PARSES.with(|n| n.set(n.get() + 1));
+                let mut bytes = Vec::new();
+                f.read_to_end(&mut bytes).map_err(failed)?;
+                // Changed while it was read: not kept (the next look reads it again).
+                let pin = stamp.filter(|s| FileStamp::of_file(&f) == Some(*s));
+                (pin.map(|s| (f, s)), bytes)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, b"{}".to_vec()),
             Err(e) => return Err(failed(e)),
         };
-        let stamp = FileStamp::of_file(&pin);
-        #[cfg(test)]
-        tests::PARSES.with(|n| n.set(n.get() + 1));
-        let mut bytes = Vec::new();
-        pin.read_to_end(&mut bytes).map_err(failed)?;
-        let file = SyncFile::parse(&bytes)
+        let mut file = SyncFile::parse(&bytes)
             .map_err(|e| format!("sync file {}: {e}", self.path.display()))?;
-        // Changed while it was read: not kept (the next look reads it again).
-        let pin = Some(pin).filter(|p| FileStamp::of_file(p) == stamp);
-        Ok((pin, file))
+        crate::core::journal::fold(&mut file, &journal.parsed.lines);
+        let pin = pin.filter(|_| FileStamp::of(&jpath) == journal_stamp);
+        Ok(Parse {
+            pin,
+            journal_stamp,
+            file: Arc::new(file),
+            digest: crate::support::sync_file::content_digest(&bytes, &journal.bytes),
+            journal_len: journal.parsed.good_len as u64,
+            fingerprints: None,
+        })
     }
 
     /// The file being edited.
@@ -121,15 +163,10 @@ impl SyncEditor {
         crate::support::fsutil::lock_beside(&self.path)
     }
 
-    /// Read and parse the file (an absent file is an empty one).
+    /// Read and parse the file, its journal folded in (an absent file is an empty one).
     pub fn read(&self) -> Result<SyncFile, String> {
-        match std::fs::read(&self.path) {
-            Ok(bytes) => SyncFile::parse(&bytes)
-                .map_err(|e| format!("sync file {}: {e}", self.path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => SyncFile::parse(b"{}")
-                .map_err(|e| format!("sync file {}: {e}", self.path.display())),
-            Err(e) => Err(format!("sync file {}: {e}", self.path.display())),
-        }
+        let parse = self.read_pinned()?;
+        Ok(Arc::unwrap_or_clone(parse.file))
     }
 
     /// Apply `change` under the lock; nothing is written unless it succeeds and the result
@@ -155,7 +192,7 @@ impl SyncEditor {
     }
 
     /// Apply `change` under the lock; it returns what it did and whether it changed the file.
-    /// When it did, the result is validated, `revision` bumped and the file replaced; returns
+    /// When it did, the result is validated, `revision` bumped and the edit written; returns
     /// the outcome and the new revision (`None`: nothing written). An `Err` is the whole
     /// edit's failure (the file unreadable, the result invalid): nothing was written.
     /// A change that says it changed nothing must have left the file untouched: the editor
@@ -167,9 +204,9 @@ impl SyncEditor {
         self.edit_publish(change, drop)
     }
 
-    /// [`edit_some`](Self::edit_some), and `publish` gets the table compiled from the written
-    /// file (its `source_digest` that of the bytes written) before the lock is released, so
-    /// that no other writer's file can be put in force before it.
+    /// [`edit_some`](Self::edit_some), and `publish` gets the table compiled from the edited
+    /// file (its `source_digest` that of the file and journal written) before the lock is
+    /// released, so that no other writer's file can be put in force before it.
     pub fn edit_publish<T>(
         &self,
         change: impl FnOnce(&mut SyncFile) -> (T, bool),
@@ -194,83 +231,196 @@ impl SyncEditor {
             .kept
             .as_ref()
             .map(|k| k.lock().unwrap_or_else(PoisonError::into_inner));
-        let (mut pin, mut shared) = match kept.as_mut().and_then(|k| k.take()) {
-            Some(k) if k.is_current(&self.path) => (Some(k.pin), k.file),
+        let mut parse = match kept.as_mut().and_then(|k| k.take()) {
+            Some(k) if k.is_current(&self.path) => k,
             stale => {
                 // Not held while the file is parsed again: two parses at once are a gigabyte
                 // each at a million keys.
                 drop(stale);
-                let (pin, file) = self.read_pinned()?;
-                (pin, Arc::new(file))
+                self.read_pinned()?
             }
         };
         clock.lap("read");
+        // Journaled: the admin API's edits of a file that exists.
+        let before = (kept.is_some() && parse.pin.is_some()).then(|| {
+            let keys = parse
+                .fingerprints
+                .take()
+                .unwrap_or_else(|| Fingerprints::of(&parse.file.keys));
+            Before::new(&parse.file, keys)
+        });
         // Edited in place unless a reader still holds this parse (then it is copied).
-        let file = Arc::make_mut(&mut shared);
+        let file = Arc::make_mut(&mut parse.file);
         let (out, changed) = change(file);
         clock.lap("edit");
         if !changed {
             // Kept only when the change promises it did not touch it (one that failed
             // half-way may have).
-            if let (Some(kept), Some(pin), true) = (kept.as_mut(), pin, untouched_if_unchanged) {
-                **kept = KeptParse::new(pin, shared);
+            if let (Some(kept), true) = (kept.as_mut(), untouched_if_unchanged) {
+                parse.fingerprints = before.map(Before::into_keys);
+                **kept = Some(parse).filter(|p| p.pin.is_some());
             }
             return Ok((out, None));
         }
         file.revision += 1;
         // What was edited is not kept unless it is written: a failure below drops it.
-        let (table, bytes) = self.compile_and_serialize(file);
+        let (table, written) = self.compile_and_prepare(file, before.as_ref());
         let mut table = table?;
-        let (bytes, digest) = bytes?;
-        table.source_digest = digest;
-        clock.lap("compile+serialize");
-        match crate::support::fsutil::replace(&self.path, &bytes) {
+        clock.lap("compile");
+        match written? {
+            Written::Line(line, keys) => {
+                self.append(parse.journal_len, &line)?;
+                parse.digest.update(&line);
+                parse.journal_len += line.len() as u64;
+                parse.fingerprints = Some(keys);
+                clock.lap("append");
+            }
+            Written::Whole(bytes) => {
+                self.write_whole(&bytes)?;
+                parse.digest = sha2::Sha256::new_with_prefix(&bytes);
+                parse.journal_len = 0;
+                clock.lap("write");
+            }
+        }
+        let revision = file.revision;
+        table.source_digest = parse.digest.clone().finalize().into();
+        parse.written(&self.path);
+        publish(table);
+        clock.lap("publish");
+        if let Some(kept) = kept.as_mut() {
+            **kept = Some(parse).filter(|p| p.pin.is_some());
+        }
+        log::debug!("sync file {} edited:{}", self.path.display(), clock.laps);
+        if let Some(kept) = kept.as_deref_mut() {
+            self.compact_if(kept, |k| k.journal_len > MAX_JOURNAL, drop)?;
+        }
+        Ok((out, Some(revision)))
+    }
+
+    /// Fold the journal into the file (write the file whole, then empty the journal), when it
+    /// has lines; `noted` gets the digest of the file written, before the lock is released
+    /// (the reloader, so that the file it finds changed reads as the table in force). A
+    /// journaling editor only.
+    pub fn compact(&self, noted: impl FnOnce(Digest)) -> Result<(), String> {
+        let Some(kept) = &self.kept else {
+            return Ok(());
+        };
+        let _lock = self.lock()?;
+        let mut kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
+        if !kept.as_ref().is_some_and(|k| k.is_current(&self.path)) {
+            *kept = None;
+            let parse = self.read_pinned()?;
+            *kept = Some(parse).filter(|p| p.pin.is_some());
+        }
+        self.compact_if(&mut kept, |k| k.journal_stamp.is_some(), noted)
+    }
+
+    /// [`compact`](Self::compact) of the kept parse when `due` says so, under the lock.
+    fn compact_if(
+        &self,
+        kept: &mut Kept,
+        due: impl Fn(&Parse) -> bool,
+        noted: impl FnOnce(Digest),
+    ) -> Result<(), String> {
+        let Some(parse) = kept.as_mut().filter(|p| due(p) && p.journal_len > 0) else {
+            return Ok(());
+        };
+        let mut clock = PhaseClock::start();
+        let bytes = serialize(&parse.file)?;
+        // A failure leaves the journal as it was: nothing is lost, the next try folds it.
+        let written = self.write_whole(&bytes);
+        let fresh = sha2::Sha256::new_with_prefix(&bytes);
+        drop(bytes);
+        if let Err(e) = written {
+            *kept = None;
+            return Err(e);
+        }
+        parse.digest = fresh;
+        parse.journal_len = 0;
+        parse.written(&self.path);
+        noted(parse.digest.clone().finalize().into());
+        clock.lap("compacted");
+        log::debug!("sync file {}:{}", self.path.display(), clock.laps);
+        Ok(())
+    }
+
+    /// Append one journal line; an error when it is not written (a line written whole but
+    /// not known to be durable is done: readers see it, reporting it failed would have it
+    /// applied again).
+    fn append(&self, good_len: u64, line: &[u8]) -> Result<(), String> {
+        let jpath = journal_path(&self.path);
+        match append_journal(&self.path, good_len, line) {
+            Ok(()) => Ok(()),
+            Err(e) if e.replaced => {
+                log::error!("sync journal {}: {e}", jpath.display());
+                Ok(())
+            }
+            Err(e) => Err(format!("sync journal {}: {e}", jpath.display())),
+        }
+    }
+
+    /// Replace the file with `bytes`, then empty the journal (the file holds all it held: a
+    /// crash between the two leaves lines at or below the file's revision, which are skipped).
+    fn write_whole(&self, bytes: &[u8]) -> Result<(), String> {
+        match crate::support::fsutil::replace(&self.path, bytes) {
             Ok(()) => {}
             // The new file is what everyone reads now: the edit is done (reporting it failed
             // would have it applied again), only its durability is in doubt.
             Err(e) if e.replaced => log::error!("sync file {}: {e}", self.path.display()),
             Err(e) => return Err(format!("sync file {}: {e}", self.path.display())),
         }
-        drop(bytes);
-        clock.lap("write");
-        // The file written, opened under the lock (no cooperating writer replaced it since).
-        pin = File::open(&self.path).ok();
-        let revision = file.revision;
-        publish(table);
-        clock.lap("publish");
-        if let (Some(kept), Some(pin)) = (kept.as_mut(), pin) {
-            **kept = KeptParse::new(pin, shared);
-        }
-        log::debug!("sync file {} edited:{}", self.path.display(), clock.laps);
-        Ok((out, Some(revision)))
+        clear_journal(&self.path).map_err(|e| {
+            format!(
+                "sync journal {}: cannot empty it after writing the file: {e}",
+                journal_path(&self.path).display()
+            )
+        })
     }
 
-    /// Validate `file` (compile it, exactly as the gateway will) and serialize it, side by side.
-    fn compile_and_serialize(
+    /// Validate `file` (compile it, exactly as the gateway will) and, side by side, prepare
+    /// what to write: the journal line that takes `before` to it when there is one (a
+    /// journaling editor's key- and account-shaped edits), else the whole file.
+    fn compile_and_prepare(
         &self,
         file: &SyncFile,
+        before: Option<&Before>,
     ) -> (Result<KeyTable, String>, Result<Written, String>) {
-        let source = self.path.display().to_string();
         std::thread::scope(|s| {
-            // The bytes' digest is taken on the same side (at a million keys, hashing the
-            // 290 MB is most of a second).
-            let bytes = s.spawn(|| {
-                let mut bytes = serde_json::to_vec_pretty(file).map_err(|e| e.to_string())?;
-                bytes.push(b'\n');
-                let digest = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
-                Ok((bytes, digest))
+            let written = s.spawn(|| {
+                if let Some(before) = before {
+                    let keys = Fingerprints::of(&file.keys);
+                    if let Some(line) = before.line_to(file, &keys) {
+                        let mut bytes = serde_json::to_vec(&line).map_err(|e| e.to_string())?;
+                        bytes.push(b'\n');
+                        return Ok(Written::Line(bytes, keys));
+                    }
+                }
+                serialize(file).map(Written::Whole)
             });
-            let table = KeyTable::compile(file, &source).map_err(|e| e.to_string());
-            let bytes = bytes
+            let table = KeyTable::compile(file, &self.path.display().to_string())
+                .map_err(|e| e.to_string());
+            let written = written
                 .join()
                 .unwrap_or_else(|_| Err("writing the sync file failed".into()));
-            (table, bytes)
+            (table, written)
         })
     }
 }
 
-/// The serialized file and the digest of its bytes.
-type Written = (Vec<u8>, Digest);
+/// What an edit writes.
+enum Written {
+    /// A journal line, and the fingerprints of the edited file's keys.
+    Line(Vec<u8>, Fingerprints),
+    /// The whole file.
+    Whole(Vec<u8>),
+}
+
+/// The file as written: pretty JSON, one member a line.
+fn serialize(file: &SyncFile) -> Result<Vec<u8>, String> {
+    let mut bytes = serde_json::to_vec_pretty(file).map_err(|e| e.to_string())?;
+    bytes.push(b'\n');
+    Ok(bytes)
+}
 
 /// How long each part of an edit took (logged at debug level).
 struct PhaseClock {
@@ -617,6 +767,12 @@ mod tests {
             2,
             "what failed is not seen"
         );
+        assert_eq!(parses(), start + 1);
+        // Writes were journaled; a compaction folds them into the file and keeps the parse.
+        assert!(!std::fs::read(journal_path(&path)).unwrap().is_empty());
+        ed.compact(drop).unwrap();
+        assert!(std::fs::read(journal_path(&path)).unwrap().is_empty());
+        assert_eq!(ed.snapshot().unwrap().keys[0].name, "renamed");
         assert_eq!(parses(), start + 1);
         // Another writer replaces the file with one of the same length: seen at once.
         let bytes = std::fs::read(&path).unwrap();

@@ -144,7 +144,12 @@ async fn follow(
 }
 
 /// Apply one file from the admin instance; keep it as the last good copy. False when rejected.
+/// Under the copy's writers' lock, which the reload watcher waits for: between putting a file
+/// in force and keeping it, the copy on disk is the file before, and a watcher that read it
+/// then would put that older file back in force (and stay there if the admin instance went
+/// away at that moment).
 fn apply(reloader: &Reloader, url: &str, copy: &Path, bytes: &[u8]) -> bool {
+    let _writers = crate::support::fsutil::lock_beside(copy).ok();
     match reloader.apply(bytes, url) {
         ReloadOutcome::Rejected(_) => false,
         ReloadOutcome::Reloaded { .. } | ReloadOutcome::Unchanged => {

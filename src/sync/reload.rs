@@ -5,6 +5,8 @@
 //! file's folder is watched (inotify through `notify`), events are debounced, and a cheap `stat`
 //! every second plus a content hash every 5 minutes catch what events miss. SIGHUP forces a
 //! reload.
+//! The file's edit journal (`<file>.journal`, appended to by the admin API) is watched and read
+//! with it: another gateway's admin writes to the same file are seen as they are journaled.
 //! Parsing and compiling happen on the reload thread, never on the request path; a table is
 //! published with one `arc-swap` store, so a request sees the whole old table or the whole new
 //! one. A file that fails validation is rejected whole: the last good table stays, the error is
@@ -13,6 +15,7 @@
 use crate::core::table::{Digest, KeyTable, SyncFileSummary};
 use crate::gate::{unix_now, Gate};
 use crate::support::fsutil::FileStamp;
+use crate::support::sync_file::{journal_path, Journal};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::Mutex;
@@ -39,16 +42,22 @@ pub enum ReloadOutcome {
     Rejected(String),
 }
 
-fn stamp(path: &Path) -> Option<FileStamp> {
-    FileStamp::of(path)
+/// The stamps of the file and of its journal.
+type Stamps = (Option<FileStamp>, Option<FileStamp>);
+
+fn stamp(path: &Path) -> Stamps {
+    (FileStamp::of(path), FileStamp::of(&journal_path(path)))
 }
 
 /// Reloads one gate's table from one sync file.
 pub struct Reloader {
     gate: Gate,
     path: PathBuf,
-    last_stamp: Mutex<Option<FileStamp>>,
+    last_stamp: Mutex<Stamps>,
     last_rejected: Mutex<Option<Digest>>,
+    /// The digest of the file as compacted (its journal folded in and emptied): the same keys
+    /// as the table in force, which has the digest of the file and journal it was built from.
+    compacted: Mutex<Option<Digest>>,
     /// One check at a time: the watcher thread and the admin API's writes both check, and a
     /// slower check must not publish an older file after a newer one.
     checking: Mutex<()>,
@@ -67,6 +76,7 @@ impl Reloader {
             last_stamp: Mutex::new(stamp(path)),
             path: path.to_path_buf(),
             last_rejected: Mutex::new(None),
+            compacted: Mutex::new(None),
             checking: Mutex::new(()),
         }
     }
@@ -97,19 +107,24 @@ impl Reloader {
         }
         let started = Instant::now();
         self.gate.metrics().sync_file_reads.inc();
+        let journal = match Journal::read(&self.path) {
+            Ok(j) => j,
+            Err(e) => return self.reject(None, e),
+        };
         // One read to hash the file (never holding it whole), a second to compile it only
         // when it changed.
-        let summary = match SyncFileSummary::read(&self.path) {
+        let summary = match SyncFileSummary::read(&self.path, &journal) {
             Ok(s) => s,
             Err(e) => return self.reject(None, format!("sync file {}: {e}", self.path.display())),
         };
         let digest = summary.digest;
-        if !force && digest == self.gate.table().source_digest {
+        let compacted = self.compacted.lock().is_ok_and(|c| *c == Some(digest));
+        if !force && (digest == self.gate.table().source_digest || compacted) {
             return ReloadOutcome::Unchanged;
         }
         let source = self.path.display().to_string();
         self.publish(digest, &source, started, || {
-            KeyTable::load_summarized(&self.path, &summary)
+            KeyTable::load_summarized(&self.path, &summary, &journal)
         })
     }
 
@@ -134,10 +149,10 @@ impl Reloader {
         outcome
     }
 
-    /// Put `table`, compiled from the file just written at this reloader's path (the admin
-    /// API's writes: [`crate::sync::edit::SyncEditor::edit_publish`]), in force without reading
-    /// the file again. Its `source_digest` must be that of the written bytes, so that the
-    /// watcher's next look at the file finds it unchanged.
+    /// Put `table`, compiled from the file (and journal) just written at this reloader's path
+    /// (the admin API's writes: [`crate::sync::edit::SyncEditor::edit_publish`]), in force
+    /// without reading them again. Its `source_digest` must be that of the file's bytes and the
+    /// journal's, so that the watcher's next look finds them unchanged.
     pub fn publish_table(&self, table: KeyTable) -> ReloadOutcome {
         let one_at_a_time = self
             .checking
@@ -161,6 +176,21 @@ impl Reloader {
         outcome
     }
 
+    /// The file at this reloader's path was just compacted by this gateway's admin API (under
+    /// the writers' lock): it reads as `digest` now, and holds the table in force.
+    pub fn compacted(&self, digest: Digest) {
+        let _one_at_a_time = self
+            .checking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Ok(mut s) = self.last_stamp.lock() {
+            *s = stamp(&self.path);
+        }
+        if let Ok(mut c) = self.compacted.lock() {
+            *c = Some(digest);
+        }
+    }
+
     fn publish(
         &self,
         digest: Digest,
@@ -172,6 +202,9 @@ impl Reloader {
             Ok(table) => {
                 let (revision, keys) = (table.revision, table.len());
                 self.gate.swap_table(table);
+                if let Ok(mut c) = self.compacted.lock() {
+                    *c = None;
+                }
                 let m = self.gate.metrics();
                 m.reloads.with_label_values(&["ok"]).inc();
                 m.loaded_at.set(unix_now());
@@ -278,10 +311,15 @@ impl Reloader {
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
             .to_path_buf();
-        let name = self.path.file_name().map(|n| n.to_os_string());
+        let names = [
+            self.path.file_name().map(|n| n.to_os_string()),
+            journal_path(&self.path)
+                .file_name()
+                .map(|n| n.to_os_string()),
+        ];
         let handler = move |res: notify::Result<notify::Event>| {
             if let Ok(event) = res {
-                if concerns_sync_file(&event, name.as_deref()) {
+                if concerns_sync_file(&event, &names) {
                     let _ = tx.send(Wake::FileEvent);
                 }
             }
@@ -302,11 +340,12 @@ impl Reloader {
     }
 }
 
-/// Whether a folder event can mean the sync file changed. Opening or reading a file is not a
-/// change: without this filter, reading the file to check it fires an event that checks it
-/// again, for ever (a 1M-key file is re-read and hashed several times a second). Events about
-/// other files in the folder are not either, except a Kubernetes ConfigMap's `..data` swap.
-fn concerns_sync_file(event: &notify::Event, name: Option<&std::ffi::OsStr>) -> bool {
+/// Whether a folder event can mean the sync file (or its journal, `names`) changed. Opening or
+/// reading a file is not a change: without this filter, reading the file to check it fires an
+/// event that checks it again, for ever (a 1M-key file is re-read and hashed several times a
+/// second). Events about other files in the folder are not either, except a Kubernetes
+/// ConfigMap's `..data` swap.
+fn concerns_sync_file(event: &notify::Event, names: &[Option<std::ffi::OsString>]) -> bool {
     use notify::event::{AccessKind, AccessMode, EventKind};
     match event.kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
@@ -316,8 +355,10 @@ fn concerns_sync_file(event: &notify::Event, name: Option<&std::ffi::OsStr>) -> 
     // Without paths (an overflow, say) the event may concern anything.
     event.paths.is_empty()
         || event.paths.iter().any(|p| {
-            p.file_name()
-                .is_some_and(|f| Some(f) == name || f.as_encoded_bytes().starts_with(b".."))
+            p.file_name().is_some_and(|f| {
+                names.iter().any(|n| n.as_deref() == Some(f))
+                    || f.as_encoded_bytes().starts_with(b"..")
+            })
         })
 }
 
