@@ -1069,5 +1069,8 @@ mod tests {
         assert_eq!(l.forget_ended(until - 1).unwrap(), 0);
         assert_eq!(l.forget_ended(until).unwrap(), 1);
         assert_eq!((l.consumed(7), l.consumed(budget)), (50, 0));
+        // Gone from the snapshot too, though it had no `until` on disk.
+        let disk = load_state(dir.path()).unwrap();
+        assert_eq!(disk.ceilings, HashMap::from([(7, 50)]));
     }
 }
