@@ -401,6 +401,12 @@ impl Ledger {
         self.shared.outstanding_total.load(Ordering::Relaxed) + leased
     }
 
+    /// Counters held in memory: this process's, or on a shared ledger its entries for the
+    /// counters it used (ended budget periods go, see [`Ledger::forget_ended`]).
+    pub fn counters(&self) -> usize {
+        self.shared.counters.len() + self.lease.as_ref().map_or(0, |l| l.slots())
+    }
+
     /// Failed journal or snapshot writes so far.
     pub fn write_errors(&self) -> u64 {
         self.shared.write_errors.load(Ordering::Relaxed)
@@ -1002,8 +1008,10 @@ mod tests {
         let held = l.reserve_all(&parts(a, a_until), 10).await.unwrap();
         assert_eq!(l.forget_ended(a_until).unwrap(), 0, "a call holds A");
         drop(held);
+        assert_eq!(l.counters(), 4);
         assert_eq!(l.forget_ended(a_until).unwrap(), 1);
         assert!(l.shared.counters.get(&a).is_none());
+        assert_eq!(l.counters(), 3);
         assert_eq!(
             (l.consumed(key), l.consumed(account), l.consumed(b)),
             (145, 145, 25)

@@ -228,6 +228,11 @@ impl LeaseLedger {
         )
     }
 
+    /// Keys this gateway holds a slot for.
+    pub(crate) fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
     /// Reservations not yet settled.
     pub(crate) fn outstanding(&self) -> i64 {
         self.outstanding.load(Ordering::Relaxed)
@@ -662,5 +667,39 @@ mod tests {
         }
         assert!(near(ttls(&mut c, 4).await.0));
         assert_eq!(ttls(&mut c, 5).await.0, -1);
+    }
+
+    /// A gateway forgets its slot of a budget counter once the counter ended and its lease
+    /// went back; a lifetime key's slot stays.
+    #[tokio::test]
+    async fn an_ended_counters_slot_is_forgotten_once_its_lease_is_back() {
+        let Some((s, _c)) = server().await else {
+            return;
+        };
+        let ledger = LeaseLedger::start(
+            RedisSettings {
+                urls: vec![format!("redis://127.0.0.1:{}", s.1)],
+                cluster: false,
+                on_unavailable: OnUnavailable::Lease,
+                timeout: Duration::from_secs(1),
+                // Idle leases go back after a second.
+                lease_ttl: Duration::from_secs(1),
+            },
+            HashMap::new(),
+        )
+        .unwrap();
+        let ended = crate::core::clock::unix_now() - 1;
+        for (id, until) in [(8, 0), (9, ended)] {
+            let slot = ledger.reserve(id, Some(1_000), until, 10).await.unwrap();
+            ledger.settle(&slot, 10, 4);
+        }
+        assert_eq!(ledger.slots(), 2);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ledger.slots() > 1 {
+            assert!(Instant::now() < deadline, "the ended counter's slot stayed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ledger.slots.contains_key(&8));
+        ledger.shutdown(Duration::from_secs(1));
     }
 }
