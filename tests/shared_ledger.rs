@@ -628,3 +628,39 @@ async fn an_idle_key_gives_its_lease_back() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(b.total_used(OK).await, actual());
 }
+
+/// A key with a daily budget, on Redis: the budget period's counter expires a day after the
+/// period ends (its two Redis keys carry the time), the key's lifetime counter never.
+#[tokio::test]
+async fn a_budget_periods_redis_keys_expire_the_keys_lifetime_counter_never() {
+    let mut sync = standard_sync();
+    sync["keys"][0]["budget"] = json!({"period": "daily", "amount": 1_000_000_000});
+    let Some(f) = fleet(sync, "lease").await else {
+        return;
+    };
+    assert_eq!(call(&f.a, 0).await.status(), 200);
+    let now = keygate::core::clock::unix_now();
+    let today = now.div_euclid(86_400) * 86_400;
+    let budget = keygate::core::accounts::budget_ledger_id(1, today);
+    let until = today + 86_400 + keygate::core::budget::KEEP_ENDED;
+    let ttl = |key: String| f.redis.cli(&["TTL", &key]).trim().parse::<i64>().unwrap();
+    // Granted at admission (the first call waits for a lease), reported within a second.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ttl(format!("keygate:{{{budget}}}")) == -2 {
+        assert!(
+            Instant::now() < deadline,
+            "the budget's counter never reached Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let near = |t: i64| (until - now - 10..=until - now).contains(&t);
+    for key in [
+        format!("keygate:{{{budget}}}"),
+        format!("keygate:{{{budget}}}:leases"),
+    ] {
+        let t = ttl(key.clone());
+        assert!(near(t), "{key}: TTL {t}, expected about {}", until - now);
+    }
+    assert_eq!(ttl("keygate:{1}".into()), -1);
+    assert_eq!(ttl("keygate:{1}:leases".into()), -1);
+}

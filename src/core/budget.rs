@@ -2,7 +2,8 @@
 //! IANA time zone, DST-correct) or rolling window of days. Pure: the time is an argument.
 //!
 //! Nothing is ever reset: the current period's start is computed from the clock, and spending
-//! is counted per period start, so a new period starts from zero by itself.
+//! is counted per period start, so a new period starts from zero by itself. A period's counter
+//! is read until [`Window::until`]; after that the ledger drops it.
 
 use crate::core::config::BudgetEntry;
 use jiff::civil::{Date, Weekday};
@@ -14,6 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const MAX_ROLLING_DAYS: i64 = 90;
 
 const DAY: i64 = 86_400;
+
+/// How long a period's counter is kept after the last moment it is read (unix seconds): a day,
+/// for clocks of gateways that disagree and calls admitted just before the end.
+pub const KEEP_ENDED: i64 = DAY;
 
 /// How a budget's periods are cut.
 #[derive(Clone, Debug)]
@@ -109,6 +114,7 @@ impl Budget {
             current,
             earlier: Vec::new(),
             resets_at,
+            until: resets_at.saturating_add(KEEP_ENDED),
         }
     }
 
@@ -139,6 +145,9 @@ pub struct Window {
     pub earlier: Vec<i64>,
     /// When spending next drops out of the window: the period's end.
     pub resets_at: i64,
+    /// Until when the current period's counter must be kept: the last moment a window reads it
+    /// (its end; N − 1 days later for a rolling window of N days) plus [`KEEP_ENDED`].
+    pub until: i64,
 }
 
 /// A calendar period `[start, end)` in one word, so that a reader never sees the start of one
@@ -187,6 +196,7 @@ impl Period {
                     current: today,
                     earlier: (1..i64::from(*n)).map(|d| today - d * DAY).collect(),
                     resets_at: today + DAY,
+                    until: today + i64::from(*n) * DAY + KEEP_ENDED,
                 }
             }
             _ => {
@@ -195,6 +205,7 @@ impl Period {
                     current: start,
                     earlier: Vec::new(),
                     resets_at: end,
+                    until: end.saturating_add(KEEP_ENDED),
                 }
             }
         }
@@ -286,8 +297,8 @@ mod tests {
             for &now in steps.iter().chain(steps.iter().rev()) {
                 let (kept, computed) = (b.window(now), b.period.window(now));
                 assert_eq!(
-                    (kept.current, kept.resets_at),
-                    (computed.current, computed.resets_at),
+                    (kept.current, kept.resets_at, kept.until),
+                    (computed.current, computed.resets_at, computed.until),
                     "{period} {tz:?} at {now}"
                 );
             }
@@ -367,6 +378,8 @@ mod tests {
             vec![unix("2024-06-19T00:00:00Z"), unix("2024-06-18T00:00:00Z")]
         );
         assert_eq!(w.resets_at, unix("2024-06-21T00:00:00Z"));
+        // Today's counter is read as an earlier day until the 22nd ends, then kept a day.
+        assert_eq!(w.until, unix("2024-06-24T00:00:00Z"));
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub struct Metrics {
     pub alerts: AlertSeries,
     /// `keygate_ledger_write_errors_total`, brought up to date at scrape time.
     pub ledger_write_errors: prometheus::IntCounter,
+    /// `keygate_ledger_counters`: counters the ledger holds in memory (keys, accounts, budget
+    /// periods not yet ended), set at scrape time.
+    pub ledger_counters: IntGauge,
     /// `keygate_ledger_backend_up`: 1 while the quota ledger's backend answers (always 1 for
     /// the local ledger), 0 while Redis cannot be reached. Set at scrape time.
     pub ledger_backend_up: IntGauge,
@@ -343,6 +346,13 @@ impl Metrics {
                 "Failed ledger journal or snapshot writes.",
             ),
         );
+        let ledger_counters = registered(
+            &registry,
+            IntGauge::new(
+                "keygate_ledger_counters",
+                "Counters the quota ledger holds in memory (keys, accounts, budget periods).",
+            ),
+        );
         let ledger_backend_up = registered(
             &registry,
             IntGauge::new(
@@ -503,6 +513,7 @@ impl Metrics {
             usage_store,
             alerts,
             ledger_write_errors,
+            ledger_counters,
             ledger_backend_up,
             ledger_backend_ops,
             ledger_backend_errors,

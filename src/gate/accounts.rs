@@ -133,7 +133,7 @@ pub async fn admit_policy(
     }
 
     // At most four parts: the key, its account, and a budget of each.
-    let mut parts = [Part { id: 0, limit: None }; 4];
+    let mut parts = [Part::lifetime(0, None); 4];
     let mut kinds = [PartKind::Key, PartKind::Key, PartKind::Key, PartKind::Key];
     let mut n = 0;
     let mut push = |part: Part, kind| {
@@ -142,18 +142,15 @@ pub async fn admit_policy(
         n += 1;
     };
     push(
-        Part {
-            id: key.id,
-            limit: (!key.unlimited_quota).then(|| key.quota.saturating_sub(key.used)),
-        },
+        Part::lifetime(
+            key.id,
+            (!key.unlimited_quota).then(|| key.quota.saturating_sub(key.used)),
+        ),
         PartKind::Key,
     );
     if let Some(a) = account {
         push(
-            Part {
-                id: a.ledger_id,
-                limit: a.quota_limit(),
-            },
+            Part::lifetime(a.ledger_id, a.quota_limit()),
             PartKind::Account(&a.id),
         );
     }
@@ -172,6 +169,7 @@ pub async fn admit_policy(
             Part {
                 id: budget_ledger_id(scope, w.current),
                 limit: Some(budget.amount.saturating_sub(earlier)),
+                until: w.until,
             },
             PartKind::Budget {
                 whose,

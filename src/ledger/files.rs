@@ -36,27 +36,74 @@ impl Ledger {
         out
     }
 
-    /// Write every key's ceiling (`exact`: its committed value, for a clean shutdown) to the
-    /// snapshot: temp file, fsync, rename, fsync the folder. A compaction (not `exact`) keeps
-    /// the highest of its own and what is on disk, which another process may have written.
-    pub(super) fn write_snapshot(&self, dir: &Path, exact: bool) -> std::io::Result<()> {
-        let mut values: HashMap<u64, i64> = if exact {
-            HashMap::new()
+    /// Write every key's ceiling (`exact`: its committed value, for a clean shutdown) and the
+    /// `until` of the counters that have one to the snapshot: temp file, fsync, rename, fsync
+    /// the folder. A compaction (not `exact`) keeps the highest of its own and what is on disk,
+    /// which another process may have written, except the counters this process `dropped`
+    /// and those whose `until` on disk passed at `now`. Counters ended at `now` that hold no
+    /// reservation are not written.
+    pub(super) fn write_snapshot(
+        &self,
+        dir: &Path,
+        exact: bool,
+        now: i64,
+        dropped: &HashSet<u64>,
+    ) -> std::io::Result<()> {
+        let DiskState {
+            mut ceilings,
+            until: on_disk,
+        } = if exact {
+            DiskState::default()
         } else {
             load_state(dir)?
         };
+        ceilings.retain(|id, _| {
+            !dropped.contains(id) && on_disk.get(id).is_none_or(|&u| u == 0 || u > now)
+        });
+        let mut until: HashMap<u64, i64> = ceilings
+            .keys()
+            .map(|&id| {
+                let u = on_disk.get(&id).copied();
+                (id, u.unwrap_or_else(|| unknown_until(id, now)))
+            })
+            .collect();
         for entry in self.shared.counters.iter() {
             let c = entry.value();
+            let ends = c.until();
+            if ends != 0 && ends <= now && c.outstanding() == 0 {
+                continue;
+            }
             let v = if exact {
                 c.committed()
             } else {
                 c.durable.load(Ordering::Acquire).max(c.committed())
             };
-            let e = values.entry(*entry.key()).or_insert(v);
+            let e = ceilings.entry(*entry.key()).or_insert(v);
             *e = (*e).max(v);
+            until.insert(*entry.key(), ends);
         }
-        let out = id_map_json("\"version\":1", "ceilings", values);
+        until.retain(|_, u| *u != 0);
+        let out = format!(
+            "{{\"version\":1,{},{}}}\n",
+            id_map("ceilings", ceilings),
+            id_map("until", until)
+        );
         crate::support::fsutil::write_atomic(&dir.join(SNAPSHOT), out.as_bytes())
+    }
+
+    /// Rewrite the snapshot (see [`Ledger::write_snapshot`]) and empty the journal, under the
+    /// folder's lock and this process's.
+    pub(super) fn compact(
+        &self,
+        dir: &Path,
+        now: i64,
+        dropped: &HashSet<u64>,
+    ) -> std::io::Result<()> {
+        let _disk = self.shared.disk.lock().map_err(|_| poisoned())?;
+        self.with_lock(true, || {
+            self.write_snapshot(dir, false, now, dropped)?;
+            truncate_journal(dir)
+        })
     }
 
     /// The old process of a binary upgrade, after it stopped serving: hand its exact values to
@@ -118,6 +165,13 @@ impl Ledger {
                 continue;
             }
             let c = self.counter(id);
+            // A counter the predecessor made (its `until` is not in the handoff) still ends.
+            let _ = c.until.compare_exchange(
+                0,
+                unknown_until(id, *started),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
             c.committed.fetch_add(delta, Ordering::AcqRel);
             c.consumed.fetch_add(delta, Ordering::AcqRel);
             // What the predecessor spent is not this key's rate here.
@@ -168,17 +222,29 @@ impl Ledger {
         let Some(dir) = self.shared.dir.clone() else {
             return Ok(());
         };
+        let now = crate::core::clock::unix_now();
         self.with_lock(true, || {
-            self.write_snapshot(&dir, true)?;
+            self.write_snapshot(&dir, true, now, &HashSet::new())?;
             self.write_consumed_report(&dir, true)?;
-            open_journal_truncated(&dir).map(|_| ())
+            truncate_journal(&dir)
         })
     }
 
     /// What a gateway has charged each key id, as persisted in `dir` (for the CLI): the
     /// consumed report a running gateway refreshes every second, else the durable ceilings.
     pub fn read_consumed(dir: &Path) -> std::io::Result<HashMap<u64, i64>> {
-        let mut out = load_state(dir)?;
+        Ok(Ledger::read_history(dir)?
+            .into_iter()
+            .map(|(id, (v, _))| (id, v))
+            .collect())
+    }
+
+    /// [`Ledger::read_consumed`], with when each counter ends (unix seconds; 0: never; a
+    /// budget counter written without one ends as [`UNKNOWN_KEEP`] from now).
+    pub(crate) fn read_history(dir: &Path) -> std::io::Result<HashMap<u64, (i64, i64)>> {
+        let DiskState { ceilings, until } = load_state(dir)?;
+        let now = crate::core::clock::unix_now();
+        let mut out = ceilings;
         let report = dir.join(CONSUMED);
         if report.exists() {
             #[derive(serde::Deserialize)]
@@ -194,7 +260,13 @@ impl Ledger {
                 }
             }
         }
-        Ok(out)
+        Ok(out
+            .into_iter()
+            .map(|(id, v)| {
+                let ends = until.get(&id).copied();
+                (id, (v, ends.unwrap_or_else(|| unknown_until(id, now))))
+            })
+            .collect())
     }
 }
 
@@ -203,22 +275,32 @@ pub(super) fn written_at() -> String {
     format!("\"written_at\":{}", crate::core::clock::unix_now())
 }
 
-/// `{<header>,"<name>":{"<id>":<value>,…}}` plus a newline: the shape of every ledger file.
+/// `{<header>,"<name>":{"<id>":<value>,…}}` plus a newline: the shape of the ledger's files
+/// (the snapshot has a second map).
 pub(super) fn id_map_json(
     header: &str,
     name: &str,
     values: impl IntoIterator<Item = (u64, i64)>,
 ) -> String {
+    format!("{{{header},{}}}\n", id_map(name, values))
+}
+
+/// `"<name>":{"<id>":<value>,…}`.
+fn id_map(name: &str, values: impl IntoIterator<Item = (u64, i64)>) -> String {
     use std::fmt::Write as _;
-    let mut out = format!("{{{header},\"{name}\":{{");
+    let mut out = format!("\"{name}\":{{");
     for (i, (id, v)) in values.into_iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
         let _ = write!(out, "\"{id}\":{v}");
     }
-    out.push_str("}}\n");
+    out.push('}');
     out
+}
+
+fn poisoned() -> std::io::Error {
+    std::io::Error::other("ledger: a thread panicked while writing the ledger's files")
 }
 
 pub(super) fn open_journal(dir: &Path) -> std::io::Result<File> {
@@ -228,52 +310,82 @@ pub(super) fn open_journal(dir: &Path) -> std::io::Result<File> {
         .open(dir.join(JOURNAL))
 }
 
-pub(super) fn open_journal_truncated(dir: &Path) -> std::io::Result<File> {
+/// Empty the journal (its entries are in the snapshot). A handle opened to append keeps
+/// appending, at the new end.
+pub(super) fn truncate_journal(dir: &Path) -> std::io::Result<()> {
     let f = OpenOptions::new()
         .create(true)
         .write(true)
         .truncate(true)
         .open(dir.join(JOURNAL))?;
-    f.sync_all()?;
-    drop(f);
-    open_journal(dir)
+    f.sync_all()
 }
 
-/// Read the snapshot, then replay the journal, keeping the highest ceiling per id. A torn last
-/// journal line (a crash mid-write) holds a digit prefix of its value, so it is smaller than the
-/// value being written; that write was never fsynced, so no admission relied on it.
-pub(super) fn load_state(dir: &Path) -> std::io::Result<HashMap<u64, i64>> {
-    let mut ceilings: HashMap<u64, i64> = HashMap::new();
+/// What the ledger's files hold: each counter's ceiling and, for the counters that end, when
+/// (unix seconds).
+#[derive(Debug, Default)]
+pub(super) struct DiskState {
+    pub(super) ceilings: HashMap<u64, i64>,
+    pub(super) until: HashMap<u64, i64>,
+}
+
+/// Read the snapshot, then replay the journal, keeping the highest ceiling per id and the
+/// last `until`. A torn last journal line (a crash mid-write) holds a digit prefix of its
+/// value, so it is smaller than the value being written; that write was never fsynced, so no
+/// admission relied on it. A torn `until` would be too early and drop a counter still read,
+/// so an `until` line counts only when its newline is there.
+///
+/// Journal lines are `<id> <ceiling>` and `until <id> <unix seconds>`; a binary older than
+/// `until` skips the second kind (it reads only lines of two fields).
+pub(super) fn load_state(dir: &Path) -> std::io::Result<DiskState> {
+    let mut state = DiskState::default();
     let snap = dir.join(SNAPSHOT);
     if snap.exists() {
         #[derive(serde::Deserialize)]
         struct Snapshot {
             ceilings: HashMap<String, i64>,
+            #[serde(default)]
+            until: HashMap<String, i64>,
         }
         let bytes = std::fs::read(&snap)?;
         let s: Snapshot = serde_json::from_slice(&bytes).map_err(|e| {
             std::io::Error::other(format!("ledger snapshot {}: {e}", snap.display()))
         })?;
-        for (k, v) in s.ceilings {
-            let id = k.parse::<u64>().map_err(|_| {
+        let id = |k: &str| {
+            k.parse::<u64>().map_err(|_| {
                 std::io::Error::other(format!("ledger snapshot {}: bad id {k:?}", snap.display()))
-            })?;
-            ceilings.insert(id, v);
+            })
+        };
+        for (k, v) in s.ceilings {
+            state.ceilings.insert(id(&k)?, v);
+        }
+        for (k, v) in s.until {
+            state.until.insert(id(&k)?, v);
         }
     }
     let journal = dir.join(JOURNAL);
     if journal.exists() {
-        for line in BufReader::new(File::open(&journal)?).lines() {
-            let line = line?;
+        let mut reader = BufReader::new(File::open(&journal)?);
+        let mut line = String::new();
+        while reader.read_line(&mut line)? > 0 {
+            let whole = line.ends_with('\n');
             let mut parts = line.split_ascii_whitespace();
-            let (Some(id), Some(v), None) = (parts.next(), parts.next(), parts.next()) else {
-                continue;
-            };
-            if let (Ok(id), Ok(v)) = (id.parse::<u64>(), v.parse::<i64>()) {
-                let e = ceilings.entry(id).or_insert(v);
-                *e = (*e).max(v);
+            match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some("until"), Some(id), Some(u), None) if whole => {
+                    if let (Ok(id), Ok(u)) = (id.parse::<u64>(), u.parse::<i64>()) {
+                        state.until.insert(id, u);
+                    }
+                }
+                (Some(id), Some(v), None, None) => {
+                    if let (Ok(id), Ok(v)) = (id.parse::<u64>(), v.parse::<i64>()) {
+                        let e = state.ceilings.entry(id).or_insert(v);
+                        *e = (*e).max(v);
+                    }
+                }
+                _ => {}
             }
+            line.clear();
         }
     }
-    Ok(ceilings)
+    Ok(state)
 }

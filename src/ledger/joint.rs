@@ -11,6 +11,7 @@
 //! alerts (SPEC §7) look for thresholds in it.
 
 use super::{Ledger, Reservation, ReserveError, MAX_AMOUNT};
+use std::sync::atomic::{AtomicI64, Ordering};
 
 /// One counter of a joint reservation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +20,20 @@ pub struct Part {
     pub id: u64,
     /// What the counter may commit in total; `None` = no cap.
     pub limit: Option<i64>,
+    /// When the counter may be dropped, in unix seconds (a budget period's counter, once no
+    /// window reads it: [`crate::core::budget::Window::until`]); 0: never (lifetime counters).
+    pub until: i64,
+}
+
+impl Part {
+    /// A counter kept for ever (a key's or an account's lifetime quota).
+    pub const fn lifetime(id: u64, limit: Option<i64>) -> Part {
+        Part {
+            id,
+            limit,
+            until: 0,
+        }
+    }
 }
 
 impl Ledger {
@@ -32,16 +47,23 @@ impl Ledger {
         let mut first: Option<Reservation> = None;
         for (i, p) in parts.iter().enumerate() {
             // Dropping `first` on the error path refunds every part taken so far.
-            let r = self
-                .reserve(p.id, p.limit, amount)
-                .await
-                .map_err(|e| (i, e))?;
+            let r = self.reserve_part(*p, amount).await.map_err(|e| (i, e))?;
             match first.as_mut() {
                 None => first = Some(r),
                 Some(f) => f.also.push(r),
             }
         }
         first.ok_or((0, ReserveError::Insufficient { remaining: 0 }))
+    }
+}
+
+/// Record a part's `until` on its counter (`cell`): a plain load on the request path, a store
+/// only when it changes (a new counter, a budget whose kind changed, a counter from a ledger
+/// written before counters had one). Lifetime parts (0) leave it alone.
+#[inline]
+pub(super) fn note_until(cell: &AtomicI64, until: i64) {
+    if until != 0 && cell.load(Ordering::Relaxed) != until {
+        cell.store(until, Ordering::Relaxed);
     }
 }
 
@@ -97,11 +119,8 @@ mod tests {
     #[tokio::test]
     async fn all_parts_or_none_and_settled_together() {
         let l = Ledger::in_memory();
-        let key = Part { id: 1, limit: None };
-        let account = Part {
-            id: 2,
-            limit: Some(100),
-        };
+        let key = Part::lifetime(1, None);
+        let account = Part::lifetime(2, Some(100));
         let r = l.reserve_all(&[key, account], 60).await.unwrap();
         let err = l.reserve_all(&[key, account], 60).await.unwrap_err();
         assert_eq!(err.0, 1);
@@ -120,13 +139,7 @@ mod tests {
     #[tokio::test]
     async fn an_observed_settle_reports_each_counter_before_and_after() {
         let l = Ledger::in_memory();
-        let parts = [
-            Part {
-                id: 1,
-                limit: Some(100),
-            },
-            Part { id: 2, limit: None },
-        ];
+        let parts = [Part::lifetime(1, Some(100)), Part::lifetime(2, None)];
         l.reserve_all(&parts, 10).await.unwrap().settle(30);
         let mut seen = Vec::new();
         l.reserve_all(&parts, 10)

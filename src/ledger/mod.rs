@@ -18,6 +18,11 @@
 //! than half the headroom is left, about one second of a busy key's spending ahead of it, so
 //! this is rare once a key's rate is known ([`Ledger::durable_waits`] counts it).
 //! A clean shutdown writes exact values.
+//!
+//! Counters of budget periods end: each carries an `until` ([`Part::until`]) after which no
+//! window reads it. The writer drops ended counters that hold no reservation every
+//! [`FORGET_EVERY`], from memory and from the files (the snapshot is rewritten without them
+//! and the journal emptied); lifetime counters (`until` 0) are never dropped.
 
 mod files;
 mod joint;
@@ -25,12 +30,13 @@ mod lease;
 pub mod limits;
 mod writer;
 
-use self::files::{load_state, HANDOFF, LOCK};
+use self::files::{load_state, DiskState, HANDOFF, LOCK};
+use self::joint::note_until;
 pub use joint::{Charged, Part};
 pub use lease::RedisSettings;
 
 use dashmap::DashMap;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -68,6 +74,10 @@ pub struct KeyCounter {
     rate_mark: AtomicI64,
     /// When that window began, in ms since the ledger started (writer only).
     rate_since: AtomicU64,
+    /// When the counter may be dropped, in unix seconds ([`Part::until`]); 0: never.
+    until: AtomicI64,
+    /// `until` as last written to the journal (writer only).
+    until_logged: AtomicI64,
 }
 
 impl KeyCounter {
@@ -82,6 +92,38 @@ impl KeyCounter {
     /// Reservations not yet settled.
     pub fn outstanding(&self) -> i64 {
         self.outstanding.load(Ordering::Acquire)
+    }
+    /// When the counter may be dropped, in unix seconds; 0: never.
+    pub fn until(&self) -> i64 {
+        self.until.load(Ordering::Relaxed)
+    }
+}
+
+/// Whether `c` may be dropped at `now`: its period ended and nothing holds it (a reservation
+/// holds its counter, so none is outstanding). Checked under the map's lock, where no new
+/// holder can appear.
+fn ended(c: &Arc<KeyCounter>, now: i64) -> bool {
+    let until = c.until();
+    until != 0 && until <= now && Arc::strong_count(c) == 1
+}
+
+/// How often the writer drops ended counters.
+pub const FORGET_EVERY: Duration = Duration::from_secs(60);
+
+/// How long a budget counter found without an `until` is kept, from when it is found: it was
+/// written before counters had one (or by such a binary during an upgrade). The longest a
+/// window reads a period, plus a day; a counter still in use gets its own `until` back at once.
+const UNKNOWN_KEEP: i64 =
+    (crate::core::budget::MAX_ROLLING_DAYS + 1) * 86_400 + crate::core::budget::KEEP_ENDED;
+
+/// The `until` of counter `id` when none is known at `now`: [`UNKNOWN_KEEP`] for a budget
+/// counter, never for the others.
+fn unknown_until(id: u64, now: i64) -> i64 {
+    use crate::core::accounts::BUDGET_TAG;
+    if id & BUDGET_TAG == BUDGET_TAG {
+        now.saturating_add(UNKNOWN_KEEP)
+    } else {
+        0
     }
 }
 
@@ -136,6 +178,9 @@ struct Shared {
     successor: Mutex<Option<(i64, HashMap<u64, i64>)>>,
     /// The writer thread, joined before the final write.
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Held while this process appends to the journal or rewrites the snapshot: the folder's
+    /// lock (`flock`) is shared by all threads of a process, so it does not order them.
+    disk: Mutex<()>,
 }
 
 /// The ledger. Cheap to clone.
@@ -179,7 +224,7 @@ pub fn headroom(rate_room: i64, amount: i64, limit: Option<i64>) -> i64 {
 impl Ledger {
     /// A ledger that lives in memory only (nothing survives the process). For embedding and tests.
     pub fn in_memory() -> Ledger {
-        Ledger::build(None, HashMap::new())
+        Ledger::build(None, DiskState::default())
     }
 
     /// A ledger shared with other gateways through Redis (see the `lease` module). What this
@@ -247,7 +292,7 @@ impl Ledger {
             .write(true)
             .open(dir.join(LOCK))?;
         lock.lock_shared()?;
-        let ceilings = load_state(dir)?;
+        let state = load_state(dir)?;
         lock.unlock()?;
         let handoff = dir.join(HANDOFF);
         if !successor && handoff.exists() {
@@ -255,7 +300,8 @@ impl Ledger {
             // ceilings just loaded, so dropping it gives nothing back.
             let _ = std::fs::remove_file(&handoff);
         }
-        let mut ledger = Ledger::build(Some(dir.to_path_buf()), ceilings.clone());
+        let ceilings = state.ceilings.clone();
+        let mut ledger = Ledger::build(Some(dir.to_path_buf()), state);
         if let Some(shared) = Arc::get_mut(&mut ledger.shared) {
             shared.lock = Some(lock);
             if successor {
@@ -272,15 +318,23 @@ impl Ledger {
         Ok(ledger)
     }
 
-    fn build(dir: Option<PathBuf>, ceilings: HashMap<u64, i64>) -> Ledger {
-        let counters = IdMap::with_capacity_and_hasher(ceilings.len(), Default::default());
-        for (id, c) in ceilings {
+    fn build(dir: Option<PathBuf>, state: DiskState) -> Ledger {
+        let now = crate::core::clock::unix_now();
+        let counters = IdMap::with_capacity_and_hasher(state.ceilings.len(), Default::default());
+        for (id, c) in state.ceilings {
             let k = KeyCounter::default();
             k.committed.store(c, Ordering::Relaxed);
             k.consumed.store(c, Ordering::Relaxed);
             k.durable.store(c, Ordering::Relaxed);
             k.wanted.store(c, Ordering::Relaxed);
             k.rate_mark.store(c, Ordering::Relaxed);
+            match state.until.get(&id) {
+                Some(&u) => {
+                    k.until.store(u, Ordering::Relaxed);
+                    k.until_logged.store(u, Ordering::Relaxed);
+                }
+                None => k.until.store(unknown_until(id, now), Ordering::Relaxed),
+            }
             counters.insert(id, Arc::new(k));
         }
         let (flushed, _) = tokio::sync::watch::channel(0);
@@ -302,6 +356,7 @@ impl Ledger {
                 lock: None,
                 successor: Mutex::new(None),
                 writer: Mutex::new(None),
+                disk: Mutex::new(()),
             }),
         }
     }
@@ -346,6 +401,12 @@ impl Ledger {
         self.shared.outstanding_total.load(Ordering::Relaxed) + leased
     }
 
+    /// Counters held in memory: this process's, or on a shared ledger its entries for the
+    /// counters it used (ended budget periods go, see [`Ledger::forget_ended`]).
+    pub fn counters(&self) -> usize {
+        self.shared.counters.len() + self.lease.as_ref().map_or(0, |l| l.slots())
+    }
+
     /// Failed journal or snapshot writes so far.
     pub fn write_errors(&self) -> u64 {
         self.shared.write_errors.load(Ordering::Relaxed)
@@ -357,6 +418,33 @@ impl Ledger {
         self.shared.waits.load(Ordering::Relaxed)
     }
 
+    /// Drop the counters whose `until` passed at `now` (unix seconds) and that hold no
+    /// reservation: from memory and, for a persisted ledger, from its files (the snapshot is
+    /// rewritten without them and the journal emptied, so a restart does not bring them back).
+    /// How many went. The writer calls it every [`FORGET_EVERY`] with the clock's time.
+    pub fn forget_ended(&self, now: i64) -> std::io::Result<usize> {
+        let dropped = self.drop_ended(now);
+        if let (Some(dir), false) = (&self.shared.dir, dropped.is_empty()) {
+            self.compact(dir, now, &dropped)?;
+        }
+        Ok(dropped.len())
+    }
+
+    /// Remove the counters ended at `now` from memory; their ids.
+    fn drop_ended(&self, now: i64) -> HashSet<u64> {
+        let counters = &self.shared.counters;
+        // Collected first: removing while iterating would wait on the iterator's own lock.
+        let candidates: Vec<u64> = counters
+            .iter()
+            .filter(|e| ended(e.value(), now))
+            .map(|e| *e.key())
+            .collect();
+        candidates
+            .into_iter()
+            .filter(|id| counters.remove_if(id, |_, c| ended(c, now)).is_some())
+            .collect()
+    }
+
     /// Take `amount` units of `key_id`'s quota, or refuse. `limit` is what the key may commit in
     /// total (`quota − used`), `None` for unlimited keys. One atomic read-modify-write decides.
     pub async fn reserve(
@@ -365,9 +453,24 @@ impl Ledger {
         limit: Option<i64>,
         amount: i64,
     ) -> Result<Reservation, ReserveError> {
+        self.reserve_part(Part::lifetime(key_id, limit), amount)
+            .await
+    }
+
+    /// [`Ledger::reserve`] on `part`'s counter, which is kept until `part.until`.
+    pub(crate) async fn reserve_part(
+        &self,
+        part: Part,
+        amount: i64,
+    ) -> Result<Reservation, ReserveError> {
+        let Part {
+            id: key_id,
+            limit,
+            until,
+        } = part;
         let amount = amount.clamp(0, MAX_AMOUNT);
         if let Some(l) = &self.lease {
-            let slot = l.reserve(key_id, limit, amount).await?;
+            let slot = l.reserve(key_id, limit, until, amount).await?;
             return Ok(Reservation {
                 amount,
                 done: false,
@@ -380,6 +483,7 @@ impl Ledger {
             });
         }
         let counter = self.counter(key_id);
+        note_until(&counter.until, until);
         let previous = counter
             .committed
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| match limit {
@@ -838,9 +942,143 @@ mod tests {
     #[test]
     fn torn_journal_line_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(JOURNAL), "1 500\n1 900\n2 30\n1 12").unwrap();
+        std::fs::write(
+            dir.path().join(JOURNAL),
+            "1 500\nuntil 2 1800000000\n1 900\n2 30\n1 12\nuntil 2 17",
+        )
+        .unwrap();
         let m = load_state(dir.path()).unwrap();
-        assert_eq!(m[&1], 900);
-        assert_eq!(m[&2], 30);
+        assert_eq!(m.ceilings[&1], 900);
+        assert_eq!(m.ceilings[&2], 30);
+        // A torn `until` would end the counter too early: not taken.
+        assert_eq!(m.until[&2], 1_800_000_000);
+        assert!(!m.until.contains_key(&1));
+    }
+
+    /// A key's calls charged to the key, its account and a daily budget: once period A's
+    /// `until` passes (a moved clock), A's counter goes from memory and from the files; the
+    /// lifetime counters and the next period's stay, with their values, across a crash and a
+    /// clean restart.
+    #[tokio::test]
+    async fn ended_budget_counters_leave_memory_and_files() {
+        use crate::core::accounts::{account_ledger_id, budget_ledger_id};
+        use crate::core::budget::KEEP_ENDED;
+        const DAY: i64 = 86_400;
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path()).unwrap();
+        // Far ahead of the real clock: the writer's own sweeps never reach these periods.
+        let a_start = (crate::core::clock::unix_now() / DAY + 100) * DAY;
+        let (key, account) = (7, account_ledger_id("acme"));
+        let (a, b) = (
+            budget_ledger_id(key, a_start),
+            budget_ledger_id(key, a_start + DAY),
+        );
+        let (a_until, b_until) = (a_start + DAY + KEEP_ENDED, a_start + 2 * DAY + KEEP_ENDED);
+        let parts = |budget, until| {
+            [
+                Part::lifetime(key, Some(1_000_000)),
+                Part::lifetime(account, None),
+                Part {
+                    id: budget,
+                    limit: Some(500),
+                    until,
+                },
+            ]
+        };
+        for _ in 0..3 {
+            l.reserve_all(&parts(a, a_until), 100)
+                .await
+                .unwrap()
+                .settle(40);
+        }
+        l.reserve_all(&parts(b, b_until), 100)
+            .await
+            .unwrap()
+            .settle(25);
+        // A crash before any sweep: the journal kept when each period ends.
+        let crashed = Ledger::open(dir.path()).unwrap();
+        assert_eq!(
+            (crashed.counter(a).until(), crashed.counter(b).until()),
+            (a_until, b_until)
+        );
+        assert_eq!(crashed.counter(key).until(), 0);
+        drop(crashed);
+
+        assert_eq!(l.forget_ended(a_until - 1).unwrap(), 0, "A is still read");
+        let held = l.reserve_all(&parts(a, a_until), 10).await.unwrap();
+        assert_eq!(l.forget_ended(a_until).unwrap(), 0, "a call holds A");
+        drop(held);
+        assert_eq!(l.counters(), 4);
+        assert_eq!(l.forget_ended(a_until).unwrap(), 1);
+        assert!(l.shared.counters.get(&a).is_none());
+        assert_eq!(l.counters(), 3);
+        assert_eq!(
+            (l.consumed(key), l.consumed(account), l.consumed(b)),
+            (145, 145, 25)
+        );
+
+        // On disk: the snapshot has no A, the journal is empty.
+        let disk = load_state(dir.path()).unwrap();
+        assert!(!disk.ceilings.contains_key(&a) && !disk.until.contains_key(&a));
+        assert_eq!(disk.until.get(&b), Some(&b_until));
+        assert!(!disk.until.contains_key(&key) && !disk.until.contains_key(&account));
+        assert_eq!(
+            std::fs::metadata(dir.path().join(JOURNAL)).unwrap().len(),
+            0
+        );
+        // A crash now: A does not come back; the others restart at their ceilings.
+        let crashed = Ledger::open(dir.path()).unwrap();
+        assert!(crashed.shared.counters.get(&a).is_none());
+        assert!(crashed.consumed(key) >= 145 && crashed.consumed(account) >= 145);
+        assert!(crashed.consumed(b) >= 25);
+        drop(crashed);
+        // A clean shutdown and restart: exact values, B still ending when it did.
+        l.shutdown().unwrap();
+        let reopened = Ledger::open(dir.path()).unwrap();
+        assert!(reopened.shared.counters.get(&a).is_none());
+        assert_eq!(
+            (
+                reopened.consumed(key),
+                reopened.consumed(account),
+                reopened.consumed(b)
+            ),
+            (145, 145, 25)
+        );
+        assert_eq!(reopened.counter(b).until(), b_until);
+        // B ends in turn; the lifetime counters never do.
+        assert_eq!(reopened.forget_ended(i64::MAX).unwrap(), 1);
+        assert_eq!(
+            (reopened.consumed(key), reopened.consumed(account)),
+            (145, 145)
+        );
+        reopened.shutdown().unwrap();
+        let last = load_state(dir.path()).unwrap();
+        assert_eq!(last.ceilings.len(), 2, "{:?}", last.ceilings);
+    }
+
+    /// A ledger written before counters had an `until`: its budget counters still end
+    /// ([`UNKNOWN_KEEP`] after they are found, or their own `until` once used), its other
+    /// counters never.
+    #[test]
+    fn budget_counters_of_an_older_ledger_still_end() {
+        use crate::core::accounts::budget_ledger_id;
+        let dir = tempfile::tempdir().unwrap();
+        let budget = budget_ledger_id(7, 0);
+        std::fs::write(
+            dir.path().join(SNAPSHOT),
+            format!("{{\"version\":1,\"ceilings\":{{\"7\":50,\"{budget}\":20}}}}\n"),
+        )
+        .unwrap();
+        let now = crate::core::clock::unix_now();
+        let l = Ledger::open(dir.path()).unwrap();
+        let until = l.counter(budget).until();
+        assert!((now + UNKNOWN_KEEP..=now + UNKNOWN_KEEP + 5).contains(&until));
+        assert_eq!(l.counter(7).until(), 0);
+        assert_eq!(l.forget_ended(until - 1).unwrap(), 0);
+        assert_eq!(l.forget_ended(until).unwrap(), 1);
+        assert_eq!((l.consumed(7), l.consumed(budget)), (50, 0));
+        // Gone from the snapshot too, though it had no `until` on disk.
+        let disk = load_state(dir.path()).unwrap();
+        assert_eq!(disk.ceilings, HashMap::from([(7, 50)]));
     }
 }

@@ -1,8 +1,8 @@
 //! The ledger's writer thread: raises keys' durable ceilings ahead of use (one journal append
 //! and fsync per round, never on the request path) and measures each key's rate for its
-//! headroom.
+//! headroom; drops the counters of ended budget periods.
 
-use super::files::{open_journal, open_journal_truncated, COMPACT_AFTER_BYTES, JOURNAL};
+use super::files::{open_journal, COMPACT_AFTER_BYTES, JOURNAL};
 use super::*;
 
 impl Ledger {
@@ -19,7 +19,12 @@ impl Ledger {
         };
         let mut generation = 0u64;
         let mut last_report = std::time::Instant::now();
+        let mut last_forget = last_report;
         loop {
+            if last_forget.elapsed() >= FORGET_EVERY {
+                last_forget = std::time::Instant::now();
+                self.forget_ended_now();
+            }
             if last_report.elapsed() >= Duration::from_secs(1) {
                 last_report = std::time::Instant::now();
                 self.apply_handoff(&dir);
@@ -63,23 +68,32 @@ impl Ledger {
                 measure_rate(&c, now);
                 let target = c.wanted.load(Ordering::SeqCst).max(c.committed());
                 if target > c.durable.load(Ordering::SeqCst) {
+                    // Before the ceiling: a line torn by a crash is the last one.
+                    let until = c.until();
+                    if until != c.until_logged.load(Ordering::Relaxed) {
+                        lines.push_str(&format!("until {id} {until}\n"));
+                    }
                     lines.push_str(&format!("{id} {target}\n"));
-                    raised.push((c, target));
+                    raised.push((c, target, until));
                     raised_ids.push(id);
                 }
             }
             if raised.is_empty() {
                 continue;
             }
-            let appended = self.with_lock(false, || {
-                journal
-                    .write_all(lines.as_bytes())
-                    .and_then(|_| journal.sync_data())
-            });
+            let appended = match self.shared.disk.lock() {
+                Ok(_disk) => self.with_lock(false, || {
+                    journal
+                        .write_all(lines.as_bytes())
+                        .and_then(|_| journal.sync_data())
+                }),
+                Err(_) => return,
+            };
             match appended {
                 Ok(()) => {
-                    for (c, target) in raised {
+                    for (c, target, until) in raised {
                         c.durable.fetch_max(target, Ordering::AcqRel);
+                        c.until_logged.store(until, Ordering::Relaxed);
                     }
                     generation += 1;
                     self.shared.flushed.send_replace(generation);
@@ -90,7 +104,7 @@ impl Ledger {
                     std::thread::sleep(Duration::from_millis(100));
                     // Put the ids back so they are tried again (their `queued` flags are set).
                     if let Ok(mut q) = self.shared.queue.lock() {
-                        for (c, _) in &raised {
+                        for (c, _, _) in &raised {
                             c.queued.store(true, Ordering::SeqCst);
                         }
                         q.extend(raised_ids);
@@ -98,17 +112,24 @@ impl Ledger {
                 }
             }
             if journal.metadata().map(|m| m.len()).unwrap_or(0) > COMPACT_AFTER_BYTES {
-                let compacted = self.with_lock(true, || {
-                    self.write_snapshot(&dir, false)?;
-                    open_journal_truncated(&dir)
-                });
-                match compacted {
-                    Ok(f) => journal = f,
-                    Err(e) => {
-                        self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
-                        log::error!("ledger: compaction failed: {e}");
-                    }
+                let now = crate::core::clock::unix_now();
+                let dropped = self.drop_ended(now);
+                if let Err(e) = self.compact(&dir, now, &dropped) {
+                    self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+                    log::error!("ledger: compaction failed: {e}");
                 }
+            }
+        }
+    }
+
+    /// [`Ledger::forget_ended`] at the clock's time, logged.
+    fn forget_ended_now(&self) {
+        match self.forget_ended(crate::core::clock::unix_now()) {
+            Ok(0) => {}
+            Ok(n) => log::info!("ledger: dropped {n} counters of ended budget periods"),
+            Err(e) => {
+                self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+                log::error!("ledger: dropping the counters of ended budget periods: {e}");
             }
         }
     }

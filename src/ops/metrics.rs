@@ -63,6 +63,9 @@ impl ServeHttp for MetricsApp {
                         .set(book.inflight(scope));
                 }
                 catch_up(&self.metrics.ledger_write_errors, ledger.write_errors());
+                self.metrics
+                    .ledger_counters
+                    .set(i64::try_from(ledger.counters()).unwrap_or(i64::MAX));
                 if let Some(b) = ledger.backend_state() {
                     self.metrics
                         .ledger_backend_up

@@ -24,6 +24,10 @@
 //! settle difference per call in flight when the key ran out, the bound of a single gateway.
 //! Leases shrink near the limit (at most an eighth of the room left, or what the waiting calls
 //! need), so the quota stranded in other gateways' leases shrinks with it.
+//!
+//! A budget period's counter ends ([`crate::ledger::Part::until`]): every sync sets its two
+//! Redis keys to expire then (`EXPIREAT`), and the worker forgets the key's slot once its
+//! lease is given back. Lifetime counters never expire.
 
 mod rate_worker;
 pub(crate) mod rates;
@@ -107,6 +111,8 @@ pub(crate) struct Slot {
     consumption_read: AtomicBool,
     /// `avail` as recorded in Redis by that answer.
     recorded: AtomicI64,
+    /// When the key's counter ends, in unix seconds (its Redis keys expire then); 0: never.
+    until: AtomicI64,
 }
 
 /// Counters for `/metrics`.
@@ -162,10 +168,11 @@ impl std::fmt::Debug for LeaseLedger {
 impl LeaseLedger {
     /// Start the ledger's own thread (a small tokio runtime that does all Redis I/O). The
     /// connection is made there, in the background: a gateway starts while Redis is down.
-    /// `seed`: what this gateway charged before it used Redis (from its local ledger).
+    /// `seed`: what this gateway charged before it used Redis, per counter with when it ends
+    /// (from its local ledger).
     pub(crate) fn start(
         settings: RedisSettings,
-        seed: HashMap<u64, i64>,
+        seed: HashMap<u64, (i64, i64)>,
     ) -> std::io::Result<Arc<LeaseLedger>> {
         let (tx, rx) = mpsc::unbounded_channel();
         let ledger = Arc::new(LeaseLedger {
@@ -221,6 +228,11 @@ impl LeaseLedger {
         )
     }
 
+    /// Keys this gateway holds a slot for.
+    pub(crate) fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
     /// Reservations not yet settled.
     pub(crate) fn outstanding(&self) -> i64 {
         self.outstanding.load(Ordering::Relaxed)
@@ -239,14 +251,16 @@ impl LeaseLedger {
 
     /// Take `amount` from this gateway's lease on `key_id`; when the lease cannot cover it, wait
     /// for one script call to refill it. `limit`: what the key may commit in total, `None` for
-    /// unlimited keys (always admitted, counted).
+    /// unlimited keys (always admitted, counted); `until`: when its counter ends (0: never).
     pub(crate) async fn reserve(
         &self,
         key_id: u64,
         limit: Option<i64>,
+        until: i64,
         amount: i64,
     ) -> Result<Arc<Slot>, ReserveError> {
         let slot = self.slot(key_id);
+        super::joint::note_until(&slot.until, until);
         slot.limit.store(limit.unwrap_or(-1), Ordering::Relaxed);
         slot.last_amount.store(amount, Ordering::Relaxed);
         slot.last_use.store(self.now_ms(), Ordering::Relaxed);
@@ -393,13 +407,19 @@ impl Drop for Granted {
     }
 }
 
-/// What this gateway charged before it used Redis: its local ledger in `dir`, if any.
-pub(crate) fn local_history(dir: &Path) -> HashMap<u64, i64> {
+/// What this gateway charged before it used Redis, from its local ledger in `dir` (if any):
+/// per counter, the units and when the counter ends (0: never). Ended counters are left out.
+pub(crate) fn local_history(dir: &Path) -> HashMap<u64, (i64, i64)> {
     if !dir.exists() {
         return HashMap::new();
     }
-    match super::Ledger::read_consumed(dir) {
-        Ok(m) => m.into_iter().filter(|(_, v)| *v > 0).collect(),
+    match super::Ledger::read_history(dir) {
+        Ok(m) => {
+            let now = crate::core::clock::unix_now();
+            m.into_iter()
+                .filter(|(_, (v, until))| *v > 0 && (*until == 0 || *until > now))
+                .collect()
+        }
         Err(e) => {
             log::warn!("ledger: local ledger in {} not read: {e}", dir.display());
             HashMap::new()
@@ -472,7 +492,7 @@ mod tests {
         ttl_ms: i64,
     ) -> (i64, i64, i64, i64) {
         let (k, l) = redis_keys(7);
-        let args = [known, limit, need, want, give, deficit, held, ttl_ms];
+        let args = [known, limit, need, want, give, deficit, held, ttl_ms, 0];
         Script::new(SYNC_SCRIPT)
             .call(conn, &[k.as_str(), l.as_str()], &args, Some(gw))
             .await
@@ -579,11 +599,11 @@ mod tests {
         let (k, _) = redis_keys(7);
         let seed = Script::new(SEED_SCRIPT);
         let first: i64 = seed
-            .call(&mut c, &[k.as_str()], &[500], None)
+            .call(&mut c, &[k.as_str()], &[500, 0], None)
             .await
             .unwrap();
         let second: i64 = seed
-            .call(&mut c, &[k.as_str()], &[500], None)
+            .call(&mut c, &[k.as_str()], &[500, 0], None)
             .await
             .unwrap();
         assert_eq!((first, second), (1, 0));
@@ -595,5 +615,91 @@ mod tests {
             .unwrap();
         assert_eq!(committed, 500);
         assert_eq!(read(&mut c).await, 500);
+    }
+
+    /// Seconds until each of key `id`'s two Redis keys expires (-1: never, -2: no such key).
+    async fn ttls(conn: &mut Conn, id: u64) -> (i64, i64) {
+        let (k, l) = redis_keys(id);
+        let ttl = |key: String| redis::cmd("TTL").arg(key).to_owned();
+        let mut conn2 = conn.clone();
+        (
+            ttl(k).query_async(conn).await.unwrap(),
+            ttl(l).query_async(&mut conn2).await.unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn budget_keys_expire_when_their_period_ends_lifetime_keys_never() {
+        let Some((_s, mut c)) = server().await else {
+            return;
+        };
+        let now = crate::core::clock::unix_now();
+        let until = now + 3 * 86_400;
+        let grant = |id: u64, expire: i64| {
+            let mut c = c.clone();
+            async move {
+                let (k, l) = redis_keys(id);
+                let args = [0, 1_000, 10, 100, 0, 0, 0, 30_000, expire];
+                let _: (i64, i64, i64, i64) = Script::new(SYNC_SCRIPT)
+                    .call(&mut c, &[k.as_str(), l.as_str()], &args, Some("a"))
+                    .await
+                    .unwrap();
+            }
+        };
+        grant(1, until).await;
+        grant(2, 0).await;
+        // An end already past on Redis's clock (a gateway's clock far behind): kept as is,
+        // never expired at once.
+        grant(3, now - 60).await;
+        let (k, l) = ttls(&mut c, 1).await;
+        let near = |t: i64| (until - now - 5..=until - now).contains(&t);
+        assert!(near(k) && near(l), "budget key TTLs {k} {l}");
+        assert_eq!(ttls(&mut c, 2).await, (-1, -1));
+        assert_eq!(ttls(&mut c, 3).await, (-1, -1));
+        // Seeded from a local ledger: the same.
+        let seed = Script::new(SEED_SCRIPT);
+        for (id, expire) in [(4u64, until), (5, 0)] {
+            let (k, _) = redis_keys(id);
+            let _: i64 = seed
+                .call(&mut c, &[k.as_str()], &[500, expire], None)
+                .await
+                .unwrap();
+        }
+        assert!(near(ttls(&mut c, 4).await.0));
+        assert_eq!(ttls(&mut c, 5).await.0, -1);
+    }
+
+    /// A gateway forgets its slot of a budget counter once the counter ended and its lease
+    /// went back; a lifetime key's slot stays.
+    #[tokio::test]
+    async fn an_ended_counters_slot_is_forgotten_once_its_lease_is_back() {
+        let Some((s, _c)) = server().await else {
+            return;
+        };
+        let ledger = LeaseLedger::start(
+            RedisSettings {
+                urls: vec![format!("redis://127.0.0.1:{}", s.1)],
+                cluster: false,
+                on_unavailable: OnUnavailable::Lease,
+                timeout: Duration::from_secs(1),
+                // Idle leases go back after a second.
+                lease_ttl: Duration::from_secs(1),
+            },
+            HashMap::new(),
+        )
+        .unwrap();
+        let ended = crate::core::clock::unix_now() - 1;
+        for (id, until) in [(8, 0), (9, ended)] {
+            let slot = ledger.reserve(id, Some(1_000), until, 10).await.unwrap();
+            ledger.settle(&slot, 10, 4);
+        }
+        assert_eq!(ledger.slots(), 2);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ledger.slots() > 1 {
+            assert!(Instant::now() < deadline, "the ended counter's slot stayed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ledger.slots.contains_key(&8));
+        ledger.shutdown(Duration::from_secs(1));
     }
 }

@@ -8,6 +8,9 @@ use tokio::sync::mpsc;
 /// Grant, give back and report, in one atomic step per key and gateway (see the module doc).
 /// KEYS: the key's hash (`committed`, `seeded`) and its lease records (gateway -> "granted
 /// held valid_until_ms"); both carry the hash tag `{id}`, so they share one cluster slot.
+/// ARGV[10]: when the counter ends (unix seconds; 0: never): both keys expire then. Not when
+/// that is already past on Redis's clock (a gateway whose clock is far behind): expiring at
+/// once would give the period's spending back.
 pub(super) const SYNC_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -15,6 +18,7 @@ local gw, known, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local need, want = tonumber(ARGV[4]), tonumber(ARGV[5])
 local give, deficit, held = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local ttl = tonumber(ARGV[9])
+local expire = tonumber(ARGV[10])
 local committed = tonumber(redis.call('HGET', KEYS[1], 'committed') or '0')
 -- A record removed (a day after it expired) while its gateway was away: trust the gateway,
 -- whose grants are already in `committed`.
@@ -54,6 +58,10 @@ for i = 1, #records, 2 do
     redis.call('HDEL', KEYS[2], records[i])
   end
 end
+if expire * 1000 > now then
+  redis.call('EXPIREAT', KEYS[1], expire)
+  redis.call('EXPIREAT', KEYS[2], expire)
+end
 return {applied, granted, committed, committed - holding}
 ";
 
@@ -72,10 +80,15 @@ return committed - holding
 ";
 
 /// Add what a gateway charged before it used Redis (its local ledger), once per key: the first
-/// gateway to seed a key wins, so gateways starting together never double it.
+/// gateway to seed a key wins, so gateways starting together never double it. ARGV[2]: when
+/// the counter ends (unix seconds; 0: never), as for the sync.
 pub(super) const SEED_SCRIPT: &str = r"
 if redis.call('HSETNX', KEYS[1], 'seeded', ARGV[1]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'committed', ARGV[1])
+  local expire = tonumber(ARGV[2])
+  if expire > tonumber(redis.call('TIME')[1]) then
+    redis.call('EXPIREAT', KEYS[1], expire)
+  end
   return 1
 end
 return 0

@@ -38,7 +38,8 @@ pub(super) struct Worker {
     pub(super) settings: RedisSettings,
     pub(super) conn: Option<Conn>,
     pub(super) gateway: String,
-    pub(super) seed: HashMap<u64, i64>,
+    /// Per counter: units charged before this gateway used Redis, and when it ends.
+    pub(super) seed: HashMap<u64, (i64, i64)>,
     pub(super) keys: HashMap<u64, KeyState>,
     pub(super) scripts: Arc<Scripts>,
 }
@@ -125,16 +126,16 @@ impl Worker {
             }
         }
         if !self.seed.is_empty() {
-            let seed: Vec<(u64, i64)> = self.seed.iter().map(|(k, v)| (*k, *v)).collect();
+            let seed: Vec<(u64, (i64, i64))> = self.seed.iter().map(|(k, v)| (*k, *v)).collect();
             for chunk in seed.chunks(CONCURRENT_CALLS) {
-                let calls = chunk.iter().map(|(id, v)| {
+                let calls = chunk.iter().map(|(id, (v, until))| {
                     let conn = self.conn.clone();
                     let script = &self.scripts.seed;
                     let timeout = self.settings.timeout;
                     async move {
                         let mut conn = conn?;
                         let (k, _) = redis_keys(*id);
-                        let (keys, args) = ([k.as_str()], [*v]);
+                        let (keys, args) = ([k.as_str()], [*v, *until]);
                         let call = script.call::<i64>(&mut conn, &keys, &args, None);
                         Some(tokio::time::timeout(timeout, call).await)
                     }
@@ -327,6 +328,7 @@ impl Worker {
             background.push(ask);
         }
         if flush {
+            let unix_now = crate::core::clock::unix_now();
             let slots: Vec<(u64, Arc<Slot>)> = self
                 .ledger
                 .slots
@@ -344,6 +346,8 @@ impl Worker {
                 let dirty = slot.dirty.swap(false, Ordering::AcqRel);
                 let give_back = (idle || closing) && avail > 0;
                 if !(dirty || avail < 0 || stale || give_back || state.pending_give != 0) {
+                    drop(slot);
+                    self.forget_if_ended(key_id, unix_now);
                     continue;
                 }
                 let mut ask = self.ask(key_id, slot, now);
@@ -363,6 +367,28 @@ impl Worker {
             }
         }
         (urgent, background)
+    }
+
+    /// Forget `key_id`'s slot when its counter ended at `now` (unix seconds) and this gateway
+    /// has nothing left of it: no lease, nothing to report, no call holding it (under the map's
+    /// lock, where no new holder can appear). Its Redis keys expire by themselves.
+    pub(super) fn forget_if_ended(&mut self, key_id: u64, now: i64) {
+        let ended = |s: &Arc<Slot>| {
+            let until = s.until.load(Ordering::Relaxed);
+            until != 0
+                && until <= now
+                && Arc::strong_count(s) == 1
+                && s.avail.load(Ordering::Acquire) == 0
+                && !s.dirty.load(Ordering::Acquire)
+        };
+        if self
+            .ledger
+            .slots
+            .remove_if(&key_id, |_, s| ended(s))
+            .is_some()
+        {
+            self.keys.remove(&key_id);
+        }
     }
 
     pub(super) fn ask(&mut self, key_id: u64, slot: Arc<Slot>, now: u64) -> Ask {
@@ -428,6 +454,7 @@ impl Worker {
                     a.deficit,
                     a.held,
                     self.settings.lease_ttl.as_millis() as i64,
+                    a.slot.until.load(Ordering::Relaxed),
                 ];
                 async move {
                     let Some(mut conn) = conn else {
