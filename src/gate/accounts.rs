@@ -11,9 +11,10 @@ use crate::core::errors::{Denial, Reason};
 use crate::core::limits::retry_after_secs;
 use crate::core::table::{KeyRecord, KeyTable};
 use crate::ledger::limits::{
-    self, mono_ns, LimitBook, LimitHold, LimitRefusal, Scope, ScopeLimits,
+    self, mono_ns, LimitBook, LimitHold, LimitRefusal, Scope, ScopeLimits, Scopes,
 };
-use crate::ledger::{Ledger, Part, Reservation, ReserveError};
+use crate::ledger::{Ledger, Part, Parts, Reservation, ReserveError, MAX_PARTS};
+use arrayvec::ArrayVec;
 
 /// What a part of the joint reservation stands for, to word its refusal.
 enum PartKind<'a> {
@@ -99,25 +100,14 @@ pub async fn admit_policy(
             scope: Scope::Account,
             limits: a.limits,
         });
-    // Key first, then account: on the stack, as the parts below (no Vec per call).
-    let pair;
-    let scopes: &[ScopeLimits] = match (key_scope, account_scope) {
-        (Some(k), Some(a)) => {
-            pair = [k, a];
-            &pair
-        }
-        (Some(s), None) | (None, Some(s)) => {
-            pair = [s, s];
-            &pair[..1]
-        }
-        (None, None) => &[],
-    };
+    // Key first, then account.
+    let scopes: Scopes = key_scope.into_iter().chain(account_scope).collect();
     let mut hold = None;
     if !scopes.is_empty() {
         // On Redis from leases on the shared buckets; else this gateway's own (no await).
         let admitted = match ledger.shared_rates() {
-            Some(rates) => book.admit_shared(rates, scopes, tokens).await,
-            None => book.admit(scopes, tokens, now_ns),
+            Some(rates) => book.admit_shared(rates, &scopes, tokens).await,
+            None => book.admit(&scopes, tokens, now_ns),
         };
         match admitted {
             Ok(h) => hold = Some(h),
@@ -133,13 +123,11 @@ pub async fn admit_policy(
     }
 
     // At most four parts: the key, its account, and a budget of each.
-    let mut parts = [Part::lifetime(0, None); 4];
-    let mut kinds = [PartKind::Key, PartKind::Key, PartKind::Key, PartKind::Key];
-    let mut n = 0;
+    let mut parts = Parts::new();
+    let mut kinds = ArrayVec::<PartKind, MAX_PARTS>::new();
     let mut push = |part: Part, kind| {
-        parts[n] = part;
-        kinds[n] = kind;
-        n += 1;
+        parts.push(part);
+        kinds.push(kind);
     };
     push(
         Part::lifetime(
@@ -179,7 +167,7 @@ pub async fn admit_policy(
         );
     }
 
-    match ledger.reserve_all(&parts[..n], amount).await {
+    match ledger.reserve_all(&parts, amount).await {
         Ok(r) => Ok((r, hold)),
         Err((i, e)) => {
             let headers = hold.as_ref().map(|h| h.headers(now_ns)).unwrap_or_default();

@@ -69,10 +69,10 @@ impl Ledger {
             .collect();
         for entry in self.shared.counters.iter() {
             let c = entry.value();
-            let ends = c.until();
-            if ends != 0 && ends <= now && c.outstanding() == 0 {
+            if super::ended(c, now) {
                 continue;
             }
+            let ends = c.until();
             let v = if exact {
                 c.committed()
             } else {

@@ -10,8 +10,15 @@
 //! A settle can report what it did to each counter ([`Reservation::settle_observed`]): the
 //! alerts (SPEC §7) look for thresholds in it.
 
-use super::{Ledger, Reservation, ReserveError, MAX_AMOUNT};
+use super::{headroom, Held, Hold, Ledger, Reservation, ReserveError, MAX_AMOUNT};
+use arrayvec::ArrayVec;
 use std::sync::atomic::{AtomicI64, Ordering};
+
+/// The most counters one reservation holds: a key, its account, and a budget period of each.
+pub const MAX_PARTS: usize = 4;
+
+/// The counters of a joint reservation, in the order they are taken (on the stack).
+pub type Parts = ArrayVec<Part, MAX_PARTS>;
 
 /// One counter of a joint reservation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,19 +48,73 @@ impl Ledger {
     /// index) and why. The returned reservation settles every part with the same actual.
     pub async fn reserve_all(
         &self,
-        parts: &[Part],
+        parts: &Parts,
         amount: i64,
     ) -> Result<Reservation, (usize, ReserveError)> {
-        let mut first: Option<Reservation> = None;
+        if parts.is_empty() {
+            return Err((0, ReserveError::Insufficient { remaining: 0 }));
+        }
+        let amount = amount.clamp(0, MAX_AMOUNT);
+        if let Some(l) = &self.lease {
+            let mut r = Reservation {
+                amount,
+                done: false,
+                hold: Hold::Leases {
+                    ledger: l.clone(),
+                    slots: ArrayVec::new(),
+                },
+            };
+            for (i, p) in parts.iter().enumerate() {
+                // Dropping `r` on the error path gives back every part taken so far.
+                let slot = l
+                    .reserve(p.id, p.limit, p.until, amount)
+                    .await
+                    .map_err(|e| (i, e))?;
+                if let Hold::Leases { slots, .. } = &mut r.hold {
+                    slots.push(slot);
+                }
+            }
+            return Ok(r);
+        }
+        self.shared
+            .outstanding_total
+            .fetch_add(1, Ordering::Relaxed);
+        let mut r = Reservation {
+            amount,
+            done: false,
+            hold: Hold::Counters {
+                ledger: self.shared.clone(),
+                parts: ArrayVec::new(),
+            },
+        };
         for (i, p) in parts.iter().enumerate() {
-            // Dropping `first` on the error path refunds every part taken so far.
-            let r = self.reserve_part(*p, amount).await.map_err(|e| (i, e))?;
-            match first.as_mut() {
-                None => first = Some(r),
-                Some(f) => f.also.push(r),
+            // Dropping `r` on the error path refunds every part taken so far.
+            let counter = self.counter(p.id);
+            note_until(&counter.until, p.until);
+            let previous = counter
+                .committed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| match p.limit {
+                    Some(l) if cur.saturating_add(amount) > l => None,
+                    _ => Some(cur.saturating_add(amount)),
+                })
+                .map_err(|cur| {
+                    let remaining = p.limit.unwrap_or(i64::MAX).saturating_sub(cur);
+                    (i, ReserveError::Insufficient { remaining })
+                })?;
+            let needed = previous.saturating_add(amount);
+            let room = headroom(counter.rate_room.load(Ordering::Relaxed), amount, p.limit);
+            let held = Held {
+                id: p.id,
+                limit: p.limit,
+                counter,
+            };
+            if let Some(h) = r.hold_counter(held) {
+                self.make_durable(h.id, &h.counter, needed, room)
+                    .await
+                    .map_err(|e| (i, e))?;
             }
         }
-        first.ok_or((0, ReserveError::Insufficient { remaining: 0 }))
+        Ok(r)
     }
 }
 
@@ -84,31 +145,23 @@ pub struct Charged {
 }
 
 impl Reservation {
-    /// [`Reservation::settle`], telling `seen` what the charge did to each counter (in the
-    /// order they were reserved: the first part, then the others of [`Ledger::reserve_all`]).
-    /// Counters of a shared ledger (Redis) are not reported: their settled value is not
-    /// known here.
-    pub fn settle_observed(mut self, actual: i64, seen: &mut dyn FnMut(Charged)) {
-        let actual = actual.clamp(0, MAX_AMOUNT);
-        self.done = true;
-        let mut report = |index: usize, r: &Reservation, before: Option<(u64, i64)>| {
-            if let Some((id, before)) = before.filter(|_| actual > 0) {
-                seen(Charged {
-                    index,
-                    id,
-                    limit: r.limit,
-                    before,
-                    after: before.saturating_add(actual),
-                });
+    /// Hold `held` too, settled and refunded with the rest (a reservation of this process's
+    /// counters; `None` for one of leases).
+    fn hold_counter(&mut self, held: Held) -> Option<&Held> {
+        match &mut self.hold {
+            Hold::Counters { parts, .. } => {
+                parts.push(held);
+                parts.last()
             }
-        };
-        let first = self.charge(actual);
-        report(0, &self, first);
-        for (i, mut other) in self.also.drain(..).enumerate() {
-            other.done = true;
-            let before = other.charge(actual);
-            report(i + 1, &other, before);
+            Hold::Leases { .. } => None,
         }
+    }
+
+    /// [`Reservation::settle`], telling `seen` what the charge did to each counter (in the
+    /// order they were reserved). Counters of a shared ledger (Redis) are not reported: their
+    /// settled value is not known here.
+    pub fn settle_observed(mut self, actual: i64, seen: &mut dyn FnMut(Charged)) {
+        self.close(actual.clamp(0, MAX_AMOUNT), seen);
     }
 }
 
@@ -121,14 +174,24 @@ mod tests {
         let l = Ledger::in_memory();
         let key = Part::lifetime(1, None);
         let account = Part::lifetime(2, Some(100));
-        let r = l.reserve_all(&[key, account], 60).await.unwrap();
-        let err = l.reserve_all(&[key, account], 60).await.unwrap_err();
+        let r = l
+            .reserve_all(&Parts::from_iter([key, account]), 60)
+            .await
+            .unwrap();
+        let err = l
+            .reserve_all(&Parts::from_iter([key, account]), 60)
+            .await
+            .unwrap_err();
         assert_eq!(err.0, 1);
         // The refused call's key part was refunded.
         assert_eq!(l.counter(1).committed(), 60);
         r.settle(25);
         assert_eq!((l.consumed(1), l.consumed(2)), (25, 25));
-        drop(l.reserve_all(&[key, account], 70).await.unwrap());
+        drop(
+            l.reserve_all(&Parts::from_iter([key, account]), 70)
+                .await
+                .unwrap(),
+        );
         assert_eq!(
             (l.counter(1).committed(), l.counter(2).committed()),
             (25, 25)
@@ -139,7 +202,7 @@ mod tests {
     #[tokio::test]
     async fn an_observed_settle_reports_each_counter_before_and_after() {
         let l = Ledger::in_memory();
-        let parts = [Part::lifetime(1, Some(100)), Part::lifetime(2, None)];
+        let parts = Parts::from_iter([Part::lifetime(1, Some(100)), Part::lifetime(2, None)]);
         l.reserve_all(&parts, 10).await.unwrap().settle(30);
         let mut seen = Vec::new();
         l.reserve_all(&parts, 10)

@@ -14,6 +14,7 @@
 use super::lease::slot::{spare_slots, LeaseTake, RateSlot, SpareSlots, CONC, RPM, TPM};
 use super::IdMap;
 use crate::core::limits::{go_duration, Bucket, Limits, Take, WINDOW_NS};
+use arrayvec::ArrayVec;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -109,6 +110,12 @@ pub(crate) enum Refused {
     Short(usize, usize),
 }
 
+/// The most scopes one call is limited in: its key and the key's account.
+pub const MAX_SCOPES: usize = 2;
+
+/// The scopes of one call, key first (on the stack).
+pub type Scopes = ArrayVec<ScopeLimits, MAX_SCOPES>;
+
 /// A scope to check: its counter id, kind and limits.
 #[derive(Clone, Copy, Debug)]
 pub struct ScopeLimits {
@@ -138,7 +145,7 @@ pub(crate) struct Part {
 /// concurrency slots, released exactly once when the hold is dropped, on every exit path.
 pub struct LimitHold {
     book: Arc<BookShared>,
-    pub(crate) parts: Vec<Part>,
+    pub(crate) parts: ArrayVec<Part, MAX_SCOPES>,
     /// Told when a leased slot that came back leaves its scope with more spare than it keeps.
     spare: Option<Arc<dyn SpareSlots>>,
 }
@@ -175,12 +182,7 @@ impl LimitBook {
 
     /// Take one request, `tokens` tokens and a concurrency slot in every scope, or none of
     /// them. `now` is [`mono_ns`] (a test passes its own).
-    pub fn admit(
-        &self,
-        scopes: &[ScopeLimits],
-        tokens: u64,
-        now: i64,
-    ) -> Result<LimitHold, LimitRefusal> {
+    pub fn admit(&self, scopes: &Scopes, tokens: u64, now: i64) -> Result<LimitHold, LimitRefusal> {
         for s in scopes {
             if let Some(tpm) = s.limits.tpm {
                 if tokens > u64::from(tpm) {
@@ -190,7 +192,7 @@ impl LimitBook {
         }
         let mut hold = LimitHold {
             book: self.shared.clone(),
-            parts: Vec::with_capacity(scopes.len()),
+            parts: ArrayVec::new(),
             spare: None,
         };
         for s in scopes.iter().filter(|s| !s.limits.is_empty()) {
@@ -212,7 +214,7 @@ impl LimitBook {
     /// `spare` is told when a slot that came back leaves too many spare.
     pub(crate) fn admit_leased(
         &self,
-        scopes: &[ScopeLimits],
+        scopes: &Scopes,
         tokens: u64,
         now: i64,
         spare: &Arc<dyn SpareSlots>,
@@ -226,7 +228,7 @@ impl LimitBook {
         }
         let mut hold = LimitHold {
             book: self.shared.clone(),
-            parts: Vec::with_capacity(scopes.len()),
+            parts: ArrayVec::new(),
             spare: Some(spare.clone()),
         };
         for (i, s) in scopes.iter().enumerate() {
@@ -533,6 +535,10 @@ mod tests {
 
     const S: i64 = 1_000_000_000;
 
+    fn on(scopes: &[ScopeLimits]) -> Scopes {
+        scopes.iter().copied().collect()
+    }
+
     fn scope(
         id: u64,
         scope: Scope,
@@ -557,11 +563,11 @@ mod tests {
         let now = 10 * S;
         let key = scope(1, Scope::Key, Some(100), None, Some(5));
         let acct = scope(2, Scope::Account, Some(2), None, None);
-        let a = book.admit(&[key, acct], 0, now).unwrap();
-        let _b = book.admit(&[key, acct], 0, now).unwrap();
+        let a = book.admit(&on(&[key, acct]), 0, now).unwrap();
+        let _b = book.admit(&on(&[key, acct]), 0, now).unwrap();
         // The account's rpm is spent: the key's request and slot are given back.
         assert!(matches!(
-            book.admit(&[key, acct], 0, now),
+            book.admit(&on(&[key, acct]), 0, now),
             Err(LimitRefusal::Requests(Scope::Account, _))
         ));
         assert_eq!(book.scope(1).requests(100, now).0, 98);
@@ -575,15 +581,15 @@ mod tests {
     fn concurrency_slots_come_back_on_drop() {
         let book = LimitBook::new();
         let key = scope(1, Scope::Key, None, None, Some(2));
-        let a = book.admit(&[key], 0, 0).unwrap();
-        let b = book.admit(&[key], 0, 0).unwrap();
+        let a = book.admit(&on(&[key]), 0, 0).unwrap();
+        let b = book.admit(&on(&[key]), 0, 0).unwrap();
         assert_eq!(
-            book.admit(&[key], 0, 0).unwrap_err(),
+            book.admit(&on(&[key]), 0, 0).unwrap_err(),
             LimitRefusal::Concurrency(Scope::Key)
         );
         drop((a, b));
         assert_eq!(book.inflight(Scope::Key), 0);
-        assert!(book.admit(&[key], 0, 0).is_ok());
+        assert!(book.admit(&on(&[key]), 0, 0).is_ok());
     }
 
     #[test]
@@ -591,10 +597,10 @@ mod tests {
         let book = LimitBook::new();
         let key = scope(1, Scope::Key, None, Some(100), None);
         assert_eq!(
-            book.admit(&[key], 101, 0).unwrap_err(),
+            book.admit(&on(&[key]), 101, 0).unwrap_err(),
             LimitRefusal::TokensNever(Scope::Key, 100)
         );
-        let mut h = book.admit(&[key], 80, S).unwrap();
+        let mut h = book.admit(&on(&[key]), 80, S).unwrap();
         h.settle_tokens(30, S);
         assert_eq!(book.scope(1).tokens(100, S).0, 70);
         let hdr = h.headers(S);

@@ -31,10 +31,10 @@ pub mod limits;
 mod writer;
 
 use self::files::{load_state, DiskState, HANDOFF, LOCK};
-use self::joint::note_until;
-pub use joint::{Charged, Part};
+pub use joint::{Charged, Part, Parts, MAX_PARTS};
 pub use lease::RedisSettings;
 
+use arrayvec::ArrayVec;
 use dashmap::DashMap;
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -64,8 +64,6 @@ pub struct KeyCounter {
     wanted: AtomicI64,
     /// Whether the id is in the writer's queue.
     queued: AtomicBool,
-    /// Reservations not yet settled or refunded.
-    outstanding: AtomicI64,
     /// `consumed` as last written to the consumed report.
     reported: AtomicI64,
     /// [`HEADROOM_COVERS`] of the key's spending, as the writer last measured it.
@@ -88,10 +86,6 @@ impl KeyCounter {
     /// Settled charges plus outstanding reservations.
     pub fn committed(&self) -> i64 {
         self.committed.load(Ordering::Acquire)
-    }
-    /// Reservations not yet settled.
-    pub fn outstanding(&self) -> i64 {
-        self.outstanding.load(Ordering::Acquire)
     }
     /// When the counter may be dropped, in unix seconds; 0: never.
     pub fn until(&self) -> i64 {
@@ -395,7 +389,8 @@ impl Ledger {
             .map_or(0, |c| c.consumed())
     }
 
-    /// Reservations outstanding across all keys.
+    /// Reservations outstanding across all keys (a joint reservation of this process counts
+    /// once; on a shared ledger each of its counters does).
     pub fn outstanding(&self) -> i64 {
         let leased = self.lease.as_ref().map_or(0, |l| l.outstanding());
         self.shared.outstanding_total.load(Ordering::Relaxed) + leased
@@ -453,65 +448,8 @@ impl Ledger {
         limit: Option<i64>,
         amount: i64,
     ) -> Result<Reservation, ReserveError> {
-        self.reserve_part(Part::lifetime(key_id, limit), amount)
-            .await
-    }
-
-    /// [`Ledger::reserve`] on `part`'s counter, which is kept until `part.until`.
-    pub(crate) async fn reserve_part(
-        &self,
-        part: Part,
-        amount: i64,
-    ) -> Result<Reservation, ReserveError> {
-        let Part {
-            id: key_id,
-            limit,
-            until,
-        } = part;
-        let amount = amount.clamp(0, MAX_AMOUNT);
-        if let Some(l) = &self.lease {
-            let slot = l.reserve(key_id, limit, until, amount).await?;
-            return Ok(Reservation {
-                amount,
-                done: false,
-                limit,
-                also: Vec::new(),
-                hold: Hold::Lease {
-                    slot,
-                    ledger: l.clone(),
-                },
-            });
-        }
-        let counter = self.counter(key_id);
-        note_until(&counter.until, until);
-        let previous = counter
-            .committed
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| match limit {
-                Some(l) if cur.saturating_add(amount) > l => None,
-                _ => Some(cur.saturating_add(amount)),
-            })
-            .map_err(|cur| ReserveError::Insufficient {
-                remaining: limit.unwrap_or(i64::MAX).saturating_sub(cur),
-            })?;
-        counter.outstanding.fetch_add(1, Ordering::AcqRel);
-        self.shared
-            .outstanding_total
-            .fetch_add(1, Ordering::Relaxed);
-        let reservation = Reservation {
-            amount,
-            done: false,
-            limit,
-            also: Vec::new(),
-            hold: Hold::Counter {
-                key_id,
-                counter: counter.clone(),
-                ledger: self.shared.clone(),
-            },
-        };
-        let needed = previous.saturating_add(amount);
-        let room = headroom(counter.rate_room.load(Ordering::Relaxed), amount, limit);
-        self.make_durable(key_id, &counter, needed, room).await?;
-        Ok(reservation)
+        let parts = Parts::from_iter([Part::lifetime(key_id, limit)]);
+        self.reserve_all(&parts, amount).await.map_err(|(_, e)| e)
     }
 
     /// After a settle above its reservation, wait (at most the usual timeout) until the key's
@@ -566,32 +504,36 @@ impl Ledger {
     }
 }
 
-/// Quota held for one call. Settle it once with [`Reservation::settle`]; dropped unsettled, it
-/// refunds itself in full.
+/// Quota held for one call, on one counter or several ([`Ledger::reserve_all`]). Settle it once
+/// with [`Reservation::settle`]; dropped unsettled, it refunds itself in full.
 pub struct Reservation {
+    /// The units held on each counter.
     amount: i64,
     done: bool,
-    /// What the counter may commit in total, as reserved against (`None` = no cap).
-    limit: Option<i64>,
     hold: Hold,
-    /// The same amount held on other counters (the key's account, budget periods), settled
-    /// and refunded with this one: see [`Ledger::reserve_all`].
-    also: Vec<Reservation>,
 }
 
 /// Where a reservation's units were taken from.
 enum Hold {
-    /// This process's counter for the key.
-    Counter {
-        key_id: u64,
-        counter: Arc<KeyCounter>,
+    /// This process's counters. One reference to the ledger for all of them, and the
+    /// reservation counts once in its outstanding total, however many counters it holds.
+    Counters {
         ledger: Arc<Shared>,
+        parts: ArrayVec<Held, MAX_PARTS>,
     },
-    /// This gateway's lease on the key, in a shared ledger.
-    Lease {
-        slot: Arc<lease::Slot>,
+    /// This gateway's leases on the counters, in a shared ledger.
+    Leases {
         ledger: Arc<lease::LeaseLedger>,
+        slots: ArrayVec<Arc<lease::Slot>, MAX_PARTS>,
     },
+}
+
+/// One counter of this process that a reservation holds units on.
+struct Held {
+    id: u64,
+    /// What the counter may commit in total, as reserved against (`None` = no cap).
+    limit: Option<i64>,
+    counter: Arc<KeyCounter>,
 }
 
 impl std::fmt::Debug for Reservation {
@@ -608,53 +550,62 @@ impl Reservation {
 
     /// Charge `actual` units instead of the reservation (the difference may be negative).
     pub fn settle(mut self, actual: i64) {
-        self.close(actual.clamp(0, MAX_AMOUNT));
+        self.close(actual.clamp(0, MAX_AMOUNT), |_| {});
     }
 
-    /// Charge `actual` units (a refund charges 0 and does not count as consumed).
-    fn close(&mut self, actual: i64) {
+    /// Charge `actual` units on every counter held (a refund charges 0 and does not count as
+    /// consumed), telling `seen` what a charge above 0 did to each counter of this process.
+    fn close(&mut self, actual: i64, mut seen: impl FnMut(Charged)) {
         self.done = true;
-        for mut other in self.also.drain(..) {
-            other.close(actual);
-        }
-        self.charge(actual);
-    }
-
-    /// Charge `actual` units on this part's counter alone; its id and settled value before
-    /// the charge (a local counter only).
-    fn charge(&self, actual: i64) -> Option<(u64, i64)> {
         match &self.hold {
-            Hold::Lease { slot, ledger } => {
-                ledger.settle(slot, self.amount, actual);
-                None
-            }
-            Hold::Counter {
-                key_id,
-                counter,
-                ledger,
-            } => {
-                counter
-                    .committed
-                    .fetch_add(actual - self.amount, Ordering::AcqRel);
-                let before = counter.consumed.fetch_add(actual, Ordering::AcqRel);
-                counter.outstanding.fetch_sub(1, Ordering::AcqRel);
-                ledger.outstanding_total.fetch_sub(1, Ordering::Relaxed);
-                let committed = counter.committed();
-                if committed > counter.durable.load(Ordering::Acquire) {
-                    // A settle above the reservation may pass the ceiling: ask the writer
-                    // (no wait).
-                    request_ceiling(ledger, *key_id, counter, committed);
+            Hold::Leases { ledger, slots } => {
+                for slot in slots {
+                    ledger.settle(slot, self.amount, actual);
                 }
-                Some((*key_id, before))
+            }
+            Hold::Counters { ledger, parts } => {
+                for (index, p) in parts.iter().enumerate() {
+                    let before = p.charge(ledger, self.amount, actual);
+                    if actual > 0 {
+                        seen(Charged {
+                            index,
+                            id: p.id,
+                            limit: p.limit,
+                            before,
+                            after: before.saturating_add(actual),
+                        });
+                    }
+                }
+                ledger.outstanding_total.fetch_sub(1, Ordering::Relaxed);
             }
         }
+    }
+}
+
+impl Held {
+    /// Charge `actual` units on this counter instead of the `amount` reserved; its settled
+    /// value before the charge.
+    fn charge(&self, ledger: &Shared, amount: i64, actual: i64) -> i64 {
+        let c = &self.counter;
+        let delta = actual - amount;
+        let committed = c.committed.fetch_add(delta, Ordering::AcqRel) + delta;
+        let before = if actual > 0 {
+            c.consumed.fetch_add(actual, Ordering::AcqRel)
+        } else {
+            c.consumed()
+        };
+        if committed > c.durable.load(Ordering::Acquire) {
+            // A settle above the reservation may pass the ceiling: ask the writer (no wait).
+            request_ceiling(ledger, self.id, c, committed);
+        }
+        before
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.done {
-            self.close(0);
+            self.close(0, |_| {});
         }
     }
 }
@@ -732,7 +683,7 @@ mod tests {
             }
         });
         let c = l.counter(9);
-        assert_eq!(c.outstanding(), 0);
+        assert_eq!(l.outstanding(), 0);
         assert_eq!(c.committed(), c.consumed());
         assert!(c.consumed() <= limit);
         assert!(granted.load(Ordering::Relaxed) > 0);
@@ -975,7 +926,7 @@ mod tests {
         );
         let (a_until, b_until) = (a_start + DAY + KEEP_ENDED, a_start + 2 * DAY + KEEP_ENDED);
         let parts = |budget, until| {
-            [
+            Parts::from_iter([
                 Part::lifetime(key, Some(1_000_000)),
                 Part::lifetime(account, None),
                 Part {
@@ -983,7 +934,7 @@ mod tests {
                     limit: Some(500),
                     until,
                 },
-            ]
+            ])
         };
         for _ in 0..3 {
             l.reserve_all(&parts(a, a_until), 100)

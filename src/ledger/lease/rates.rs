@@ -38,7 +38,7 @@
 use super::slot::{spare_slots, SpareSlots, CONC, KINDS, RPM};
 use crate::core::config::OnUnavailable;
 use crate::ledger::limits::{
-    mono_ns, LimitBook, LimitHold, LimitRefusal, Refused, ScopeLimits, ScopeLive,
+    mono_ns, LimitBook, LimitHold, LimitRefusal, Refused, ScopeLimits, ScopeLive, Scopes,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -261,7 +261,7 @@ impl LimitBook {
     pub(crate) async fn admit_shared(
         &self,
         rates: &Arc<RateLeases>,
-        scopes: &[ScopeLimits],
+        scopes: &Scopes,
         tokens: u64,
     ) -> Result<LimitHold, LimitRefusal> {
         let first = scopes.first().map(|s| s.scope);
