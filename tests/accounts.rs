@@ -370,8 +370,11 @@ async fn concurrency_slots_come_back_after_100_clients_leave_mid_stream() {
     assert_eq!(inflight(&env, "key").await, 2);
     assert_eq!(inflight(&env, "account").await, 2);
     drop((a, _b));
-    // 100 clients, ten at a time, each reading one chunk and going away.
+    // 100 clients, ten at a time, each reading one chunk and going away. A round starts once
+    // the last one's slots are back: the gateway sees a client gone at its next write (the
+    // stream's next chunk), so a round started at once could find them still held.
     for round in 0..10 {
+        slots_back(&env, &format!("before round {round}")).await;
         let batch = (0..10).map(|i| {
             let env = &env;
             async move {
@@ -382,12 +385,17 @@ async fn concurrency_slots_come_back_after_100_clients_leave_mid_stream() {
         });
         futures_util::future::join_all(batch).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while inflight(&env, "key").await != 0 || inflight(&env, "account").await != 0 {
-        assert!(Instant::now() < deadline, "slots leaked");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    slots_back(&env, "after the last round").await;
     assert_eq!(stream(&env, &k).await.status(), 200);
+}
+
+/// Wait (at most 10 s) until no call holds a key's or an account's concurrency slot.
+async fn slots_back(env: &Env, when: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while inflight(env, "key").await != 0 || inflight(env, "account").await != 0 {
+        assert!(Instant::now() < deadline, "slots leaked ({when})");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
