@@ -43,6 +43,8 @@ pub struct Admin {
     gate: Gate,
     editor: SyncEditor,
     writer: writes::Writer,
+    /// Which sync file is in force (the fleet route serves only that one).
+    reloader: Arc<Reloader>,
     tokens: Tokens,
     throttle: Throttle,
     audit: audit::Audit,
@@ -74,11 +76,12 @@ pub fn start(
     let addr = listener.local_addr()?;
     // One editor for reads and writes: the parse a write leaves is what the next list reads.
     let editor = SyncEditor::keeping(&config.sync_file);
-    let writer = writes::Writer::start(editor.clone(), reloader)?;
+    let writer = writes::Writer::start(editor.clone(), reloader.clone())?;
     let admin = Arc::new(Admin {
         gate,
         editor,
         writer,
+        reloader,
         tokens,
         throttle: Throttle::default(),
         audit,
@@ -311,11 +314,16 @@ impl Admin {
         let deadline = Instant::now() + Duration::from_secs(wait.unsigned_abs());
         loop {
             // The revision sent and the bytes are those of one and the same parse (the file
-            // with its journal folded in), and only the one in force: not one the gateway has
-            // yet to load (or rejected).
-            let file = self.file().await?;
+            // with its journal folded in), and only the one in force (by content, not only by
+            // revision): not one the gateway has yet to load, or rejected.
             let in_force = self.gate.table().revision;
-            if file.revision == in_force && i64::try_from(in_force).unwrap_or(i64::MAX) > after {
+            let newer = i64::try_from(in_force).unwrap_or(i64::MAX) > after;
+            let file = match newer {
+                true => self.file_in_force().await?,
+                false => None,
+            };
+            if let Some(file) = file {
+                let in_force = file.revision;
                 let bytes = self.serialized(file).await?;
                 return Ok(::http::Response::builder()
                     .status(StatusCode::OK)
@@ -325,7 +333,6 @@ impl Admin {
                     .body(http::full(bytes))
                     .unwrap_or_default());
             }
-            drop(file);
             if Instant::now() >= deadline {
                 return Ok(::http::Response::builder()
                     .status(StatusCode::NOT_MODIFIED)
@@ -375,6 +382,16 @@ impl Admin {
             .await
             .map_err(|e| ApiError::crashed("reading the sync file", e))?
             .map_err(ApiError::internal)
+    }
+
+    /// The sync file as it is now, parsed, if it is the one in force on this gateway.
+    async fn file_in_force(&self) -> Result<Option<Arc<SyncFile>>, ApiError> {
+        let editor = self.editor.clone();
+        let (file, digest) = tokio::task::spawn_blocking(move || editor.snapshot_digest())
+            .await
+            .map_err(|e| ApiError::crashed("reading the sync file", e))?
+            .map_err(ApiError::internal)?;
+        Ok(digest.filter(|d| self.reloader.holds(*d)).map(|_| file))
     }
 
     /// What this gateway's ledger charged, by counter id.

@@ -104,6 +104,30 @@ fn ended(c: &Arc<KeyCounter>, now: i64) -> bool {
 /// How often the writer drops ended counters.
 pub const FORGET_EVERY: Duration = Duration::from_secs(60);
 
+/// The sweep of an in-memory ledger: every [`FORGET_EVERY`], until the ledger is gone (looked
+/// at every second, so a dropped ledger's thread ends soon after it).
+fn sweep_in_memory(shared: &std::sync::Weak<Shared>) {
+    let mut last = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if last.elapsed() >= FORGET_EVERY {
+            last = Instant::now();
+            let ledger = Ledger {
+                shared,
+                lease: None,
+                rates: None,
+            };
+            let dropped = ledger.drop_ended(crate::core::clock::unix_now()).len();
+            if dropped > 0 {
+                log::info!("ledger: dropped {dropped} counters of ended budget periods");
+            }
+        }
+    }
+}
+
 /// How long a budget counter found without an `until` is kept, from when it is found: it was
 /// written before counters had one (or by such a binary during an upgrade). The longest a
 /// window reads a period, plus a day; a counter still in use gets its own `until` back at once.
@@ -217,8 +241,18 @@ pub fn headroom(rate_room: i64, amount: i64, limit: Option<i64>) -> i64 {
 
 impl Ledger {
     /// A ledger that lives in memory only (nothing survives the process). For embedding and tests.
+    /// A thread drops its ended budget counters every [`FORGET_EVERY`] (a persisted ledger's
+    /// writer does it for one with files); it ends with the ledger.
     pub fn in_memory() -> Ledger {
-        Ledger::build(None, DiskState::default())
+        let ledger = Ledger::build(None, DiskState::default());
+        let shared = Arc::downgrade(&ledger.shared);
+        let swept = std::thread::Builder::new()
+            .name("keygate-ledger-sweep".into())
+            .spawn(move || sweep_in_memory(&shared));
+        if let Err(e) = swept {
+            log::error!("ledger: cannot start the thread that drops ended budget counters: {e}");
+        }
+        ledger
     }
 
     /// A ledger shared with other gateways through Redis (see the `lease` module). What this
@@ -904,6 +938,22 @@ mod tests {
         // A torn `until` would end the counter too early: not taken.
         assert_eq!(m.until[&2], 1_800_000_000);
         assert!(!m.until.contains_key(&1));
+    }
+
+    /// An in-memory ledger (a gateway with no ledger folder) drops ended counters too.
+    #[tokio::test]
+    async fn an_in_memory_ledger_drops_ended_budget_counters() {
+        let l = Ledger::in_memory();
+        let budget = Part {
+            id: crate::core::accounts::budget_ledger_id(7, 0),
+            limit: Some(500),
+            until: 1_000,
+        };
+        let parts = Parts::from_iter([Part::lifetime(7, None), budget]);
+        l.reserve_all(&parts, 10).await.unwrap().settle(10);
+        assert_eq!(l.forget_ended(999).unwrap(), 0);
+        assert_eq!(l.forget_ended(1_000).unwrap(), 1);
+        assert_eq!((l.counters(), l.consumed(7)), (1, 10));
     }
 
     /// A key's calls charged to the key, its account and a daily budget: once period A's

@@ -115,6 +115,22 @@ impl SyncEditor {
         Ok(file)
     }
 
+    /// [`snapshot`](Self::snapshot) with the digest of the bytes it was parsed from (a
+    /// table's `source_digest`); `None` from an editor that keeps no parse.
+    pub fn snapshot_digest(&self) -> Result<(Arc<SyncFile>, Option<Digest>), String> {
+        let Some(kept) = &self.kept else {
+            return Ok((self.snapshot()?, None));
+        };
+        let file = self.snapshot()?;
+        let kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
+        // The kept parse, if it is still the one just returned (an edit may have come between).
+        let digest = kept
+            .as_ref()
+            .filter(|k| Arc::ptr_eq(&k.file, &file))
+            .map(|k| k.digest.clone().finalize().into());
+        Ok((file, digest))
+    }
+
     /// Read the journal, then the file (in that order: a writer that folds the journal into
     /// the file writes the file first, so lines read before it are at or below its revision),
     /// through a handle that is kept open. Its stamp, taken when it is opened, is that of the
@@ -292,7 +308,11 @@ impl SyncEditor {
         }
         log::debug!("sync file {} edited:{}", self.path.display(), clock.laps);
         if let Some(kept) = kept.as_deref_mut() {
-            self.compact_if(kept, |k| k.journal_len > MAX_JOURNAL, drop)?;
+            // The edit is done and in force: a compaction that fails is not its failure
+            // (reporting it would have the edit applied again); the next one folds it.
+            if let Err(e) = self.compact_if(kept, |k| k.journal_len > MAX_JOURNAL, drop) {
+                log::error!("{e}");
+            }
         }
         Ok((out, Some(revision)))
     }
@@ -307,12 +327,16 @@ impl SyncEditor {
         };
         let _lock = self.lock()?;
         let mut kept = kept.lock().unwrap_or_else(PoisonError::into_inner);
-        if !kept.as_ref().is_some_and(|k| k.is_current(&self.path)) {
-            *kept = None;
-            let parse = self.read_pinned()?;
-            *kept = Some(parse).filter(|p| p.pin.is_some());
+        if kept.as_ref().is_some_and(|k| k.is_current(&self.path)) {
+            return self.compact_if(&mut kept, |k| k.journal_stamp.is_some(), noted);
         }
-        self.compact_if(&mut kept, |k| k.journal_stamp.is_some(), noted)
+        // Changed by another writer since this gateway's last edit (another gateway's journal
+        // lines, a CLI edit cut short): what is folded now is not the table in force here, so
+        // the reloader is not told it is; its watcher loads the compacted file.
+        *kept = None;
+        let parse = self.read_pinned()?;
+        *kept = Some(parse).filter(|p| p.pin.is_some());
+        self.compact_if(&mut kept, |k| k.journal_stamp.is_some(), drop)
     }
 
     /// [`compact`](Self::compact) of the kept parse when `due` says so, under the lock.
@@ -369,12 +393,15 @@ impl SyncEditor {
             Err(e) if e.replaced => log::error!("sync file {}: {e}", self.path.display()),
             Err(e) => return Err(format!("sync file {}: {e}", self.path.display())),
         }
-        clear_journal(&self.path).map_err(|e| {
-            format!(
+        // Not emptied: its lines are at or below the new file's revision, so every reader
+        // skips them, and the next append cuts them off. The write is done all the same.
+        if let Err(e) = clear_journal(&self.path) {
+            log::error!(
                 "sync journal {}: cannot empty it after writing the file: {e}",
                 journal_path(&self.path).display()
-            )
-        })
+            );
+        }
+        Ok(())
     }
 
     /// Validate `file` (compile it, exactly as the gateway will) and, side by side, prepare

@@ -118,8 +118,7 @@ impl Reloader {
             Err(e) => return self.reject(None, format!("sync file {}: {e}", self.path.display())),
         };
         let digest = summary.digest;
-        let compacted = self.compacted.lock().is_ok_and(|c| *c == Some(digest));
-        if !force && (digest == self.gate.table().source_digest || compacted) {
+        if !force && self.holds(digest) {
             return ReloadOutcome::Unchanged;
         }
         let source = self.path.display().to_string();
@@ -174,6 +173,13 @@ impl Reloader {
         drop(one_at_a_time);
         crate::support::memory::release_free_memory();
         outcome
+    }
+
+    /// Whether the file or parse of `digest` holds the table in force: it is the one compiled,
+    /// or this gateway's compaction of it.
+    pub fn holds(&self, digest: Digest) -> bool {
+        digest == self.gate.table().source_digest
+            || self.compacted.lock().is_ok_and(|c| *c == Some(digest))
     }
 
     /// The file at this reloader's path was just compacted by this gateway's admin API (under

@@ -94,6 +94,8 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(true) {
         return Err(open_error(path, "the file is not writable"));
     }
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| open_error(path, e))?;
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(|e| open_error(path, e))?;
@@ -104,7 +106,6 @@ pub(super) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
         ));
     }
     let setup = || -> rusqlite::Result<()> {
-        conn.busy_timeout(Duration::from_secs(5))?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             log::warn!(
@@ -156,10 +157,11 @@ pub fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(|e| open_error(path, e))?;
-    if version != SCHEMA_VERSION {
+    // Version 1 differs only in an index: its queries work as they are.
+    if !(1..=SCHEMA_VERSION).contains(&version) {
         return Err(open_error(
             path,
-            format!("schema version {version}, this keygate reads {SCHEMA_VERSION}"),
+            format!("schema version {version}, this keygate reads 1 to {SCHEMA_VERSION}"),
         ));
     }
     Ok(conn)
