@@ -69,7 +69,7 @@ impl Ledger {
             .collect();
         for entry in self.shared.counters.iter() {
             let c = entry.value();
-            if super::ended(c, now) {
+            if super::expiry::ended(c, now) {
                 continue;
             }
             let ends = c.until();

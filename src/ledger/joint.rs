@@ -10,7 +10,8 @@
 //! A settle can report what it did to each counter ([`Reservation::settle_observed`]): the
 //! alerts (SPEC §7) look for thresholds in it.
 
-use super::{headroom, Held, Hold, Ledger, Reservation, ReserveError, MAX_AMOUNT};
+use super::reservation::{Held, Hold};
+use super::{headroom, Ledger, Reservation, ReserveError, MAX_AMOUNT};
 use arrayvec::ArrayVec;
 use std::sync::atomic::{AtomicI64, Ordering};
 

@@ -24,17 +24,21 @@
 //! [`FORGET_EVERY`], from memory and from the files (the snapshot is rewritten without them
 //! and the journal emptied); lifetime counters (`until` 0) are never dropped.
 
+mod expiry;
 mod files;
 mod joint;
 mod lease;
 pub mod limits;
+mod reservation;
 mod writer;
 
+use self::expiry::{sweep_in_memory, unknown_until};
 use self::files::{load_state, DiskState, HANDOFF, LOCK};
+pub use expiry::FORGET_EVERY;
 pub use joint::{Charged, Part, Parts, MAX_PARTS};
 pub use lease::RedisSettings;
+pub use reservation::Reservation;
 
-use arrayvec::ArrayVec;
 use dashmap::DashMap;
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -90,58 +94,6 @@ impl KeyCounter {
     /// When the counter may be dropped, in unix seconds; 0: never.
     pub fn until(&self) -> i64 {
         self.until.load(Ordering::Relaxed)
-    }
-}
-
-/// Whether `c` may be dropped at `now`: its period ended and nothing holds it (a reservation
-/// holds its counter, so none is outstanding). Checked under the map's lock, where no new
-/// holder can appear.
-fn ended(c: &Arc<KeyCounter>, now: i64) -> bool {
-    let until = c.until();
-    until != 0 && until <= now && Arc::strong_count(c) == 1
-}
-
-/// How often the writer drops ended counters.
-pub const FORGET_EVERY: Duration = Duration::from_secs(60);
-
-/// The sweep of an in-memory ledger: every [`FORGET_EVERY`], until the ledger is gone (looked
-/// at every second, so a dropped ledger's thread ends soon after it).
-fn sweep_in_memory(shared: &std::sync::Weak<Shared>) {
-    let mut last = Instant::now();
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        if last.elapsed() >= FORGET_EVERY {
-            last = Instant::now();
-            let ledger = Ledger {
-                shared,
-                lease: None,
-                rates: None,
-            };
-            let dropped = ledger.drop_ended(crate::core::clock::unix_now()).len();
-            if dropped > 0 {
-                log::info!("ledger: dropped {dropped} counters of ended budget periods");
-            }
-        }
-    }
-}
-
-/// How long a budget counter found without an `until` is kept, from when it is found: it was
-/// written before counters had one (or by such a binary during an upgrade). The longest a
-/// window reads a period, plus a day; a counter still in use gets its own `until` back at once.
-const UNKNOWN_KEEP: i64 =
-    (crate::core::budget::MAX_ROLLING_DAYS + 1) * 86_400 + crate::core::budget::KEEP_ENDED;
-
-/// The `until` of counter `id` when none is known at `now`: [`UNKNOWN_KEEP`] for a budget
-/// counter, never for the others.
-fn unknown_until(id: u64, now: i64) -> i64 {
-    use crate::core::accounts::BUDGET_TAG;
-    if id & BUDGET_TAG == BUDGET_TAG {
-        now.saturating_add(UNKNOWN_KEEP)
-    } else {
-        0
     }
 }
 
@@ -447,33 +399,6 @@ impl Ledger {
         self.shared.waits.load(Ordering::Relaxed)
     }
 
-    /// Drop the counters whose `until` passed at `now` (unix seconds) and that hold no
-    /// reservation: from memory and, for a persisted ledger, from its files (the snapshot is
-    /// rewritten without them and the journal emptied, so a restart does not bring them back).
-    /// How many went. The writer calls it every [`FORGET_EVERY`] with the clock's time.
-    pub fn forget_ended(&self, now: i64) -> std::io::Result<usize> {
-        let dropped = self.drop_ended(now);
-        if let (Some(dir), false) = (&self.shared.dir, dropped.is_empty()) {
-            self.compact(dir, now, &dropped)?;
-        }
-        Ok(dropped.len())
-    }
-
-    /// Remove the counters ended at `now` from memory; their ids.
-    fn drop_ended(&self, now: i64) -> HashSet<u64> {
-        let counters = &self.shared.counters;
-        // Collected first: removing while iterating would wait on the iterator's own lock.
-        let candidates: Vec<u64> = counters
-            .iter()
-            .filter(|e| ended(e.value(), now))
-            .map(|e| *e.key())
-            .collect();
-        candidates
-            .into_iter()
-            .filter(|id| counters.remove_if(id, |_, c| ended(c, now)).is_some())
-            .collect()
-    }
-
     /// Take `amount` units of `key_id`'s quota, or refuse. `limit` is what the key may commit in
     /// total (`quota − used`), `None` for unlimited keys. One atomic read-modify-write decides.
     pub async fn reserve(
@@ -538,112 +463,6 @@ impl Ledger {
     }
 }
 
-/// Quota held for one call, on one counter or several ([`Ledger::reserve_all`]). Settle it once
-/// with [`Reservation::settle`]; dropped unsettled, it refunds itself in full.
-pub struct Reservation {
-    /// The units held on each counter.
-    amount: i64,
-    done: bool,
-    hold: Hold,
-}
-
-/// Where a reservation's units were taken from.
-enum Hold {
-    /// This process's counters. One reference to the ledger for all of them, and the
-    /// reservation counts once in its outstanding total, however many counters it holds.
-    Counters {
-        ledger: Arc<Shared>,
-        parts: ArrayVec<Held, MAX_PARTS>,
-    },
-    /// This gateway's leases on the counters, in a shared ledger.
-    Leases {
-        ledger: Arc<lease::LeaseLedger>,
-        slots: ArrayVec<Arc<lease::Slot>, MAX_PARTS>,
-    },
-}
-
-/// One counter of this process that a reservation holds units on.
-struct Held {
-    id: u64,
-    /// What the counter may commit in total, as reserved against (`None` = no cap).
-    limit: Option<i64>,
-    counter: Arc<KeyCounter>,
-}
-
-impl std::fmt::Debug for Reservation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Reservation({})", self.amount)
-    }
-}
-
-impl Reservation {
-    /// The units held.
-    pub fn amount(&self) -> i64 {
-        self.amount
-    }
-
-    /// Charge `actual` units instead of the reservation (the difference may be negative).
-    pub fn settle(mut self, actual: i64) {
-        self.close(actual.clamp(0, MAX_AMOUNT), |_| {});
-    }
-
-    /// Charge `actual` units on every counter held (a refund charges 0 and does not count as
-    /// consumed), telling `seen` what a charge above 0 did to each counter of this process.
-    fn close(&mut self, actual: i64, mut seen: impl FnMut(Charged)) {
-        self.done = true;
-        match &self.hold {
-            Hold::Leases { ledger, slots } => {
-                for slot in slots {
-                    ledger.settle(slot, self.amount, actual);
-                }
-            }
-            Hold::Counters { ledger, parts } => {
-                for (index, p) in parts.iter().enumerate() {
-                    let before = p.charge(ledger, self.amount, actual);
-                    if actual > 0 {
-                        seen(Charged {
-                            index,
-                            id: p.id,
-                            limit: p.limit,
-                            before,
-                            after: before.saturating_add(actual),
-                        });
-                    }
-                }
-                ledger.outstanding_total.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-    }
-}
-
-impl Held {
-    /// Charge `actual` units on this counter instead of the `amount` reserved; its settled
-    /// value before the charge.
-    fn charge(&self, ledger: &Shared, amount: i64, actual: i64) -> i64 {
-        let c = &self.counter;
-        let delta = actual - amount;
-        let committed = c.committed.fetch_add(delta, Ordering::AcqRel) + delta;
-        let before = if actual > 0 {
-            c.consumed.fetch_add(actual, Ordering::AcqRel)
-        } else {
-            c.consumed()
-        };
-        if committed > c.durable.load(Ordering::Acquire) {
-            // A settle above the reservation may pass the ceiling: ask the writer (no wait).
-            request_ceiling(ledger, self.id, c, committed);
-        }
-        before
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if !self.done {
-            self.close(0, |_| {});
-        }
-    }
-}
-
 /// Ask the writer to raise `counter`'s durable ceiling to at least `target` (never waits).
 fn request_ceiling(shared: &Shared, key_id: u64, counter: &KeyCounter, target: i64) {
     // SeqCst pairs with the writer's clear-then-read of `queued` and `wanted`: either the writer
@@ -663,6 +482,7 @@ fn request_ceiling(shared: &Shared, key_id: u64, counter: &KeyCounter, target: i
 
 #[cfg(test)]
 mod tests {
+    use super::expiry::UNKNOWN_KEEP;
     use super::files::*;
     use super::writer::measure_rate;
     use super::*;
