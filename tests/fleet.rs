@@ -29,19 +29,6 @@ fn start_follower(dir: &Path, upstream: &str, sync_url: &str) -> Gateway {
     spawn_keygate(dir, &config)
 }
 
-async fn status(base: &str, key: &str) -> u16 {
-    client()
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(key)
-        .header("content-type", "application/json")
-        .body(chat_body("gpt-4o-mini"))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
-}
-
 async fn readyz(gw: &Gateway) -> Value {
     let m = gw.metrics.clone().unwrap();
     client()
@@ -72,7 +59,7 @@ async fn create(admin: &str) -> String {
 async fn until_served(base: &str, key: &str) -> Duration {
     let started = Instant::now();
     loop {
-        if status(base, key).await == 200 {
+        if chat_status(base, key).await == 200 {
             return started.elapsed();
         }
         assert!(
@@ -146,7 +133,7 @@ async fn a_follower_sees_admin_writes_and_survives_the_admin_going_away() {
     } = admin_env;
     admin_gw.kill9();
     assert_eq!(
-        status(&follower.base, &last).await,
+        chat_status(&follower.base, &last).await,
         200,
         "{}",
         follower.log()
@@ -154,7 +141,7 @@ async fn a_follower_sees_admin_writes_and_survives_the_admin_going_away() {
     // A restart while it is away starts from the last good copy.
     follower.terminate();
     let follower = spawn_keygate(fdir.path(), &fdir.path().join("keygate.yaml"));
-    assert_eq!(status(&follower.base, &last).await, 200);
+    assert_eq!(chat_status(&follower.base, &last).await, 200);
     assert_eq!(
         readyz(&follower).await["revision"].as_u64(),
         Some(admin_rev)
@@ -226,7 +213,7 @@ async fn a_file_that_fails_validation_is_rejected_as_a_local_reload_would() {
     );
     assert_eq!(readyz(&gw).await["revision"].as_u64(), Some(0));
     assert_eq!(
-        status(
+        chat_status(
             &gw.base,
             "sk-fleet-bad-cidr-000000000000000000000000000000000"
         )

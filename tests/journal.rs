@@ -44,16 +44,7 @@ async fn create(gw: &Gateway, name: &str) -> String {
 }
 
 async fn status(gw: &Gateway, key: &str) -> u16 {
-    client()
-        .post(format!("{}/v1/chat/completions", gw.base))
-        .bearer_auth(key)
-        .header("content-type", "application/json")
-        .body(chat_body("gpt-4o-mini"))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    chat_status(&gw.base, key).await
 }
 
 fn journal(dir: &Path) -> String {

@@ -358,6 +358,20 @@ pub fn chat_body(model: &str) -> String {
     json!({"model": model, "messages": [{"role": "user", "content": "Hello"}]}).to_string()
 }
 
+/// The status of a chat completion (`gpt-4o-mini`) with `key` at the gateway at `base`.
+pub async fn chat_status(base: &str, key: &str) -> u16 {
+    client()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(chat_body("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 /// POST a chat completion with `Authorization: Bearer key`.
 pub async fn chat(env: &Env, key: &str, model: &str) -> reqwest::Response {
     client()
