@@ -32,6 +32,7 @@
 # same binary: an A/B of one setting).
 # With the usage store on, the CPU its writer thread spent per request (part of the whole
 # process's, from /proc/PID/task/*/schedstat) is printed for each run.
+# THREADS=1: also print each thread's CPU per request (by thread name) for every run.
 # PROFILE=1: build with symbols (cargo profile `profiling`: release plus line tables) and, after
 # the measured runs, record keygate with perf during one more run and print where its CPU time
 # goes (flat self time by function, and rolled up by crate).
@@ -256,6 +257,13 @@ writer_ns() {
   done
   echo 0
 }
+# THREADS=1: "comm ns" for every thread of process $1 (threads of one name summed).
+threads_ns() {
+  local f
+  for f in /proc/"$1"/task/*; do
+    printf '%s %s\n' "$(tr ' ' _ <"$f/comm" 2>/dev/null)" "$(awk '{print $1}' "$f/schedstat" 2>/dev/null)"
+  done | awk '$2 != "" {a[$1]+=$2} END {for (n in a) print n, a[n]}'
+}
 # The shared ledger's Redis calls so far (keygate_ledger_backend_operations_total).
 ledger_ops() { curl -s "http://127.0.0.1:$P_KGR_M/metrics" | awk '/^keygate_ledger_backend_operations_total/{print $2}'; }
 HZ=$(getconf CLK_TCK)
@@ -268,9 +276,11 @@ run() {
   [ "$pid" = "$KGR_PID" ] && ops0=$(ledger_ops)
   t0=$(ticks "$pid")
   local w0; w0=$(writer_ns "$pid")
+  [ "${THREADS:-0}" = 1 ] && threads_ns "$pid" >"$W/threads0"
   out=$(env "$@" taskset -c 1 wrk -t1 -c$CONNS -d${DURATION}s --latency -s "$W/post.lua" "http://127.0.0.1:$port/v1/chat/completions")
   t1=$(ticks "$pid")
   local w1; w1=$(writer_ns "$pid")
+  [ "${THREADS:-0}" = 1 ] && threads_ns "$pid" >"$W/threads1"
   [ "$pid" = "$KGR_PID" ] && ops1=$(ledger_ops)
   local rps total p50 p99
   rps=$(awk '/Requests\/sec/{print $2}' <<<"$out")
@@ -283,6 +293,11 @@ run() {
   echo "$name $rps $(tomillis "$p50") $(tomillis "$p99") $cpu_us ${non2xx:-0} $ops" >>"$W/results"
   # The usage store's writer thread: its part of the CPU per request (included in the above).
   [ "$w1" = 0 ] || echo "$name $(python3 -c "print(round(($w1-$w0)/1000/max($total,1),2))")" >>"$W/writer"
+  if [ "${THREADS:-0}" = 1 ]; then
+    awk -v name="$name" -v total="$total" 'NR==FNR {a[$1]=$2; next}
+      {d=($2-a[$1])/1000/(total>0?total:1); if (d >= 0.05) printf "%s %s %.2f\n", name, $1, d}' \
+      "$W/threads0" "$W/threads1" >>"$W/threads"
+  fi
 }
 tomillis() { python3 -c "
 v='$1'
@@ -322,6 +337,10 @@ cat "$W/results"
 if [ -s "$W/writer" ]; then
   echo "usage store writer thread, CPU us/request (part of the above), each run:"
   awk '{a[$1]=a[$1]" "$2} END {for (n in a) print "  " n ":" a[n]}' "$W/writer"
+fi
+if [ -s "$W/threads" ]; then
+  echo "CPU us/request by thread (THREADS=1; threads above 0.05), each run:"
+  awk '{k=$1" "$2; a[k]=a[k]" "$3} END {for (k in a) print "  " k ":" a[k]}' "$W/threads" | sort
 fi
 python3 - "$W/results" <<'PY'
 import statistics, sys, collections
