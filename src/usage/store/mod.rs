@@ -13,6 +13,7 @@
 //! (and past its size are dropped and counted) until it is back. Queries ([`query`]) run on
 //! their own connection, never on the writer's, the same SQL on both backends ([`db::Db`]).
 
+mod bulk_insert;
 mod csv_export;
 pub mod db;
 mod pg_read;

@@ -1,6 +1,7 @@
 //! The SQLite side of the usage store: the schema, opening the file (with the startup checks),
 //! and the writer's batch, roll-up and retention statements.
 
+use super::bulk_insert::BulkInsert;
 use super::db::{Db, Param, Row};
 use super::roll_up::{int, roll_up};
 use super::{Sink, StoreError, StoreRow, StoreStats, RETENTION_STEP};
@@ -184,11 +185,10 @@ pub(super) struct Writer {
 /// so SQLite keeps no statement journal for a multi-row insert (with the default `ABORT` it
 /// wrote every page the statement touched to a temporary file first, to undo just that
 /// statement). A failure still rolls the whole batch back: [`Writer::write_batch`] does.
-const INSERT_CALL: &str =
+const INSERT_CALLS: &str =
     "INSERT OR FAIL INTO calls (created_at, request_id, key_id, key_name, grp, model,
     prompt_tokens, completion_tokens, quota, is_stream, status, duration_ms, first_byte_ms,
-    account, upstream, target, attempts, path, error_code)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)";
+    account, upstream, target, attempts, path, error_code) ";
 
 const UPSERT_HOUR: &str = "INSERT INTO hourly (hour, key_id, model, account, requests, errors,
     prompt_tokens, completion_tokens, quota) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
@@ -205,39 +205,8 @@ const ROWS_PER_INSERT: usize = 32;
 
 /// `INSERT INTO calls … VALUES (…), (…), …` for `n` rows.
 pub(super) fn insert_many_sql(n: usize) -> String {
-    let head = INSERT_CALL
-        .split_once("VALUES")
-        .map_or(INSERT_CALL, |(h, _)| h);
     let one = format!("({})", vec!["?"; CALL_COLUMNS].join(", "));
-    format!("{head}VALUES {}", vec![one; n].join(", "))
-}
-
-/// Bind call `r` to parameters `at + 1 ..= at + 19` of `stmt`.
-fn bind_call(
-    stmt: &mut rusqlite::CachedStatement<'_>,
-    at: usize,
-    r: &StoreRow<&str>,
-) -> rusqlite::Result<()> {
-    stmt.raw_bind_parameter(at + 1, r.created_at)?;
-    stmt.raw_bind_parameter(at + 2, r.request_id)?;
-    stmt.raw_bind_parameter(at + 3, int(r.key_id))?;
-    stmt.raw_bind_parameter(at + 4, r.key_name)?;
-    stmt.raw_bind_parameter(at + 5, r.group)?;
-    stmt.raw_bind_parameter(at + 6, r.model)?;
-    stmt.raw_bind_parameter(at + 7, int(r.prompt_tokens))?;
-    stmt.raw_bind_parameter(at + 8, int(r.completion_tokens))?;
-    stmt.raw_bind_parameter(at + 9, r.quota)?;
-    stmt.raw_bind_parameter(at + 10, r.is_stream)?;
-    stmt.raw_bind_parameter(at + 11, r.status)?;
-    stmt.raw_bind_parameter(at + 12, int(r.duration_ms))?;
-    stmt.raw_bind_parameter(at + 13, r.first_byte_ms.map(int))?;
-    stmt.raw_bind_parameter(at + 14, r.account)?;
-    stmt.raw_bind_parameter(at + 15, r.upstream)?;
-    stmt.raw_bind_parameter(at + 16, r.target)?;
-    stmt.raw_bind_parameter(at + 17, r.attempts)?;
-    stmt.raw_bind_parameter(at + 18, r.path)?;
-    stmt.raw_bind_parameter(at + 19, r.error_code)?;
-    Ok(())
+    format!("{INSERT_CALLS}VALUES {}", vec![one; n].join(", "))
 }
 
 impl Writer {
@@ -294,21 +263,20 @@ impl Writer {
         let tx = self.conn.transaction()?;
         {
             // Several rows per statement: a statement's step, reset and bind cost more than
-            // the row's own b-tree work.
+            // the row's own b-tree work. Prepared once a batch (a batch is thousands of rows
+            // under load), its texts bound without copies (`bulk_insert.rs`).
             let mut chunks = batch.chunks_exact(ROWS_PER_INSERT);
             {
-                let mut many = tx.prepare_cached(&self.insert_many)?;
+                let mut many =
+                    BulkInsert::prepare(&tx, &self.insert_many, ROWS_PER_INSERT, CALL_COLUMNS)?;
                 for chunk in &mut chunks {
-                    for (i, r) in chunk.iter().enumerate() {
-                        bind_call(&mut many, i * CALL_COLUMNS, r)?;
-                    }
-                    many.raw_execute()?;
+                    many.insert(chunk)?;
                 }
             }
-            let mut one = tx.prepare_cached(INSERT_CALL)?;
-            for r in chunks.remainder() {
-                bind_call(&mut one, 0, r)?;
-                one.raw_execute()?;
+            let rest = chunks.remainder();
+            if !rest.is_empty() {
+                BulkInsert::prepare(&tx, &insert_many_sql(rest.len()), rest.len(), CALL_COLUMNS)?
+                    .insert(rest)?;
             }
             let mut upsert = tx.prepare_cached(UPSERT_HOUR)?;
             for ((key, hour, model, account), s) in roll_up(batch, Cow::Borrowed) {

@@ -456,6 +456,37 @@ fn rows_read_back_as_pushed_texts_and_absent_fields_alike() {
     assert_eq!(got, rows);
 }
 
+#[test]
+fn rows_of_full_statements_and_of_the_rest_read_back_exactly() {
+    // The writer inserts 32 rows a statement and the batch's rest in one more, its texts bound
+    // without copies straight from the queue's buffer: every row of both, with texts of every
+    // length (a NUL, non-ASCII, empty), present or absent, comes back as it was pushed.
+    let rows: Vec<StoreRow> = (0..69i64)
+        .map(|i| {
+            let text = |tag: &str| format!("{tag}-{}", "ü\0x".repeat(i as usize % 7));
+            StoreRow {
+                key_name: text("name"),
+                group: if i % 5 == 0 { String::new() } else { text("g") },
+                account: (i % 3 == 0).then(|| text("acct")),
+                upstream: (i % 2 == 0).then(|| text("up")),
+                target: (i % 4 == 1).then(|| text("t")),
+                error_code: (i % 6 == 5).then(|| text("code")),
+                first_byte_ms: (i % 2 == 1).then_some(i as u64),
+                is_stream: i % 2 == 0,
+                duration_ms: i as u64 * 3,
+                attempts: i as u32 % 4,
+                quota: -i,
+                ..row(1, NOW - 100 + i, &text("model"), 200 + i as u16)
+            }
+        })
+        .collect();
+    let (_dir, store) = store_with(rows.clone());
+    let got = store.read(|c| query::recent(c, 1, 100)).unwrap();
+    let got: Vec<StoreRow> = got.into_iter().rev().map(|c| c.row).collect();
+    assert_eq!(got.len(), rows.len());
+    assert_eq!(got, rows);
+}
+
 /// The account index's `CREATE` statement, and the plan of an account's newest calls.
 fn account_index_and_plan(path: &std::path::Path) -> (String, String) {
     let conn = rusqlite::Connection::open(path).unwrap();
