@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::redis::free_port;
+use common::free_port;
 use common::*;
 use keygate::mock::MockBackend;
 use serde_json::{json, Value};

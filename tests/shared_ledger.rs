@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::redis::{available, free_port, RedisCluster, RedisServer};
+use common::free_port;
+use common::redis::{available, RedisCluster, RedisServer};
 use common::*;
 use keygate::core::pricing::{quota_for, PriceRule, Usage};
 use serde_json::{json, Value};

@@ -338,7 +338,7 @@ async fn deny_admits_again_once_redis_is_back() {
     if !available() {
         return;
     }
-    let port = common::redis::free_port();
+    let port = common::free_port();
     let sync = sync_with(json!({}), json!({"limits": {"rpm": 600}}));
     let env = Env::with(Opts {
         sync,

@@ -450,6 +450,10 @@ pub fn keygate_cli_env(args: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+
 pub mod pg;
 pub mod pools;
 pub mod redis;
+
+/// Defined in `pg.rs`, which `benches/store.rs` includes on its own.
+pub use pg::free_port;

@@ -40,7 +40,8 @@ pub fn available() -> bool {
     found
 }
 
-/// A port nobody listens on now.
+/// A port nobody listens on now, for a server that cannot listen on port 0 and say which port
+/// it got (PostgreSQL, redis-server). Another process may take it before the server does.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -1,6 +1,7 @@
 //! Real `redis-server` processes for the shared-ledger tests: one server, or a 3-node cluster
 //! made with `redis-cli --cluster create`, on free ports in a temporary folder. Killed on drop.
 
+use super::free_port;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -23,14 +24,6 @@ pub fn available() -> bool {
         eprintln!("skipped: redis-server is not installed");
     }
     found
-}
-
-/// A port nobody listens on now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// One redis-server. Its data is kept in an append-only file written on every change, so a
