@@ -1,8 +1,9 @@
 //! The live rate-limit state (SPEC §7): one token bucket for rpm, one for tpm and an in-flight
 //! count per key and per account, and the [`LimitHold`] a call keeps while it runs.
 //!
-//! Lock-free on the request path: a sharded map read to find a scope's state (as for the quota
-//! counters), then compare-and-swap on its atomics. The state outlives table reloads (it is keyed
+//! Lock-free on the request path: a scope's state is found in a sharded map on the first call of
+//! a compiled key or account and then kept with it (`super::handles`), as its quota counter is;
+//! then compare-and-swap on its atomics. The state outlives table reloads (it is keyed
 //! by counter id, and a bucket reads its limit from the current table on every call).
 //!
 //! On the shared ledger (Redis) rpm and tpm are taken from a lease instead: tokens this gateway
