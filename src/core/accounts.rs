@@ -10,8 +10,9 @@ use crate::core::budget::Budget;
 use crate::core::config::{AccountEntry, GroupEntry, KeyEntryOf, KeyStatus, SyncFile};
 use crate::core::limits::Limits;
 use sha2::{Digest as _, Sha256};
+use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Key ids must be below this.
 pub const KEY_ID_LIMIT: u64 = 1 << 62;
@@ -46,6 +47,10 @@ pub struct Account {
     pub budget: Option<Budget>,
     /// The account's counter id in the ledger.
     pub ledger_id: u64,
+    /// The ledger's counter of `ledger_id`, once a call found it.
+    pub counter: LedgerCell,
+    /// The account's rate-limit state, once a call found it.
+    pub live: LedgerCell,
 }
 
 impl Account {
@@ -140,6 +145,8 @@ impl Accounts {
                 limits,
                 budget,
                 ledger_id,
+                counter: LedgerCell::default(),
+                live: LedgerCell::default(),
             });
         }
         Ok(out)
@@ -156,6 +163,45 @@ pub struct KeyPolicy {
     pub limits: Limits,
     /// The key's budget.
     pub budget: Option<Budget>,
+    /// The ledger's counter of the key, once a call found it.
+    pub counter: LedgerCell,
+    /// The key's rate-limit state, once a call found it.
+    pub live: LedgerCell,
+}
+
+/// What the ledger found for a compiled key or account (its counter, its rate-limit state),
+/// kept with the record so that each call does not look it up again in a shared map (a shard
+/// lock, a probe and a reference count each, several per call). Filled on first use and kept
+/// as long as the table; a reload compiles new records with empty cells. Opaque here, since
+/// the core knows no ledger types: the ledger puts its own value in and reads it back by type,
+/// and checks that the value is its own (a table may be used with several ledgers). A clone
+/// starts empty: the copy finds its own.
+#[derive(Default)]
+pub struct LedgerCell(OnceLock<Box<dyn Any + Send + Sync>>);
+
+impl LedgerCell {
+    /// The value, made by `init` if the cell is empty; `None` when it holds another type.
+    #[inline]
+    pub fn get_or_init<T: Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> Option<&T> {
+        self.0.get_or_init(|| Box::new(init())).downcast_ref()
+    }
+}
+
+impl Clone for LedgerCell {
+    fn clone(&self) -> LedgerCell {
+        LedgerCell::default()
+    }
+}
+
+impl std::fmt::Debug for LedgerCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = if self.0.get().is_some() {
+            "filled"
+        } else {
+            "empty"
+        };
+        write!(f, "LedgerCell({state})")
+    }
 }
 
 /// Compiles every key's [`KeyPolicy`], counting keys per account for `max_keys`.
@@ -245,6 +291,8 @@ impl PolicyCompiler {
             account,
             limits,
             budget,
+            counter: LedgerCell::default(),
+            live: LedgerCell::default(),
         })))
     }
 }
@@ -281,5 +329,15 @@ mod tests {
         assert_eq!(b & (3 << 62), BUDGET_TAG);
         assert_ne!(budget_ledger_id(1, 0), budget_ledger_id(1, 86_400));
         assert_ne!(budget_ledger_id(1, 0), budget_ledger_id(2, 0));
+    }
+
+    #[test]
+    fn a_ledger_cell_keeps_its_first_value_and_a_clone_starts_empty() {
+        let cell = LedgerCell::default();
+        assert_eq!(cell.get_or_init(|| 7u64), Some(&7));
+        assert_eq!(cell.get_or_init(|| 8u64), Some(&7));
+        // Another type is not there: the caller looks it up instead.
+        assert_eq!(cell.get_or_init(|| 9u32), None);
+        assert_eq!(cell.clone().get_or_init(|| 8u64), Some(&8));
     }
 }

@@ -92,6 +92,7 @@ pub async fn admit_policy(
         id: key.id,
         scope: Scope::Key,
         limits: policy.limits,
+        cell: Some(&policy.live),
     });
     let account_scope = account
         .filter(|a| !a.limits.is_empty())
@@ -99,6 +100,7 @@ pub async fn admit_policy(
             id: a.ledger_id,
             scope: Scope::Account,
             limits: a.limits,
+            cell: Some(&a.live),
         });
     // Key first, then account.
     let scopes: Scopes = key_scope.into_iter().chain(account_scope).collect();
@@ -125,20 +127,21 @@ pub async fn admit_policy(
     // At most four parts: the key, its account, and a budget of each.
     let mut parts = Parts::new();
     let mut kinds = ArrayVec::<PartKind, MAX_PARTS>::new();
-    let mut push = |part: Part, kind| {
+    let mut push = |part, kind| {
         parts.push(part);
         kinds.push(kind);
     };
     push(
-        Part::lifetime(
+        Part::lifetime_in(
             key.id,
             (!key.unlimited_quota).then(|| key.quota.saturating_sub(key.used)),
+            &policy.counter,
         ),
         PartKind::Key,
     );
     if let Some(a) = account {
         push(
-            Part::lifetime(a.ledger_id, a.quota_limit()),
+            Part::lifetime_in(a.ledger_id, a.quota_limit(), &a.counter),
             PartKind::Account(&a.id),
         );
     }
@@ -158,6 +161,7 @@ pub async fn admit_policy(
                 id: budget_ledger_id(scope, w.current),
                 limit: Some(budget.amount.saturating_sub(earlier)),
                 until: w.until,
+                cell: None,
             },
             PartKind::Budget {
                 whose,
@@ -254,5 +258,63 @@ fn quota_denial(kind: Option<&PartKind<'_>>, e: ReserveError, amount: i64, now: 
             Reason::InsufficientQuota,
             format!("This API key has {remaining} quota units left; this call needs up to {amount}."),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::table::key_digest;
+
+    /// The cells of a compiled key and account keep the counters and limit state of the ledger
+    /// and book that filled them; the same table used with another pair (a test's, a bench's)
+    /// charges that pair's own, and both go on counting correctly.
+    #[tokio::test]
+    async fn one_table_with_two_ledgers_charges_each_its_own_counters() {
+        let table = KeyTable::from_json(
+            br#"{"accounts":{"acme":{"quota":100,"limits":{"concurrency":1}}},
+                "keys":[{"id":1,"key":"a","quota":1000,"account":"acme","limits":{"rpm":100}}]}"#,
+            "t",
+        )
+        .unwrap();
+        let key = table.lookup(&key_digest(b"a")).unwrap();
+        let acme = table.accounts().by_id("acme").unwrap().ledger_id;
+        let pairs = [
+            (Ledger::in_memory(), LimitBook::new()),
+            (Ledger::in_memory(), LimitBook::new()),
+        ];
+        let admit = |(ledger, book): &(Ledger, LimitBook)| {
+            futures_util::FutureExt::now_or_never(admit_policy(
+                ledger,
+                book,
+                &table,
+                key,
+                10,
+                30,
+                100,
+                mono_ns(),
+            ))
+            .expect("an in-memory ledger never waits")
+        };
+        for (i, pair) in pairs.iter().enumerate() {
+            let (r, hold) = admit(pair).unwrap();
+            // The account's one slot is held in this book only.
+            assert!(admit(pair).is_err());
+            r.settle(20 + i as i64);
+            drop(hold);
+        }
+        for (i, (ledger, book)) in pairs.iter().enumerate() {
+            let used = 20 + i as i64;
+            assert_eq!((ledger.consumed(1), ledger.consumed(acme)), (used, used));
+            assert_eq!(book.peek(1).unwrap().requests(100, mono_ns()).0, 99);
+            assert_eq!(book.peek(acme).unwrap().inflight(), 0);
+        }
+        // Room left on the account of the first ledger (80) but not for 90.
+        let (ledger, book) = &pairs[0];
+        assert!(
+            admit_policy(ledger, book, &table, key, 10, 90, 100, mono_ns())
+                .await
+                .is_err()
+        );
     }
 }

@@ -11,7 +11,8 @@
 //! alerts (SPEC §7) look for thresholds in it.
 
 use super::reservation::{Held, Hold};
-use super::{headroom, Ledger, Reservation, ReserveError, MAX_AMOUNT};
+use super::{handles, headroom, Ledger, Reservation, ReserveError, MAX_AMOUNT};
+use crate::core::accounts::LedgerCell;
 use arrayvec::ArrayVec;
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -19,11 +20,11 @@ use std::sync::atomic::{AtomicI64, Ordering};
 pub const MAX_PARTS: usize = 4;
 
 /// The counters of a joint reservation, in the order they are taken (on the stack).
-pub type Parts = ArrayVec<Part, MAX_PARTS>;
+pub type Parts<'a> = ArrayVec<Part<'a>, MAX_PARTS>;
 
 /// One counter of a joint reservation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Part {
+#[derive(Clone, Copy, Debug)]
+pub struct Part<'a> {
     /// Counter id (key id, account or budget-period counter id).
     pub id: u64,
     /// What the counter may commit in total; `None` = no cap.
@@ -31,15 +32,30 @@ pub struct Part {
     /// When the counter may be dropped, in unix seconds (a budget period's counter, once no
     /// window reads it: [`crate::core::budget::Window::until`]); 0: never (lifetime counters).
     pub until: i64,
+    /// Where the counter is kept once found (a lifetime counter of a compiled key or account):
+    /// later calls take it from there, not from the ledger's map.
+    pub cell: Option<&'a LedgerCell>,
 }
 
-impl Part {
+impl<'a> Part<'a> {
     /// A counter kept for ever (a key's or an account's lifetime quota).
-    pub const fn lifetime(id: u64, limit: Option<i64>) -> Part {
+    pub const fn lifetime(id: u64, limit: Option<i64>) -> Part<'a> {
         Part {
             id,
             limit,
             until: 0,
+            cell: None,
+        }
+    }
+
+    /// [`Part::lifetime`], its counter kept in `cell` once found. Only lifetime counters are
+    /// kept: a kept counter is never dropped (see `handles`), and a budget period's must be.
+    pub const fn lifetime_in(id: u64, limit: Option<i64>, cell: &'a LedgerCell) -> Part<'a> {
+        Part {
+            id,
+            limit,
+            until: 0,
+            cell: Some(cell),
         }
     }
 }
@@ -49,7 +65,7 @@ impl Ledger {
     /// index) and why. The returned reservation settles every part with the same actual.
     pub async fn reserve_all(
         &self,
-        parts: &Parts,
+        parts: &Parts<'_>,
         amount: i64,
     ) -> Result<Reservation, (usize, ReserveError)> {
         if parts.is_empty() {
@@ -90,7 +106,7 @@ impl Ledger {
         };
         for (i, p) in parts.iter().enumerate() {
             // Dropping `r` on the error path refunds every part taken so far.
-            let counter = self.counter(p.id);
+            let counter = handles::kept(p.cell, &self.shared, p.id, |id| self.counter(id));
             note_until(&counter.until, p.until);
             let previous = counter
                 .committed
@@ -230,5 +246,42 @@ mod tests {
             .unwrap()
             .settle_observed(0, &mut |_| none += 1);
         assert_eq!((none, l.counter(1).committed()), (0, 55));
+    }
+
+    /// A counter kept in a record's cell serves only the ledger it came from, for its id: a
+    /// table used with a second ledger, or a part of another id, charges the right counter.
+    #[tokio::test]
+    async fn a_kept_counter_serves_only_its_own_ledger_and_id() {
+        let cell = LedgerCell::default();
+        let (first, second) = (Ledger::in_memory(), Ledger::in_memory());
+        let on = |id| Parts::from_iter([Part::lifetime_in(id, Some(100), &cell)]);
+        first.reserve_all(&on(1), 10).await.unwrap().settle(10);
+        second.reserve_all(&on(1), 10).await.unwrap().settle(7);
+        first.reserve_all(&on(2), 10).await.unwrap().settle(5);
+        first.reserve_all(&on(1), 10).await.unwrap().settle(1);
+        assert_eq!(
+            (first.consumed(1), second.consumed(1), first.consumed(2)),
+            (11, 7, 5)
+        );
+        assert_eq!(second.counter(1).committed(), 7);
+    }
+
+    /// A ledger reopened from its files (a restart, a test's second ledger) does not use the
+    /// counters kept for the one before: its own counter is charged and checked.
+    #[tokio::test]
+    async fn a_reopened_ledger_does_not_use_the_counters_kept_for_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let cell = LedgerCell::default();
+        let parts = Parts::from_iter([Part::lifetime_in(1, Some(100), &cell)]);
+        let old = Ledger::open(dir.path()).unwrap();
+        old.reserve_all(&parts, 10).await.unwrap().settle(40);
+        old.shutdown().unwrap();
+        drop(old);
+        let new = Ledger::open(dir.path()).unwrap();
+        new.reserve_all(&parts, 10).await.unwrap().settle(40);
+        assert_eq!(new.consumed(1), 80);
+        // 80 of 100 on the reopened counter: 30 more do not fit.
+        assert!(new.reserve_all(&parts, 30).await.is_err());
+        new.shutdown().unwrap();
     }
 }

@@ -1,8 +1,9 @@
 //! The live rate-limit state (SPEC §7): one token bucket for rpm, one for tpm and an in-flight
 //! count per key and per account, and the [`LimitHold`] a call keeps while it runs.
 //!
-//! Lock-free on the request path: a sharded map read to find a scope's state (as for the quota
-//! counters), then compare-and-swap on its atomics. The state outlives table reloads (it is keyed
+//! Lock-free on the request path: a scope's state is found in a sharded map on the first call of
+//! a compiled key or account and then kept with it (`super::handles`), as its quota counter is;
+//! then compare-and-swap on its atomics. The state outlives table reloads (it is keyed
 //! by counter id, and a bucket reads its limit from the current table on every call).
 //!
 //! On the shared ledger (Redis) rpm and tpm are taken from a lease instead: tokens this gateway
@@ -12,7 +13,8 @@
 //! and goes back to them when the call ends.
 
 use super::lease::slot::{spare_slots, LeaseTake, RateSlot, SpareSlots, CONC, RPM, TPM};
-use super::IdMap;
+use super::{handles, IdMap};
+use crate::core::accounts::LedgerCell;
 use crate::core::limits::{go_duration, Bucket, Limits, Take, WINDOW_NS};
 use arrayvec::ArrayVec;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -114,17 +116,20 @@ pub(crate) enum Refused {
 pub const MAX_SCOPES: usize = 2;
 
 /// The scopes of one call, key first (on the stack).
-pub type Scopes = ArrayVec<ScopeLimits, MAX_SCOPES>;
+pub type Scopes<'a> = ArrayVec<ScopeLimits<'a>, MAX_SCOPES>;
 
 /// A scope to check: its counter id, kind and limits.
 #[derive(Clone, Copy, Debug)]
-pub struct ScopeLimits {
+pub struct ScopeLimits<'a> {
     /// Key id or account counter id.
     pub id: u64,
     /// Key or account.
     pub scope: Scope,
     /// Its limits.
     pub limits: Limits,
+    /// Where its live state is kept once found (a compiled key's or account's): later calls
+    /// take it from there, not from the book's map. Not used on the shared ledger.
+    pub cell: Option<&'a LedgerCell>,
 }
 
 pub(crate) struct Part {
@@ -182,7 +187,12 @@ impl LimitBook {
 
     /// Take one request, `tokens` tokens and a concurrency slot in every scope, or none of
     /// them. `now` is [`mono_ns`] (a test passes its own).
-    pub fn admit(&self, scopes: &Scopes, tokens: u64, now: i64) -> Result<LimitHold, LimitRefusal> {
+    pub fn admit(
+        &self,
+        scopes: &Scopes<'_>,
+        tokens: u64,
+        now: i64,
+    ) -> Result<LimitHold, LimitRefusal> {
         for s in scopes {
             if let Some(tpm) = s.limits.tpm {
                 if tokens > u64::from(tpm) {
@@ -196,7 +206,8 @@ impl LimitBook {
             spare: None,
         };
         for s in scopes.iter().filter(|s| !s.limits.is_empty()) {
-            let mut part = Part::new(s, self.scope(s.id), false);
+            let live = handles::kept(s.cell, &self.shared, s.id, |id| self.scope(id));
+            let mut part = Part::new(s, live, false);
             let refused = part
                 .take_slot(&self.shared)
                 .and_then(|()| part.take_local(tokens, now));
@@ -214,7 +225,7 @@ impl LimitBook {
     /// `spare` is told when a slot that came back leaves too many spare.
     pub(crate) fn admit_leased(
         &self,
-        scopes: &Scopes,
+        scopes: &Scopes<'_>,
         tokens: u64,
         now: i64,
         spare: &Arc<dyn SpareSlots>,
@@ -253,7 +264,7 @@ impl LimitBook {
 impl Part {
     /// Scope `s`'s share of a call, nothing taken yet; `shared`: rpm and tpm from its lease.
     #[inline]
-    fn new(s: &ScopeLimits, live: Arc<ScopeLive>, shared: bool) -> Part {
+    fn new(s: &ScopeLimits<'_>, live: Arc<ScopeLive>, shared: bool) -> Part {
         Part {
             id: s.id,
             live,
@@ -535,7 +546,7 @@ mod tests {
 
     const S: i64 = 1_000_000_000;
 
-    fn on(scopes: &[ScopeLimits]) -> Scopes {
+    fn on<'a>(scopes: &[ScopeLimits<'a>]) -> Scopes<'a> {
         scopes.iter().copied().collect()
     }
 
@@ -545,7 +556,7 @@ mod tests {
         rpm: Option<u32>,
         tpm: Option<u32>,
         c: Option<u32>,
-    ) -> ScopeLimits {
+    ) -> ScopeLimits<'static> {
         ScopeLimits {
             id,
             scope,
@@ -554,6 +565,7 @@ mod tests {
                 tpm,
                 concurrency: c,
             },
+            cell: None,
         }
     }
 
@@ -609,5 +621,33 @@ mod tests {
             "{hdr:?}"
         );
         assert!(hdr.contains(&("ratelimit-policy", "\"tokens\";q=100;w=60".into())));
+    }
+
+    /// A scope's state kept in a record's cell serves only the book it came from, for its id:
+    /// a table used with a second book, or a scope of another id, takes the right slot.
+    #[test]
+    fn a_kept_scope_serves_only_its_own_book_and_id() {
+        let cell = LedgerCell::default();
+        let (first, second) = (LimitBook::new(), LimitBook::new());
+        let key = |id| ScopeLimits {
+            cell: Some(&cell),
+            ..scope(id, Scope::Key, None, None, Some(1))
+        };
+        let _a = first.admit(&on(&[key(1)]), 0, 0).unwrap();
+        let _b = second.admit(&on(&[key(1)]), 0, 0).unwrap();
+        let _c = first.admit(&on(&[key(2)]), 0, 0).unwrap();
+        let inflight = |book: &LimitBook, id| book.peek(id).map(|s| s.inflight());
+        assert_eq!(
+            (
+                inflight(&first, 1),
+                inflight(&second, 1),
+                inflight(&first, 2)
+            ),
+            (Some(1), Some(1), Some(1))
+        );
+        assert_eq!(
+            first.admit(&on(&[key(1)]), 0, 0).unwrap_err(),
+            LimitRefusal::Concurrency(Scope::Key)
+        );
     }
 }

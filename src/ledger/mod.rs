@@ -26,6 +26,7 @@
 
 mod expiry;
 mod files;
+mod handles;
 mod joint;
 mod lease;
 pub mod limits;
@@ -771,6 +772,7 @@ mod tests {
             id: crate::core::accounts::budget_ledger_id(7, 0),
             limit: Some(500),
             until: 1_000,
+            cell: None,
         };
         let parts = Parts::from_iter([Part::lifetime(7, None), budget]);
         l.reserve_all(&parts, 10).await.unwrap().settle(10);
@@ -806,6 +808,7 @@ mod tests {
                     id: budget,
                     limit: Some(500),
                     until,
+                    cell: None,
                 },
             ])
         };

@@ -186,7 +186,7 @@ impl RateLeases {
 
     /// Ask for tokens for the scope `s` and wait for the answer: false when Redis did not
     /// answer.
-    async fn fill(&self, s: &ScopeLimits, live: Arc<ScopeLive>, tokens: u64) -> bool {
+    async fn fill(&self, s: &ScopeLimits<'_>, live: Arc<ScopeLive>, tokens: u64) -> bool {
         let (tx, rx) = oneshot::channel();
         let t = i64::try_from(tokens).unwrap_or(i64::MAX);
         let ask = Ask {
@@ -261,7 +261,7 @@ impl LimitBook {
     pub(crate) async fn admit_shared(
         &self,
         rates: &Arc<RateLeases>,
-        scopes: &Scopes,
+        scopes: &Scopes<'_>,
         tokens: u64,
     ) -> Result<LimitHold, LimitRefusal> {
         let first = scopes.first().map(|s| s.scope);
