@@ -261,7 +261,7 @@ writer_ns() {
 threads_ns() {
   local f
   for f in /proc/"$1"/task/*; do
-    printf '%s %s\n' "$(tr ' ' _ <"$f/comm" 2>/dev/null)" "$(awk '{print $1}' "$f/schedstat" 2>/dev/null)"
+    printf '%s %s\n' "$(tr ' ' _ 2>/dev/null <"$f/comm")" "$(awk '{print $1}' "$f/schedstat" 2>/dev/null)"
   done | awk '$2 != "" {a[$1]+=$2} END {for (n in a) print n, a[n]}'
 }
 # The shared ledger's Redis calls so far (keygate_ledger_backend_operations_total).

@@ -71,8 +71,8 @@ impl<'c> BulkInsert<'c> {
         let params = unsafe { ffi::sqlite3_bind_parameter_count(stmt.as_ptr()) };
         if usize::try_from(params).ok() != Some(rows * columns) {
             return Err(rusqlite::Error::InvalidParameterCount(
-                usize::try_from(params).unwrap_or(0),
                 rows * columns,
+                usize::try_from(params).unwrap_or(0),
             ));
         }
         Ok(insert)
@@ -87,7 +87,10 @@ impl<'c> BulkInsert<'c> {
             ));
         }
         let mut at = 0;
-        let bound = rows.iter().try_for_each(|r| self.bind_row(&mut at, r));
+        // SAFETY: the bindings are cleared below, before `rows` can go away.
+        let bound = rows
+            .iter()
+            .try_for_each(|r| unsafe { self.bind_row(&mut at, r) });
         let stepped = bound.and_then(|()| {
             // SAFETY: every parameter is bound, the texts to `rows`, which outlive this call.
             let rc = unsafe { ffi::sqlite3_step(self.stmt.as_ptr()) };
@@ -106,7 +109,11 @@ impl<'c> BulkInsert<'c> {
     }
 
     /// Bind call `r` to the next 19 parameters (`at` counts them).
-    fn bind_row(&self, at: &mut c_int, r: &StoreRow<&str>) -> rusqlite::Result<()> {
+    ///
+    /// # Safety
+    /// The statement then points into `r`'s texts: it must be stepped and its bindings
+    /// cleared while they live (as [`BulkInsert::insert`] does).
+    unsafe fn bind_row(&self, at: &mut c_int, r: &StoreRow<&str>) -> rusqlite::Result<()> {
         self.int(at, r.created_at)?;
         self.text(at, Some(r.request_id))?;
         self.int(at, int(r.key_id))?;
@@ -151,20 +158,29 @@ impl<'c> BulkInsert<'c> {
         self.check(unsafe { ffi::sqlite3_bind_null(self.stmt.as_ptr(), *at) })
     }
 
-    /// Bind `v` without a copy (`SQLITE_STATIC`): [`BulkInsert::insert`] clears it before the
-    /// text can go away.
-    fn text(&self, at: &mut c_int, v: Option<&str>) -> rusqlite::Result<()> {
+    /// Bind `v` without a copy (`SQLITE_STATIC`).
+    ///
+    /// # Safety
+    /// As [`BulkInsert::bind_row`]: the binding must be cleared before `v` goes away.
+    unsafe fn text(&self, at: &mut c_int, v: Option<&str>) -> rusqlite::Result<()> {
         let Some(v) = v else {
             return self.null(at);
         };
         *at += 1;
-        // SAFETY: `v` is valid UTF-8 for `v.len()` bytes and outlives the step that reads it
-        // (see `insert`); SQLite copies nothing and frees nothing (`SQLITE_STATIC`).
+        // An empty text of an empty buffer is a dangling (if never read) pointer: give SQLite
+        // a real one.
+        let ptr = if v.is_empty() {
+            "".as_ptr()
+        } else {
+            v.as_ptr()
+        };
+        // SAFETY: `ptr` is valid UTF-8 for `v.len()` bytes, which the caller keeps alive until
+        // the binding is cleared; SQLite copies nothing and frees nothing (`SQLITE_STATIC`).
         self.check(unsafe {
             ffi::sqlite3_bind_text64(
                 self.stmt.as_ptr(),
                 *at,
-                v.as_ptr().cast(),
+                ptr.cast(),
                 v.len() as u64,
                 ffi::SQLITE_STATIC(),
                 ffi::SQLITE_UTF8 as u8,

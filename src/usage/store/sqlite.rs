@@ -266,7 +266,7 @@ impl Writer {
             // the row's own b-tree work. Prepared once a batch (a batch is thousands of rows
             // under load), its texts bound without copies (`bulk_insert.rs`).
             let mut chunks = batch.chunks_exact(ROWS_PER_INSERT);
-            {
+            if batch.len() >= ROWS_PER_INSERT {
                 let mut many =
                     BulkInsert::prepare(&tx, &self.insert_many, ROWS_PER_INSERT, CALL_COLUMNS)?;
                 for chunk in &mut chunks {
