@@ -180,6 +180,11 @@ pub struct KeyPolicy {
 pub struct LedgerCell(OnceLock<Box<dyn Any + Send + Sync>>);
 
 impl LedgerCell {
+    /// Whether a value was put in.
+    pub fn is_filled(&self) -> bool {
+        self.0.get().is_some()
+    }
+
     /// The value, made by `init` if the cell is empty; `None` when it holds another type.
     #[inline]
     pub fn get_or_init<T: Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> Option<&T> {
@@ -195,11 +200,7 @@ impl Clone for LedgerCell {
 
 impl std::fmt::Debug for LedgerCell {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = if self.0.get().is_some() {
-            "filled"
-        } else {
-            "empty"
-        };
+        let state = if self.is_filled() { "filled" } else { "empty" };
         write!(f, "LedgerCell({state})")
     }
 }

@@ -296,8 +296,19 @@ mod tests {
             ))
             .expect("an in-memory ledger never waits")
         };
+        let policy = key.policy.as_deref().unwrap();
+        let account = table.account_of(key).unwrap();
+        let cells = [
+            &policy.counter,
+            &policy.live,
+            &account.counter,
+            &account.live,
+        ];
+        assert!(cells.iter().all(|c| !c.is_filled()));
         for (i, pair) in pairs.iter().enumerate() {
             let (r, hold) = admit(pair).unwrap();
+            // The first call kept what it found (the first pair's).
+            assert!(cells.iter().all(|c| c.is_filled()));
             // The account's one slot is held in this book only.
             assert!(admit(pair).is_err());
             r.settle(20 + i as i64);
@@ -316,5 +327,41 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    /// On the shared ledger nothing is kept in the records' cells, not even when Redis is away
+    /// and `on_unavailable: allow` admits from this gateway's own buckets: the rate worker
+    /// forgets a scope once only it and the book hold it, and a kept reference would pin it.
+    #[tokio::test]
+    async fn the_shared_ledger_keeps_nothing_in_the_records_cells() {
+        use crate::core::config::OnUnavailable;
+        use crate::ledger::RedisSettings;
+        let table = KeyTable::from_json(
+            br#"{"accounts":{"acme":{"quota":100,"limits":{"rpm":100}}},
+                "keys":[{"id":1,"key":"a","quota":1000,"account":"acme","limits":{"rpm":100}}]}"#,
+            "t",
+        )
+        .unwrap();
+        let key = table.lookup(&key_digest(b"a")).unwrap();
+        // A port nobody listens on: Redis is away from the first call.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let settings = RedisSettings {
+            urls: vec![format!("redis://127.0.0.1:{port}")],
+            cluster: false,
+            on_unavailable: OnUnavailable::Allow,
+            timeout: std::time::Duration::from_millis(200),
+            lease_ttl: std::time::Duration::from_secs(30),
+        };
+        let ledger = Ledger::redis(settings, None).unwrap();
+        let book = LimitBook::new();
+        let admitted = admit_policy(&ledger, &book, &table, key, 10, 30, 100, mono_ns()).await;
+        assert!(admitted.is_ok(), "allow admits while Redis is away");
+        let policy = key.policy.as_deref().unwrap();
+        let account = table.account_of(key).unwrap();
+        assert!(!policy.live.is_filled() && !account.live.is_filled());
+        assert!(!policy.counter.is_filled() && !account.counter.is_filled());
     }
 }

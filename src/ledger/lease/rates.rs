@@ -264,6 +264,14 @@ impl LimitBook {
         scopes: &Scopes<'_>,
         tokens: u64,
     ) -> Result<LimitHold, LimitRefusal> {
+        // No state is kept in the records' cells here: the rate worker forgets a scope once
+        // only it and the book hold it, and a kept reference would pin it (Allow mode below
+        // goes through the local `admit`).
+        let unkept: Scopes<'_> = scopes
+            .iter()
+            .map(|s| ScopeLimits { cell: None, ..*s })
+            .collect();
+        let scopes = &unkept;
         let first = scopes.first().map(|s| s.scope);
         let unavailable =
             || LimitRefusal::Unavailable(first.unwrap_or(crate::ledger::limits::Scope::Key));
