@@ -349,11 +349,13 @@ fn bench_admission(c: &mut Criterion) {
 /// `with_limits/base/<n>` is the plain admission on that table; `with_limits/policy/<n>` adds
 /// the limits, the joint key+account+budget reservation and its settle (in-memory ledger):
 /// the difference is what accounts, budgets and limits add per call.
+/// `with_limits/policy_admit_only/<n>` times the same admission without its settle (64 calls
+/// under the clock, then settled off it): what the request waits for before it goes upstream.
 fn bench_policy(c: &mut Criterion) {
     use keygate::config::{AccountEntry, BudgetEntry, LimitsEntry};
     use keygate::gate::accounts::admit_policy;
-    use keygate::ledger::limits::{mono_ns, LimitBook};
-    use keygate::ledger::Ledger;
+    use keygate::ledger::limits::{mono_ns, LimitBook, LimitHold};
+    use keygate::ledger::{Ledger, Reservation};
     let upstreams = upstreams();
     let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let now = unix_now();
@@ -401,28 +403,50 @@ fn bench_policy(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("base", n), &n, |b, _| {
             b.iter(|| admit_full(black_box(&table), &upstreams, black_box(&hot), peer, now))
         });
-        group.bench_with_input(BenchmarkId::new("policy", n), &n, |b, _| {
-            b.iter(|| {
-                let a = admit_key(black_box(&table), black_box(&hot), None, peer, &[], now)
-                    .expect("admitted");
-                let key = table.at_slot(a.slot).expect("in table");
-                admit_model(&table, key, &upstreams, MODEL).expect("model admitted");
-                let (r, hold) = futures_util::FutureExt::now_or_never(admit_policy(
-                    &ledger,
-                    &book,
-                    &table,
-                    key,
-                    100,
-                    10,
-                    now,
-                    mono_ns(),
-                ))
-                .expect("an in-memory ledger never waits")
+        let admit = || {
+            let a = admit_key(black_box(&table), black_box(&hot), None, peer, &[], now)
                 .expect("admitted");
-                if let Some(mut h) = hold {
-                    h.settle_tokens(100, mono_ns());
+            let key = table.at_slot(a.slot).expect("in table");
+            admit_model(&table, key, &upstreams, MODEL).expect("model admitted");
+            futures_util::FutureExt::now_or_never(admit_policy(
+                &ledger,
+                &book,
+                &table,
+                key,
+                100,
+                10,
+                now,
+                mono_ns(),
+            ))
+            .expect("an in-memory ledger never waits")
+            .expect("admitted")
+        };
+        let settle = |(r, hold): (Reservation, Option<LimitHold>)| {
+            if let Some(mut h) = hold {
+                h.settle_tokens(100, mono_ns());
+            }
+            r.settle(10);
+        };
+        group.bench_with_input(BenchmarkId::new("policy", n), &n, |b, _| {
+            b.iter(|| settle(admit()))
+        });
+        // The admission alone: calls admitted 64 at a time under the clock, settled after it.
+        group.bench_with_input(BenchmarkId::new("policy_admit_only", n), &n, |b, _| {
+            let mut held = Vec::with_capacity(64);
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let batch = left.min(64);
+                    let t = Instant::now();
+                    for _ in 0..batch {
+                        held.push(admit());
+                    }
+                    timed += t.elapsed();
+                    held.drain(..).for_each(settle);
+                    left -= batch;
                 }
-                r.settle(10);
+                timed
             })
         });
     }
