@@ -92,19 +92,6 @@ fn sync_bytes(env: &Env) -> Vec<u8> {
     std::fs::read(env.dir.path().join("keys.json")).unwrap()
 }
 
-async fn chat_status(env: &Env, key: &str) -> u16 {
-    client()
-        .post(env.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .header("content-type", "application/json")
-        .body(chat_body("gpt-4o-mini"))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_created_key_works_in_the_next_request_and_its_secret_is_shown_once() {
     let env = env().await;
@@ -122,7 +109,7 @@ async fn a_created_key_works_in_the_next_request_and_its_secret_is_shown_once() 
     let id = k["id"].as_u64().unwrap();
     assert_eq!(k["state"], "enabled");
     // In force before the answer: no sleep, no retry.
-    assert_eq!(chat_status(&env, &secret).await, 200);
+    assert_eq!(chat_status(&env.gw.base, &secret).await, 200);
     // Never shown again.
     let (s, got) = api
         .admin("GET", &format!("/admin/v1/keys/{id}"), None)
@@ -162,10 +149,10 @@ async fn a_created_key_works_in_the_next_request_and_its_secret_is_shown_once() 
         .admin("POST", &format!("/admin/v1/keys/{id}/disable"), None)
         .await;
     assert_eq!((s, got["state"].as_str()), (200, Some("disabled")));
-    assert_eq!(chat_status(&env, &secret).await, 401);
+    assert_eq!(chat_status(&env.gw.base, &secret).await, 401);
     api.admin("POST", &format!("/admin/v1/keys/{id}/enable"), None)
         .await;
-    assert_eq!(chat_status(&env, &secret).await, 200);
+    assert_eq!(chat_status(&env.gw.base, &secret).await, 200);
 
     // Rotate: the new secret works at once, the old one no longer.
     let (s, rot) = api
@@ -177,8 +164,8 @@ async fn a_created_key_works_in_the_next_request_and_its_secret_is_shown_once() 
         .await;
     assert_eq!(s, 200, "{rot}");
     let new = rot["secret"].as_str().unwrap();
-    assert_eq!(chat_status(&env, new).await, 200);
-    assert_eq!(chat_status(&env, &secret).await, 401);
+    assert_eq!(chat_status(&env.gw.base, new).await, 200);
+    assert_eq!(chat_status(&env.gw.base, &secret).await, 401);
 
     // Reveal without a vault: 409 not_recoverable.
     let (s, r) = api
@@ -194,7 +181,7 @@ async fn a_created_key_works_in_the_next_request_and_its_secret_is_shown_once() 
         .admin("DELETE", &format!("/admin/v1/keys/{id}"), None)
         .await;
     assert_eq!(s, 200);
-    assert_eq!(chat_status(&env, new).await, 401);
+    assert_eq!(chat_status(&env.gw.base, new).await, 401);
     let (s, _) = api
         .admin("GET", &format!("/admin/v1/keys/{id}"), None)
         .await;
@@ -691,7 +678,7 @@ async fn new_api_token_routes_keep_new_api_shapes() {
     assert_eq!(r["success"], true, "{r}");
     let id = r["data"]["id"].as_u64().unwrap();
     let key = format!("sk-{}", r["data"]["key"].as_str().unwrap());
-    assert_eq!(chat_status(&env, &key).await, 200);
+    assert_eq!(chat_status(&env.gw.base, &key).await, 200);
     // List: new-api's page envelope, masked keys without sk-.
     let (s, r) = api.admin("GET", "/api/token/?p=1&size=5", None).await;
     assert_eq!((s, r["success"].as_bool()), (200, Some(true)));
@@ -741,7 +728,7 @@ async fn new_api_token_routes_keep_new_api_shapes() {
         )
         .await;
     assert_eq!(r["data"]["status"], 2, "{r}");
-    assert_eq!(chat_status(&env, &key).await, 401);
+    assert_eq!(chat_status(&env.gw.base, &key).await, 401);
     // A refusal is new-api's envelope: HTTP 200, success false, a message.
     let (s, r) = api
         .admin("POST", "/api/token/", Some(json!({"name": "x".repeat(51)})))
@@ -901,7 +888,7 @@ async fn with_a_vault_the_api_reveals_keys_it_created_ten_a_minute() {
         .admin("POST", &format!("/admin/v1/keys/{id}/reveal"), None)
         .await;
     assert_eq!((s, r["secret"].as_str()), (200, Some(secret.as_str())));
-    assert_eq!(chat_status(&env, &secret).await, 200);
+    assert_eq!(chat_status(&env.gw.base, &secret).await, 200);
     let (s, _) = api
         .call(
             Some(VIEWER),
@@ -987,10 +974,10 @@ async fn the_usage_store_is_queried_on_the_admin_listener() {
     let env = env().await;
     let api = Api { env: &env };
     for _ in 0..3 {
-        assert_eq!(chat_status(&env, OK).await, 200);
+        assert_eq!(chat_status(&env.gw.base, OK).await, 200);
     }
     let globex = "sk-test-globex-0000000000000000000000000000000000000";
-    assert_eq!(chat_status(&env, globex).await, 200);
+    assert_eq!(chat_status(&env.gw.base, globex).await, 200);
     // Rows are written off the request path: wait for them.
     let deadline = Instant::now() + Duration::from_secs(10);
     let logs = loop {

@@ -266,17 +266,21 @@ mod tests {
     use super::*;
     use crate::core::table::key_digest;
 
+    /// Key 1 (`a`, quota 1,000, rpm 100) in account `acme` (quota 100, limits `account_limits`).
+    fn key_in_acme(account_limits: &str) -> KeyTable {
+        let json = format!(
+            r#"{{"accounts":{{"acme":{{"quota":100,"limits":{account_limits}}}}},
+                "keys":[{{"id":1,"key":"a","quota":1000,"account":"acme","limits":{{"rpm":100}}}}]}}"#
+        );
+        KeyTable::from_json(json.as_bytes(), "t").unwrap()
+    }
+
     /// The cells of a compiled key and account keep the counters and limit state of the ledger
     /// and book that filled them; the same table used with another pair (a test's, a bench's)
     /// charges that pair's own, and both go on counting correctly.
     #[tokio::test]
     async fn one_table_with_two_ledgers_charges_each_its_own_counters() {
-        let table = KeyTable::from_json(
-            br#"{"accounts":{"acme":{"quota":100,"limits":{"concurrency":1}}},
-                "keys":[{"id":1,"key":"a","quota":1000,"account":"acme","limits":{"rpm":100}}]}"#,
-            "t",
-        )
-        .unwrap();
+        let table = key_in_acme(r#"{"concurrency":1}"#);
         let key = table.lookup(&key_digest(b"a")).unwrap();
         let acme = table.accounts().by_id("acme").unwrap().ledger_id;
         let pairs = [
@@ -336,12 +340,7 @@ mod tests {
     async fn the_shared_ledger_keeps_nothing_in_the_records_cells() {
         use crate::core::config::OnUnavailable;
         use crate::ledger::RedisSettings;
-        let table = KeyTable::from_json(
-            br#"{"accounts":{"acme":{"quota":100,"limits":{"rpm":100}}},
-                "keys":[{"id":1,"key":"a","quota":1000,"account":"acme","limits":{"rpm":100}}]}"#,
-            "t",
-        )
-        .unwrap();
+        let table = key_in_acme(r#"{"rpm":100}"#);
         let key = table.lookup(&key_digest(b"a")).unwrap();
         // A port nobody listens on: Redis is away from the first call.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
