@@ -249,21 +249,15 @@ end
 EOF
 
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-# CPU nanoseconds of the usage store's writer thread of process $1 (0 when it has none).
-writer_ns() {
-  local f
-  for f in /proc/"$1"/task/*; do
-    if [ "$(cat "$f/comm" 2>/dev/null)" = keygate-usage-s ]; then awk '{print $1}' "$f/schedstat"; return; fi
-  done
-  echo 0
-}
-# THREADS=1: "comm ns" for every thread of process $1 (threads of one name summed).
+# "comm ns" for every thread of process $1: its CPU nanoseconds (threads of one name summed).
 threads_ns() {
   local f
   for f in /proc/"$1"/task/*; do
     printf '%s %s\n' "$(tr ' ' _ 2>/dev/null <"$f/comm")" "$(awk '{print $1}' "$f/schedstat" 2>/dev/null)"
   done | awk '$2 != "" {a[$1]+=$2} END {for (n in a) print n, a[n]}'
 }
+# CPU nanoseconds of the usage store's writer thread of process $1 (0 when it has none).
+writer_ns() { threads_ns "$1" | awk '$1 == "keygate-usage-s" {n = $2} END {print n + 0}'; }
 # The shared ledger's Redis calls so far (keygate_ledger_backend_operations_total).
 ledger_ops() { curl -s "http://127.0.0.1:$P_KGR_M/metrics" | awk '/^keygate_ledger_backend_operations_total/{print $2}'; }
 HZ=$(getconf CLK_TCK)
