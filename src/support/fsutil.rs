@@ -96,11 +96,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// it (the new file is in place, not known to be durable): a caller that must not apply the
 /// same change twice needs the difference.
 pub fn replace(path: &Path, bytes: &[u8]) -> Result<(), ReplaceError> {
-    // A bare file name's parent is "", which cannot be opened to fsync: it is ".".
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = dir_of(path);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -123,12 +119,22 @@ pub fn replace(path: &Path, bytes: &[u8]) -> Result<(), ReplaceError> {
             replaced: false,
         });
     }
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|error| ReplaceError {
-            error,
-            replaced: true,
-        })
+    sync_dir_of(path).map_err(|error| ReplaceError {
+        error,
+        replaced: true,
+    })
+}
+
+/// The folder `path` is in: a bare file name's parent is "", which cannot be opened, so ".".
+fn dir_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// fsync the folder `path` is in, so that a file created or renamed there survives a crash.
+pub fn sync_dir_of(path: &Path) -> std::io::Result<()> {
+    File::open(dir_of(path))?.sync_all()
 }
 
 #[cfg(test)]

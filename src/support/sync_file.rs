@@ -10,7 +10,7 @@
 use crate::core::config::SyncFile;
 use crate::core::journal;
 use crate::core::table::{KeyTable, SyncFileSummary, TableError};
-use crate::support::fsutil::ReplaceError;
+use crate::support::fsutil::{sync_dir_of, ReplaceError};
 use sha2::Digest as _;
 use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
@@ -142,13 +142,10 @@ pub fn append_journal(path: &Path, good_len: u64, line: &[u8]) -> Result<(), Rep
     .map_err(not_written)?;
     let durable = f.sync_data().and_then(|()| {
         // A new journal's name must be durable too, or a crash loses the file.
-        match (
-            created,
-            jpath.parent().filter(|d| !d.as_os_str().is_empty()),
-        ) {
-            (true, Some(dir)) => std::fs::File::open(dir)?.sync_all(),
-            (true, None) => std::fs::File::open(".")?.sync_all(),
-            (false, _) => Ok(()),
+        if created {
+            sync_dir_of(&jpath)
+        } else {
+            Ok(())
         }
     });
     durable.map_err(|error| ReplaceError {
