@@ -368,31 +368,22 @@ impl SyncEditor {
         Ok(())
     }
 
-    /// Append one journal line; an error when it is not written (a line written whole but
-    /// not known to be durable is done: readers see it, reporting it failed would have it
-    /// applied again).
+    /// Append one journal line; an error when it is not written.
     fn append(&self, good_len: u64, line: &[u8]) -> Result<(), String> {
         let jpath = journal_path(&self.path);
-        match append_journal(&self.path, good_len, line) {
-            Ok(()) => Ok(()),
-            Err(e) if e.replaced => {
-                log::error!("sync journal {}: {e}", jpath.display());
-                Ok(())
-            }
-            Err(e) => Err(format!("sync journal {}: {e}", jpath.display())),
-        }
+        done_unless_unwritten(
+            append_journal(&self.path, good_len, line),
+            format_args!("sync journal {}", jpath.display()),
+        )
     }
 
     /// Replace the file with `bytes`, then empty the journal (the file holds all it held: a
     /// crash between the two leaves lines at or below the file's revision, which are skipped).
     fn write_whole(&self, bytes: &[u8]) -> Result<(), String> {
-        match crate::support::fsutil::replace(&self.path, bytes) {
-            Ok(()) => {}
-            // The new file is what everyone reads now: the edit is done (reporting it failed
-            // would have it applied again), only its durability is in doubt.
-            Err(e) if e.replaced => log::error!("sync file {}: {e}", self.path.display()),
-            Err(e) => return Err(format!("sync file {}: {e}", self.path.display())),
-        }
+        done_unless_unwritten(
+            crate::support::fsutil::replace(&self.path, bytes),
+            format_args!("sync file {}", self.path.display()),
+        )?;
         // Not emptied: its lines are at or below the new file's revision, so every reader
         // skips them, and the next append cuts them off. The write is done all the same.
         if let Err(e) = clear_journal(&self.path) {
@@ -435,6 +426,24 @@ impl SyncEditor {
 }
 
 /// What an edit writes.
+/// A write's result as an edit sees it: an error only when nothing was written. One in place
+/// but not known to be durable is what everyone reads now, so the edit is done (reporting it
+/// failed would have it applied again) and only its durability is in doubt: logged, naming
+/// `what`.
+fn done_unless_unwritten(
+    written: Result<(), crate::support::fsutil::ReplaceError>,
+    what: std::fmt::Arguments<'_>,
+) -> Result<(), String> {
+    match written {
+        Ok(()) => Ok(()),
+        Err(e) if e.replaced => {
+            log::error!("{what}: {e}");
+            Ok(())
+        }
+        Err(e) => Err(format!("{what}: {e}")),
+    }
+}
+
 enum Written {
     /// A journal line, and the fingerprints of the edited file's keys.
     Line(Vec<u8>, Fingerprints),
