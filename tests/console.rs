@@ -186,17 +186,27 @@ async fn an_admin_manages_a_key_through_the_console() {
     // The shown key makes a real call through the gateway.
     let r = c.call(&secret).await;
     assert_eq!(r.status(), 200);
-    let usage: Value = client()
-        .get(format!("{}/api/usage/token/", c.base))
-        .bearer_auth(&secret)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let used = usage["data"]["total_used"].as_i64().unwrap();
-    assert!(used > 0);
+    r.bytes().await.unwrap();
+    // The call is settled in the gateway's logging phase, after the client has its answer:
+    // wait for the charge rather than read it at once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let used = loop {
+        let usage: Value = client()
+            .get(format!("{}/api/usage/token/", c.base))
+            .bearer_auth(&secret)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let used = usage["data"]["total_used"].as_i64().unwrap();
+        if used > 0 || std::time::Instant::now() > deadline {
+            break used;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(used > 0, "the call was not charged within 10 s");
 
     // Edit its quota: the table shows the new remaining value.
     b.click(&format!("tr[data-key-id='{id}'] button[data-action=edit]"))
