@@ -93,6 +93,13 @@ fn allocs_per_call(runs: usize, mut f: impl FnMut()) -> usize {
 /// Key-table sizes the group is parameterized by.
 const SIZES: [usize; 3] = [1_000, 100_000, 1_000_000];
 
+/// `sizes`, or only the smallest when `KEYGATE_BENCH_QUICK` is set: under callgrind the
+/// million-key tables take minutes to build, and the instruction counts are flat in size.
+fn sizes<const N: usize>(sizes: [usize; N]) -> Vec<usize> {
+    let quick = std::env::var_os("KEYGATE_BENCH_QUICK").is_some();
+    sizes.into_iter().take(if quick { 1 } else { N }).collect()
+}
+
 /// How many distinct keys `full_spread` cycles through.
 const SPREAD: usize = 1_024;
 
@@ -265,7 +272,7 @@ fn bench_admission(c: &mut Criterion) {
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(3));
 
-    for &n in &SIZES {
+    for n in sizes(SIZES) {
         // One table per size, built before and dropped after that size's benches, so at most
         // one large table is alive at a time.
         let table = build_table(n);
@@ -374,7 +381,7 @@ fn bench_policy(c: &mut Criterion) {
     group.sample_size(50);
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(3));
-    for n in [1usize, 1_000_000] {
+    for n in sizes([1usize, 1_000_000]) {
         let mut file = sync_file(n);
         file.accounts.insert(
             "acme".into(),

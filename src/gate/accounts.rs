@@ -88,27 +88,30 @@ pub async fn admit_policy(
     };
     let account = table.account_of(key);
 
-    let key_scope = (!policy.limits.is_empty()).then_some(ScopeLimits {
-        id: key.id,
-        scope: Scope::Key,
-        limits: policy.limits,
-        cell: Some(&policy.live),
-    });
-    let account_scope = account
-        .filter(|a| !a.limits.is_empty())
-        .map(|a| ScopeLimits {
+    // Key first, then account.
+    let mut scopes = Scopes::new();
+    if !policy.limits.is_empty() {
+        scopes.push(ScopeLimits {
+            id: key.id,
+            scope: Scope::Key,
+            limits: policy.limits,
+            cell: Some(&policy.live),
+        });
+    }
+    if let Some(a) = account.filter(|a| !a.limits.is_empty()) {
+        scopes.push(ScopeLimits {
             id: a.ledger_id,
             scope: Scope::Account,
             limits: a.limits,
             cell: Some(&a.live),
         });
-    // Key first, then account.
-    let scopes: Scopes = key_scope.into_iter().chain(account_scope).collect();
+    }
     let mut hold = None;
     if !scopes.is_empty() {
-        // On Redis from leases on the shared buckets; else this gateway's own (no await).
+        // On Redis from leases on the shared buckets (boxed: this call's future then stays
+        // small on the local path, which every call moves); else this gateway's own (no await).
         let admitted = match ledger.shared_rates() {
-            Some(rates) => book.admit_shared(rates, &scopes, tokens).await,
+            Some(rates) => Box::pin(book.admit_shared(rates, &scopes, tokens)).await,
             None => book.admit(&scopes, tokens, now_ns),
         };
         match admitted {

@@ -10,11 +10,13 @@
 //! A settle can report what it did to each counter ([`Reservation::settle_observed`]): the
 //! alerts (SPEC §7) look for thresholds in it.
 
+use super::lease::LeaseLedger;
 use super::reservation::{Held, Hold};
 use super::{handles, headroom, Ledger, Reservation, ReserveError, MAX_AMOUNT};
 use crate::core::accounts::LedgerCell;
 use arrayvec::ArrayVec;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 
 /// The most counters one reservation holds: a key, its account, and a budget period of each.
 pub const MAX_PARTS: usize = 4;
@@ -63,6 +65,11 @@ impl<'a> Part<'a> {
 impl Ledger {
     /// Reserve `amount` on every part, or on none: the error says which part refused (its
     /// index) and why. The returned reservation settles every part with the same actual.
+    ///
+    /// On this process's counters every part is taken without waiting; only a counter whose
+    /// durable ceiling is behind (rare: the writer raises ceilings ahead of use) or a shared
+    /// ledger's lease has to wait. Those waits are boxed, so that the future every call moves
+    /// around stays a few words and not the size of the rare wait's state.
     pub async fn reserve_all(
         &self,
         parts: &Parts<'_>,
@@ -73,26 +80,25 @@ impl Ledger {
         }
         let amount = amount.clamp(0, MAX_AMOUNT);
         if let Some(l) = &self.lease {
-            let mut r = Reservation {
-                amount,
-                done: false,
-                hold: Hold::Leases {
-                    ledger: l.clone(),
-                    slots: ArrayVec::new(),
-                },
-            };
-            for (i, p) in parts.iter().enumerate() {
-                // Dropping `r` on the error path gives back every part taken so far.
-                let slot = l
-                    .reserve(p.id, p.limit, p.until, amount)
-                    .await
-                    .map_err(|e| (i, e))?;
-                if let Hold::Leases { slots, .. } = &mut r.hold {
-                    slots.push(slot);
-                }
-            }
+            return Box::pin(reserve_leased(l, parts, amount)).await;
+        }
+        let mut behind = Behind::new();
+        let r = self.take_all(parts, amount, &mut behind)?;
+        if behind.is_empty() {
             return Ok(r);
         }
+        Box::pin(self.until_durable(r, behind)).await
+    }
+
+    /// Take `amount` on every part from this process's counters (one atomic step each, in
+    /// order; a refusal refunds the parts already taken), noting in `behind` the parts whose
+    /// durable ceiling does not yet cover what they commit (the writer has been asked).
+    fn take_all(
+        &self,
+        parts: &Parts<'_>,
+        amount: i64,
+        behind: &mut Behind,
+    ) -> Result<Reservation, (usize, ReserveError)> {
         self.shared
             .outstanding_total
             .fetch_add(1, Ordering::Relaxed);
@@ -104,8 +110,12 @@ impl Ledger {
                 parts: ArrayVec::new(),
             },
         };
+        // Filled in place: the reservation is not moved while its parts are taken.
+        let Hold::Counters { parts: held, .. } = &mut r.hold else {
+            unreachable!("built as counters just above")
+        };
         for (i, p) in parts.iter().enumerate() {
-            // Dropping `r` on the error path refunds every part taken so far.
+            // Returning early drops `r`, which refunds every part taken so far.
             let counter = handles::kept(p.cell, &self.shared, p.id, |id| self.counter(id));
             note_until(&counter.until, p.until);
             let previous = counter
@@ -120,19 +130,64 @@ impl Ledger {
                 })?;
             let needed = previous.saturating_add(amount);
             let room = headroom(counter.rate_room.load(Ordering::Relaxed), amount, p.limit);
-            let held = Held {
+            if !self.ceiling_covers(p.id, &counter, needed, room) {
+                behind.push((i, needed));
+            }
+            held.push(Held {
                 id: p.id,
                 limit: p.limit,
                 counter,
-            };
-            if let Some(h) = r.hold_counter(held) {
-                self.make_durable(h.id, &h.counter, needed, room)
+            });
+        }
+        Ok(r)
+    }
+
+    /// Wait until each part of `r` in `behind` has its durable ceiling at what it needs; `r`
+    /// (refunded when dropped) if the disk keeps up, else which part did not.
+    async fn until_durable(
+        &self,
+        r: Reservation,
+        behind: Behind,
+    ) -> Result<Reservation, (usize, ReserveError)> {
+        if let Hold::Counters { parts, .. } = &r.hold {
+            for (i, needed) in behind {
+                self.wait_durable(&parts[i].counter, needed)
                     .await
                     .map_err(|e| (i, e))?;
             }
         }
         Ok(r)
     }
+}
+
+/// The parts of a reservation whose durable ceiling is behind: (index, units needed on disk).
+type Behind = ArrayVec<(usize, i64), MAX_PARTS>;
+
+/// [`Ledger::reserve_all`] on a shared ledger: a lease of each part, in order.
+async fn reserve_leased(
+    l: &Arc<LeaseLedger>,
+    parts: &Parts<'_>,
+    amount: i64,
+) -> Result<Reservation, (usize, ReserveError)> {
+    let mut r = Reservation {
+        amount,
+        done: false,
+        hold: Hold::Leases {
+            ledger: l.clone(),
+            slots: ArrayVec::new(),
+        },
+    };
+    for (i, p) in parts.iter().enumerate() {
+        // Dropping `r` on the error path gives back every part taken so far.
+        let slot = l
+            .reserve(p.id, p.limit, p.until, amount)
+            .await
+            .map_err(|e| (i, e))?;
+        if let Hold::Leases { slots, .. } = &mut r.hold {
+            slots.push(slot);
+        }
+    }
+    Ok(r)
 }
 
 /// Record a part's `until` on its counter (`cell`): a plain load on the request path, a store
@@ -162,18 +217,6 @@ pub struct Charged {
 }
 
 impl Reservation {
-    /// Hold `held` too, settled and refunded with the rest (a reservation of this process's
-    /// counters; `None` for one of leases).
-    fn hold_counter(&mut self, held: Held) -> Option<&Held> {
-        match &mut self.hold {
-            Hold::Counters { parts, .. } => {
-                parts.push(held);
-                parts.last()
-            }
-            Hold::Leases { .. } => None,
-        }
-    }
-
     /// [`Reservation::settle`], telling `seen` what the charge did to each counter (in the
     /// order they were reserved). Counters of a shared ledger (Redis) are not reported: their
     /// settled value is not known here.
@@ -246,6 +289,40 @@ mod tests {
             .unwrap()
             .settle_observed(0, &mut |_| none += 1);
         assert_eq!((none, l.counter(1).committed()), (0, 55));
+    }
+
+    /// Every part whose durable ceiling is behind what it commits is on disk before the joint
+    /// reservation is granted (all parts are taken first, then each one behind is waited for),
+    /// and the ones already covered are not waited for.
+    #[tokio::test]
+    async fn every_part_behind_its_ceiling_is_on_disk_before_the_reservation_is_granted() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path()).unwrap();
+        let parts = Parts::from_iter([
+            Part::lifetime(1, Some(10_000_000)),
+            Part::lifetime(2, None),
+            Part::lifetime(3, Some(10_000_000)),
+        ]);
+        let r = l.reserve_all(&parts, 150_000).await.unwrap();
+        assert_eq!(l.durable_waits(), 3);
+        for id in [1, 2, 3] {
+            assert!(
+                l.counter(id).durable.load(Ordering::Acquire) >= 150_000,
+                "{id}"
+            );
+        }
+        r.settle(100_000);
+        // Each ceiling now has room for the next call of this size: nothing waits.
+        l.reserve_all(&parts, 150_000).await.unwrap().settle(1);
+        assert_eq!(l.durable_waits(), 3);
+        // A counter that is already covered while another is not: one wait, the new one's.
+        let mixed =
+            Parts::from_iter([Part::lifetime(1, Some(10_000_000)), Part::lifetime(4, None)]);
+        l.reserve_all(&mixed, 150_000).await.unwrap().settle(1);
+        assert_eq!(l.durable_waits(), 4);
+        assert_eq!((l.consumed(1), l.consumed(4)), (100_002, 1));
+        assert_eq!(l.outstanding(), 0);
+        l.shutdown().unwrap();
     }
 
     /// A counter kept in a record's cell serves only the ledger it came from, for its id: a

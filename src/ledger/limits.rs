@@ -14,7 +14,7 @@
 
 use super::lease::slot::{spare_slots, LeaseTake, RateSlot, SpareSlots, CONC, RPM, TPM};
 use super::{handles, IdMap};
-use crate::core::accounts::LedgerCell;
+use crate::core::accounts::{LedgerCell, ACCOUNT_TAG, BUDGET_TAG};
 use crate::core::limits::{go_duration, Bucket, Limits, Take, WINDOW_NS};
 use arrayvec::ArrayVec;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -79,7 +79,6 @@ impl ScopeLive {
 #[derive(Debug, Default)]
 struct BookShared {
     scopes: IdMap<Arc<ScopeLive>>,
-    inflight: [AtomicI64; 2],
 }
 
 /// Every scope's live state. Cheap to clone.
@@ -149,7 +148,6 @@ pub(crate) struct Part {
 /// The rate-limit share a call holds: its requests and tokens (corrected at settle) and its
 /// concurrency slots, released exactly once when the hold is dropped, on every exit path.
 pub struct LimitHold {
-    book: Arc<BookShared>,
     pub(crate) parts: ArrayVec<Part, MAX_SCOPES>,
     /// Told when a leased slot that came back leaves its scope with more spare than it keeps.
     spare: Option<Arc<dyn SpareSlots>>,
@@ -182,7 +180,20 @@ impl LimitBook {
 
     /// Calls in flight holding a slot of a scope of this kind (`keygate_limit_inflight`).
     pub fn inflight(&self, scope: Scope) -> i64 {
-        self.shared.inflight[scope as usize].load(Ordering::Relaxed)
+        self.inflight_by_scope()[scope as usize]
+    }
+
+    /// Calls in flight holding a slot of a key's and of an account's scope, indexed by
+    /// [`Scope`]: summed over the scopes when asked (a scrape) rather than kept in two counters
+    /// that every limited call of the process would write twice. An account's scope is told
+    /// by its id's tag ([`ACCOUNT_TAG`]), as the ledger tells its counters apart.
+    pub fn inflight_by_scope(&self) -> [i64; 2] {
+        let mut sum = [0; 2];
+        for e in self.shared.scopes.iter() {
+            let account = (ACCOUNT_TAG..BUDGET_TAG).contains(e.key());
+            sum[usize::from(account)] += e.value().inflight();
+        }
+        sum
     }
 
     /// Take one request, `tokens` tokens and a concurrency slot in every scope, or none of
@@ -201,16 +212,13 @@ impl LimitBook {
             }
         }
         let mut hold = LimitHold {
-            book: self.shared.clone(),
             parts: ArrayVec::new(),
             spare: None,
         };
         for s in scopes.iter().filter(|s| !s.limits.is_empty()) {
             let live = handles::kept(s.cell, &self.shared, s.id, |id| self.scope(id));
             let mut part = Part::new(s, live, false);
-            let refused = part
-                .take_slot(&self.shared)
-                .and_then(|()| part.take_local(tokens, now));
+            let refused = part.take_slot().and_then(|()| part.take_local(tokens, now));
             hold.parts.push(part);
             if let Err(r) = refused {
                 hold.cancel(now);
@@ -238,7 +246,6 @@ impl LimitBook {
             }
         }
         let mut hold = LimitHold {
-            book: self.shared.clone(),
             parts: ArrayVec::new(),
             spare: Some(spare.clone()),
         };
@@ -248,7 +255,7 @@ impl LimitBook {
             }
             let mut part = Part::new(s, self.scope(s.id), true);
             let refused = part
-                .take_slot(&self.shared)
+                .take_slot()
                 .map_err(Refused::No)
                 .and_then(|()| part.take_lease(i, tokens, now));
             hold.parts.push(part);
@@ -279,7 +286,7 @@ impl Part {
     }
 
     #[inline]
-    fn take_slot(&mut self, book: &BookShared) -> Result<(), LimitRefusal> {
+    fn take_slot(&mut self) -> Result<(), LimitRefusal> {
         if let Some(max) = self.limits.concurrency {
             let max = i64::from(max);
             self.live
@@ -289,7 +296,6 @@ impl Part {
                 })
                 .map_err(|_| LimitRefusal::Concurrency(self.scope))?;
             self.slot = true;
-            book.inflight[self.scope as usize].fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -403,7 +409,6 @@ impl Drop for LimitHold {
         for p in &mut self.parts {
             if std::mem::take(&mut p.slot) {
                 p.live.inflight.fetch_sub(1, Ordering::AcqRel);
-                self.book.inflight[p.scope as usize].fetch_sub(1, Ordering::Relaxed);
             }
             if std::mem::take(&mut p.leased_slot) {
                 let keep = spare_slots(p.limits.concurrency.unwrap_or(0));
@@ -574,7 +579,7 @@ mod tests {
         let book = LimitBook::new();
         let now = 10 * S;
         let key = scope(1, Scope::Key, Some(100), None, Some(5));
-        let acct = scope(2, Scope::Account, Some(2), None, None);
+        let acct = scope(ACCOUNT_TAG | 2, Scope::Account, Some(2), None, Some(3));
         let a = book.admit(&on(&[key, acct]), 0, now).unwrap();
         let _b = book.admit(&on(&[key, acct]), 0, now).unwrap();
         // The account's rpm is spent: the key's request and slot are given back.
@@ -585,8 +590,10 @@ mod tests {
         assert_eq!(book.scope(1).requests(100, now).0, 98);
         assert_eq!(book.scope(1).inflight(), 2);
         assert_eq!(book.inflight(Scope::Key), 2);
+        assert_eq!(book.inflight(Scope::Account), 2);
         drop(a);
         assert_eq!(book.scope(1).inflight(), 1);
+        assert_eq!(book.inflight(Scope::Account), 1);
     }
 
     #[test]

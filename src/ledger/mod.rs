@@ -428,9 +428,8 @@ impl Ledger {
         }
     }
 
-    /// Make sure `counter`'s durable ceiling covers `needed`: ask the writer for `needed` plus
-    /// `room` once less than half of `room` is left above `needed`, and wait only when
-    /// `needed` is beyond what is on disk.
+    /// Make sure `counter`'s durable ceiling covers `needed`: [`Ledger::ceiling_covers`], then
+    /// [`Ledger::wait_durable`] when it does not.
     async fn make_durable(
         &self,
         key_id: u64,
@@ -438,14 +437,27 @@ impl Ledger {
         needed: i64,
         room: i64,
     ) -> Result<(), ReserveError> {
+        if self.ceiling_covers(key_id, counter, needed, room) {
+            return Ok(());
+        }
+        self.wait_durable(counter, needed).await
+    }
+
+    /// Whether `counter`'s durable ceiling covers `needed`; asks the writer for `needed` plus
+    /// `room` once less than half of `room` is left above `needed` (never waits).
+    #[inline]
+    fn ceiling_covers(&self, key_id: u64, counter: &KeyCounter, needed: i64, room: i64) -> bool {
         let durable = counter.durable.load(Ordering::Acquire);
         if needed <= durable.saturating_sub(room / 2) {
-            return Ok(());
+            return true;
         }
         request_ceiling(&self.shared, key_id, counter, needed.saturating_add(room));
-        if needed <= durable {
-            return Ok(());
-        }
+        needed <= durable
+    }
+
+    /// Wait (at most the ledger's timeout) until the writer has `counter`'s ceiling on disk at
+    /// `needed` or more.
+    async fn wait_durable(&self, counter: &KeyCounter, needed: i64) -> Result<(), ReserveError> {
         self.shared.waits.fetch_add(1, Ordering::Relaxed);
         let mut rx = self.shared.flushed.subscribe();
         let wait = async {

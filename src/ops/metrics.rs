@@ -55,12 +55,12 @@ impl ServeHttp for MetricsApp {
                 self.metrics.observe_table(&table, unix_now());
                 let ledger = self.gate.ledger();
                 self.metrics.outstanding.set(ledger.outstanding());
-                let book = self.gate.limit_book();
+                let inflight = self.gate.limit_book().inflight_by_scope();
                 for scope in [Scope::Key, Scope::Account] {
                     self.metrics
                         .limit_inflight
                         .with_label_values(&[scope.label()])
-                        .set(book.inflight(scope));
+                        .set(inflight[scope as usize]);
                 }
                 catch_up(&self.metrics.ledger_write_errors, ledger.write_errors());
                 self.metrics
