@@ -5,7 +5,9 @@
 //! Each part is one atomic read-modify-write, so no counter ever passes its limit. While a
 //! call that is about to be refused still holds its first parts, a concurrent call may see that
 //! room as taken and be refused too: the joint step errs on the side of refusing, never of
-//! overspending.
+//! overspending. On this process's counters every part is taken first and only then are the
+//! parts whose durable ceiling is behind waited for (one after another, each up to the
+//! ledger's timeout), so while a disk stalls the later parts are held during that wait too.
 //!
 //! A settle can report what it did to each counter ([`Reservation::settle_observed`]): the
 //! alerts (SPEC §7) look for thresholds in it.
@@ -67,9 +69,9 @@ impl Ledger {
     /// index) and why. The returned reservation settles every part with the same actual.
     ///
     /// On this process's counters every part is taken without waiting; only a counter whose
-    /// durable ceiling is behind (rare: the writer raises ceilings ahead of use) or a shared
-    /// ledger's lease has to wait. Those waits are boxed, so that the future every call moves
-    /// around stays a few words and not the size of the rare wait's state.
+    /// durable ceiling is behind (rare: the writer raises ceilings ahead of use) has to wait,
+    /// and that wait is boxed, so the future every call moves stays a few words. On a shared
+    /// ledger every call goes through a boxed future (one allocation per call).
     pub async fn reserve_all(
         &self,
         parts: &Parts<'_>,
