@@ -12,7 +12,7 @@ use browser::Browser;
 use common::*;
 use harness::*;
 use keygate::admin::assets::{ASSETS, SECURITY_HEADERS};
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// Sign in with `token` and wait for the keys table.
 async fn sign_in(b: &Browser, c: &Console, token: &str) {
@@ -191,16 +191,7 @@ async fn an_admin_manages_a_key_through_the_console() {
     // wait for the charge rather than read it at once.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let used = loop {
-        let usage: Value = client()
-            .get(format!("{}/api/usage/token/", c.base))
-            .bearer_auth(&secret)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let used = usage["data"]["total_used"].as_i64().unwrap();
+        let used = total_used_at(&c.base, &secret).await;
         if used > 0 || std::time::Instant::now() > deadline {
             break used;
         }

@@ -193,10 +193,7 @@ impl Gateway {
 
     /// `total_used` from `/api/usage/token/`.
     pub async fn total_used(&self, key: &str) -> i64 {
-        let (status, body) = self.get("/api/usage/token/", key).await;
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-        let v: Value = serde_json::from_slice(&body).unwrap();
-        v["data"]["total_used"].as_i64().unwrap()
+        total_used_at(&self.base, key).await
     }
 }
 
@@ -370,6 +367,21 @@ pub async fn chat_status(base: &str, key: &str) -> u16 {
         .unwrap()
         .status()
         .as_u16()
+}
+
+/// `total_used` of `key` from `/api/usage/token/` on the listener at `base`.
+pub async fn total_used_at(base: &str, key: &str) -> i64 {
+    let r = client()
+        .get(format!("{base}/api/usage/token/"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body = r.bytes().await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    v["data"]["total_used"].as_i64().unwrap()
 }
 
 /// POST a chat completion with `Authorization: Bearer key`.
