@@ -23,7 +23,9 @@
 # every key is in an account and key and account both have quota, a daily budget in
 # Europe/Berlin, rpm, tpm and concurrency, none of them near (SPEC §7): with KEYGATE_BASE set to
 # the same binary, the A/B of limits on against off. KG_SYNC_LIMITS=both: the base reads it too
-# (the A/B of a change with limits on).
+# (the A/B of a change with limits on). KG_SYNC_LIMITS=base: only the base reads it (the same
+# A/B of limits on against off with the order swapped: the binary measured first in each pair
+# reads a few % off, so run both orders).
 # KG_POOL_OF=N: the measured keygate's JSON upstream is a pool of N targets (all the same upstream,
 # equal weights) instead of one `url`: with KEYGATE_BASE set to the same binary, what a pool's
 # target choice costs on the success path (SPEC §11).
@@ -181,10 +183,10 @@ sed -e "s/^listen: .*/listen: \"127.0.0.1:$P_KGB\"/" -e "s/^metrics_listen: .*/m
   "$W/keygate.yaml" >"$W/keygate_base.yaml"
 # KG_BASE_EXTRA_CONFIG: lines for the base's config only (an A/B of a setting on one binary).
 printf '%s\n' "${KG_BASE_EXTRA_CONFIG:-}" >>"$W/keygate_base.yaml"
-if [ "${KG_SYNC_LIMITS:-0}" != 0 ]; then
+if [ "${KG_SYNC_LIMITS:-0}" != 0 ] && [ "${KG_SYNC_LIMITS:-0}" != base ]; then
   sed -i -e "s/^sync_file: keys.json/sync_file: keys_limits.json/" "$W/keygate.yaml"
 fi
-if [ "${KG_SYNC_LIMITS:-0}" = both ]; then
+if [ "${KG_SYNC_LIMITS:-0}" = both ] || [ "${KG_SYNC_LIMITS:-0}" = base ]; then
   sed -i -e "s/^sync_file: keys.json/sync_file: keys_limits.json/" "$W/keygate_base.yaml"
 fi
 if [ -n "${KG_POOL_OF:-}" ]; then
