@@ -360,7 +360,7 @@ fn bench_admission(c: &mut Criterion) {
 /// under the clock, then settled off it): what the request waits for before it goes upstream.
 fn bench_policy(c: &mut Criterion) {
     use keygate::config::{AccountEntry, BudgetEntry, LimitsEntry};
-    use keygate::gate::accounts::admit_policy;
+    use keygate::gate::accounts::Call;
     use keygate::ledger::limits::{mono_ns, LimitBook, LimitHold};
     use keygate::ledger::{Ledger, Reservation};
     let upstreams = upstreams();
@@ -410,48 +410,49 @@ fn bench_policy(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("base", n), &n, |b, _| {
             b.iter(|| admit_full(black_box(&table), &upstreams, black_box(&hot), peer, now))
         });
-        let admit = || {
+        // As the gate does on this process's ledger: the hold and the reservation are built
+        // in the call's own slots (here a slot of the bench's), where they stay until settled.
+        type Slot = (Option<Reservation>, Option<LimitHold>);
+        let admit = |slot: &mut Slot| {
             let a = admit_key(black_box(&table), black_box(&hot), None, peer, &[], now)
                 .expect("admitted");
             let key = table.at_slot(a.slot).expect("in table");
             admit_model(&table, key, &upstreams, MODEL).expect("model admitted");
-            futures_util::FutureExt::now_or_never(admit_policy(
-                &ledger,
-                &book,
-                &table,
-                key,
-                100,
-                10,
-                now,
-                mono_ns(),
-            ))
-            .expect("an in-memory ledger never waits")
-            .expect("admitted")
+            let behind = Call::new(&table, key, now)
+                .admit_here(&ledger, &book, 100, 10, mono_ns(), &mut slot.0, &mut slot.1)
+                .expect("admitted");
+            debug_assert!(behind.is_empty(), "an in-memory ledger is always durable");
         };
-        let settle = |(r, hold): (Reservation, Option<LimitHold>)| {
-            if let Some(mut h) = hold {
+        let settle = |slot: &mut Slot| {
+            if let Some(mut h) = slot.1.take() {
                 h.settle_tokens(100, mono_ns());
             }
-            r.settle(10);
+            if let Some(r) = slot.0.take() {
+                r.settle(10);
+            }
         };
         group.bench_with_input(BenchmarkId::new("policy", n), &n, |b, _| {
-            b.iter(|| settle(admit()))
+            let mut slot = (None, None);
+            b.iter(|| {
+                admit(&mut slot);
+                settle(&mut slot)
+            })
         });
         // The admission alone: calls admitted 64 at a time under the clock, settled after it.
         group.bench_with_input(BenchmarkId::new("policy_admit_only", n), &n, |b, _| {
-            let mut held = Vec::with_capacity(64);
+            let mut held: Vec<Slot> = (0..64).map(|_| (None, None)).collect();
             b.iter_custom(|iters| {
                 let mut timed = Duration::ZERO;
                 let mut left = iters;
                 while left > 0 {
-                    let batch = left.min(64);
+                    let batch = usize::try_from(left.min(64)).unwrap_or(64);
                     let t = Instant::now();
-                    for _ in 0..batch {
-                        held.push(admit());
+                    for slot in &mut held[..batch] {
+                        admit(slot);
                     }
                     timed += t.elapsed();
-                    held.drain(..).for_each(settle);
-                    left -= batch;
+                    held[..batch].iter_mut().for_each(settle);
+                    left -= batch as u64;
                 }
                 timed
             })

@@ -1,10 +1,13 @@
 //! Admission for a key with an account, rate limits or a budget (SPEC §7): the limits of the
 //! key and its account (one [`LimitHold`]), then one joint reservation on the key's, the
-//! account's and their budget periods' counters, both-or-neither. The hold and the reservation
-//! are kept in the context; `settle.rs` settles them, and dropping them releases them.
+//! account's and their budget periods' counters, both-or-neither. On this process's ledger both
+//! are built where they stay, in the call's context, by a plain function ([`Call::admit_here`]):
+//! no future, nothing moved (the async version moved its ~850-byte state and its results, and
+//! those copies were a fifth of the admission's time). `settle.rs` settles them, and dropping
+//! them releases them.
 
 use super::{Gate, GateCtx};
-use crate::core::accounts::budget_ledger_id;
+use crate::core::accounts::{budget_ledger_id, Account, KeyPolicy};
 use crate::core::budget::Budget;
 use crate::core::clock::unix_now;
 use crate::core::errors::{Denial, Reason};
@@ -13,8 +16,7 @@ use crate::core::table::{KeyRecord, KeyTable};
 use crate::ledger::limits::{
     self, mono_ns, LimitBook, LimitHold, LimitRefusal, Scope, ScopeLimits, Scopes,
 };
-use crate::ledger::{Ledger, Part, Parts, Reservation, ReserveError, MAX_PARTS};
-use arrayvec::ArrayVec;
+use crate::ledger::{Behind, Ledger, Part, Parts, Reservation, ReserveError};
 
 /// What a part of the joint reservation stands for, to word its refusal.
 enum PartKind<'a> {
@@ -28,34 +30,46 @@ enum PartKind<'a> {
 }
 
 impl Gate {
-    /// Take the limits, then reserve `amount` on every counter the key's call is charged to.
+    /// Take the limits, then reserve `amount` on every counter the key's call is charged to:
+    /// the reservation and the limits' hold are built in the context, where they stay.
     pub(super) async fn reserve_with_policy(
         &self,
         ctx: &mut GateCtx,
         table: &KeyTable,
         key: &KeyRecord,
         amount: i64,
-    ) -> Result<Reservation, Denial> {
+    ) -> Result<(), Denial> {
         let tokens = ctx.estimate.prompt_tokens + ctx.estimate.completion_tokens;
         let now_ns = mono_ns();
-        let admitted = admit_policy(
-            &self.inner.ledger,
-            &self.inner.limits,
-            table,
-            key,
-            tokens,
-            amount,
-            unix_now(),
-            now_ns,
-        )
-        .await;
+        let (ledger, book, now) = (&self.inner.ledger, &self.inner.limits, unix_now());
+        let admitted = if ledger.is_shared() {
+            // Boxed: this future then stays small on the local path, the common one.
+            Box::pin(admit_policy(
+                ledger, book, table, key, tokens, amount, now, now_ns,
+            ))
+            .await
+            .map(|(r, hold)| {
+                ctx.reservation = Some(r);
+                ctx.limit_hold = hold;
+            })
+        } else {
+            let (reservation, hold) = (&mut ctx.reservation, &mut ctx.limit_hold);
+            let call = Call::new(table, key, now);
+            match call.admit_here(ledger, book, tokens, amount, now_ns, reservation, hold) {
+                Ok(behind) if behind.is_empty() => Ok(()),
+                Ok(behind) => {
+                    Box::pin(call.until_durable(ledger, behind, amount, now_ns, reservation, hold))
+                        .await
+                }
+                Err(e) => Err(e),
+            }
+        };
         match admitted {
-            Ok((r, hold)) => {
-                if let Some(h) = &hold {
+            Ok(()) => {
+                if let Some(h) = &ctx.limit_hold {
                     ctx.rate = h.rate_headers(now_ns);
                 }
-                ctx.limit_hold = hold;
-                Ok(r)
+                Ok(())
             }
             Err((d, headers)) => {
                 ctx.headers.extend(headers);
@@ -71,7 +85,8 @@ pub type PolicyDenial = (Denial, Vec<(&'static str, String)>);
 /// The SPEC §7 admission of one call of `key` (which has a policy): the limits of the key and
 /// its account for `tokens` tokens, then `amount` units on the key's, the account's and their
 /// budget periods' counters, both-or-neither. `now` is unix seconds, `now_ns` [`mono_ns`].
-/// Public for the benches; the gate calls it through `reserve_with_policy`.
+/// On this process's ledger the gate builds both in place ([`Call::admit_here`]); this one
+/// returns them, and serves a shared ledger too.
 #[allow(clippy::too_many_arguments)]
 pub async fn admit_policy(
     ledger: &Ledger,
@@ -83,107 +98,239 @@ pub async fn admit_policy(
     now: i64,
     now_ns: i64,
 ) -> Result<(Reservation, Option<LimitHold>), PolicyDenial> {
-    let Some(policy) = key.policy.as_deref() else {
-        return Err((Denial::new(Reason::InvalidApiKey), Vec::new()));
-    };
-    let account = table.account_of(key);
-
-    // Key first, then account.
-    let mut scopes = Scopes::new();
-    if !policy.limits.is_empty() {
-        scopes.push(ScopeLimits {
-            id: key.id,
-            scope: Scope::Key,
-            limits: policy.limits,
-            cell: Some(&policy.live),
-        });
+    let call = Call::new(table, key, now);
+    let (mut reservation, mut hold) = (None, None);
+    if !ledger.is_shared() {
+        let behind = call.admit_here(
+            ledger,
+            book,
+            tokens,
+            amount,
+            now_ns,
+            &mut reservation,
+            &mut hold,
+        )?;
+        if !behind.is_empty() {
+            let wait =
+                call.until_durable(ledger, behind, amount, now_ns, &mut reservation, &mut hold);
+            Box::pin(wait).await?;
+        }
+        return match reservation {
+            Some(r) => Ok((r, hold)),
+            None => Err((Denial::new(Reason::InvalidApiKey), Vec::new())),
+        };
     }
-    if let Some(a) = account.filter(|a| !a.limits.is_empty()) {
-        scopes.push(ScopeLimits {
-            id: a.ledger_id,
-            scope: Scope::Account,
-            limits: a.limits,
-            cell: Some(&a.live),
-        });
-    }
-    let mut hold = None;
+    let policy = call.policy()?;
+    let scopes = call.scopes(policy);
     if !scopes.is_empty() {
-        // On Redis from leases on the shared buckets (boxed: this call's future then stays
-        // small on the local path, which every call moves); else this gateway's own (no await).
         let admitted = match ledger.shared_rates() {
-            Some(rates) => Box::pin(book.admit_shared(rates, &scopes, tokens)).await,
+            Some(rates) => book.admit_shared(rates, &scopes, tokens).await,
             None => book.admit(&scopes, tokens, now_ns),
         };
         match admitted {
             Ok(h) => hold = Some(h),
-            Err(refusal) => {
-                let live: Vec<_> = scopes
-                    .iter()
-                    .map(|s| (book.scope(s.id), s.limits))
-                    .collect();
-                let headers = limits::headers(live.iter().map(|(l, s)| (&**l, *s)), now_ns);
-                return Err((limit_denial(refusal, account.map(|a| &*a.id)), headers));
-            }
+            Err(refusal) => return Err(call.limit_refused(book, &scopes, refusal, now_ns)),
+        }
+    }
+    let parts = call.parts(ledger, policy);
+    match ledger.reserve_all(&parts, amount).await {
+        Ok(r) => Ok((r, hold)),
+        Err((i, e)) => Err(call.quota_refused(i, e, amount, now_ns, &mut hold)),
+    }
+}
+
+/// One call of a key with a policy, at unix time `now`: what its admission takes, and how a
+/// refusal is worded.
+pub struct Call<'a> {
+    key: &'a KeyRecord,
+    account: Option<&'a Account>,
+    now: i64,
+}
+
+impl<'a> Call<'a> {
+    /// The call of `key` (of `table`) at unix time `now`.
+    pub fn new(table: &'a KeyTable, key: &'a KeyRecord, now: i64) -> Call<'a> {
+        Call {
+            key,
+            account: table.account_of(key),
+            now,
         }
     }
 
-    // At most four parts: the key, its account, and a budget of each.
-    let mut parts = Parts::new();
-    let mut kinds = ArrayVec::<PartKind, MAX_PARTS>::new();
-    let mut push = |part, kind| {
-        parts.push(part);
-        kinds.push(kind);
-    };
-    push(
-        Part::lifetime_in(
+    fn policy(&self) -> Result<&'a KeyPolicy, PolicyDenial> {
+        self.key
+            .policy
+            .as_deref()
+            .ok_or_else(|| (Denial::new(Reason::InvalidApiKey), Vec::new()))
+    }
+
+    /// The admission on this process's ledger, built in place: the limits' hold in `hold`
+    /// (none when neither key nor account has limits), then the joint reservation in
+    /// `reservation`. Granted, the parts whose durable ceiling is behind (rare), to wait for
+    /// with [`Call::until_durable`] before the call goes on; refused, both slots are empty and
+    /// everything taken is given back. No future: nothing here waits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn admit_here(
+        &self,
+        ledger: &Ledger,
+        book: &LimitBook,
+        tokens: u64,
+        amount: i64,
+        now_ns: i64,
+        reservation: &mut Option<Reservation>,
+        hold: &mut Option<LimitHold>,
+    ) -> Result<Behind, PolicyDenial> {
+        *hold = None;
+        *reservation = None;
+        let policy = self.policy()?;
+        let scopes = self.scopes(policy);
+        if !scopes.is_empty() {
+            if let Err(refusal) = book.admit_into(&scopes, tokens, now_ns, hold) {
+                return Err(self.limit_refused(book, &scopes, refusal, now_ns));
+            }
+        }
+        let parts = self.parts(ledger, policy);
+        ledger
+            .take_all(&parts, amount, reservation)
+            .map_err(|(i, e)| self.quota_refused(i, e, amount, now_ns, hold))
+    }
+
+    /// Wait for the parts of the reservation `admit_here` built whose durable ceiling is
+    /// `behind`; when the disk does not keep up, the call is refused and both slots emptied.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn until_durable(
+        &self,
+        ledger: &Ledger,
+        behind: Behind,
+        amount: i64,
+        now_ns: i64,
+        reservation: &mut Option<Reservation>,
+        hold: &mut Option<LimitHold>,
+    ) -> Result<(), PolicyDenial> {
+        let Some(r) = reservation.take() else {
+            return Ok(());
+        };
+        match ledger.until_durable(r, behind).await {
+            Ok(r) => {
+                *reservation = Some(r);
+                Ok(())
+            }
+            Err((i, e)) => Err(self.quota_refused(i, e, amount, now_ns, hold)),
+        }
+    }
+
+    /// The scopes whose limits the call takes: the key's, then its account's.
+    fn scopes(&self, policy: &'a KeyPolicy) -> Scopes<'a> {
+        let mut scopes = Scopes::new();
+        if !policy.limits.is_empty() {
+            scopes.push(ScopeLimits {
+                id: self.key.id,
+                scope: Scope::Key,
+                limits: policy.limits,
+                cell: Some(&policy.live),
+            });
+        }
+        if let Some(a) = self.account.filter(|a| !a.limits.is_empty()) {
+            scopes.push(ScopeLimits {
+                id: a.ledger_id,
+                scope: Scope::Account,
+                limits: a.limits,
+                cell: Some(&a.live),
+            });
+        }
+        scopes
+    }
+
+    /// The counters the call is charged to, in order: the key's, its account's, then the
+    /// current budget period of each (at most four).
+    fn parts(&self, ledger: &Ledger, policy: &'a KeyPolicy) -> Parts<'a> {
+        let key = self.key;
+        let mut parts = Parts::new();
+        parts.push(Part::lifetime_in(
             key.id,
             (!key.unlimited_quota).then(|| key.quota.saturating_sub(key.used)),
             &policy.counter,
-        ),
-        PartKind::Key,
-    );
-    if let Some(a) = account {
-        push(
-            Part::lifetime_in(a.ledger_id, a.quota_limit(), &a.counter),
-            PartKind::Account(&a.id),
-        );
-    }
-    let budgets = [
-        policy.budget.as_ref().map(|b| (key.id, "API key", b)),
-        account.and_then(|a| Some((a.ledger_id, "account", a.budget.as_ref()?))),
-    ];
-    for (scope, whose, budget) in budgets.into_iter().flatten() {
-        let w = budget.window(now);
-        let earlier: i64 = w
-            .earlier
-            .iter()
-            .map(|&start| ledger.consumed(budget_ledger_id(scope, start)))
-            .sum();
-        push(
-            Part {
+        ));
+        if let Some(a) = self.account {
+            parts.push(Part::lifetime_in(a.ledger_id, a.quota_limit(), &a.counter));
+        }
+        for (scope, _, budget) in self.budgets(policy).into_iter().flatten() {
+            let w = budget.window(self.now);
+            let earlier: i64 = w
+                .earlier
+                .iter()
+                .map(|&start| ledger.consumed(budget_ledger_id(scope, start)))
+                .sum();
+            parts.push(Part {
                 id: budget_ledger_id(scope, w.current),
                 limit: Some(budget.amount.saturating_sub(earlier)),
                 until: w.until,
                 cell: None,
-            },
-            PartKind::Budget {
-                whose,
-                budget,
-                resets_at: w.resets_at,
-            },
-        );
+            });
+        }
+        parts
     }
 
-    match ledger.reserve_all(&parts, amount).await {
-        Ok(r) => Ok((r, hold)),
-        Err((i, e)) => {
-            let headers = hold.as_ref().map(|h| h.headers(now_ns)).unwrap_or_default();
-            if let Some(h) = hold.as_mut() {
-                // The call is not made: its request and tokens go back.
-                h.cancel(now_ns);
-            }
-            Err((quota_denial(kinds.get(i), e, amount, now), headers))
+    /// The key's budget and its account's: (counter scope, whose, budget).
+    fn budgets(&self, policy: &'a KeyPolicy) -> [Option<(u64, &'static str, &'a Budget)>; 2] {
+        [
+            policy.budget.as_ref().map(|b| (self.key.id, "API key", b)),
+            self.account
+                .and_then(|a| Some((a.ledger_id, "account", a.budget.as_ref()?))),
+        ]
+    }
+
+    /// The refusal of a limit, with the headers of the scopes' state.
+    fn limit_refused(
+        &self,
+        book: &LimitBook,
+        scopes: &Scopes<'_>,
+        refusal: LimitRefusal,
+        now_ns: i64,
+    ) -> PolicyDenial {
+        let live: Vec<_> = scopes
+            .iter()
+            .map(|s| (book.scope(s.id), s.limits))
+            .collect();
+        let headers = limits::headers(live.iter().map(|(l, s)| (&**l, *s)), now_ns);
+        (limit_denial(refusal, self.account.map(|a| &*a.id)), headers)
+    }
+
+    /// The refusal of part `i` of the joint reservation; the limits' hold (taken for a call
+    /// that is not made) gives its request and tokens back and is released.
+    fn quota_refused(
+        &self,
+        i: usize,
+        e: ReserveError,
+        amount: i64,
+        now_ns: i64,
+        hold: &mut Option<LimitHold>,
+    ) -> PolicyDenial {
+        let headers = hold.as_ref().map(|h| h.headers(now_ns)).unwrap_or_default();
+        if let Some(mut h) = hold.take() {
+            h.cancel(now_ns);
         }
+        (
+            quota_denial(self.part_kind(i), e, amount, self.now),
+            headers,
+        )
+    }
+
+    /// What part `i` of [`Call::parts`] stands for.
+    fn part_kind(&self, i: usize) -> PartKind<'a> {
+        let Some(policy) = self.key.policy.as_deref() else {
+            return PartKind::Key;
+        };
+        let lifetime = [PartKind::Key]
+            .into_iter()
+            .chain(self.account.map(|a| PartKind::Account(&a.id)));
+        let budgets = self.budgets(policy).into_iter().flatten();
+        let budgets = budgets.map(|(_, whose, budget)| PartKind::Budget {
+            whose,
+            budget,
+            resets_at: budget.window(self.now).resets_at,
+        });
+        lifetime.chain(budgets).nth(i).unwrap_or(PartKind::Key)
     }
 }
 
@@ -229,7 +376,7 @@ fn limit_denial(r: LimitRefusal, account: Option<&str>) -> Denial {
 }
 
 /// The refusal for a part of the joint reservation.
-fn quota_denial(kind: Option<&PartKind<'_>>, e: ReserveError, amount: i64, now: i64) -> Denial {
+fn quota_denial(kind: PartKind<'_>, e: ReserveError, amount: i64, now: i64) -> Denial {
     let remaining = match e {
         ReserveError::Insufficient { remaining } => remaining.max(0),
         ReserveError::NotDurable | ReserveError::BackendUnavailable => {
@@ -237,17 +384,17 @@ fn quota_denial(kind: Option<&PartKind<'_>>, e: ReserveError, amount: i64, now: 
         }
     };
     match kind {
-        Some(PartKind::Account(id)) => Denial::with_message(
+        PartKind::Account(id) => Denial::with_message(
             Reason::InsufficientQuota,
             format!(
                 "The account {id:?} has {remaining} quota units left; this call needs up to {amount}."
             ),
         ),
-        Some(PartKind::Budget {
+        PartKind::Budget {
             whose,
             budget,
             resets_at,
-        }) => Denial::with_message(
+        } => Denial::with_message(
             Reason::BudgetExceeded,
             format!(
                 "The {} budget of this {whose} ({} units) is spent: {remaining} left, this call \
@@ -257,7 +404,7 @@ fn quota_denial(kind: Option<&PartKind<'_>>, e: ReserveError, amount: i64, now: 
             ),
         )
         .retry_after(u64::try_from((resets_at - now).max(1)).unwrap_or(1)),
-        _ => Denial::with_message(
+        PartKind::Key => Denial::with_message(
             Reason::InsufficientQuota,
             format!("This API key has {remaining} quota units left; this call needs up to {amount}."),
         ),
@@ -334,6 +481,114 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    /// Each part of the joint reservation that refuses is named in the refusal: the key's
+    /// quota, its account's, the key's budget, the account's budget (the kind of a part is
+    /// worked out again from its index, only when a call is refused).
+    #[tokio::test]
+    async fn a_refusal_names_the_part_that_refused() {
+        let table = |key_quota: i64, acme_quota: i64, key_budget: i64, acme_budget: i64| {
+            let json = format!(
+                r#"{{"accounts":{{"acme":{{"quota":{acme_quota},
+                      "budget":{{"period":"daily","amount":{acme_budget}}}}}}},
+                    "keys":[{{"id":1,"key":"a","quota":{key_quota},"account":"acme",
+                      "budget":{{"period":"weekly","amount":{key_budget}}}}}]}}"#
+            );
+            KeyTable::from_json(json.as_bytes(), "t").unwrap()
+        };
+        let cases = [
+            (
+                (10, 100, 100, 100),
+                Reason::InsufficientQuota,
+                "This API key has 10 quota",
+            ),
+            (
+                (100, 10, 100, 100),
+                Reason::InsufficientQuota,
+                "The account \"acme\" has 10",
+            ),
+            (
+                (100, 100, 10, 100),
+                Reason::BudgetExceeded,
+                "The weekly budget of this API key",
+            ),
+            (
+                (100, 100, 100, 10),
+                Reason::BudgetExceeded,
+                "The daily budget of this account",
+            ),
+        ];
+        for ((k, a, kb, ab), reason, says) in cases {
+            let table = table(k, a, kb, ab);
+            let key = table.lookup(&key_digest(b"a")).unwrap();
+            let (ledger, book) = (Ledger::in_memory(), LimitBook::new());
+            let refused = admit_policy(&ledger, &book, &table, key, 10, 20, 100_000, mono_ns())
+                .await
+                .err()
+                .map(|(d, _)| d)
+                .expect("refused");
+            assert_eq!(refused.reason, reason, "{says}");
+            assert!(refused.message.starts_with(says), "{}", refused.message);
+            // Nothing stays taken: every counter is back at 0.
+            assert_eq!(
+                (ledger.counter(1).committed(), ledger.outstanding()),
+                (0, 0)
+            );
+        }
+    }
+
+    /// On a persisted ledger a call whose counters' durable ceilings are behind (new counters)
+    /// waits for the writer before it is admitted, and is then admitted with every ceiling on
+    /// disk; the next call of that size waits for nothing.
+    #[tokio::test]
+    async fn a_call_waits_for_its_ceilings_on_disk_then_is_admitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        let book = LimitBook::new();
+        let table = key_in_acme(r#"{"concurrency":2}"#);
+        let key = table.lookup(&key_digest(b"a")).unwrap();
+        let acme = table.accounts().by_id("acme").unwrap().ledger_id;
+        let call = Call::new(&table, key, 100);
+        let (mut reservation, mut hold) = (None, None);
+        let behind = call
+            .admit_here(
+                &ledger,
+                &book,
+                10,
+                50,
+                mono_ns(),
+                &mut reservation,
+                &mut hold,
+            )
+            .unwrap();
+        assert_eq!(behind.len(), 2, "the key's and the account's new counters");
+        assert!(reservation.is_some() && hold.is_some());
+        call.until_durable(&ledger, behind, 50, mono_ns(), &mut reservation, &mut hold)
+            .await
+            .unwrap();
+        assert_eq!(ledger.durable_waits(), 2);
+        reservation.take().unwrap().settle(5);
+        drop(hold.take());
+        let behind = call
+            .admit_here(
+                &ledger,
+                &book,
+                10,
+                50,
+                mono_ns(),
+                &mut reservation,
+                &mut hold,
+            )
+            .unwrap();
+        assert!(behind.is_empty());
+        drop((reservation.take(), hold.take()));
+        assert_eq!((ledger.consumed(1), ledger.consumed(acme)), (5, 5));
+        assert_eq!(
+            (ledger.outstanding(), book.peek(acme).unwrap().inflight()),
+            (0, 0)
+        );
+        ledger.shutdown().unwrap();
     }
 
     /// On the shared ledger nothing is kept in the records' cells, not even when Redis is away

@@ -185,9 +185,7 @@ impl Gate {
         let amount = price_of(&table, key, ctx.price, ctx.estimate);
         if key.policy.is_some() {
             // An account, limits or a budget (SPEC §7): see `accounts.rs`.
-            let r = self.reserve_with_policy(ctx, &table, key, amount).await?;
-            ctx.reservation = Some(r);
-            return Ok(());
+            return self.reserve_with_policy(ctx, &table, key, amount).await;
         }
         let limit = (!key.unlimited_quota).then(|| key.quota.saturating_sub(key.used));
         match self.inner.ledger.reserve(key.id, limit, amount).await {

@@ -77,59 +77,80 @@ impl Ledger {
         parts: &Parts<'_>,
         amount: i64,
     ) -> Result<Reservation, (usize, ReserveError)> {
-        if parts.is_empty() {
-            return Err((0, ReserveError::Insufficient { remaining: 0 }));
-        }
-        let amount = amount.clamp(0, MAX_AMOUNT);
         if let Some(l) = &self.lease {
-            return Box::pin(reserve_leased(l, parts, amount)).await;
+            if parts.is_empty() {
+                return Err((0, ReserveError::Insufficient { remaining: 0 }));
+            }
+            return Box::pin(reserve_leased(l, parts, amount.clamp(0, MAX_AMOUNT))).await;
         }
-        let mut behind = Behind::new();
-        let r = self.take_all(parts, amount, &mut behind)?;
-        if behind.is_empty() {
-            return Ok(r);
+        let mut slot = None;
+        let behind = self.take_all(parts, amount, &mut slot)?;
+        match slot {
+            Some(r) if behind.is_empty() => Ok(r),
+            Some(r) => Box::pin(self.until_durable(r, behind)).await,
+            None => unreachable!("take_all fills the slot when it grants"),
         }
-        Box::pin(self.until_durable(r, behind)).await
+    }
+
+    /// Whether counters live in a shared ledger (Redis), where reservations go through
+    /// [`Ledger::reserve_all`]; else [`Ledger::take_all`] serves without a future.
+    #[inline]
+    pub fn is_shared(&self) -> bool {
+        self.lease.is_some()
     }
 
     /// Take `amount` on every part from this process's counters (one atomic step each, in
-    /// order; a refusal refunds the parts already taken), noting in `behind` the parts whose
-    /// durable ceiling does not yet cover what they commit (the writer has been asked).
-    fn take_all(
+    /// order), building the reservation in `slot` (it is not moved while its parts are taken,
+    /// nor after: a call keeps it where it was built). A refusal leaves `slot` empty, every
+    /// part taken so far refunded. Granted, it returns the parts whose durable ceiling does not
+    /// yet cover what they commit (the writer has been asked): wait for them with
+    /// [`Ledger::until_durable`] before the call goes on (rare: the writer raises ceilings
+    /// ahead of use). On a shared ledger nothing is taken here: use [`Ledger::reserve_all`].
+    pub fn take_all(
         &self,
         parts: &Parts<'_>,
         amount: i64,
-        behind: &mut Behind,
-    ) -> Result<Reservation, (usize, ReserveError)> {
+        slot: &mut Option<Reservation>,
+    ) -> Result<Behind, (usize, ReserveError)> {
+        *slot = None;
+        if parts.is_empty() || self.lease.is_some() {
+            return Err((0, ReserveError::Insufficient { remaining: 0 }));
+        }
+        let amount = amount.clamp(0, MAX_AMOUNT);
         self.shared
             .outstanding_total
             .fetch_add(1, Ordering::Relaxed);
-        let mut r = Reservation {
+        let r = slot.insert(Reservation {
             amount,
             done: false,
             hold: Hold::Counters {
                 ledger: self.shared.clone(),
                 parts: ArrayVec::new(),
             },
-        };
-        // Filled in place: the reservation is not moved while its parts are taken.
+        });
         let Hold::Counters { parts: held, .. } = &mut r.hold else {
             unreachable!("built as counters just above")
         };
+        let mut behind = Behind::new();
         for (i, p) in parts.iter().enumerate() {
-            // Returning early drops `r`, which refunds every part taken so far.
             let counter = handles::kept(p.cell, &self.shared, p.id, |id| self.counter(id));
             note_until(&counter.until, p.until);
-            let previous = counter
-                .committed
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| match p.limit {
-                    Some(l) if cur.saturating_add(amount) > l => None,
-                    _ => Some(cur.saturating_add(amount)),
-                })
-                .map_err(|cur| {
+            let taken =
+                counter
+                    .committed
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| match p.limit {
+                        Some(l) if cur.saturating_add(amount) > l => None,
+                        _ => Some(cur.saturating_add(amount)),
+                    });
+            let previous = match taken {
+                Ok(previous) => previous,
+                Err(cur) => {
+                    // Dropping the reservation refunds every part taken so far.
+                    *slot = None;
                     let remaining = p.limit.unwrap_or(i64::MAX).saturating_sub(cur);
-                    (i, ReserveError::Insufficient { remaining })
-                })?;
+                    return Err((i, ReserveError::Insufficient { remaining }));
+                }
+            };
             let needed = previous.saturating_add(amount);
             let room = headroom(counter.rate_room.load(Ordering::Relaxed), amount, p.limit);
             if !self.ceiling_covers(p.id, &counter, needed, room) {
@@ -141,12 +162,12 @@ impl Ledger {
                 counter,
             });
         }
-        Ok(r)
+        Ok(behind)
     }
 
     /// Wait until each part of `r` in `behind` has its durable ceiling at what it needs; `r`
     /// (refunded when dropped) if the disk keeps up, else which part did not.
-    async fn until_durable(
+    pub async fn until_durable(
         &self,
         r: Reservation,
         behind: Behind,
@@ -163,7 +184,7 @@ impl Ledger {
 }
 
 /// The parts of a reservation whose durable ceiling is behind: (index, units needed on disk).
-type Behind = ArrayVec<(usize, i64), MAX_PARTS>;
+pub type Behind = ArrayVec<(usize, i64), MAX_PARTS>;
 
 /// [`Ledger::reserve_all`] on a shared ledger: a lease of each part, in order.
 async fn reserve_leased(

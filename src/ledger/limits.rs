@@ -204,6 +204,22 @@ impl LimitBook {
         tokens: u64,
         now: i64,
     ) -> Result<LimitHold, LimitRefusal> {
+        let mut slot = None;
+        self.admit_into(scopes, tokens, now, &mut slot)?;
+        Ok(slot.unwrap_or_else(LimitHold::none))
+    }
+
+    /// [`LimitBook::admit`], building the hold in `slot` (not moved while its scopes are taken,
+    /// nor after: a call keeps it where it was built). A refusal leaves `slot` empty, with
+    /// everything taken so far given back.
+    pub fn admit_into(
+        &self,
+        scopes: &Scopes<'_>,
+        tokens: u64,
+        now: i64,
+        slot: &mut Option<LimitHold>,
+    ) -> Result<(), LimitRefusal> {
+        *slot = None;
         for s in scopes {
             if let Some(tpm) = s.limits.tpm {
                 if tokens > u64::from(tpm) {
@@ -211,26 +227,22 @@ impl LimitBook {
                 }
             }
         }
-        let mut hold = LimitHold {
-            parts: ArrayVec::new(),
-            spare: None,
-        };
+        let hold = slot.insert(LimitHold::none());
         for s in scopes.iter().filter(|s| !s.limits.is_empty()) {
             let live = handles::kept(s.cell, &self.shared, s.id, |id| self.scope(id));
-            let mut part = Part::new(s, live, false);
-            let refused = part.take_slot().and_then(|()| part.take_local(tokens, now));
-            hold.parts.push(part);
-            if let Err(r) = refused {
+            hold.parts.push(Part::new(s, live, false));
+            let Some(part) = hold.parts.last_mut() else {
+                continue;
+            };
+            if let Err(r) = part.take_slot().and_then(|()| part.take_local(tokens, now)) {
                 hold.cancel(now);
+                *slot = None;
                 return Err(r);
             }
         }
-        Ok(hold)
+        Ok(())
     }
 
-    /// [`LimitBook::admit`] on the shared ledger: rpm, tpm and concurrency slots from the
-    /// scopes' leases (the same steps; kept apart so that the local path stays as it was).
-    /// `spare` is told when a slot that came back leaves too many spare.
     pub(crate) fn admit_leased(
         &self,
         scopes: &Scopes<'_>,
@@ -352,6 +364,14 @@ impl Part {
 }
 
 impl LimitHold {
+    /// A hold of nothing.
+    fn none() -> LimitHold {
+        LimitHold {
+            parts: ArrayVec::new(),
+            spare: None,
+        }
+    }
+
     /// The call used `actual` tokens: correct every tpm bucket by the difference.
     pub fn settle_tokens(&mut self, actual: u64, now: i64) {
         for p in &mut self.parts {

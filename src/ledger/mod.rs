@@ -36,7 +36,7 @@ mod writer;
 use self::expiry::{sweep_in_memory, unknown_until};
 use self::files::{load_state, DiskState, HANDOFF, LOCK};
 pub use expiry::FORGET_EVERY;
-pub use joint::{Charged, Part, Parts, MAX_PARTS};
+pub use joint::{Behind, Charged, Part, Parts, MAX_PARTS};
 pub use lease::RedisSettings;
 pub use reservation::Reservation;
 
