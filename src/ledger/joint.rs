@@ -6,8 +6,8 @@
 //! call that is about to be refused still holds its first parts, a concurrent call may see that
 //! room as taken and be refused too: the joint step errs on the side of refusing, never of
 //! overspending. On this process's counters every part is taken first and only then are the
-//! parts whose durable ceiling is behind waited for (one after another, each up to the
-//! ledger's timeout), so while a disk stalls the later parts are held during that wait too.
+//! parts whose durable ceiling is behind waited for (one after another, all within one of the
+//! ledger's timeouts), so while a disk stalls the later parts are held during that wait too.
 //!
 //! A settle can report what it did to each counter ([`Reservation::settle_observed`]): the
 //! alerts (SPEC §7) look for thresholds in it.
@@ -165,21 +165,28 @@ impl Ledger {
         Ok(behind)
     }
 
-    /// Wait until each part of `r` in `behind` has its durable ceiling at what it needs; `r`
-    /// (refunded when dropped) if the disk keeps up, else which part did not.
+    /// Wait until each part of `r` in `behind` has its durable ceiling at what it needs, all
+    /// of them within one timeout; `r` if the disk keeps up, else the part still waited for
+    /// when the time ran out (`r` is dropped then, which refunds every part).
     pub async fn until_durable(
         &self,
         r: Reservation,
         behind: Behind,
     ) -> Result<Reservation, (usize, ReserveError)> {
-        if let Hold::Counters { parts, .. } = &r.hold {
-            for (i, needed) in behind {
-                self.wait_durable(&parts[i].counter, needed)
-                    .await
-                    .map_err(|e| (i, e))?;
+        let Hold::Counters { parts, .. } = &r.hold else {
+            return Ok(r);
+        };
+        let mut at = 0;
+        let waits = async {
+            for &(i, needed) in &behind {
+                at = i;
+                self.on_disk(&parts[i].counter, needed).await;
             }
+        };
+        match self.within_wait_timeout(waits).await {
+            Ok(()) => Ok(r),
+            Err(e) => Err((at, e)),
         }
-        Ok(r)
     }
 }
 
@@ -346,6 +353,41 @@ mod tests {
         assert_eq!((l.consumed(1), l.consumed(4)), (100_002, 1));
         assert_eq!(l.outstanding(), 0);
         l.shutdown().unwrap();
+    }
+
+    /// A part whose ceiling is behind followed by a part that refuses: the call is refused
+    /// at once (nothing is waited for) and both parts are given back.
+    #[tokio::test]
+    async fn a_refusal_after_a_part_behind_its_ceiling_refunds_both_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path()).unwrap();
+        let parts = Parts::from_iter([Part::lifetime(1, None), Part::lifetime(2, Some(5))]);
+        let err = l.reserve_all(&parts, 150_000).await.unwrap_err();
+        assert_eq!(err, (1, ReserveError::Insufficient { remaining: 5 }));
+        assert_eq!((l.counter(1).committed(), l.counter(2).committed()), (0, 0));
+        assert_eq!((l.outstanding(), l.durable_waits()), (0, 0));
+        l.shutdown().unwrap();
+    }
+
+    /// On a disk that does not keep up (here: the writer has stopped), a call whose parts are
+    /// all behind is refused as `NotDurable` once the timeout has passed, naming the part it
+    /// was waiting for, and every part is given back.
+    #[tokio::test]
+    async fn parts_behind_on_a_stalled_disk_are_refused_after_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(dir.path()).unwrap();
+        l.shutdown().unwrap();
+        let parts = Parts::from_iter([1, 2, 3].map(|id| Part::lifetime(id, None)));
+        let started = std::time::Instant::now();
+        let err = l.reserve_all(&parts, 150_000).await.unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(err, (0, ReserveError::NotDurable));
+        assert!(took >= l.shared.wait_timeout, "{took:?}");
+        assert!(took < l.shared.wait_timeout * 2, "{took:?}");
+        for id in [1, 2, 3] {
+            assert_eq!(l.counter(id).committed(), 0, "{id}");
+        }
+        assert_eq!(l.outstanding(), 0);
     }
 
     /// A counter kept in a record's cell serves only the ledger it came from, for its id: a

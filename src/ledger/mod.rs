@@ -429,7 +429,7 @@ impl Ledger {
     }
 
     /// Make sure `counter`'s durable ceiling covers `needed`: [`Ledger::ceiling_covers`], then
-    /// [`Ledger::wait_durable`] when it does not.
+    /// [`Ledger::on_disk`] (within the timeout) when it does not.
     async fn make_durable(
         &self,
         key_id: u64,
@@ -440,7 +440,8 @@ impl Ledger {
         if self.ceiling_covers(key_id, counter, needed, room) {
             return Ok(());
         }
-        self.wait_durable(counter, needed).await
+        self.within_wait_timeout(self.on_disk(counter, needed))
+            .await
     }
 
     /// Whether `counter`'s durable ceiling covers `needed`; asks the writer for `needed` plus
@@ -455,22 +456,28 @@ impl Ledger {
         needed <= durable
     }
 
-    /// Wait (at most the ledger's timeout) until the writer has `counter`'s ceiling on disk at
-    /// `needed` or more.
-    async fn wait_durable(&self, counter: &KeyCounter, needed: i64) -> Result<(), ReserveError> {
+    /// Wait until the writer has `counter`'s ceiling on disk at `needed` or more (counted in
+    /// [`Ledger::durable_waits`]); callers bound it with [`Ledger::within_wait_timeout`].
+    async fn on_disk(&self, counter: &KeyCounter, needed: i64) {
         self.shared.waits.fetch_add(1, Ordering::Relaxed);
         let mut rx = self.shared.flushed.subscribe();
-        let wait = async {
-            loop {
-                if counter.durable.load(Ordering::Acquire) >= needed {
-                    return;
-                }
-                if rx.changed().await.is_err() {
-                    return std::future::pending().await;
-                }
+        loop {
+            if counter.durable.load(Ordering::Acquire) >= needed {
+                return;
             }
-        };
-        tokio::time::timeout(self.shared.wait_timeout, wait)
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// `waits`, given at most the ledger's timeout for durable ceilings (all of them together:
+    /// a call waiting for several counters on a stalled disk is refused after one timeout).
+    async fn within_wait_timeout<T>(
+        &self,
+        waits: impl std::future::Future<Output = T>,
+    ) -> Result<T, ReserveError> {
+        tokio::time::timeout(self.shared.wait_timeout, waits)
             .await
             .map_err(|_| ReserveError::NotDurable)
     }
