@@ -360,7 +360,7 @@ fn bench_admission(c: &mut Criterion) {
 /// under the clock, then settled off it): what the request waits for before it goes upstream.
 fn bench_policy(c: &mut Criterion) {
     use keygate::config::{AccountEntry, BudgetEntry, LimitsEntry};
-    use keygate::gate::accounts::Call;
+    use keygate::gate::accounts::PolicyCall;
     use keygate::ledger::limits::{mono_ns, LimitBook, LimitHold};
     use keygate::ledger::{Ledger, Reservation};
     let upstreams = upstreams();
@@ -422,7 +422,7 @@ fn bench_policy(c: &mut Criterion) {
                 .expect("admitted");
             let key = table.at_slot(a.slot).expect("in table");
             admit_model(&table, key, &upstreams, MODEL).expect("model admitted");
-            let behind = Call::new(&table, key, now)
+            let behind = PolicyCall::new(&table, key, now)
                 .admit_here(
                     &ledger,
                     &book,
@@ -433,7 +433,7 @@ fn bench_policy(c: &mut Criterion) {
                     &mut slot.1,
                 )
                 .expect("admitted");
-            debug_assert!(behind.is_empty(), "an in-memory ledger is always durable");
+            assert!(behind.is_empty(), "an in-memory ledger is always durable");
         };
         let settle = |slot: &mut Slot| {
             if let Some(mut h) = slot.1.take() {

@@ -24,8 +24,8 @@
 # Europe/Berlin, rpm, tpm and concurrency, none of them near (SPEC §7): with KEYGATE_BASE set to
 # the same binary, the A/B of limits on against off. KG_SYNC_LIMITS=both: the base reads it too
 # (the A/B of a change with limits on). KG_SYNC_LIMITS=base: only the base reads it (the same
-# A/B of limits on against off with the order swapped: the binary measured first in each pair
-# reads a few % off, so run both orders).
+# A/B with the order swapped, since the binary measured first in each pair reads a few % off:
+# run both orders; the ratio printed is then limits off / on).
 # KG_POOL_OF=N: the measured keygate's JSON upstream is a pool of N targets (all the same upstream,
 # equal weights) instead of one `url`: with KEYGATE_BASE set to the same binary, what a pool's
 # target choice costs on the success path (SPEC §11).

@@ -1,7 +1,7 @@
 //! Admission for a key with an account, rate limits or a budget (SPEC §7): the limits of the
 //! key and its account (one [`LimitHold`]), then one joint reservation on the key's, the
 //! account's and their budget periods' counters, both-or-neither. On this process's ledger both
-//! are built where they stay, in the call's context, by a plain function ([`Call::admit_here`]):
+//! are built where they stay, in the call's context, by a plain function ([`PolicyCall::admit_here`]):
 //! no future, nothing moved (the async version moved its ~850-byte state and its results, and
 //! those copies were a fifth of the admission's time). `settle.rs` settles them, and dropping
 //! them releases them.
@@ -18,15 +18,57 @@ use crate::ledger::limits::{
 };
 use crate::ledger::{Behind, Ledger, Part, Parts, Reservation, ReserveError};
 
-/// What a part of the joint reservation stands for, to word its refusal.
-enum PartKind<'a> {
+/// Whose quota a counter is.
+#[derive(Clone, Copy)]
+pub(super) enum Owner<'a> {
     Key,
-    Account(&'a str),
+    Account(&'a Account),
+}
+
+/// What a part of a call's reservation counts.
+#[derive(Clone, Copy)]
+pub(super) enum Counter<'a> {
+    /// The lifetime quota of the key or its account.
+    Quota(Owner<'a>),
+    /// A budget period of the key or its account; `scope` is the owner's counter id.
     Budget {
-        whose: &'static str,
+        owner: Owner<'a>,
         budget: &'a Budget,
-        resets_at: i64,
+        scope: u64,
     },
+}
+
+/// The counters of `key`'s calls, in the order [`PolicyPolicyCall::parts`] reserves them (a test
+/// holds the two to one order): the key, its account, the key's budget period, the
+/// account's budget period. For a refusal's wording and the alerts, off the request path.
+pub(super) fn counters_of<'a>(table: &'a KeyTable, key: &'a KeyRecord) -> [Option<Counter<'a>>; 4] {
+    let mut out = [Some(Counter::Quota(Owner::Key)), None, None, None];
+    let Some(policy) = key.policy.as_deref() else {
+        return out;
+    };
+    let account = table.account_of(key);
+    let budgets = [
+        policy.budget.as_ref().map(|b| Counter::Budget {
+            owner: Owner::Key,
+            budget: b,
+            scope: key.id,
+        }),
+        account.and_then(|a| {
+            Some(Counter::Budget {
+                owner: Owner::Account(a),
+                budget: a.budget.as_ref()?,
+                scope: a.ledger_id,
+            })
+        }),
+    ];
+    let rest = account
+        .map(|a| Counter::Quota(Owner::Account(a)))
+        .into_iter()
+        .chain(budgets.into_iter().flatten());
+    for (slot, c) in out[1..].iter_mut().zip(rest) {
+        *slot = Some(c);
+    }
+    out
 }
 
 impl Gate {
@@ -54,7 +96,7 @@ impl Gate {
             })
         } else {
             let (reservation, hold) = (&mut ctx.reservation, &mut ctx.limit_hold);
-            let call = Call::new(table, key, now);
+            let call = PolicyCall::new(table, key, now);
             match call.admit_here(ledger, book, tokens, amount, now_ns, reservation, hold) {
                 Ok(behind) if behind.is_empty() => Ok(()),
                 Ok(behind) => {
@@ -85,7 +127,7 @@ pub type PolicyDenial = (Denial, Vec<(&'static str, String)>);
 /// The SPEC §7 admission of one call of `key` (which has a policy): the limits of the key and
 /// its account for `tokens` tokens, then `amount` units on the key's, the account's and their
 /// budget periods' counters, both-or-neither. `now` is unix seconds, `now_ns` [`mono_ns`].
-/// On this process's ledger the gate builds both in place ([`Call::admit_here`]); this one
+/// On this process's ledger the gate builds both in place ([`PolicyCall::admit_here`]); this one
 /// returns them, and serves a shared ledger too.
 #[allow(clippy::too_many_arguments)]
 pub async fn admit_policy(
@@ -98,7 +140,7 @@ pub async fn admit_policy(
     now: i64,
     now_ns: i64,
 ) -> Result<(Reservation, Option<LimitHold>), PolicyDenial> {
-    let call = Call::new(table, key, now);
+    let call = PolicyCall::new(table, key, now);
     let (mut reservation, mut hold) = (None, None);
     if !ledger.is_shared() {
         let behind = call.admit_here(
@@ -141,16 +183,18 @@ pub async fn admit_policy(
 
 /// One call of a key with a policy, at unix time `now`: what its admission takes, and how a
 /// refusal is worded.
-pub struct Call<'a> {
+pub struct PolicyCall<'a> {
+    table: &'a KeyTable,
     key: &'a KeyRecord,
     account: Option<&'a Account>,
     now: i64,
 }
 
-impl<'a> Call<'a> {
+impl<'a> PolicyCall<'a> {
     /// The call of `key` (of `table`) at unix time `now`.
-    pub fn new(table: &'a KeyTable, key: &'a KeyRecord, now: i64) -> Call<'a> {
-        Call {
+    pub fn new(table: &'a KeyTable, key: &'a KeyRecord, now: i64) -> PolicyCall<'a> {
+        PolicyCall {
+            table,
             key,
             account: table.account_of(key),
             now,
@@ -166,9 +210,11 @@ impl<'a> Call<'a> {
 
     /// The admission on this process's ledger, built in place: the limits' hold in `hold`
     /// (none when neither key nor account has limits), then the joint reservation in
-    /// `reservation`. Granted, the parts whose durable ceiling is behind (rare), to wait for
-    /// with [`Call::until_durable`] before the call goes on; refused, both slots are empty and
-    /// everything taken is given back. No future: nothing here waits.
+    /// `reservation` (both slots empty when called). Granted, the parts whose durable ceiling
+    /// is behind (rare), to wait for with [`PolicyCall::until_durable`] before the call goes
+    /// on; refused, both slots are empty and everything taken is given back. No future:
+    /// nothing here waits. A shared ledger is refused (503): its calls go through
+    /// [`admit_policy`].
     #[allow(clippy::too_many_arguments)]
     pub fn admit_here(
         &self,
@@ -180,9 +226,11 @@ impl<'a> Call<'a> {
         reservation: &mut Option<Reservation>,
         hold: &mut Option<LimitHold>,
     ) -> Result<Behind, PolicyDenial> {
-        *hold = None;
-        *reservation = None;
+        debug_assert!(reservation.is_none() && hold.is_none(), "slots in use");
         let policy = self.policy()?;
+        if ledger.is_shared() {
+            return Err((Denial::new(Reason::QuotaBackendUnavailable), Vec::new()));
+        }
         let scopes = self.scopes(policy);
         if !scopes.is_empty() {
             if let Err(refusal) = book.admit_into(&scopes, tokens, now_ns, hold) {
@@ -196,7 +244,8 @@ impl<'a> Call<'a> {
     }
 
     /// Wait for the parts of the reservation `admit_here` built whose durable ceiling is
-    /// `behind`; when the disk does not keep up, the call is refused and both slots emptied.
+    /// `behind` (it stays in its slot meanwhile); when the disk does not keep up, the call is
+    /// refused and both slots emptied (everything given back).
     #[allow(clippy::too_many_arguments)]
     pub async fn until_durable(
         &self,
@@ -207,16 +256,14 @@ impl<'a> Call<'a> {
         reservation: &mut Option<Reservation>,
         hold: &mut Option<LimitHold>,
     ) -> Result<(), PolicyDenial> {
-        let Some(r) = reservation.take() else {
-            return Ok(());
+        let Some(r) = reservation.as_ref() else {
+            return Err((Denial::new(Reason::QuotaBackendUnavailable), Vec::new()));
         };
-        match ledger.until_durable(r, behind).await {
-            Ok(r) => {
-                *reservation = Some(r);
-                Ok(())
-            }
-            Err((i, e)) => Err(self.quota_refused(i, e, amount, now_ns, hold)),
+        if let Err((i, e)) = ledger.until_durable(r, behind).await {
+            *reservation = None;
+            return Err(self.quota_refused(i, e, amount, now_ns, hold));
         }
+        Ok(())
     }
 
     /// The scopes whose limits the call takes: the key's, then its account's.
@@ -254,7 +301,7 @@ impl<'a> Call<'a> {
         if let Some(a) = self.account {
             parts.push(Part::lifetime_in(a.ledger_id, a.quota_limit(), &a.counter));
         }
-        for (scope, _, budget) in self.budgets(policy).into_iter().flatten() {
+        for (scope, budget) in self.budgets(policy).into_iter().flatten() {
             let w = budget.window(self.now);
             let earlier: i64 = w
                 .earlier
@@ -271,12 +318,12 @@ impl<'a> Call<'a> {
         parts
     }
 
-    /// The key's budget and its account's: (counter scope, whose, budget).
-    fn budgets(&self, policy: &'a KeyPolicy) -> [Option<(u64, &'static str, &'a Budget)>; 2] {
+    /// The key's budget and its account's, with the scope of their counters.
+    fn budgets(&self, policy: &'a KeyPolicy) -> [Option<(u64, &'a Budget)>; 2] {
         [
-            policy.budget.as_ref().map(|b| (self.key.id, "API key", b)),
+            policy.budget.as_ref().map(|b| (self.key.id, b)),
             self.account
-                .and_then(|a| Some((a.ledger_id, "account", a.budget.as_ref()?))),
+                .and_then(|a| Some((a.ledger_id, a.budget.as_ref()?))),
         ]
     }
 
@@ -310,27 +357,17 @@ impl<'a> Call<'a> {
         if let Some(mut h) = hold.take() {
             h.cancel(now_ns);
         }
-        (
-            quota_denial(self.part_kind(i), e, amount, self.now),
-            headers,
-        )
+        (self.part_denial(i, e, amount), headers)
     }
 
-    /// What part `i` of [`Call::parts`] stands for.
-    fn part_kind(&self, i: usize) -> PartKind<'a> {
-        let Some(policy) = self.key.policy.as_deref() else {
-            return PartKind::Key;
-        };
-        let lifetime = [PartKind::Key]
+    /// The refusal of part `i` of [`PolicyCall::parts`] (what it stands for is found again
+    /// here, only when a call is refused).
+    fn part_denial(&self, i: usize, e: ReserveError, amount: i64) -> Denial {
+        let counter = counters_of(self.table, self.key)
             .into_iter()
-            .chain(self.account.map(|a| PartKind::Account(&a.id)));
-        let budgets = self.budgets(policy).into_iter().flatten();
-        let budgets = budgets.map(|(_, whose, budget)| PartKind::Budget {
-            whose,
-            budget,
-            resets_at: budget.window(self.now).resets_at,
-        });
-        lifetime.chain(budgets).nth(i).unwrap_or(PartKind::Key)
+            .flatten()
+            .nth(i);
+        quota_denial(counter, e, amount, self.now)
     }
 }
 
@@ -375,36 +412,40 @@ fn limit_denial(r: LimitRefusal, account: Option<&str>) -> Denial {
     }
 }
 
-/// The refusal for a part of the joint reservation.
-fn quota_denial(kind: PartKind<'_>, e: ReserveError, amount: i64, now: i64) -> Denial {
+/// The refusal for a part of the joint reservation (`counter`: what it counts).
+fn quota_denial(counter: Option<Counter<'_>>, e: ReserveError, amount: i64, now: i64) -> Denial {
     let remaining = match e {
         ReserveError::Insufficient { remaining } => remaining.max(0),
         ReserveError::NotDurable | ReserveError::BackendUnavailable => {
             return Denial::new(Reason::QuotaBackendUnavailable)
         }
     };
-    match kind {
-        PartKind::Account(id) => Denial::with_message(
+    match counter {
+        Some(Counter::Quota(Owner::Account(a))) => Denial::with_message(
             Reason::InsufficientQuota,
             format!(
-                "The account {id:?} has {remaining} quota units left; this call needs up to {amount}."
+                "The account {:?} has {remaining} quota units left; this call needs up to {amount}.",
+                a.id
             ),
         ),
-        PartKind::Budget {
-            whose,
-            budget,
-            resets_at,
-        } => Denial::with_message(
-            Reason::BudgetExceeded,
-            format!(
-                "The {} budget of this {whose} ({} units) is spent: {remaining} left, this call \
-                 needs up to {amount}. It resets at unix time {resets_at}.",
-                budget.describe().split(':').next().unwrap_or("period"),
-                budget.amount
-            ),
-        )
-        .retry_after(u64::try_from((resets_at - now).max(1)).unwrap_or(1)),
-        PartKind::Key => Denial::with_message(
+        Some(Counter::Budget { owner, budget, .. }) => {
+            let whose = match owner {
+                Owner::Key => "API key",
+                Owner::Account(_) => "account",
+            };
+            let resets_at = budget.window(now).resets_at;
+            Denial::with_message(
+                Reason::BudgetExceeded,
+                format!(
+                    "The {} budget of this {whose} ({} units) is spent: {remaining} left, this \
+                     call needs up to {amount}. It resets at unix time {resets_at}.",
+                    budget.describe().split(':').next().unwrap_or("period"),
+                    budget.amount
+                ),
+            )
+            .retry_after(u64::try_from((resets_at - now).max(1)).unwrap_or(1))
+        }
+        Some(Counter::Quota(Owner::Key)) | None => Denial::with_message(
             Reason::InsufficientQuota,
             format!("This API key has {remaining} quota units left; this call needs up to {amount}."),
         ),
@@ -483,44 +524,69 @@ mod tests {
         );
     }
 
-    /// Each part of the joint reservation that refuses is named in the refusal: the key's
-    /// quota, its account's, the key's budget, the account's budget (the kind of a part is
-    /// worked out again from its index, only when a call is refused).
-    #[tokio::test]
-    async fn a_refusal_names_the_part_that_refused() {
-        let table = |key_quota: i64, acme_quota: i64, key_budget: i64, acme_budget: i64| {
-            let json = format!(
-                r#"{{"accounts":{{"acme":{{"quota":{acme_quota},
-                      "budget":{{"period":"daily","amount":{acme_budget}}}}}}},
-                    "keys":[{{"id":1,"key":"a","quota":{key_quota},"account":"acme",
-                      "budget":{{"period":"weekly","amount":{key_budget}}}}}]}}"#
-            );
-            KeyTable::from_json(json.as_bytes(), "t").unwrap()
-        };
-        let cases = [
+    /// Key 1 (`a`) with `key` added to it, and the accounts `accounts` (a JSON object).
+    fn one_key(key: &str, accounts: &str) -> KeyTable {
+        let json = format!(r#"{{"accounts":{accounts},"keys":[{{"id":1,"key":"a",{key}}}]}}"#);
+        KeyTable::from_json(json.as_bytes(), "t").unwrap()
+    }
+
+    /// Tables of one key covering where its parts fall: with or without an account, with
+    /// either budget, both or none. Each with the part that cannot take 20 units and what
+    /// its refusal says.
+    fn spent_parts() -> Vec<(KeyTable, Reason, &'static str)> {
+        let week = |n| format!(r#""budget":{{"period":"weekly","amount":{n}}}"#);
+        let day = |n| format!(r#""budget":{{"period":"daily","amount":{n}}}"#);
+        let acme = |quota, budget: &str| format!(r#"{{"acme":{{"quota":{quota}{budget}}}}}"#);
+        let in_acme = |quota, budget: &str| format!(r#""quota":{quota},"account":"acme"{budget}"#);
+        let with = |b: String| format!(",{b}");
+        let (quota, budget) = (Reason::InsufficientQuota, Reason::BudgetExceeded);
+        vec![
             (
-                (10, 100, 100, 100),
-                Reason::InsufficientQuota,
+                one_key(&in_acme(10, &with(week(100))), &acme(100, &with(day(100)))),
+                quota,
                 "This API key has 10 quota",
             ),
             (
-                (100, 10, 100, 100),
-                Reason::InsufficientQuota,
+                one_key(&in_acme(100, &with(week(100))), &acme(10, &with(day(100)))),
+                quota,
                 "The account \"acme\" has 10",
             ),
             (
-                (100, 100, 10, 100),
-                Reason::BudgetExceeded,
+                one_key(&in_acme(100, &with(week(10))), &acme(100, &with(day(100)))),
+                budget,
                 "The weekly budget of this API key",
             ),
             (
-                (100, 100, 100, 10),
-                Reason::BudgetExceeded,
+                one_key(&in_acme(100, &with(week(100))), &acme(100, &with(day(10)))),
+                budget,
                 "The daily budget of this account",
             ),
-        ];
-        for ((k, a, kb, ab), reason, says) in cases {
-            let table = table(k, a, kb, ab);
+            // No account: the key's budget is the second part.
+            (
+                one_key(&format!(r#""quota":100,{}"#, week(10)), "{}"),
+                budget,
+                "The weekly budget of this API key",
+            ),
+            // The account's budget only: the third part.
+            (
+                one_key(&in_acme(100, ""), &acme(100, &with(day(10)))),
+                budget,
+                "The daily budget of this account",
+            ),
+            (
+                one_key(&in_acme(100, ""), &acme(10, "")),
+                quota,
+                "The account \"acme\" has 10",
+            ),
+        ]
+    }
+
+    /// Each part of the joint reservation that refuses is named in the refusal: the key's
+    /// quota, its account's, the key's budget, the account's budget (what a part counts is
+    /// found again from its index, only when a call is refused), and nothing stays taken.
+    #[tokio::test]
+    async fn a_refusal_names_the_part_that_refused() {
+        for (table, reason, says) in spent_parts() {
             let key = table.lookup(&key_digest(b"a")).unwrap();
             let (ledger, book) = (Ledger::in_memory(), LimitBook::new());
             let refused = admit_policy(&ledger, &book, &table, key, 10, 20, 100_000, mono_ns())
@@ -530,12 +596,80 @@ mod tests {
                 .expect("refused");
             assert_eq!(refused.reason, reason, "{says}");
             assert!(refused.message.starts_with(says), "{}", refused.message);
-            // Nothing stays taken: every counter is back at 0.
-            assert_eq!(
-                (ledger.counter(1).committed(), ledger.outstanding()),
-                (0, 0)
-            );
+            assert_eq!(ledger.outstanding(), 0);
+            let parts = PolicyCall::new(&table, key, 100_000)
+                .parts(&ledger, key.policy.as_deref().unwrap());
+            for p in &parts {
+                assert_eq!(ledger.counter(p.id).committed(), 0, "{says}");
+            }
         }
+    }
+
+    /// [`PolicyCall::parts`] (the request path) and [`counters_of`] (a refusal's wording, the
+    /// alerts) list a call's counters in one order.
+    #[test]
+    fn the_parts_and_what_they_count_are_in_one_order() {
+        let now = 100_000;
+        for (table, _, says) in spent_parts() {
+            let key = table.lookup(&key_digest(b"a")).unwrap();
+            let parts = PolicyCall::new(&table, key, now)
+                .parts(&Ledger::in_memory(), key.policy.as_deref().unwrap());
+            let counted: Vec<u64> = counters_of(&table, key)
+                .into_iter()
+                .flatten()
+                .map(|c| match c {
+                    Counter::Quota(Owner::Key) => key.id,
+                    Counter::Quota(Owner::Account(a)) => a.ledger_id,
+                    Counter::Budget { budget, scope, .. } => {
+                        budget_ledger_id(scope, budget.window(now).current)
+                    }
+                })
+                .collect();
+            let ids: Vec<u64> = parts.iter().map(|p| p.id).collect();
+            assert_eq!(ids, counted, "{says}");
+        }
+    }
+
+    /// A call refused by a quota after its limits were taken gives them back: its request
+    /// (rpm 1) and its concurrency slot (1) serve the next call, which fits.
+    #[tokio::test]
+    async fn a_quota_refusal_gives_the_limits_back() {
+        let table = one_key(r#""quota":100,"limits":{"rpm":1,"concurrency":1}"#, "{}");
+        let key = table.lookup(&key_digest(b"a")).unwrap();
+        let (ledger, book) = (Ledger::in_memory(), LimitBook::new());
+        let call = PolicyCall::new(&table, key, 100);
+        let (mut reservation, mut hold) = (None, None);
+        let refused = call.admit_here(
+            &ledger,
+            &book,
+            10,
+            500,
+            mono_ns(),
+            &mut reservation,
+            &mut hold,
+        );
+        assert_eq!(
+            refused.err().map(|(d, _)| d.reason),
+            Some(Reason::InsufficientQuota)
+        );
+        assert!(reservation.is_none() && hold.is_none());
+        assert_eq!(book.peek(1).unwrap().inflight(), 0);
+        call.admit_here(
+            &ledger,
+            &book,
+            10,
+            50,
+            mono_ns(),
+            &mut reservation,
+            &mut hold,
+        )
+        .expect("the request and the slot were given back");
+        assert_eq!(book.peek(1).unwrap().inflight(), 1);
+        // Now both are taken: the next call is refused by the limits.
+        let (mut r2, mut h2) = (None, None);
+        assert!(call
+            .admit_here(&ledger, &book, 10, 50, mono_ns(), &mut r2, &mut h2)
+            .is_err());
     }
 
     /// On a persisted ledger a call whose counters' durable ceilings are behind (new counters)
@@ -549,7 +683,7 @@ mod tests {
         let table = key_in_acme(r#"{"concurrency":2}"#);
         let key = table.lookup(&key_digest(b"a")).unwrap();
         let acme = table.accounts().by_id("acme").unwrap().ledger_id;
-        let call = Call::new(&table, key, 100);
+        let call = PolicyCall::new(&table, key, 100);
         let (mut reservation, mut hold) = (None, None);
         let behind = call
             .admit_here(

@@ -6,34 +6,15 @@
 //! per charged counter (see [`crate::core::alerts::Thresholds::crossed`]); only a charge that
 //! crosses a threshold builds an event.
 
+use super::accounts::{counters_of, Counter, Owner};
 use super::Gate;
-use crate::core::accounts::{budget_ledger_id, Account};
+use crate::core::accounts::budget_ledger_id;
 use crate::core::alerts::{AlertEvent, AlertId, AlertScope, Alerting};
 use crate::core::budget::Budget;
 use crate::core::clock::{unix_now, unix_secs};
 use crate::core::table::{KeyRecord, KeyTable};
 use crate::ledger::{Charged, Reservation};
 use std::time::SystemTime;
-
-/// Whose quota a counter is.
-#[derive(Clone, Copy)]
-enum Owner<'a> {
-    Key,
-    Account(&'a Account),
-}
-
-/// What a part of a call's reservation counts.
-#[derive(Clone, Copy)]
-enum Counter<'a> {
-    /// The lifetime quota of the key or its account.
-    Quota(Owner<'a>),
-    /// A budget period of the key or its account; `scope` is the owner's counter id.
-    Budget {
-        owner: Owner<'a>,
-        budget: &'a Budget,
-        scope: u64,
-    },
-}
 
 impl Gate {
     /// Turn threshold alerts on: from now on each settle pushes the events it crosses into
@@ -74,38 +55,6 @@ impl Gate {
             }
         }
     }
-}
-
-/// The counters of `key`'s calls, in the order [`super::accounts::admit_policy`] reserves
-/// them: the key, its account, the key's budget period, the account's budget period.
-fn counters_of<'a>(table: &'a KeyTable, key: &'a KeyRecord) -> [Option<Counter<'a>>; 4] {
-    let mut out = [Some(Counter::Quota(Owner::Key)), None, None, None];
-    let Some(policy) = key.policy.as_deref() else {
-        return out;
-    };
-    let account = table.account_of(key);
-    let budgets = [
-        policy.budget.as_ref().map(|b| Counter::Budget {
-            owner: Owner::Key,
-            budget: b,
-            scope: key.id,
-        }),
-        account.and_then(|a| {
-            Some(Counter::Budget {
-                owner: Owner::Account(a),
-                budget: a.budget.as_ref()?,
-                scope: a.ledger_id,
-            })
-        }),
-    ];
-    let rest = account
-        .map(|a| Counter::Quota(Owner::Account(a)))
-        .into_iter()
-        .chain(budgets.into_iter().flatten());
-    for (slot, c) in out[1..].iter_mut().zip(rest) {
-        *slot = Some(c);
-    }
-    out
 }
 
 /// Push an event for each threshold charge `c` crossed on `counter`, which could commit

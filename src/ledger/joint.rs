@@ -85,11 +85,14 @@ impl Ledger {
         }
         let mut slot = None;
         let behind = self.take_all(parts, amount, &mut slot)?;
-        match slot {
-            Some(r) if behind.is_empty() => Ok(r),
-            Some(r) => Box::pin(self.until_durable(r, behind)).await,
-            None => unreachable!("take_all fills the slot when it grants"),
+        let Some(r) = slot else {
+            unreachable!("take_all fills the slot when it grants")
+        };
+        if !behind.is_empty() {
+            // Dropping `r` on the error path refunds every part.
+            Box::pin(self.until_durable(&r, behind)).await?;
         }
+        Ok(r)
     }
 
     /// Whether counters live in a shared ledger (Redis), where reservations go through
@@ -100,20 +103,24 @@ impl Ledger {
     }
 
     /// Take `amount` on every part from this process's counters (one atomic step each, in
-    /// order), building the reservation in `slot` (it is not moved while its parts are taken,
-    /// nor after: a call keeps it where it was built). A refusal leaves `slot` empty, every
-    /// part taken so far refunded. Granted, it returns the parts whose durable ceiling does not
-    /// yet cover what they commit (the writer has been asked): wait for them with
-    /// [`Ledger::until_durable`] before the call goes on (rare: the writer raises ceilings
-    /// ahead of use). On a shared ledger nothing is taken here: use [`Ledger::reserve_all`].
+    /// order), building the reservation in `slot` (empty when called; the reservation is not
+    /// moved while its parts are taken, and the gate keeps it in that slot). A refusal leaves
+    /// `slot` empty, every part taken so far refunded. Granted, it returns the parts whose
+    /// durable ceiling does not yet cover what they commit (the writer has been asked): wait
+    /// for them with [`Ledger::until_durable`] before the call goes on (rare: the writer
+    /// raises ceilings ahead of use). A shared ledger is refused (`BackendUnavailable`): its
+    /// reservations go through [`Ledger::reserve_all`].
     pub fn take_all(
         &self,
         parts: &Parts<'_>,
         amount: i64,
         slot: &mut Option<Reservation>,
     ) -> Result<Behind, (usize, ReserveError)> {
-        *slot = None;
-        if parts.is_empty() || self.lease.is_some() {
+        debug_assert!(slot.is_none(), "a reservation in the slot");
+        if self.lease.is_some() {
+            return Err((0, ReserveError::BackendUnavailable));
+        }
+        if parts.is_empty() {
             return Err((0, ReserveError::Insufficient { remaining: 0 }));
         }
         let amount = amount.clamp(0, MAX_AMOUNT);
@@ -166,15 +173,15 @@ impl Ledger {
     }
 
     /// Wait until each part of `r` in `behind` has its durable ceiling at what it needs, all
-    /// of them within one timeout; `r` if the disk keeps up, else the part still waited for
-    /// when the time ran out (`r` is dropped then, which refunds every part).
+    /// of them within one timeout; else the part still waited for when the time ran out (the
+    /// caller then drops `r`, which refunds every part).
     pub async fn until_durable(
         &self,
-        r: Reservation,
+        r: &Reservation,
         behind: Behind,
-    ) -> Result<Reservation, (usize, ReserveError)> {
+    ) -> Result<(), (usize, ReserveError)> {
         let Hold::Counters { parts, .. } = &r.hold else {
-            return Ok(r);
+            return Ok(());
         };
         let mut at = 0;
         let waits = async {
@@ -183,10 +190,7 @@ impl Ledger {
                 self.on_disk(&parts[i].counter, needed).await;
             }
         };
-        match self.within_wait_timeout(waits).await {
-            Ok(()) => Ok(r),
-            Err(e) => Err((at, e)),
-        }
+        self.within_wait_timeout(waits).await.map_err(|e| (at, e))
     }
 }
 

@@ -219,7 +219,7 @@ impl LimitBook {
         now: i64,
         slot: &mut Option<LimitHold>,
     ) -> Result<(), LimitRefusal> {
-        *slot = None;
+        debug_assert!(slot.is_none(), "a hold in the slot");
         for s in scopes {
             if let Some(tpm) = s.limits.tpm {
                 if tokens > u64::from(tpm) {
@@ -230,11 +230,13 @@ impl LimitBook {
         let hold = slot.insert(LimitHold::none());
         for s in scopes.iter().filter(|s| !s.limits.is_empty()) {
             let live = handles::kept(s.cell, &self.shared, s.id, |id| self.scope(id));
+            // In the hold before anything is taken, so that a refusal gives back what was.
             hold.parts.push(Part::new(s, live, false));
-            let Some(part) = hold.parts.last_mut() else {
-                continue;
+            let taken = match hold.parts.last_mut() {
+                Some(part) => part.take_slot().and_then(|()| part.take_local(tokens, now)),
+                None => Ok(()),
             };
-            if let Err(r) = part.take_slot().and_then(|()| part.take_local(tokens, now)) {
+            if let Err(r) = taken {
                 hold.cancel(now);
                 *slot = None;
                 return Err(r);
@@ -243,6 +245,9 @@ impl LimitBook {
         Ok(())
     }
 
+    /// [`LimitBook::admit`] on the shared ledger: rpm, tpm and concurrency slots from the
+    /// scopes' leases (the same steps; kept apart so that the local path stays as it was).
+    /// `spare` is told when a slot that came back leaves too many spare.
     pub(crate) fn admit_leased(
         &self,
         scopes: &Scopes<'_>,
