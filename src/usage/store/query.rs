@@ -418,8 +418,8 @@ pub fn stats(
     let mut notes = Vec::new();
     let (start, end) = resolve_range(f.start, f.end, now, 30 * 86_400, &mut notes);
     let width = f.bucket.seconds();
-    let first = start.div_euclid(width) * width;
-    let last = end.div_euclid(width) * width;
+    let first = bucket_start(start, width);
+    let last = bucket_start(end, width);
     let (clause, values) = hourly_where(
         f.key_id,
         f.account.as_deref(),
@@ -461,6 +461,14 @@ pub fn stats(
         end,
         notes,
     })
+}
+
+/// The start of the bucket of `width` seconds that holds `t`; for the first seconds of the
+/// clock, whose bucket starts before `i64::MIN`, the first bucket that can be written.
+fn bucket_start(t: i64, width: i64) -> i64 {
+    t.div_euclid(width)
+        .checked_mul(width)
+        .unwrap_or(i64::MIN / width * width)
 }
 
 /// The roll-ups' sums, as 64-bit integers on both backends (PostgreSQL's `sum` of a `bigint`

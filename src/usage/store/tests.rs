@@ -180,6 +180,28 @@ fn a_range_that_ends_at_the_last_representable_second_is_answered() {
 }
 
 #[test]
+fn a_range_at_the_first_representable_second_is_answered() {
+    // Found by the API fuzzer: `end=-9223372036854775807` (no start: 30 days before it,
+    // saturated at i64::MIN) overflowed the first bucket's start.
+    let (_dir, store) = store_with(vec![row(1, NOW, "a", 200)]);
+    store.read(|c| {
+        for bucket in [Bucket::Hour, Bucket::Day] {
+            for (start, end) in [(None, Some(i64::MIN + 1)), (Some(i64::MIN), Some(i64::MIN))] {
+                let f = StatsFilter {
+                    start,
+                    end,
+                    bucket,
+                    ..StatsFilter::default()
+                };
+                let s = query::stats(c, &f, NOW).unwrap();
+                assert_eq!(s.buckets.len(), 1, "{bucket:?} {start:?} {end:?}");
+                assert_eq!(s.buckets[0].requests, 0);
+            }
+        }
+    });
+}
+
+#[test]
 fn stats_come_from_the_roll_ups_in_buckets_with_every_bucket_present() {
     let hour = NOW - NOW % 3600;
     let rows = vec![
