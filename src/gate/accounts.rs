@@ -457,6 +457,18 @@ mod tests {
     use super::*;
     use crate::core::table::key_digest;
 
+    /// `call.admit_here` of `amount` units and 10 tokens, now, into the slots given.
+    fn admit_here(
+        call: &PolicyCall<'_>,
+        ledger: &Ledger,
+        book: &LimitBook,
+        amount: i64,
+        reservation: &mut Option<Reservation>,
+        hold: &mut Option<LimitHold>,
+    ) -> Result<Behind, PolicyDenial> {
+        call.admit_here(ledger, book, 10, amount, mono_ns(), reservation, hold)
+    }
+
     /// Key 1 (`a`, quota 1,000, rpm 100) in account `acme` (quota 100, limits `account_limits`).
     fn key_in_acme(account_limits: &str) -> KeyTable {
         let json = format!(
@@ -639,37 +651,19 @@ mod tests {
         let (ledger, book) = (Ledger::in_memory(), LimitBook::new());
         let call = PolicyCall::new(&table, key, 100);
         let (mut reservation, mut hold) = (None, None);
-        let refused = call.admit_here(
-            &ledger,
-            &book,
-            10,
-            500,
-            mono_ns(),
-            &mut reservation,
-            &mut hold,
-        );
+        let refused = admit_here(&call, &ledger, &book, 500, &mut reservation, &mut hold);
         assert_eq!(
             refused.err().map(|(d, _)| d.reason),
             Some(Reason::InsufficientQuota)
         );
         assert!(reservation.is_none() && hold.is_none());
         assert_eq!(book.peek(1).unwrap().inflight(), 0);
-        call.admit_here(
-            &ledger,
-            &book,
-            10,
-            50,
-            mono_ns(),
-            &mut reservation,
-            &mut hold,
-        )
-        .expect("the request and the slot were given back");
+        admit_here(&call, &ledger, &book, 50, &mut reservation, &mut hold)
+            .expect("the request and the slot were given back");
         assert_eq!(book.peek(1).unwrap().inflight(), 1);
         // Now both are taken: the next call is refused by the limits.
         let (mut r2, mut h2) = (None, None);
-        assert!(call
-            .admit_here(&ledger, &book, 10, 50, mono_ns(), &mut r2, &mut h2)
-            .is_err());
+        assert!(admit_here(&call, &ledger, &book, 50, &mut r2, &mut h2).is_err());
     }
 
     /// On a persisted ledger a call whose counters' durable ceilings are behind (new counters)
@@ -685,17 +679,7 @@ mod tests {
         let acme = table.accounts().by_id("acme").unwrap().ledger_id;
         let call = PolicyCall::new(&table, key, 100);
         let (mut reservation, mut hold) = (None, None);
-        let behind = call
-            .admit_here(
-                &ledger,
-                &book,
-                10,
-                50,
-                mono_ns(),
-                &mut reservation,
-                &mut hold,
-            )
-            .unwrap();
+        let behind = admit_here(&call, &ledger, &book, 50, &mut reservation, &mut hold).unwrap();
         assert_eq!(behind.len(), 2, "the key's and the account's new counters");
         assert!(reservation.is_some() && hold.is_some());
         call.until_durable(&ledger, behind, 50, mono_ns(), &mut reservation, &mut hold)
@@ -704,17 +688,7 @@ mod tests {
         assert_eq!(ledger.durable_waits(), 2);
         reservation.take().unwrap().settle(5);
         drop(hold.take());
-        let behind = call
-            .admit_here(
-                &ledger,
-                &book,
-                10,
-                50,
-                mono_ns(),
-                &mut reservation,
-                &mut hold,
-            )
-            .unwrap();
+        let behind = admit_here(&call, &ledger, &book, 50, &mut reservation, &mut hold).unwrap();
         assert!(behind.is_empty());
         drop((reservation.take(), hold.take()));
         assert_eq!((ledger.consumed(1), ledger.consumed(acme)), (5, 5));

@@ -185,8 +185,9 @@ impl LimitBook {
 
     /// Calls in flight holding a slot of a key's and of an account's scope, indexed by
     /// [`Scope`]: summed over the scopes when asked (a scrape, one pass over every scope) rather
-    /// than kept in two counters that every call with a concurrency limit wrote twice. An account's scope is told
-    /// by its id's tag ([`ACCOUNT_TAG`]), as the ledger tells its counters apart.
+    /// than kept in two counters that every call with a concurrency limit wrote twice. An
+    /// account's scope is told by its id's tag ([`ACCOUNT_TAG`]), as the ledger tells its
+    /// counters apart.
     pub fn inflight_by_scope(&self) -> [i64; 2] {
         let mut sum = [0; 2];
         for e in self.shared.scopes.iter() {
