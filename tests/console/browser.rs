@@ -119,9 +119,12 @@ impl Browser {
         v.as_str().unwrap_or_default().to_string()
     }
 
-    /// Click the first element matching `css`, scrolled to the middle of the window first (as a
-    /// person would see it; the sticky top bar covers the top edge).
+    /// Click the first element matching `css` once it is there (a page fills its tables after
+    /// it loads), scrolled to the middle of the window first (as a person would see it; the
+    /// sticky top bar covers the top edge).
     pub async fn click(&self, css: &str) {
+        let present = format!("document.querySelector({}) !== null", json!(css));
+        self.until(&present, css).await;
         self.js(
             "const e = document.querySelector(arguments[0]); if (e) e.scrollIntoView({block: 'center'});",
             vec![json!(css)],
