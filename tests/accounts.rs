@@ -516,3 +516,111 @@ async fn bad_account_input_is_refused_with_a_precise_message() {
     assert!(ok, "{out}");
     assert!(out.contains("account \"acme\": budget 5000 per period is larger than its lifetime quota left (1000)"), "{out}");
 }
+
+/// An upstream on a raw socket that answers every call on a connection with `answer`.
+fn raw_upstream(answer: &'static str) -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            // A connection it cannot read ends quietly: the gateway then answers 502, which
+            // the test reports.
+            std::thread::spawn(move || {
+                let Ok(read_half) = conn.try_clone() else {
+                    return;
+                };
+                let (mut reader, mut out) = (BufReader::new(read_half), conn);
+                loop {
+                    let mut len = 0;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    if reader.read_exact(&mut body).is_err()
+                        || out.write_all(answer.as_bytes()).is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// keygate writes its headers into the upstream's answer without Pingora's case map (see
+/// `gate::headers`): the answer must still reach the client whole: its reason phrase, a header
+/// sent twice, its own headers, its body; only a rate-limit header it sent for a limited key is
+/// replaced by the gateway's.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstreams_answer_reaches_the_client_whole_beside_the_rate_headers() {
+    const BODY: &str = r#"{"id":"c1","object":"chat.completion","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":20,"total_tokens":25}}"#;
+    let answer: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 200 Fine Thanks\r\nContent-Type: application/json\r\nX-Upstream-Note: kept\r\n\
+             Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nx-ratelimit-limit-requests: 999\r\n\
+             Content-Length: {}\r\n\r\n{BODY}",
+            BODY.len()
+        )
+        .into_boxed_str(),
+    );
+    let upstream = raw_upstream(answer);
+    let env = Env::with(Opts {
+        sync: sync_with(json!({}), json!({"limits": {"rpm": 3}})),
+        upstream_url: Some(format!("http://{upstream}")),
+        ..Opts::default()
+    })
+    .await;
+    let call = |key: &str| {
+        let body = small_call();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        raw_exchange(env.gw.addr, head.as_bytes(), false, Duration::from_secs(10))
+    };
+    let values = |answer: &str, name: &str| -> Vec<String> {
+        let head = answer.split("\r\n\r\n").next().unwrap();
+        head.lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(": "))
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.to_string())
+            .collect()
+    };
+    for (key, limit) in [(acct_key(0), "3"), (OK.to_string(), "999")] {
+        let got = call(&key);
+        assert!(got.starts_with("HTTP/1.1 200 Fine Thanks\r\n"), "{got}");
+        assert!(got.ends_with(BODY), "{got}");
+        assert_eq!(values(&got, "x-upstream-note"), ["kept"], "{got}");
+        assert_eq!(values(&got, "set-cookie"), ["a=1", "b=2"], "{got}");
+        assert_eq!(values(&got, "content-type"), ["application/json"], "{got}");
+        assert_eq!(values(&got, "x-request-id").len(), 1, "{got}");
+        assert_eq!(values(&got, "x-ratelimit-limit-requests"), [limit], "{got}");
+        // The standard names keep their title case, as Pingora writes them.
+        assert!(
+            got.contains("\r\nContent-Type: application/json\r\n"),
+            "{got}"
+        );
+        let limited = key != OK;
+        assert_eq!(
+            values(&got, "ratelimit").len(),
+            usize::from(limited),
+            "{got}"
+        );
+        let resets = values(&got, "x-ratelimit-reset-requests");
+        assert_eq!(resets.len(), usize::from(limited), "{got}");
+    }
+}

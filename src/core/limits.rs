@@ -143,36 +143,44 @@ impl Bucket {
     }
 }
 
-/// A duration written the way Go's `time.Duration.String` does for the OpenAI headers:
-/// `120ms`, `1s`, `1.5s`, `6m0s`, `1h2m3s`.
-pub fn go_duration(ns: i64) -> String {
-    let ns = ns.max(0);
-    if ns == 0 {
-        return "0s".into();
-    }
-    if ns < 1_000_000_000 {
-        let ms = (ns + 999_999) / 1_000_000;
-        return if ms >= 1000 {
-            "1s".into()
-        } else {
-            format!("{ms}ms")
-        };
-    }
-    // Whole milliseconds, rounded up: a client waiting this long finds room.
-    let total_ms = (ns + 999_999) / 1_000_000;
-    let (h, rest) = (total_ms / 3_600_000, total_ms % 3_600_000);
-    let (m, rest) = (rest / 60_000, rest % 60_000);
-    let (s, ms) = (rest / 1000, rest % 1000);
-    let secs = if ms == 0 {
-        format!("{s}s")
-    } else {
-        let frac = format!("{ms:03}");
-        format!("{s}.{}s", frac.trim_end_matches('0'))
-    };
-    match (h, m) {
-        (0, 0) => secs,
-        (0, m) => format!("{m}m{secs}"),
-        (h, m) => format!("{h}h{m}m{secs}"),
+/// A duration of `.0` ns written the way Go's `time.Duration.String` does, for the OpenAI
+/// headers: `120ms`, `1s`, `1.5s`, `6m0s`, `1h2m3s`. Under a second it is whole milliseconds,
+/// rounded up; above, seconds with up to three decimals: a client waiting this long finds room.
+/// A `Display`, so the answer's writer puts it straight into its one buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct GoDuration(pub i64);
+
+impl std::fmt::Display for GoDuration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ns = self.0.max(0);
+        if ns == 0 {
+            return f.write_str("0s");
+        }
+        let total_ms = ns / 1_000_000 + i64::from(ns % 1_000_000 != 0);
+        if ns < 1_000_000_000 {
+            return match total_ms {
+                1000.. => f.write_str("1s"),
+                ms => write!(f, "{ms}ms"),
+            };
+        }
+        let (h, rest) = (total_ms / 3_600_000, total_ms % 3_600_000);
+        let (m, rest) = (rest / 60_000, rest % 60_000);
+        let (s, ms) = (rest / 1000, rest % 1000);
+        if h > 0 {
+            write!(f, "{h}h{m}m")?;
+        } else if m > 0 {
+            write!(f, "{m}m")?;
+        }
+        write!(f, "{s}")?;
+        if ms > 0 {
+            // Three digits without the trailing zeros: .5, .25, .125.
+            let (mut frac, mut width) = (ms, 3);
+            while frac % 10 == 0 {
+                (frac, width) = (frac / 10, width - 1);
+            }
+            write!(f, ".{frac:0width$}")?;
+        }
+        f.write_str("s")
     }
 }
 
@@ -275,12 +283,23 @@ mod tests {
 
     #[test]
     fn go_durations_read_like_openais() {
-        assert_eq!(go_duration(0), "0s");
-        assert_eq!(go_duration(120 * 1_000_000), "120ms");
-        assert_eq!(go_duration(S), "1s");
-        assert_eq!(go_duration(6 * 60 * S), "6m0s");
-        assert_eq!(go_duration(S + S / 2), "1.5s");
-        assert_eq!(go_duration(3_723 * S), "1h2m3s");
+        let go = |ns: i64| GoDuration(ns).to_string();
+        assert_eq!(go(0), "0s");
+        assert_eq!(go(120 * 1_000_000), "120ms");
+        assert_eq!(go(S), "1s");
+        assert_eq!(go(6 * 60 * S), "6m0s");
+        assert_eq!(go(S + S / 2), "1.5s");
+        assert_eq!(go(3_723 * S), "1h2m3s");
+        assert_eq!(go(1), "1ms");
+        assert_eq!(go(999_999_999), "1s");
+        assert_eq!(go(S + 1), "1.001s");
+        assert_eq!(go(S + 250_000_000), "1.25s");
+        assert_eq!(go(S + 50_000_000), "1.05s");
+        assert_eq!(go(61 * S + 7_000_000), "1m1.007s");
+        assert_eq!(go(3_600 * S), "1h0m0s");
+        assert_eq!(go(-5), "0s");
+        assert_eq!(go(S + 10_000_000), "1.01s");
+        assert_eq!(go(i64::MAX), "2562047h47m16.855s");
         assert_eq!(retry_after_secs(S + 1), 2);
         assert_eq!(retry_after_secs(1), 1);
     }

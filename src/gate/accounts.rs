@@ -14,7 +14,7 @@ use crate::core::errors::{Denial, Reason};
 use crate::core::limits::retry_after_secs;
 use crate::core::table::{KeyRecord, KeyTable};
 use crate::ledger::limits::{
-    self, mono_ns, LimitBook, LimitHold, LimitRefusal, Scope, ScopeLimits, Scopes,
+    mono_ns, LimitBook, LimitHold, LimitRefusal, RateHeaders, Scope, ScopeLimits, Scopes,
 };
 use crate::ledger::{Behind, Ledger, Part, Parts, Reservation, ReserveError};
 
@@ -113,8 +113,8 @@ impl Gate {
                 }
                 Ok(())
             }
-            Err((d, headers)) => {
-                ctx.headers.extend(headers);
+            Err((d, rate)) => {
+                ctx.rate = rate;
                 Err(d)
             }
         }
@@ -122,7 +122,7 @@ impl Gate {
 }
 
 /// A refusal and the rate-limit headers to send with it.
-pub type PolicyDenial = (Denial, Vec<(&'static str, String)>);
+pub type PolicyDenial = (Denial, RateHeaders);
 
 /// The SPEC §7 admission of one call of `key` (which has a policy): the limits of the key and
 /// its account for `tokens` tokens, then `amount` units on the key's, the account's and their
@@ -159,7 +159,7 @@ pub async fn admit_policy(
         }
         return match reservation {
             Some(r) => Ok((r, hold)),
-            None => Err((Denial::new(Reason::InvalidApiKey), Vec::new())),
+            None => Err((Denial::new(Reason::InvalidApiKey), RateHeaders::default())),
         };
     }
     let policy = call.policy()?;
@@ -205,7 +205,7 @@ impl<'a> PolicyCall<'a> {
         self.key
             .policy
             .as_deref()
-            .ok_or_else(|| (Denial::new(Reason::InvalidApiKey), Vec::new()))
+            .ok_or_else(|| (Denial::new(Reason::InvalidApiKey), RateHeaders::default()))
     }
 
     /// The admission on this process's ledger, built in place: the limits' hold in `hold`
@@ -229,7 +229,10 @@ impl<'a> PolicyCall<'a> {
         debug_assert!(reservation.is_none() && hold.is_none(), "slots in use");
         let policy = self.policy()?;
         if ledger.is_shared() {
-            return Err((Denial::new(Reason::QuotaBackendUnavailable), Vec::new()));
+            return Err((
+                Denial::new(Reason::QuotaBackendUnavailable),
+                RateHeaders::default(),
+            ));
         }
         let scopes = self.scopes(policy);
         if !scopes.is_empty() {
@@ -257,7 +260,10 @@ impl<'a> PolicyCall<'a> {
         hold: &mut Option<LimitHold>,
     ) -> Result<(), PolicyDenial> {
         let Some(r) = reservation.as_ref() else {
-            return Err((Denial::new(Reason::QuotaBackendUnavailable), Vec::new()));
+            return Err((
+                Denial::new(Reason::QuotaBackendUnavailable),
+                RateHeaders::default(),
+            ));
         };
         if let Err((i, e)) = ledger.until_durable(r, behind).await {
             *reservation = None;
@@ -339,7 +345,7 @@ impl<'a> PolicyCall<'a> {
             .iter()
             .map(|s| (book.scope(s.id), s.limits))
             .collect();
-        let headers = limits::headers(live.iter().map(|(l, s)| (&**l, *s)), now_ns);
+        let headers = RateHeaders::of(live.iter().map(|(l, s)| (&**l, *s)), now_ns);
         (limit_denial(refusal, self.account.map(|a| &*a.id)), headers)
     }
 
@@ -353,7 +359,10 @@ impl<'a> PolicyCall<'a> {
         now_ns: i64,
         hold: &mut Option<LimitHold>,
     ) -> PolicyDenial {
-        let headers = hold.as_ref().map(|h| h.headers(now_ns)).unwrap_or_default();
+        let headers = hold
+            .as_ref()
+            .map(|h| h.rate_headers(now_ns))
+            .unwrap_or_default();
         if let Some(mut h) = hold.take() {
             h.cancel(now_ns);
         }

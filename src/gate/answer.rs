@@ -1,7 +1,7 @@
 //! Writing keygate's own answers: a refusal, a local answer, or the error for an upstream that
 //! failed before answering (phase `fail_to_proxy`).
 
-use super::{Gate, GateCtx, Outcome, X_REQUEST_ID};
+use super::{headers, Gate, GateCtx, Outcome, X_REQUEST_ID};
 use crate::core::errors::{Denial, Reason};
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -24,9 +24,7 @@ impl Gate {
     ) -> Result<bool> {
         log::debug!("request {} denied: {d}", ctx.request_id().unwrap_or("-"));
         ctx.outcome = Outcome::Denied(d.reason);
-        if let Some(secs) = d.retry_after {
-            ctx.headers.push(("retry-after", secs.to_string()));
-        }
+        ctx.denial_retry_after = d.retry_after;
         self.write_answer(session, ctx, d.status(), d.body(ctx.shape))
             .await?;
         Ok(true)
@@ -69,23 +67,31 @@ impl Gate {
         if !keep_alive {
             session.set_keepalive(None);
         }
-        let mut resp = ResponseHeader::build(status, Some(4))?;
-        resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-        resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-        if let Some(id) = &ctx.request_id {
-            resp.insert_header(&X_REQUEST_ID, id.clone())?;
-        }
-        if let (429, Some(secs)) = (status, ctx.retry_after) {
-            resp.insert_header(http::header::RETRY_AFTER, secs)?;
-        }
-        for (name, value) in &ctx.headers {
-            resp.insert_header(*name, value)?;
-        }
-        ctx.rate
-            .each(|name, value| resp.insert_header(name, value))?;
-        if !keep_alive {
-            resp.insert_header(http::header::CONNECTION, "close")?;
-        }
+        // A refusal's own Retry-After; else an upstream cooling down's, on keygate's 429.
+        let retry_after = ctx
+            .denial_retry_after
+            .or(ctx.retry_after.filter(|_| status == 429));
+        // Content-Type, Content-Length, the request id, Retry-After, Connection: at most five.
+        let count = 5 + ctx.rate.count();
+        let mut resp = ResponseHeader::build_no_case(status, Some(count))?;
+        headers::add_to(&mut resp, count, |h| {
+            h.put_static(&http::header::CONTENT_TYPE, "application/json");
+            h.put(
+                &http::header::CONTENT_LENGTH,
+                format_args!("{}", body.len()),
+            )?;
+            if let Some(id) = &ctx.request_id {
+                h.put_value(&X_REQUEST_ID, id.clone());
+            }
+            if let Some(secs) = retry_after {
+                h.put(&http::header::RETRY_AFTER, format_args!("{secs}"))?;
+            }
+            ctx.rate.each(|name, value| h.put(name, value))?;
+            if !keep_alive {
+                h.put_static(&http::header::CONNECTION, "close");
+            }
+            Ok(())
+        })?;
         session.write_response_header(Box::new(resp), false).await?;
         session
             .write_response_body(Some(Bytes::from(body)), true)

@@ -87,9 +87,10 @@ pub struct GateCtx {
     pub(super) series: Option<Arc<CallSeries>>,
     pub(super) embedding: bool,
     pub(super) json_response: bool,
-    /// Headers keygate adds to the answer: a refusal's rate-limit headers, `Retry-After`.
-    pub(super) headers: Vec<(&'static str, String)>,
-    /// An admitted call's rate-limit headers, as numbers until the answer is written.
+    /// Seconds for the `Retry-After` of a refusal (any status).
+    pub(super) denial_retry_after: Option<u64>,
+    /// The rate-limit headers of an admitted or refused call, as numbers until the answer is
+    /// written.
     pub(super) rate: crate::ledger::limits::RateHeaders,
     /// This attempt's request body has been handed to Pingora in full.
     pub(super) body_sent: bool,

@@ -17,6 +17,7 @@ mod attempts;
 mod body;
 mod ctx;
 mod detail;
+mod headers;
 mod local;
 mod log;
 mod options;

@@ -1,7 +1,7 @@
 //! Phases `response_filter` and `response_body_filter`: the response passes through as it
 //! arrives while its usage is read (SSE events, or a JSON body's chunks kept by reference).
 
-use super::{Gate, GateCtx, X_REQUEST_ID};
+use super::{headers, Gate, GateCtx, X_REQUEST_ID};
 use crate::core::pricing::{self, PriceRule, Usage};
 use crate::core::table::{KeyRecord, KeyTable};
 use crate::usage::{PartialUsage, SseTracker};
@@ -32,18 +32,22 @@ impl Gate {
         self.judge_answer(resp, ctx)?;
         ctx.answer_final = true;
         ctx.release_body();
-        if let Some(id) = &ctx.request_id {
-            resp.insert_header(&X_REQUEST_ID, id.clone())?;
-        }
-        for (name, value) in &ctx.headers {
-            resp.insert_header(*name, value)?;
-        }
-        ctx.rate
-            .each(|name, value| resp.insert_header(name, value))?;
-        if self.draining() {
+        let draining = self.draining();
+        if draining {
             session.set_keepalive(None);
-            resp.insert_header(http::header::CONNECTION, "close")?;
         }
+        // The request id, the rate-limit headers, Connection.
+        let count = 1 + ctx.rate.count() + usize::from(draining);
+        headers::add_to(resp, count, |h| {
+            if let Some(id) = &ctx.request_id {
+                h.put_value(&X_REQUEST_ID, id.clone());
+            }
+            ctx.rate.each(|name, value| h.put(name, value))?;
+            if draining {
+                h.put_static(&http::header::CONNECTION, "close");
+            }
+            Ok(())
+        })?;
         if ctx.reservation.is_none() {
             return Ok(());
         }

@@ -15,8 +15,11 @@
 use super::lease::slot::{spare_slots, LeaseTake, RateSlot, SpareSlots, CONC, RPM, TPM};
 use super::{handles, IdMap};
 use crate::core::accounts::{LedgerCell, ACCOUNT_TAG, BUDGET_TAG};
-use crate::core::limits::{go_duration, Bucket, Limits, Take, WINDOW_NS};
+use crate::core::limits::{retry_after_secs, Bucket, GoDuration, Limits, Take, WINDOW_NS};
 use arrayvec::ArrayVec;
+use http::HeaderName;
+use std::fmt;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -419,12 +422,8 @@ impl LimitHold {
         }
     }
 
-    /// The rate-limit headers (the tightest scope for requests and for tokens), at `now`.
-    pub fn headers(&self, now: i64) -> Vec<(&'static str, String)> {
-        self.rate_headers(now).to_vec()
-    }
-
-    /// The numbers of [`LimitHold::headers`], to be written later (no strings are kept).
+    /// The rate-limit headers (the tightest scope for requests and for tokens), at `now`, as
+    /// numbers: they are written with the answer.
     pub fn rate_headers(&self, now: i64) -> RateHeaders {
         RateHeaders::of(self.parts.iter().map(|p| (&*p.live, p.limits)), now)
     }
@@ -448,23 +447,19 @@ impl Drop for LimitHold {
     }
 }
 
-/// The OpenAI `x-ratelimit-*` headers and the IETF draft's `RateLimit-Policy` / `RateLimit`
-/// for these scopes: for requests and for tokens, the scope with the fewest left.
-pub fn headers<'a>(
-    scopes: impl Iterator<Item = (&'a ScopeLive, Limits)> + Clone,
-    now: i64,
-) -> Vec<(&'static str, String)> {
-    RateHeaders::of(scopes, now).to_vec()
-}
-
-/// The numbers the rate-limit headers state, taken at admission: a call in flight keeps these
-/// (about 50 bytes) rather than the eight header strings (about 600 bytes on the heap), and
-/// they are written when the answer is.
+/// The numbers the rate-limit headers state (OpenAI's `x-ratelimit-*`, the IETF draft's
+/// `RateLimit-Policy` / `RateLimit`: for requests and for tokens, the scope with the fewest
+/// left), taken at admission or refusal: a call in flight keeps these (about 50 bytes) rather
+/// than the eight header strings (about 600 bytes on the heap), and they are written when the
+/// answer is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RateHeaders {
-    /// The tightest scope's (limit, left, ns until full) for requests, then for tokens.
-    kinds: [Option<(u32, u64, i64)>; 2],
+    /// The tightest scope's (limit, left, ns until full) for requests, then for tokens (32
+    /// bytes: a refusal carries them too, and stays small).
+    kinds: [Option<Kind>; 2],
 }
+
+const _: () = assert!(std::mem::size_of::<RateHeaders>() == 32);
 
 impl RateHeaders {
     /// The tightest of `scopes` for requests and for tokens, at `now`.
@@ -482,7 +477,10 @@ impl RateHeaders {
                     } else {
                         live.requests(limit, now)
                     };
-                    Some((limit, left, reset))
+                    // A limit is at least 1 (the sync file's check), and what is left of it
+                    // is at most the limit.
+                    let left = u32::try_from(left).unwrap_or(limit);
+                    Some((NonZeroU32::new(limit)?, left, reset))
                 })
                 .min_by_key(|&(_, left, _)| left)
         };
@@ -496,78 +494,101 @@ impl RateHeaders {
         self.kinds.iter().all(Option::is_none)
     }
 
+    /// How many headers [`RateHeaders::each`] hands out: three per kind with a limit, and the
+    /// two IETF fields.
+    pub fn count(&self) -> usize {
+        match self.kinds.iter().flatten().count() {
+            0 => 0,
+            kinds => 3 * kinds + 2,
+        }
+    }
+
     /// Hand each header to `put`, in order: the three `x-ratelimit-*` of requests, of tokens,
-    /// then `ratelimit-policy` and `ratelimit`.
+    /// then `ratelimit-policy` and `ratelimit`. The value comes unformatted, so the answer's
+    /// writer puts it straight into its one buffer.
     pub fn each<E>(
         &self,
-        mut put: impl FnMut(&'static str, &str) -> Result<(), E>,
+        mut put: impl FnMut(&'static HeaderName, fmt::Arguments<'_>) -> Result<(), E>,
     ) -> Result<(), E> {
-        use std::fmt::Write;
-        const NAMES: [(&str, [&str; 3]); 2] = [
-            (
-                "requests",
-                [
-                    "x-ratelimit-limit-requests",
-                    "x-ratelimit-remaining-requests",
-                    "x-ratelimit-reset-requests",
-                ],
-            ),
-            (
-                "tokens",
-                [
-                    "x-ratelimit-limit-tokens",
-                    "x-ratelimit-remaining-tokens",
-                    "x-ratelimit-reset-tokens",
-                ],
-            ),
-        ];
         if self.is_empty() {
             return Ok(());
         }
-        let mut value = String::with_capacity(64);
-        // Writing to a String cannot fail.
-        for (&(_, [l, r, t]), &(limit, left, reset)) in NAMES
+        for (&(_, [l, r, t]), &(limit, left, reset)) in RATE_NAMES
             .iter()
             .zip(&self.kinds)
             .filter_map(|(n, k)| Some((n, k.as_ref()?)))
         {
-            value.clear();
-            let _ = write!(value, "{limit}");
-            put(l, &value)?;
-            value.clear();
-            let _ = write!(value, "{left}");
-            put(r, &value)?;
-            put(t, &go_duration(reset))?;
+            put(l, format_args!("{limit}"))?;
+            put(r, format_args!("{left}"))?;
+            put(t, format_args!("{}", GoDuration(reset)))?;
         }
-        let present = || {
-            NAMES
-                .iter()
-                .zip(&self.kinds)
-                .filter_map(|(&(name, _), k)| Some((name, k.as_ref()?)))
-                .enumerate()
-                .map(|(i, (name, k))| (if i == 0 { "" } else { ", " }, name, *k))
-        };
-        value.clear();
-        for (sep, name, (limit, _, _)) in present() {
-            let _ = write!(value, "{sep}\"{name}\";q={limit};w=60");
-        }
-        put("ratelimit-policy", &value)?;
-        value.clear();
-        for (sep, name, (_, left, reset)) in present() {
-            let secs = crate::core::limits::retry_after_secs(reset).min(60) * u64::from(reset > 0);
-            let _ = write!(value, "{sep}\"{name}\";r={left};t={secs}");
-        }
-        put("ratelimit", &value)
+        put(&RATELIMIT_POLICY, format_args!("{}", Policy(self)))?;
+        put(&RATELIMIT, format_args!("{}", Remaining(self)))
+    }
+
+    /// The kinds with a limit: (its name in the IETF fields, its numbers), requests first.
+    fn present(&self) -> impl Iterator<Item = (&'static str, Kind)> + '_ {
+        RATE_NAMES
+            .iter()
+            .zip(&self.kinds)
+            .filter_map(|(&(name, _), k)| Some((name, *k.as_ref()?)))
     }
 
     /// The headers as (name, value) pairs.
     pub fn to_vec(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::with_capacity(8);
+        let mut out = Vec::with_capacity(self.count());
         let _ = self.each(|name, value| {
-            out.push((name, value.to_owned()));
+            out.push((name.as_str(), value.to_string()));
             Ok::<(), ()>(())
         });
         out
+    }
+}
+
+/// One kind's numbers in the headers: its limit, what is left, ns until full.
+type Kind = (NonZeroU32, u32, i64);
+
+/// The OpenAI headers' names for requests and for tokens: limit, remaining, reset.
+static RATE_NAMES: [(&str, [&HeaderName; 3]); 2] = [
+    (
+        "requests",
+        [&LIMIT_REQUESTS, &REMAINING_REQUESTS, &RESET_REQUESTS],
+    ),
+    ("tokens", [&LIMIT_TOKENS, &REMAINING_TOKENS, &RESET_TOKENS]),
+];
+static LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+static REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+static RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+static LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+static REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+static RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// The `RateLimit-Policy` value: `"requests";q=60;w=60, "tokens";q=1000;w=60`.
+struct Policy<'a>(&'a RateHeaders);
+
+impl fmt::Display for Policy<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (name, (limit, _, _))) in self.0.present().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}\"{name}\";q={limit};w=60")?;
+        }
+        Ok(())
+    }
+}
+
+/// The `RateLimit` value: `"requests";r=59;t=1`, seconds until full (at most the window).
+struct Remaining<'a>(&'a RateHeaders);
+
+impl fmt::Display for Remaining<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (name, (_, left, reset))) in self.0.present().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            let secs = retry_after_secs(reset).min(60) * u64::from(reset > 0);
+            write!(f, "{sep}\"{name}\";r={left};t={secs}")?;
+        }
+        Ok(())
     }
 }
 
@@ -648,12 +669,49 @@ mod tests {
         let mut h = book.admit(&on(&[key]), 80, S).unwrap();
         h.settle_tokens(30, S);
         assert_eq!(book.scope(1).tokens(100, S).0, 70);
-        let hdr = h.headers(S);
+        let hdr = h.rate_headers(S).to_vec();
         assert!(
             hdr.contains(&("x-ratelimit-remaining-tokens", "70".into())),
             "{hdr:?}"
         );
         assert!(hdr.contains(&("ratelimit-policy", "\"tokens\";q=100;w=60".into())));
+    }
+
+    /// Both kinds limited: the eight headers in order, with the tightest scope's numbers, and
+    /// `count` says how many `each` hands out for none, one or both kinds.
+    #[test]
+    fn the_headers_of_both_kinds_in_order_and_their_count() {
+        let book = LimitBook::new();
+        let key = scope(1, Scope::Key, Some(60), Some(1000), None);
+        let account = scope(2, Scope::Account, Some(10), None, None);
+        let h = book.admit(&on(&[key, account]), 250, S).unwrap();
+        let rate = h.rate_headers(S);
+        let want: Vec<(&str, String)> = [
+            ("x-ratelimit-limit-requests", "10"),
+            ("x-ratelimit-remaining-requests", "9"),
+            ("x-ratelimit-reset-requests", "6s"),
+            ("x-ratelimit-limit-tokens", "1000"),
+            ("x-ratelimit-remaining-tokens", "750"),
+            ("x-ratelimit-reset-tokens", "15s"),
+            (
+                "ratelimit-policy",
+                "\"requests\";q=10;w=60, \"tokens\";q=1000;w=60",
+            ),
+            ("ratelimit", "\"requests\";r=9;t=6, \"tokens\";r=750;t=15"),
+        ]
+        .iter()
+        .map(|&(n, v)| (n, v.to_string()))
+        .collect();
+        assert_eq!(rate.to_vec(), want);
+        assert_eq!(rate.count(), 8);
+        let only_tokens = book
+            .admit(&on(&[scope(3, Scope::Key, None, Some(100), None)]), 1, S)
+            .unwrap()
+            .rate_headers(S);
+        assert_eq!(only_tokens.count(), 5);
+        assert_eq!(only_tokens.to_vec().len(), 5);
+        assert_eq!(RateHeaders::default().count(), 0);
+        assert!(RateHeaders::default().to_vec().is_empty());
     }
 
     /// A scope's state kept in a record's cell serves only the book it came from, for its id:
