@@ -172,20 +172,10 @@ impl Admin {
             .get(::http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        if declared.is_some_and(|n| n > DRAIN_MAX as u64) {
             return Err(ApiError::too_large());
         }
-        let body = http_body_util::Limited::new(body, MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    ApiError::too_large()
-                } else {
-                    ApiError::bad(format!("cannot read the body: {e}"))
-                }
-            })?
-            .to_bytes();
+        let body = read_body(body).await?;
         Ok(Req {
             method: parts.method,
             path: parts.uri.path().to_string(),
@@ -470,4 +460,40 @@ impl Admin {
         q.push_back(now);
         Ok(())
     }
+}
+
+/// A body over [`MAX_BODY`] of at most this many bytes is read to its end before the 413 (see
+/// [`read_body`]); a larger one is refused at once and the connection closed under it.
+const DRAIN_MAX: usize = 8 * MAX_BODY;
+/// How long that reading may take.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// The request's body, at most [`MAX_BODY`] bytes; 413 above. An over-size body is still read
+/// to its end, up to [`DRAIN_MAX`] bytes within [`DRAIN_TIME`], before the answer: a server that
+/// answers and closes while the client is still sending makes the client's next write fail
+/// (the kernel resets the connection), and most clients then report the broken pipe, not the
+/// 413.
+async fn read_body(mut body: hyper::body::Incoming) -> Result<bytes::Bytes, ApiError> {
+    let unreadable = |e: hyper::Error| ApiError::bad(format!("cannot read the body: {e}"));
+    let mut kept = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(unreadable)?.into_data() else {
+            continue;
+        };
+        if kept.len() + data.len() > MAX_BODY {
+            let mut seen = kept.len() + data.len();
+            let _ = tokio::time::timeout(DRAIN_TIME, async {
+                while let Some(Ok(frame)) = body.frame().await {
+                    seen += frame.data_ref().map_or(0, |d| d.len());
+                    if seen > DRAIN_MAX {
+                        break;
+                    }
+                }
+            })
+            .await;
+            return Err(ApiError::too_large());
+        }
+        kept.extend_from_slice(&data);
+    }
+    Ok(kept.freeze())
 }
