@@ -596,6 +596,31 @@ async fn bad_input_gets_a_precise_answer_and_changes_nothing() {
             .unwrap_or_else(|e| panic!("streamed {streamed}: {e}"));
         assert_eq!(r.status(), 413, "streamed {streamed}");
     }
+    // Exactly the limit is read (and is not JSON); a declared 2 MiB that never comes gets its
+    // 413 once the 2 s of reading run out, not a connection held open.
+    let r = c
+        .post(api.url("/admin/v1/keys"))
+        .bearer_auth(ADMIN_TOKEN)
+        .body(vec![b' '; 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let admin = env.gw.admin.as_ref().unwrap();
+    let addr = admin.trim_start_matches("http://").parse().unwrap();
+    let head = format!(
+        "POST /admin/v1/keys HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+         Content-Length: {}\r\n\r\n",
+        2 * 1024 * 1024
+    );
+    let started = std::time::Instant::now();
+    let got = tokio::task::spawn_blocking(move || {
+        raw_exchange(addr, head.as_bytes(), false, Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    assert!(got.starts_with("HTTP/1.1 413"), "{got}");
+    assert!(started.elapsed() < Duration::from_secs(15), "{got}");
     for q in [
         "page_size=0",
         "page_size=10000",

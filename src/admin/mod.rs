@@ -175,7 +175,7 @@ impl Admin {
         if declared.is_some_and(|n| n > DRAIN_MAX as u64) {
             return Err(ApiError::too_large());
         }
-        let body = read_body(body).await?;
+        let body = read_body(body, declared.is_some_and(|n| n > MAX_BODY as u64)).await?;
         Ok(Req {
             method: parts.method,
             path: parts.uri.path().to_string(),
@@ -468,12 +468,20 @@ const DRAIN_MAX: usize = 8 * MAX_BODY;
 /// How long that reading may take.
 const DRAIN_TIME: Duration = Duration::from_secs(2);
 
-/// The request's body, at most [`MAX_BODY`] bytes; 413 above. An over-size body is still read
-/// to its end, up to [`DRAIN_MAX`] bytes within [`DRAIN_TIME`], before the answer: a server that
-/// answers and closes while the client is still sending makes the client's next write fail
-/// (the kernel resets the connection), and most clients then report the broken pipe, not the
-/// 413.
-async fn read_body(mut body: hyper::body::Incoming) -> Result<bytes::Bytes, ApiError> {
+/// The request's body, at most [`MAX_BODY`] bytes; 413 above (`declared_over`: its declared
+/// length already is). An over-size body is still read to its end, up to [`DRAIN_MAX`] bytes
+/// within [`DRAIN_TIME`], before the answer: a server that answers and closes while the client
+/// is still sending makes the client's next write fail (the kernel resets the connection), and
+/// most clients then report the broken pipe, not the 413. (This reading comes before the
+/// caller is known: anyone may make the listener read up to 8 MiB per request.)
+async fn read_body(
+    mut body: hyper::body::Incoming,
+    declared_over: bool,
+) -> Result<bytes::Bytes, ApiError> {
+    if declared_over {
+        drain(&mut body, 0).await;
+        return Err(ApiError::too_large());
+    }
     let unreadable = |e: hyper::Error| ApiError::bad(format!("cannot read the body: {e}"));
     let mut kept = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
@@ -481,19 +489,24 @@ async fn read_body(mut body: hyper::body::Incoming) -> Result<bytes::Bytes, ApiE
             continue;
         };
         if kept.len() + data.len() > MAX_BODY {
-            let mut seen = kept.len() + data.len();
-            let _ = tokio::time::timeout(DRAIN_TIME, async {
-                while let Some(Ok(frame)) = body.frame().await {
-                    seen += frame.data_ref().map_or(0, |d| d.len());
-                    if seen > DRAIN_MAX {
-                        break;
-                    }
-                }
-            })
-            .await;
+            drain(&mut body, kept.len() + data.len()).await;
             return Err(ApiError::too_large());
         }
         kept.extend_from_slice(&data);
     }
     Ok(kept.freeze())
+}
+
+/// Read and drop the rest of `body`, `seen` bytes of it read already: until its end, past
+/// [`DRAIN_MAX`] bytes, an error, or [`DRAIN_TIME`].
+async fn drain(body: &mut hyper::body::Incoming, mut seen: usize) {
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > DRAIN_MAX {
+                break;
+            }
+        }
+    })
+    .await;
 }
