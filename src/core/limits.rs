@@ -10,6 +10,7 @@
 //! `L + L × T / 60` tokens are taken: `L` from a full bucket plus what refills meanwhile.
 
 use crate::core::config::LimitsEntry;
+use arrayvec::ArrayVec;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 /// The refill window: a bucket refills from empty to full in this many nanoseconds.
@@ -146,41 +147,77 @@ impl Bucket {
 /// A duration of `.0` ns written the way Go's `time.Duration.String` does, for the OpenAI
 /// headers: `120ms`, `1s`, `1.5s`, `6m0s`, `1h2m3s`. Under a second it is whole milliseconds,
 /// rounded up; above, seconds with up to three decimals: a client waiting this long finds room.
-/// A `Display`, so the answer's writer puts it straight into its one buffer.
 #[derive(Clone, Copy, Debug)]
 pub struct GoDuration(pub i64);
 
-impl std::fmt::Display for GoDuration {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl GoDuration {
+    /// Append the text to `out`.
+    pub fn write_to(self, out: &mut HeaderText) {
         let ns = self.0.max(0);
         if ns == 0 {
-            return f.write_str("0s");
+            out.text("0s");
+            return;
         }
         let total_ms = ns / 1_000_000 + i64::from(ns % 1_000_000 != 0);
         if ns < 1_000_000_000 {
-            return match total_ms {
-                1000.. => f.write_str("1s"),
-                ms => write!(f, "{ms}ms"),
+            match total_ms {
+                1000.. => out.text("1s"),
+                ms => out.num(ms).text("ms"),
             };
+            return;
         }
         let (h, rest) = (total_ms / 3_600_000, total_ms % 3_600_000);
         let (m, rest) = (rest / 60_000, rest % 60_000);
         let (s, ms) = (rest / 1000, rest % 1000);
         if h > 0 {
-            write!(f, "{h}h{m}m")?;
+            out.num(h).text("h").num(m).text("m");
         } else if m > 0 {
-            write!(f, "{m}m")?;
+            out.num(m).text("m");
         }
-        write!(f, "{s}")?;
+        out.num(s);
         if ms > 0 {
             // Three digits without the trailing zeros: .5, .25, .125.
-            let (mut frac, mut width) = (ms, 3);
-            while frac % 10 == 0 {
-                (frac, width) = (frac / 10, width - 1);
-            }
-            write!(f, ".{frac:0width$}")?;
+            let digits = [ms / 100, ms / 10 % 10, ms % 10].map(|d| b'0' + d as u8);
+            let len = 3 - digits.iter().rev().take_while(|&&d| d == b'0').count();
+            out.text(".").bytes(&digits[..len]);
         }
-        f.write_str("s")
+        out.text("s");
+    }
+}
+
+/// A header value built on the stack from text and integers, without the formatting
+/// machinery: the answer of a limited key carries eight of them. Room for 128 bytes, more
+/// than twice the longest (56: `ratelimit` with both kinds at `u32::MAX`); a piece that does
+/// not fit would be left out.
+#[derive(Default)]
+pub struct HeaderText(ArrayVec<u8, 128>);
+
+impl HeaderText {
+    /// Append `s`.
+    pub fn text(&mut self, s: &str) -> &mut Self {
+        self.bytes(s.as_bytes())
+    }
+
+    /// Append `n` in decimal.
+    pub fn num(&mut self, n: impl itoa::Integer) -> &mut Self {
+        self.bytes(itoa::Buffer::new().format(n).as_bytes())
+    }
+
+    fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        let fits = self.0.try_extend_from_slice(b).is_ok();
+        debug_assert!(fits, "a header value over 128 bytes");
+        self
+    }
+
+    /// Empty it, for the next value.
+    pub fn clear(&mut self) -> &mut Self {
+        self.0.clear();
+        self
+    }
+
+    /// The value written so far.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -283,7 +320,11 @@ mod tests {
 
     #[test]
     fn go_durations_read_like_openais() {
-        let go = |ns: i64| GoDuration(ns).to_string();
+        let go = |ns: i64| {
+            let mut text = HeaderText::default();
+            GoDuration(ns).write_to(&mut text);
+            String::from_utf8(text.as_bytes().to_vec()).unwrap()
+        };
         assert_eq!(go(0), "0s");
         assert_eq!(go(120 * 1_000_000), "120ms");
         assert_eq!(go(S), "1s");

@@ -38,7 +38,7 @@ pub(super) enum Counter<'a> {
     },
 }
 
-/// The counters of `key`'s calls, in the order [`PolicyPolicyCall::parts`] reserves them (a test
+/// The counters of `key`'s calls, in the order [`PolicyCall::parts`] reserves them (a test
 /// holds the two to one order): the key, its account, the key's budget period, the
 /// account's budget period. For a refusal's wording and the alerts, off the request path.
 pub(super) fn counters_of<'a>(table: &'a KeyTable, key: &'a KeyRecord) -> [Option<Counter<'a>>; 4] {

@@ -76,15 +76,16 @@ impl Gate {
         let mut resp = ResponseHeader::build_no_case(status, Some(count))?;
         headers::add_to(&mut resp, count, |h| {
             h.put_static(&http::header::CONTENT_TYPE, "application/json");
+            let mut digits = itoa::Buffer::new();
             h.put(
                 &http::header::CONTENT_LENGTH,
-                format_args!("{}", body.len()),
+                digits.format(body.len()).as_bytes(),
             )?;
             if let Some(id) = &ctx.request_id {
                 h.put_value(&X_REQUEST_ID, id.clone());
             }
             if let Some(secs) = retry_after {
-                h.put(&http::header::RETRY_AFTER, format_args!("{secs}"))?;
+                h.put(&http::header::RETRY_AFTER, digits.format(secs).as_bytes())?;
             }
             ctx.rate.each(|name, value| h.put(name, value))?;
             if !keep_alive {

@@ -17,7 +17,6 @@ use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use pingora::http::ResponseHeader;
 use pingora::{ErrorType, OrErr, Result};
-use std::fmt::{self, Write};
 
 /// The values' buffer, taken on the first value written: the request id and the eight
 /// rate-limit values fit (about 200 bytes); a longer one takes another buffer.
@@ -31,14 +30,13 @@ pub(super) struct Added<'a> {
 }
 
 impl Added<'_> {
-    /// Set `name` to `value`, written into the values' buffer (an upstream's value for the
+    /// Set `name` to `value`, copied into the values' buffer (an upstream's value for the
     /// name is replaced).
-    pub(super) fn put(&mut self, name: &HeaderName, value: fmt::Arguments<'_>) -> Result<()> {
+    pub(super) fn put(&mut self, name: &HeaderName, value: &[u8]) -> Result<()> {
         if self.values.capacity() == 0 {
             self.values.reserve(VALUES_ROOM);
         }
-        // Writing to a BytesMut cannot fail.
-        let _ = self.values.write_fmt(value);
+        self.values.extend_from_slice(value);
         // The value's bytes are split off: the values share the buffer's one allocation.
         let bytes = self.values.split().freeze();
         let value = HeaderValue::from_maybe_shared(bytes)
@@ -122,10 +120,10 @@ mod tests {
         let long = "x".repeat(2 * VALUES_ROOM);
         add_to(&mut resp, 4, |h| {
             h.put_value(&id, HeaderValue::from_static("kg-1"));
-            h.put(&limit, format_args!("{}", 60))?;
-            h.put(&note, format_args!("replaced {}", 2))?;
-            h.put(&http::header::ETAG, format_args!("{long}"))?;
-            h.put(&http::header::RETRY_AFTER, format_args!("{}", 7))?;
+            h.put(&limit, b"60")?;
+            h.put(&note, b"replaced 2")?;
+            h.put(&http::header::ETAG, long.as_bytes())?;
+            h.put(&http::header::RETRY_AFTER, b"7")?;
             h.put_static(&http::header::CONNECTION, "close");
             Ok(())
         })
@@ -155,8 +153,8 @@ mod tests {
         let good = HeaderName::from_static("x-good");
         let bad = HeaderName::from_static("x-bad");
         let err = add_to(&mut resp, 2, |h| {
-            h.put(&good, format_args!("yes"))?;
-            h.put(&bad, format_args!("a\r\nb"))
+            h.put(&good, b"yes")?;
+            h.put(&bad, b"a\r\nb")
         });
         assert!(err.is_err());
         assert_eq!(resp.get_reason_phrase(), Some("Fine Thanks"));

@@ -15,10 +15,11 @@
 use super::lease::slot::{spare_slots, LeaseTake, RateSlot, SpareSlots, CONC, RPM, TPM};
 use super::{handles, IdMap};
 use crate::core::accounts::{LedgerCell, ACCOUNT_TAG, BUDGET_TAG};
-use crate::core::limits::{retry_after_secs, Bucket, GoDuration, Limits, Take, WINDOW_NS};
+use crate::core::limits::{
+    retry_after_secs, Bucket, GoDuration, HeaderText, Limits, Take, WINDOW_NS,
+};
 use arrayvec::ArrayVec;
 use http::HeaderName;
-use std::fmt;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -504,26 +505,53 @@ impl RateHeaders {
     }
 
     /// Hand each header to `put`, in order: the three `x-ratelimit-*` of requests, of tokens,
-    /// then `ratelimit-policy` and `ratelimit`. The value comes unformatted, so the answer's
-    /// writer puts it straight into its one buffer.
+    /// then `ratelimit-policy` and `ratelimit`.
     pub fn each<E>(
         &self,
-        mut put: impl FnMut(&'static HeaderName, fmt::Arguments<'_>) -> Result<(), E>,
+        mut put: impl FnMut(&'static HeaderName, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         if self.is_empty() {
             return Ok(());
         }
+        let mut v = HeaderText::default();
         for (&(_, [l, r, t]), &(limit, left, reset)) in RATE_NAMES
             .iter()
             .zip(&self.kinds)
             .filter_map(|(n, k)| Some((n, k.as_ref()?)))
         {
-            put(l, format_args!("{limit}"))?;
-            put(r, format_args!("{left}"))?;
-            put(t, format_args!("{}", GoDuration(reset)))?;
+            put(l, v.clear().num(limit.get()).as_bytes())?;
+            put(r, v.clear().num(left).as_bytes())?;
+            GoDuration(reset).write_to(v.clear());
+            put(t, v.as_bytes())?;
         }
-        put(&RATELIMIT_POLICY, format_args!("{}", Policy(self)))?;
-        put(&RATELIMIT, format_args!("{}", Remaining(self)))
+        // `"requests";q=60;w=60, "tokens";q=1000;w=60`
+        v.clear();
+        for (i, (name, (limit, _, _))) in self.present().enumerate() {
+            if i > 0 {
+                v.text(", ");
+            }
+            v.text("\"")
+                .text(name)
+                .text("\";q=")
+                .num(limit.get())
+                .text(";w=60");
+        }
+        put(&RATELIMIT_POLICY, v.as_bytes())?;
+        // `"requests";r=59;t=1`: seconds until full, at most the window.
+        v.clear();
+        for (i, (name, (_, left, reset))) in self.present().enumerate() {
+            let secs = retry_after_secs(reset).min(60) * u64::from(reset > 0);
+            if i > 0 {
+                v.text(", ");
+            }
+            v.text("\"")
+                .text(name)
+                .text("\";r=")
+                .num(left)
+                .text(";t=")
+                .num(secs);
+        }
+        put(&RATELIMIT, v.as_bytes())
     }
 
     /// The kinds with a limit: (its name in the IETF fields, its numbers), requests first.
@@ -538,7 +566,7 @@ impl RateHeaders {
     pub fn to_vec(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::with_capacity(self.count());
         let _ = self.each(|name, value| {
-            out.push((name.as_str(), value.to_string()));
+            out.push((name.as_str(), String::from_utf8_lossy(value).into_owned()));
             Ok::<(), ()>(())
         });
         out
@@ -564,33 +592,6 @@ static REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remai
 static RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-
-/// The `RateLimit-Policy` value: `"requests";q=60;w=60, "tokens";q=1000;w=60`.
-struct Policy<'a>(&'a RateHeaders);
-
-impl fmt::Display for Policy<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, (name, (limit, _, _))) in self.0.present().enumerate() {
-            let sep = if i == 0 { "" } else { ", " };
-            write!(f, "{sep}\"{name}\";q={limit};w=60")?;
-        }
-        Ok(())
-    }
-}
-
-/// The `RateLimit` value: `"requests";r=59;t=1`, seconds until full (at most the window).
-struct Remaining<'a>(&'a RateHeaders);
-
-impl fmt::Display for Remaining<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, (name, (_, left, reset))) in self.0.present().enumerate() {
-            let sep = if i == 0 { "" } else { ", " };
-            let secs = retry_after_secs(reset).min(60) * u64::from(reset > 0);
-            write!(f, "{sep}\"{name}\";r={left};t={secs}")?;
-        }
-        Ok(())
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -712,6 +713,27 @@ mod tests {
         assert_eq!(only_tokens.to_vec().len(), 5);
         assert_eq!(RateHeaders::default().count(), 0);
         assert!(RateHeaders::default().to_vec().is_empty());
+    }
+
+    /// The largest numbers the headers can state are written whole (the values are built in
+    /// a fixed 128 bytes).
+    #[test]
+    fn the_largest_values_are_written_whole() {
+        let most = Some((NonZeroU32::MAX, u32::MAX, i64::MAX));
+        let rate = RateHeaders { kinds: [most; 2] };
+        let all = rate.to_vec();
+        assert_eq!(
+            all[2],
+            ("x-ratelimit-reset-requests", "2562047h47m16.855s".into())
+        );
+        assert_eq!(
+            all[6].1,
+            "\"requests\";q=4294967295;w=60, \"tokens\";q=4294967295;w=60"
+        );
+        assert_eq!(
+            all[7].1,
+            "\"requests\";r=4294967295;t=60, \"tokens\";r=4294967295;t=60"
+        );
     }
 
     /// A scope's state kept in a record's cell serves only the book it came from, for its id:
