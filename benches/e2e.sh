@@ -56,12 +56,13 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 ./scripts/bootstrap.sh
 BUILD=release
 [ "${PROFILE:-0}" = 1 ] && BUILD=profiling
-# SKIP_BUILD=1 with KEYGATE_BIN=path: measure a binary built before (the examples must exist).
+# SKIP_BUILD=1 with KEYGATE_BIN=path: measure a binary built before (the examples must exist;
+# PASS_BIN=path names the passthrough example, e.g. a default-release one on a fresh checkout).
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --profile "$BUILD" --bin keygate --example passthrough 2>&1 | tail -1
 # The same passthrough built as `cargo build --release` would without this repo's profile (no
 # LTO, 16 codegen units) and with the system allocator: the "default-built" baseline.
 KEYGATE=${KEYGATE_BIN:-target/$BUILD/keygate}
-PASS=target/$BUILD/examples/passthrough
+PASS=${PASS_BIN:-target/$BUILD/examples/passthrough}
 PASS_DEFAULT=target/default-release/examples/passthrough
 if [ "${AB_ONLY:-0}" = 1 ]; then
   PASS_DEFAULT=$PASS # not measured
