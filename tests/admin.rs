@@ -621,6 +621,18 @@ async fn bad_input_gets_a_precise_answer_and_changes_nothing() {
     .unwrap();
     assert!(got.starts_with("HTTP/1.1 413"), "{got}");
     assert!(started.elapsed() < Duration::from_secs(15), "{got}");
+    // A client that waits for `100 Continue` before sending is refused before it sends.
+    let head = format!(
+        "POST /admin/v1/keys HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+         Expect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        2 * 1024 * 1024
+    );
+    let got = tokio::task::spawn_blocking(move || {
+        raw_exchange(addr, head.as_bytes(), false, Duration::from_secs(20))
+    })
+    .await
+    .unwrap();
+    assert!(got.starts_with("HTTP/1.1 413"), "{got}");
     for q in [
         "page_size=0",
         "page_size=10000",

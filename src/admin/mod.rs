@@ -172,10 +172,17 @@ impl Admin {
             .get(::http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > DRAIN_MAX as u64) {
+        // A client that asked to be told before it sends (`Expect: 100-continue`, curl's way
+        // above 1 MiB) is told now: reading its body would invite the whole upload first.
+        let waits = parts
+            .headers
+            .get(::http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let over = declared.is_some_and(|n| n > MAX_BODY as u64);
+        if over && (waits || declared.is_some_and(|n| n > DRAIN_MAX as u64)) {
             return Err(ApiError::too_large());
         }
-        let body = read_body(body, declared.is_some_and(|n| n > MAX_BODY as u64)).await?;
+        let body = read_body(body, over).await?;
         Ok(Req {
             method: parts.method,
             path: parts.uri.path().to_string(),

@@ -450,7 +450,7 @@ impl Drop for LimitHold {
 
 /// The numbers the rate-limit headers state (OpenAI's `x-ratelimit-*`, the IETF draft's
 /// `RateLimit-Policy` / `RateLimit`: for requests and for tokens, the scope with the fewest
-/// left), taken at admission or refusal: a call in flight keeps these (about 50 bytes) rather
+/// left), taken at admission or refusal: a call in flight keeps these (32 bytes) rather
 /// than the eight header strings (about 600 bytes on the heap), and they are written when the
 /// answer is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
