@@ -166,7 +166,7 @@ impl Admin {
         req: ::http::Request<hyper::body::Incoming>,
         ip: IpAddr,
     ) -> Result<Req, ApiError> {
-        let (parts, body) = req.into_parts();
+        let (parts, mut body) = req.into_parts();
         let declared = parts
             .headers
             .get(::http::header::CONTENT_LENGTH)
@@ -178,11 +178,13 @@ impl Admin {
             .headers
             .get(::http::header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        let over = declared.is_some_and(|n| n > MAX_BODY as u64);
-        if over && (waits || declared.is_some_and(|n| n > DRAIN_MAX as u64)) {
+        if let Some(n) = declared.filter(|&n| n > MAX_BODY as u64) {
+            if !waits && n <= DRAIN_MAX as u64 {
+                drain(&mut body, 0).await;
+            }
             return Err(ApiError::too_large());
         }
-        let body = read_body(body, over).await?;
+        let body = read_body(body).await?;
         Ok(Req {
             method: parts.method,
             path: parts.uri.path().to_string(),
@@ -475,20 +477,12 @@ const DRAIN_MAX: usize = 8 * MAX_BODY;
 /// How long that reading may take.
 const DRAIN_TIME: Duration = Duration::from_secs(2);
 
-/// The request's body, at most [`MAX_BODY`] bytes; 413 above (`declared_over`: its declared
-/// length already is). An over-size body is still read to its end, up to [`DRAIN_MAX`] bytes
-/// within [`DRAIN_TIME`], before the answer: a server that answers and closes while the client
+/// The request's body, at most [`MAX_BODY`] bytes; 413 above. An over-size body is still read
+/// to its end ([`drain`]) before the answer: a server that answers and closes while the client
 /// is still sending makes the client's next write fail (the kernel resets the connection), and
 /// most clients then report the broken pipe, not the 413. (This reading comes before the
 /// caller is known: anyone may make the listener read up to 8 MiB per request.)
-async fn read_body(
-    mut body: hyper::body::Incoming,
-    declared_over: bool,
-) -> Result<bytes::Bytes, ApiError> {
-    if declared_over {
-        drain(&mut body, 0).await;
-        return Err(ApiError::too_large());
-    }
+async fn read_body(mut body: hyper::body::Incoming) -> Result<bytes::Bytes, ApiError> {
     let unreadable = |e: hyper::Error| ApiError::bad(format!("cannot read the body: {e}"));
     let mut kept = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {

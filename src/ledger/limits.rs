@@ -562,7 +562,8 @@ impl RateHeaders {
             .filter_map(|(&(name, _), k)| Some((name, *k.as_ref()?)))
     }
 
-    /// The headers as (name, value) pairs.
+    /// The headers as (name, value) pairs, for the tests to read.
+    #[cfg(test)]
     pub fn to_vec(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::with_capacity(self.count());
         let _ = self.each(|name, value| {
