@@ -203,6 +203,64 @@ async fn rpm_refuses_with_retry_after_and_headers_count_down() {
     assert!(r.headers().get("ratelimit").is_none());
 }
 
+/// Every answer to a limited key carries the headers, as its buckets stand: refusals that come
+/// before its limits are taken (its model, its body) and keygate's own answers too; nothing is
+/// taken for them. A key without limits gets none on the same answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_before_the_limits_are_taken_carry_the_headers_too() {
+    let env = Env::with(Opts {
+        sync: sync_with(
+            json!({"limits": {"tpm": 100_000}}),
+            json!({"limits": {"rpm": 3}}),
+        ),
+        ..Opts::default()
+    })
+    .await;
+    let k = acct_key(0);
+    assert_eq!(post(&env, &k, small_call()).await.status(), 200);
+    let unknown_model =
+        json!({"model": "no-such-model", "messages": [{"role": "user", "content": "Hi"}]});
+    let no_model = json!({"messages": [{"role": "user", "content": "Hi"}]});
+    for key in [k.as_str(), OK] {
+        let limited = key != OK;
+        let mut answers = Vec::new();
+        for body in [&unknown_model, &no_model] {
+            answers.push(post(&env, key, body.to_string()).await);
+        }
+        for path in ["/v1/models", "/api/usage/token/", "/api/usage/token/detail"] {
+            let r = client()
+                .get(env.url(path))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap();
+            answers.push(r);
+        }
+        for r in answers {
+            let (status, h) = (r.status(), r.headers());
+            assert!([200, 400, 404].contains(&status.as_u16()), "{status}");
+            if !limited {
+                assert!(h.get("x-ratelimit-limit-requests").is_none(), "{status}");
+                assert!(h.get("ratelimit-policy").is_none(), "{status}");
+                continue;
+            }
+            // The admitted call took one request; none of these took any.
+            assert_eq!(h["x-ratelimit-limit-requests"], "3", "{status}");
+            assert_eq!(h["x-ratelimit-remaining-requests"], "2", "{status}");
+            assert_eq!(h["x-ratelimit-limit-tokens"], "100000", "{status}");
+            assert_eq!(
+                h["ratelimit-policy"], "\"requests\";q=3;w=60, \"tokens\";q=100000;w=60",
+                "{status}"
+            );
+        }
+    }
+    // Nothing was taken: two more calls fit in the rpm of 3, the next is refused.
+    for _ in 0..2 {
+        assert_eq!(post(&env, &k, small_call()).await.status(), 200);
+    }
+    assert_eq!(post(&env, &k, small_call()).await.status(), 429);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn account_rpm_is_shared_by_its_keys_and_group_limits_are_defaults() {
     let mut sync = sync_with(json!({"limits": {"rpm": 4}}), json!({}));

@@ -121,6 +121,23 @@ impl Gate {
     }
 }
 
+impl Gate {
+    /// The rate-limit headers of the call's key as its buckets stand, nothing taken: for an
+    /// answer that comes before the limits are taken (the key's model or body refused, a local
+    /// answer), so that every answer to a limited key carries them. Empty when the key was not
+    /// admitted (unknown, disabled, expired, or refused for its address) or has no rpm or tpm.
+    pub(super) fn rate_as_it_stands(&self, ctx: &GateCtx) -> RateHeaders {
+        let (Some(table), Some(key)) = (ctx.table.as_deref(), ctx.key_record()) else {
+            return RateHeaders::default();
+        };
+        let Some(policy) = key.policy.as_deref() else {
+            return RateHeaders::default();
+        };
+        let scopes = PolicyCall::new(table, key, unix_now()).scopes(policy);
+        self.inner.limits.rate_headers(&scopes, mono_ns())
+    }
+}
+
 /// A refusal and the rate-limit headers to send with it.
 pub type PolicyDenial = (Denial, RateHeaders);
 
@@ -341,11 +358,7 @@ impl<'a> PolicyCall<'a> {
         refusal: LimitRefusal,
         now_ns: i64,
     ) -> PolicyDenial {
-        let live: Vec<_> = scopes
-            .iter()
-            .map(|s| (book.scope(s.id), s.limits))
-            .collect();
-        let headers = RateHeaders::of(live.iter().map(|(l, s)| (&**l, *s)), now_ns);
+        let headers = book.rate_headers(scopes, now_ns);
         (limit_denial(refusal, self.account.map(|a| &*a.id)), headers)
     }
 

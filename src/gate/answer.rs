@@ -71,8 +71,15 @@ impl Gate {
         let retry_after = ctx
             .denial_retry_after
             .or(ctx.retry_after.filter(|_| status == 429));
+        // Taken at admission or refusal; an answer that came before either has them as the
+        // key's buckets stand.
+        let rate = if ctx.rate.is_empty() {
+            self.rate_as_it_stands(ctx)
+        } else {
+            ctx.rate
+        };
         // Content-Type, Content-Length, the request id, Retry-After, Connection: at most five.
-        let count = 5 + ctx.rate.count();
+        let count = 5 + rate.count();
         let mut resp = ResponseHeader::build_no_case(status, Some(count))?;
         headers::add_to(&mut resp, count, |h| {
             h.put_static(&http::header::CONTENT_TYPE, "application/json");
@@ -87,7 +94,7 @@ impl Gate {
             if let Some(secs) = retry_after {
                 h.put(&http::header::RETRY_AFTER, digits.format(secs).as_bytes())?;
             }
-            ctx.rate.each(|name, value| h.put(name, value))?;
+            rate.each(|name, value| h.put(name, value))?;
             if !keep_alive {
                 h.put_static(&http::header::CONNECTION, "close");
             }

@@ -201,6 +201,15 @@ impl LimitBook {
         sum
     }
 
+    /// The rate-limit headers of `scopes` at `now`, nothing taken.
+    pub fn rate_headers(&self, scopes: &Scopes<'_>, now: i64) -> RateHeaders {
+        let live: ArrayVec<_, MAX_SCOPES> = scopes
+            .iter()
+            .map(|s| (self.scope(s.id), s.limits))
+            .collect();
+        RateHeaders::of(live.iter().map(|(l, s)| (&**l, *s)), now)
+    }
+
     /// Take one request, `tokens` tokens and a concurrency slot in every scope, or none of
     /// them. `now` is [`mono_ns`] (a test passes its own).
     pub fn admit(
