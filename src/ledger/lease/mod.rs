@@ -591,6 +591,31 @@ mod tests {
         assert_eq!((applied, g, committed), (1, 100, 100));
     }
 
+    /// A record lost with its grant (a failover, a Redis that lost its data) is not trusted:
+    /// the gateway learns it holds nothing granted, and its spending comes back as an overdraft.
+    #[tokio::test]
+    async fn a_record_lost_with_its_grant_is_not_trusted() {
+        let Some((_s, mut c)) = server().await else {
+            return;
+        };
+        sync(&mut c, "a", 0, 1_000, 0, 100, 0, 0, 0, 30_000).await;
+        let (k, l) = redis_keys(7);
+        let _: i64 = redis::cmd("DEL")
+            .arg(&k)
+            .arg(&l)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        // `a` spent 40 of its 100: not applied, nothing granted.
+        let lost = sync(&mut c, "a", 100, 1_000, 0, 0, 0, 0, 60, 30_000).await;
+        assert_eq!(lost, (0, 0, 0, 0));
+        // Corrected (60 − 100 = −40 held): the 40 are committed, and count as spent.
+        let (applied, g, committed, used) =
+            sync(&mut c, "a", 0, 1_000, 0, 0, 0, 40, -40, 30_000).await;
+        assert_eq!((applied, g, committed, used), (1, 40, 40, 40));
+        assert_eq!(read(&mut c).await, 40);
+    }
+
     #[tokio::test]
     async fn seeding_adds_once() {
         let Some((_s, mut c)) = server().await else {

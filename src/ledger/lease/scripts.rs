@@ -20,11 +20,18 @@ local give, deficit, held = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[
 local ttl = tonumber(ARGV[9])
 local expire = tonumber(ARGV[10])
 local committed = tonumber(redis.call('HGET', KEYS[1], 'committed') or '0')
--- A record removed (a day after it expired) while its gateway was away: trust the gateway,
--- whose grants are already in `committed`.
+-- No record: one removed (a day after it expired) while its gateway was away, whose grants
+-- are in `committed`: trust the gateway. Or one lost with the writes that made it (a failover
+-- before they reached the replica, a Redis that lost its data): its grants are not counted, which
+-- shows when `committed` is below them. Then nothing is granted here: the gateway corrects
+-- itself and commits what it spent as an overdraft.
 local granted = known
 local rec = redis.call('HGET', KEYS[2], gw)
-if rec then granted = tonumber(string.match(rec, '^(%S+)')) end
+if rec then
+  granted = tonumber(string.match(rec, '^(%S+)'))
+elseif committed < known then
+  granted = 0
+end
 local applied, grant = 0, 0
 if granted == known then
   applied = 1
