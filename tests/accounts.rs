@@ -380,7 +380,245 @@ async fn spent_daily_budget_refuses_with_seconds_to_midnight() {
     assert!(r.headers().get("retry-after").is_some());
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["type"], "rate_limit_error");
+    let r = client()
+        .post(env.url("/v1beta/models/gemini-1.5-pro:generateContent"))
+        .header("x-goog-api-key", &k)
+        .body(json!({"contents": [{"parts": [{"text": "Hi"}]}]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().get("retry-after").is_some());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["status"], "RESOURCE_EXHAUSTED", "{v}");
+    assert_eq!(v["error"]["code"], 429, "{v}");
     assert_eq!(env.mock.request_count(), 0);
+}
+
+/// The detail answer states each scope's limits as their buckets stand, what its budget
+/// period spent, and an account's `used` baseline counts against its quota.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_detail_answer_states_limits_spending_and_the_accounts_baseline() {
+    let limits = json!({"rpm": 10, "tpm": 1000, "concurrency": 3});
+    let budget = json!({"period": "daily", "amount": 1_000_000_000});
+    let env = Env::with(Opts {
+        sync: sync_with(
+            json!({"quota": 1_000_000_000, "used": 400_000_000, "budget": budget}),
+            json!({"limits": limits, "budget": budget}),
+        ),
+        ..Opts::default()
+    })
+    .await;
+    let k = acct_key(0);
+    let r = post(&env, &k, small_call()).await;
+    assert_eq!(r.status(), 200);
+    env.gw.wait_records(1).await;
+    let charged = env.gw.usage_records()[0]["quota"].as_i64().unwrap();
+    assert!(charged > 0);
+    let d = detail(&env, &k).await;
+    let key = &d["key"];
+    assert_eq!(key["budget"]["spent"], charged, "{d}");
+    assert_eq!(key["budget"]["remaining"], 1_000_000_000 - charged, "{d}");
+    let rpm = &key["limits"]["rpm"];
+    assert_eq!(
+        (rpm["limit"].as_u64(), rpm["remaining"].as_u64()),
+        (Some(10), Some(9)),
+        "{d}"
+    );
+    // One request of 10 a minute comes back in 6 s.
+    assert!(
+        (5..=6).contains(&rpm["reset_seconds"].as_u64().unwrap()),
+        "{d}"
+    );
+    // The call's real tokens were taken (its estimate, a few more, corrected at settle), and
+    // refill at 1000 a minute: full again within 3 s.
+    let tpm = &key["limits"]["tpm"];
+    let left = tpm["remaining"].as_u64().unwrap();
+    let used_tokens = 1 + small_call().len() as u64 / 4 + 20;
+    assert!((1000 - used_tokens..=1000).contains(&left), "{d}");
+    assert!(tpm["reset_seconds"].as_u64().unwrap() <= 3, "{d}");
+    assert_eq!(
+        key["limits"]["concurrency"],
+        json!({"limit": 3, "remaining": 3, "reset_seconds": 0})
+    );
+    let account = &d["account"];
+    assert_eq!(account["id"], "acme");
+    assert_eq!(account["budget"]["spent"], charged, "{d}");
+    // The baseline plus the call.
+    assert_eq!(account["quota"]["total_used"], 400_000_000 + charged, "{d}");
+    assert_eq!(
+        account["quota"]["total_available"],
+        600_000_000 - charged,
+        "{d}"
+    );
+    assert_eq!(account["limits"], json!({}), "{d}");
+
+    // A baseline that leaves less than a call: the account refuses, by name.
+    let env = Env::with(Opts {
+        sync: sync_with(json!({"quota": 1_000_000, "used": 999_999}), json!({})),
+        ..Opts::default()
+    })
+    .await;
+    let r = post(&env, &k, small_call()).await;
+    assert_eq!(r.status(), 429);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "insufficient_quota");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("The account \"acme\" has 1 "),
+        "{message}"
+    );
+    assert_eq!(env.mock.request_count(), 0);
+}
+
+/// tpm takes the call's estimate at admission and the real count at settle: a call that asks
+/// for 500 completion tokens and uses 20 leaves room for another like it under tpm 1000.
+#[tokio::test(flavor = "multi_thread")]
+async fn tpm_takes_the_real_count_at_settle() {
+    let env = Env::with(Opts {
+        sync: sync_with(json!({}), json!({"limits": {"tpm": 1000}})),
+        ..Opts::default()
+    })
+    .await;
+    let k = acct_key(0);
+    let big = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}],
+                     "max_tokens": 500})
+    .to_string();
+    for i in 0..3 {
+        let r = post(&env, &k, big.clone()).await;
+        assert_eq!(r.status(), 200, "call {i}");
+        // Taken at admission: the estimate (over 500 tokens of 1000).
+        let left: u64 = r.headers()["x-ratelimit-remaining-tokens"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(left < 500, "call {i}: {left}");
+        env.gw.wait_records(i + 1).await;
+    }
+    // Settled at 20 completion tokens each: most of the minute's tokens are left.
+    let d = detail(&env, &k).await;
+    let left = d["key"]["limits"]["tpm"]["remaining"].as_u64().unwrap();
+    assert!(left >= 850, "{d}");
+}
+
+/// Concurrency slots come back on every exit path, not only a client that leaves: an upstream
+/// error, an upstream that cannot be reached, an upstream timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrency_slots_come_back_after_upstream_errors_and_timeouts() {
+    let env = Env::with(Opts {
+        sync: sync_with(
+            json!({"limits": {"concurrency": 5}}),
+            json!({"limits": {"concurrency": 1}}),
+        ),
+        upstream_extra: "    read_timeout_seconds: 1\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let k = acct_key(0);
+    let with = |name: &'static str, value: &'static str| {
+        client()
+            .post(env.url("/v1/chat/completions"))
+            .bearer_auth(&k)
+            .header(name, value)
+            .body(small_call())
+            .send()
+    };
+    for _ in 0..3 {
+        assert_eq!(with("x-mock-status", "500").await.unwrap().status(), 500);
+        slots_back(&env, "after an upstream error").await;
+        let (status, code, _) = denial(with("x-mock-delay-ms", "3000").await.unwrap()).await;
+        assert_eq!((status, code.as_str()), (504, "upstream_timeout"));
+        slots_back(&env, "after an upstream timeout").await;
+    }
+    assert_eq!(post(&env, &k, small_call()).await.status(), 200);
+    // An upstream that is not there at all.
+    let env = Env::with(Opts {
+        sync: sync_with(json!({}), json!({"limits": {"concurrency": 1}})),
+        upstream_url: Some(format!("http://127.0.0.1:{}", free_port())),
+        ..Opts::default()
+    })
+    .await;
+    for _ in 0..3 {
+        let (status, code, _) = denial(post(&env, &k, small_call()).await).await;
+        assert_eq!((status, code.as_str()), (502, "upstream_error"));
+        slots_back(&env, "after an upstream that refused the connection").await;
+    }
+}
+
+/// Refusals of SPEC §7 count by reason, and with `metrics.per_key` each account has its
+/// series.
+#[tokio::test(flavor = "multi_thread")]
+async fn limit_refusals_count_by_reason_and_accounts_have_series() {
+    let mut sync = sync_with(json!({}), json!({"limits": {"rpm": 1}}));
+    sync["accounts"]["off"] = json!({"name": "Off", "quota": 1000, "status": "disabled"});
+    sync["accounts"]["poor"] = json!({"name": "Poor", "quota": 1});
+    // acct_key(i) is the sync file's key 9 + i.
+    let keys = sync["keys"].as_array_mut().unwrap();
+    keys[10]["account"] = json!("off");
+    keys[11]["account"] = json!("poor");
+    keys[11]["limits"] = json!(null);
+    keys[12]["limits"] = json!(null);
+    keys[12]["budget"] = json!({"period": "daily", "amount": 1});
+    let env = Env::with(Opts {
+        sync,
+        extra: "metrics: { per_key: true }".into(),
+        ..Opts::default()
+    })
+    .await;
+    assert_eq!(post(&env, &acct_key(0), small_call()).await.status(), 200);
+    for (key, code) in [
+        (0, "rate_limit_exceeded"),
+        (1, "account_disabled"),
+        (2, "insufficient_quota"),
+        (3, "budget_exceeded"),
+    ] {
+        let (_, got, _) = denial(post(&env, &acct_key(key), small_call()).await).await;
+        assert_eq!(got, code, "key {key}");
+    }
+    env.gw.wait_records(1).await;
+    let text = env.gw.metrics_text().await;
+    let value = |prefix: &str, labels: &[&str]| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix) && labels.iter().all(|x| l.contains(x)))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    };
+    for reason in [
+        "rate_limit_exceeded",
+        "account_disabled",
+        "insufficient_quota",
+        "budget_exceeded",
+    ] {
+        let label = format!("reason=\"{reason}\"");
+        assert_eq!(
+            value("keygate_requests_total{", &["outcome=\"denied\"", &label]),
+            1.0,
+            "{reason}:\n{text}"
+        );
+    }
+    // Per account: acme's admitted call and two refusals (key 0's rpm, key 3's budget), poor's
+    // refusal. (A refusal in the key's own checks, as a disabled account's, names no key.)
+    let acme = "account=\"acme\"";
+    let requests = "keygate_account_requests_total{";
+    assert_eq!(
+        value(requests, &[acme, "outcome=\"admitted\""]),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(requests, &[acme, "outcome=\"denied\""]),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(requests, &["account=\"poor\"", "outcome=\"denied\""]),
+        1.0,
+        "{text}"
+    );
+    let consumed = value("keygate_account_quota_consumed_total{", &[acme]);
+    let charged = env.gw.usage_records()[0]["quota"].as_f64().unwrap();
+    assert_eq!(consumed, charged, "{text}");
 }
 
 async fn inflight(env: &Env, scope: &str) -> i64 {

@@ -85,6 +85,8 @@ async fn accounts_lifecycle_against_a_running_gateway() {
             "100000",
             "--concurrency",
             "3",
+            "--budget",
+            "daily:900000000",
         ],
     );
     let v = json_line(&out);
@@ -147,6 +149,39 @@ async fn accounts_lifecycle_against_a_running_gateway() {
         text.contains("account=acme rpm=2 tpm=100000 concurrency=3"),
         "{text}"
     );
+    // What the key's calls cost is spent in the current period, the key's and its account's
+    // (read from the gateway's ledger, which reports its counters every second).
+    let started = Instant::now();
+    loop {
+        let keys = json_line(&ok(&env, &["keys", "list", "--json"]));
+        let k = keys
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == id)
+            .unwrap()
+            .clone();
+        let account = json_line(&ok(&env, &["accounts", "list", "--json"]))[0].clone();
+        let used = k["used"].as_i64().unwrap();
+        if used > 0 && k["budget"]["spent"] == used && account["budget"]["spent"] == used {
+            let text = ok(&env, &["keys", "list"]);
+            assert!(
+                text.contains(&format!("budget=daily:900000000 spent={used}")),
+                "{text}"
+            );
+            let text = ok(&env, &["accounts", "list"]);
+            assert!(
+                text.contains(&format!("daily:5000000@Europe/Berlin spent {used}")),
+                "{text}"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never spent: {k} {account}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     ok(&env, &["accounts", "disable", "acme"]);
     wait_for_code(&env, &key, "account_disabled").await;

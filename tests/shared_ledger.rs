@@ -154,13 +154,21 @@ async fn wait_ledger_state(gw: &Gateway, state: &str) -> (u16, Value) {
 
 /// 100 concurrent calls split across two gateways on a key with room for 10.
 async fn quota_holds_across_two_gateways(url: &str, backend: &str) {
+    let sync = sync_with_quota(10 * actual());
+    limit_holds_across_two_gateways(url, backend, sync, "insufficient_quota").await;
+}
+
+/// 100 calls of key `OK` at once, over two gateways, where `sync` leaves room for 10 of them
+/// (in the key's quota, its account's or a budget): at most 10 are admitted, the rest refused
+/// with `refused`, and both gateways count what was admitted.
+async fn limit_holds_across_two_gateways(url: &str, backend: &str, sync: Value, refused: &str) {
     let quota = 10 * actual();
     let mock = keygate::mock::MockBackend::start("127.0.0.1:0")
         .await
         .unwrap();
     let root = tempfile::tempdir().unwrap();
     let opts = Opts {
-        sync: sync_with_quota(quota),
+        sync,
         extra: ledger_yaml(backend, url, "lease"),
         ..Opts::default()
     };
@@ -170,7 +178,7 @@ async fn quota_holds_across_two_gateways(url: &str, backend: &str) {
     for r in futures_util::future::join_all(calls).await {
         match r.status().as_u16() {
             200 => admitted += 1,
-            429 => assert_eq!(denial(r).await.1, "insufficient_quota"),
+            429 => assert_eq!(denial(r).await.1, refused),
             s => panic!("unexpected status {s}"),
         }
     }
@@ -210,6 +218,30 @@ async fn two_gateways_on_a_redis_cluster_share_one_quota() {
     let data = tempfile::tempdir().unwrap();
     let cluster = RedisCluster::start(data.path());
     quota_holds_across_two_gateways(&cluster.url(), "redis-cluster").await;
+}
+
+/// An account's quota and a budget period hold across gateways as a key's quota does: their
+/// counters take leases in Redis the same way.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_accounts_quota_and_a_budget_hold_across_two_gateways() {
+    if !available() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(data.path());
+    // An unlimited key in an account with room for 10 calls.
+    let mut sync = sync_with_quota(0);
+    sync["accounts"] = json!({"acme": {"name": "Acme", "quota": 10 * actual()}});
+    sync["keys"][0]["account"] = json!("acme");
+    sync["keys"][0]["unlimited_quota"] = json!(true);
+    limit_holds_across_two_gateways(&redis.url(), "redis", sync, "insufficient_quota").await;
+    // A key whose daily budget has room for 10 calls (a fresh Redis: key 1's counters are
+    // new).
+    let data = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(data.path());
+    let mut sync = sync_with_quota(1_000_000_000);
+    sync["keys"][0]["budget"] = json!({"period": "daily", "amount": 10 * actual()});
+    limit_holds_across_two_gateways(&redis.url(), "redis", sync, "budget_exceeded").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -505,6 +505,66 @@ async fn a_killed_gateways_slots_come_back_within_the_lease_ttl() {
     }
 }
 
+/// A gateway stopped (SIGTERM) while its calls hold every slot gives them back as it stops,
+/// not a lease TTL later: the other gateway admits again at once (the TTL here is 30 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_gateways_slots_come_back_as_it_stops() {
+    if !available() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(data.path());
+    let sync = sync_with(json!({}), json!({"limits": {"concurrency": 2}}));
+    let ledger = ledger_yaml("redis", &redis.url(), "lease")
+        .replace("lease_ttl_seconds: 3", "lease_ttl_seconds: 30");
+    let mut f = two_gateways(&sync, &ledger).await;
+    let base = f.gws[0].base.clone();
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let base = base.clone();
+            tokio::spawn(async move {
+                let _ = client()
+                    .post(format!("{base}/v1/chat/completions"))
+                    .bearer_auth(KEY)
+                    .header("content-type", "application/json")
+                    .header("x-mock-delay-ms", "25000")
+                    .body(small_call())
+                    .send()
+                    .await;
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.mock.request_count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow calls never reached the mock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(call(&f.gws[1], KEY).await.status(), 429);
+    f.gws[0].terminate();
+    let stopped = Instant::now();
+    // Both slots, at once: not after the lease's 5 s idle, nor the record's 30 s TTL.
+    let b = &f.gws[1];
+    loop {
+        let both = futures_util::future::join_all((0..2).map(|_| slow_call(b, KEY, 500))).await;
+        if both.iter().all(|r| r.status() == 200) {
+            break;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(4),
+            "not admitted {:?} after the stop (lease_ttl 30 s)",
+            stopped.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("admitted again {:?} after the stop", stopped.elapsed());
+    for s in slow {
+        s.abort();
+    }
+}
+
 /// A call longer than `lease_ttl_seconds` keeps its slot: its gateway renews the record, so the
 /// other gateway still refuses after the TTL (a lapsed record would let it admit a second).
 #[tokio::test(flavor = "multi_thread")]

@@ -639,6 +639,98 @@ mod tests {
         }
     }
 
+    /// Admit a call of `amount` units of key `a` at unix time `now` and settle it at that;
+    /// the refusal's reason and `Retry-After` otherwise.
+    async fn spend(
+        ledger: &Ledger,
+        table: &KeyTable,
+        amount: i64,
+        now: i64,
+    ) -> Result<(), (Reason, Option<u64>)> {
+        let key = table.lookup(&key_digest(b"a")).unwrap();
+        let book = LimitBook::new();
+        match admit_policy(ledger, &book, table, key, 1, amount, now, mono_ns()).await {
+            Ok((r, _)) => {
+                r.settle(amount);
+                Ok(())
+            }
+            Err((d, _)) => Err((d.reason, d.retry_after)),
+        }
+    }
+
+    /// A spent calendar budget admits again from its period's start in its time zone, with
+    /// nothing running in between: the clock is the call's `now`, moved by the test. Each
+    /// period has a DST change inside it (Berlin's day of 23 hours, New York's week of 167,
+    /// Sydney's month of 30 days and 1 hour), so a boundary taken in UTC or at a fixed offset
+    /// falls an hour or more off.
+    #[tokio::test]
+    async fn a_spent_budget_admits_again_when_its_period_turns_in_its_zone() {
+        // (period, zone, a moment inside the period, its end: the next period's start)
+        let cases = [
+            ("daily", "Europe/Berlin", 1_774_742_400, 1_774_821_600),
+            ("weekly", "America/New_York", 1_772_600_000, 1_773_028_800),
+            ("monthly", "Australia/Sydney", 1_775_800_000, 1_777_557_600),
+        ];
+        for (period, zone, inside, end) in cases {
+            let table = one_key(
+                &format!(
+                    r#""quota":1000000,"budget":{{"period":"{period}","amount":100,"timezone":"{zone}"}}"#
+                ),
+                "{}",
+            );
+            let ledger = Ledger::in_memory();
+            spend(&ledger, &table, 100, inside).await.expect(period);
+            assert_eq!(
+                spend(&ledger, &table, 1, inside + 1).await,
+                Err((Reason::BudgetExceeded, Some((end - inside - 1) as u64))),
+                "{period}"
+            );
+            assert_eq!(
+                spend(&ledger, &table, 1, end - 1).await,
+                Err((Reason::BudgetExceeded, Some(1))),
+                "{period}: a second before {zone}'s period ends"
+            );
+            spend(&ledger, &table, 100, end)
+                .await
+                .unwrap_or_else(|e| panic!("{period}: refused at the new period: {e:?}"));
+            assert!(
+                spend(&ledger, &table, 1, end + 1).await.is_err(),
+                "{period}"
+            );
+        }
+    }
+
+    /// A rolling window counts its earlier days: 60 on day 0 and 40 on day 1 fill a 3-day
+    /// budget of 100 until day 3, when day 0's 60 drop out.
+    #[tokio::test]
+    async fn a_rolling_budget_counts_its_earlier_days_until_they_drop_out() {
+        let table = one_key(
+            r#""quota":1000000,"budget":{"rolling_days":3,"amount":100}"#,
+            "{}",
+        );
+        let ledger = Ledger::in_memory();
+        let day = |n: i64| 1_780_000_000 / 86_400 * 86_400 + n * 86_400 + 3_600;
+        spend(&ledger, &table, 60, day(0)).await.unwrap();
+        spend(&ledger, &table, 40, day(1)).await.unwrap();
+        assert_eq!(
+            spend(&ledger, &table, 1, day(1)).await.map_err(|e| e.0),
+            Err(Reason::BudgetExceeded)
+        );
+        assert_eq!(
+            spend(&ledger, &table, 1, day(2)).await.map_err(|e| e.0),
+            Err(Reason::BudgetExceeded),
+            "day 0 is still in the window"
+        );
+        spend(&ledger, &table, 60, day(3))
+            .await
+            .expect("day 0 dropped out");
+        assert_eq!(
+            spend(&ledger, &table, 1, day(3)).await.map_err(|e| e.0),
+            Err(Reason::BudgetExceeded),
+            "day 1's 40 and day 3's 60"
+        );
+    }
+
     /// [`PolicyCall::parts`] (the request path) and [`counters_of`] (a refusal's wording, the
     /// alerts) list a call's counters in one order.
     #[test]
