@@ -119,9 +119,7 @@ impl Gate {
             }
         }
     }
-}
 
-impl Gate {
     /// The rate-limit headers of the call's key as its buckets stand, nothing taken: for an
     /// answer that comes before the limits are taken (the key's model or body refused, a local
     /// answer), so that every answer to a limited key carries them. Empty when the key was not

@@ -201,13 +201,17 @@ impl LimitBook {
         sum
     }
 
-    /// The rate-limit headers of `scopes` at `now`, nothing taken.
+    /// The rate-limit headers of `scopes` at `now`, nothing taken (nor added to the book: a
+    /// scope this process never used is stated full).
     pub fn rate_headers(&self, scopes: &Scopes<'_>, now: i64) -> RateHeaders {
-        let live: ArrayVec<_, MAX_SCOPES> = scopes
-            .iter()
-            .map(|s| (self.scope(s.id), s.limits))
-            .collect();
-        RateHeaders::of(live.iter().map(|(l, s)| (&**l, *s)), now)
+        let unused = ScopeLive::default();
+        let live: ArrayVec<_, MAX_SCOPES> =
+            scopes.iter().map(|s| (self.peek(s.id), s.limits)).collect();
+        RateHeaders::of(
+            live.iter()
+                .map(|(l, s)| (l.as_deref().unwrap_or(&unused), *s)),
+            now,
+        )
     }
 
     /// Take one request, `tokens` tokens and a concurrency slot in every scope, or none of

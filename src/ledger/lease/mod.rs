@@ -477,7 +477,8 @@ mod tests {
         panic!("redis-server did not start");
     }
 
-    /// One SYNC call: (applied, granted, committed, consumption).
+    /// One SYNC call of a gateway that wrote its record within the day: (applied, granted,
+    /// committed, consumption).
     #[allow(clippy::too_many_arguments)]
     async fn sync(
         conn: &mut Conn,
@@ -491,8 +492,13 @@ mod tests {
         held: i64,
         ttl_ms: i64,
     ) -> (i64, i64, i64, i64) {
+        let args = [known, limit, need, want, give, deficit, held, ttl_ms, 0, 1];
+        sync_args(conn, gw, args).await
+    }
+
+    /// One SYNC call with every argument given.
+    async fn sync_args(conn: &mut Conn, gw: &str, args: [i64; 10]) -> (i64, i64, i64, i64) {
         let (k, l) = redis_keys(7);
-        let args = [known, limit, need, want, give, deficit, held, ttl_ms, 0];
         Script::new(SYNC_SCRIPT)
             .call(conn, &[k.as_str(), l.as_str()], &args, Some(gw))
             .await
@@ -578,6 +584,9 @@ mod tests {
         assert_eq!((committed, used), (150, 130));
     }
 
+    /// A record removed a day after it expired, while its gateway was away (it wrote the
+    /// record more than a day ago): the gateway is trusted, its grants are in `committed`.
+    /// Had it written the record within the day, the record was lost, not removed.
     #[tokio::test]
     async fn a_removed_record_trusts_the_gateway_and_keeps_committed() {
         let Some((_s, mut c)) = server().await else {
@@ -586,9 +595,37 @@ mod tests {
         sync(&mut c, "a", 0, 1_000, 0, 100, 0, 0, 0, 30_000).await;
         let (_, l) = redis_keys(7);
         let _: i64 = redis::cmd("DEL").arg(&l).query_async(&mut c).await.unwrap();
+        let away = [100, 1_000, 0, 0, 0, 0, 100, 30_000, 0, 0];
+        let (applied, g, committed, _) = sync_args(&mut c, "a", away).await;
+        assert_eq!((applied, g, committed), (1, 100, 100));
+        let _: i64 = redis::cmd("DEL").arg(&l).query_async(&mut c).await.unwrap();
         let (applied, g, committed, _) =
             sync(&mut c, "a", 100, 1_000, 0, 0, 0, 0, 100, 30_000).await;
-        assert_eq!((applied, g, committed), (1, 100, 100));
+        assert_eq!(
+            (applied, g, committed),
+            (0, 0, 100),
+            "written within the day: lost"
+        );
+    }
+
+    /// A give-back of everything empties the record, which is deleted; when its answer is
+    /// lost the gateway sends the same `known` again (with the give held back as `pending`)
+    /// and is told it holds nothing, as Redis applied. Trusting it would credit the lease again
+    /// while `committed` no longer counts it (another gateway's grants keep `committed` up).
+    #[tokio::test]
+    async fn a_give_back_of_everything_whose_answer_was_lost_is_not_granted_again() {
+        let Some((_s, mut c)) = server().await else {
+            return;
+        };
+        sync(&mut c, "b", 0, 10_000, 0, 500, 0, 0, 0, 30_000).await;
+        sync(&mut c, "a", 0, 10_000, 0, 100, 0, 0, 0, 30_000).await;
+        // `a` gives back all of its 100, unspent: its record is deleted. The answer is lost.
+        let gone = sync(&mut c, "a", 100, 10_000, 0, 0, 100, 0, 0, 30_000).await;
+        assert_eq!((gone.0, gone.1, gone.2), (1, 0, 500));
+        // Sent again as the gateway saw it: nothing granted, nothing committed twice.
+        let (applied, g, committed, _) =
+            sync(&mut c, "a", 100, 10_000, 0, 0, 0, 0, 0, 30_000).await;
+        assert_eq!((applied, g, committed), (0, 0, 500));
     }
 
     /// A record lost with its grant (a failover, a Redis that lost its data) is not trusted:
@@ -664,7 +701,7 @@ mod tests {
             let mut c = c.clone();
             async move {
                 let (k, l) = redis_keys(id);
-                let args = [0, 1_000, 10, 100, 0, 0, 0, 30_000, expire];
+                let args = [0, 1_000, 10, 100, 0, 0, 0, 30_000, expire, 1];
                 let _: (i64, i64, i64, i64) = Script::new(SYNC_SCRIPT)
                     .call(&mut c, &[k.as_str(), l.as_str()], &args, Some("a"))
                     .await

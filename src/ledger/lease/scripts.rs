@@ -10,7 +10,8 @@ use tokio::sync::mpsc;
 /// held valid_until_ms"); both carry the hash tag `{id}`, so they share one cluster slot.
 /// ARGV[10]: when the counter ends (unix seconds; 0: never): both keys expire then. Not when
 /// that is already past on Redis's clock (a gateway whose clock is far behind): expiring at
-/// once would give the period's spending back.
+/// once would give the period's spending back. ARGV[11]: `1` when this gateway's record was
+/// written less than a day ago (so it cannot have been removed for age: see below).
 pub(super) const SYNC_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -20,16 +21,17 @@ local give, deficit, held = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[
 local ttl = tonumber(ARGV[9])
 local expire = tonumber(ARGV[10])
 local committed = tonumber(redis.call('HGET', KEYS[1], 'committed') or '0')
--- No record: one removed (a day after it expired) while its gateway was away, whose grants
--- are in `committed`: trust the gateway. Or one lost with the writes that made it (a failover
--- before they reached the replica, a Redis that lost its data): its grants are not counted, which
--- shows when `committed` is below them. Then nothing is granted here: the gateway corrects
--- itself and commits what it spent as an overdraft.
+-- No record. Removed a day after it expired, while its gateway was away: its grants are in
+-- `committed`, and the gateway is trusted. Otherwise (its gateway wrote it within the day, or
+-- `committed` is below what the gateway was granted) it was lost with the writes that made it
+-- (a failover before they reached the replica, a Redis that lost its data), or deleted as
+-- empty by a give-back whose answer was lost: nothing is granted, and the gateway corrects
+-- itself (a lost grant's spending comes back as an overdraft).
 local granted = known
 local rec = redis.call('HGET', KEYS[2], gw)
 if rec then
   granted = tonumber(string.match(rec, '^(%S+)'))
-elseif committed < known then
+elseif ARGV[11] == '1' or committed < known then
   granted = 0
 end
 local applied, grant = 0, 0

@@ -18,6 +18,8 @@ pub(super) struct Ask {
     pub(super) want: i64,
     pub(super) give: i64,
     pub(super) deficit: i64,
+    /// The record was written less than [`RECORD_SURELY_KEPT_MS`] ago.
+    pub(super) written_recently: bool,
     pub(super) held: i64,
     pub(super) waiters: Waiters,
 }
@@ -56,7 +58,13 @@ pub(super) struct KeyState {
     pub(super) rate_at: u64,
     /// When the record was last written (ms).
     pub(super) synced_at: u64,
+    /// When an applied answer last wrote the record (ms; `None`: never).
+    pub(super) written_at: Option<u64>,
 }
+
+/// A record is deleted a day after it expired (a lease TTL after it was written): one written
+/// less than this long ago cannot have been, so if it is missing it was lost.
+const RECORD_SURELY_KEPT_MS: u64 = 86_400_000;
 
 /// A waiting reservation gets another round (a grant taken by a faster call, an answer that
 /// corrected this gateway instead of granting) this many times before it is refused.
@@ -407,6 +415,9 @@ impl Worker {
             want: 0,
             give: 0,
             deficit: (-held).max(0),
+            written_recently: state
+                .written_at
+                .is_some_and(|t| now.saturating_sub(t) < RECORD_SURELY_KEPT_MS),
             held,
             waiters: Vec::new(),
             slot,
@@ -455,6 +466,7 @@ impl Worker {
                     a.held,
                     self.settings.lease_ttl.as_millis() as i64,
                     a.slot.until.load(Ordering::Relaxed),
+                    i64::from(a.written_recently),
                 ];
                 async move {
                     let Some(mut conn) = conn else {
@@ -530,6 +542,7 @@ impl Worker {
             slot.dirty.store(true, Ordering::Release);
         }
         if applied {
+            state.written_at = Some(state.synced_at);
             slot.recorded
                 .store(ask.held + delta - ask.pending, Ordering::Release);
             let got = delta - ask.pending - ask.deficit;
