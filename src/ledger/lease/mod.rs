@@ -16,7 +16,11 @@
 //! Every script call carries what the gateway believes it was granted; Redis applies the call
 //! only when that matches its record, and the gateway corrects itself from the answer. So a
 //! call whose answer was lost (a timeout) is never applied twice, and a grant whose answer was
-//! lost is credited on the next call.
+//! lost is credited on the next call. A missing record is trusted (the gateway's word taken)
+//! only when it may have been deleted for age, a day after it expired: not when the gateway saw
+//! it valid within the day (every answer says until when, on Redis's clock) nor when
+//! `committed` is below the gateway's word. Then Redis lost it with its grants, and the gateway
+//! commits what it spent from them again.
 //!
 //! The bound: a call is admitted only against a lease, and leases come only out of room under
 //! the limit, so a key's consumption passes its limit only by settle differences (a call that
@@ -477,8 +481,8 @@ mod tests {
         panic!("redis-server did not start");
     }
 
-    /// One SYNC call of a gateway that wrote its record within the day: (applied, granted,
-    /// committed, consumption).
+    /// One SYNC call of a gateway that saw its record valid until now (so it is not removed
+    /// for age): (applied, granted, committed, consumption).
     #[allow(clippy::too_many_arguments)]
     async fn sync(
         conn: &mut Conn,
@@ -492,12 +496,25 @@ mod tests {
         held: i64,
         ttl_ms: i64,
     ) -> (i64, i64, i64, i64) {
-        let args = [known, limit, need, want, give, deficit, held, ttl_ms, 0, 1];
-        sync_args(conn, gw, args).await
+        let args = [
+            known,
+            limit,
+            need,
+            want,
+            give,
+            deficit,
+            held,
+            ttl_ms,
+            0,
+            i64::MAX,
+        ];
+        let (applied, granted, committed, consumption, _) = sync_args(conn, gw, args).await;
+        (applied, granted, committed, consumption)
     }
 
-    /// One SYNC call with every argument given.
-    async fn sync_args(conn: &mut Conn, gw: &str, args: [i64; 10]) -> (i64, i64, i64, i64) {
+    /// One SYNC call with every argument given: (applied, granted, committed, consumption,
+    /// the record's valid_until_ms).
+    async fn sync_args(conn: &mut Conn, gw: &str, args: [i64; 10]) -> (i64, i64, i64, i64, i64) {
         let (k, l) = redis_keys(7);
         Script::new(SYNC_SCRIPT)
             .call(conn, &[k.as_str(), l.as_str()], &args, Some(gw))
@@ -596,7 +613,7 @@ mod tests {
         let (_, l) = redis_keys(7);
         let _: i64 = redis::cmd("DEL").arg(&l).query_async(&mut c).await.unwrap();
         let away = [100, 1_000, 0, 0, 0, 0, 100, 30_000, 0, 0];
-        let (applied, g, committed, _) = sync_args(&mut c, "a", away).await;
+        let (applied, g, committed, _, _) = sync_args(&mut c, "a", away).await;
         assert_eq!((applied, g, committed), (1, 100, 100));
         let _: i64 = redis::cmd("DEL").arg(&l).query_async(&mut c).await.unwrap();
         let (applied, g, committed, _) =
@@ -604,14 +621,57 @@ mod tests {
         assert_eq!(
             (applied, g, committed),
             (0, 0, 100),
-            "written within the day: lost"
+            "seen within the day: lost"
         );
     }
 
-    /// A give-back of everything empties the record, which is deleted; when its answer is
-    /// lost the gateway sends the same `known` again (with the give held back as `pending`)
-    /// and is told it holds nothing, as Redis applied. Trusting it would credit the lease again
-    /// while `committed` no longer counts it (another gateway's grants keep `committed` up).
+    /// Every answer shows the record's validity on Redis's clock, applied or not. A gateway
+    /// whose grant's answer was lost learns it from the next (unapplied) answer; when the
+    /// record is then lost, that gateway is not trusted on its word, though another gateway's
+    /// grants keep `committed` above it. Seen valid until more than a day ago, it would be.
+    #[tokio::test]
+    async fn a_record_seen_valid_within_the_day_was_lost_when_missing() {
+        let Some((_s, mut c)) = server().await else {
+            return;
+        };
+        sync(&mut c, "b", 0, 10_000, 0, 500, 0, 0, 0, 30_000).await;
+        // `a` is granted 100; the answer is lost: `a` still knows 0 and no validity.
+        sync_args(&mut c, "a", [0, 10_000, 0, 100, 0, 0, 0, 30_000, 0, 0]).await;
+        let (applied, g, _, _, valid) =
+            sync_args(&mut c, "a", [0, 10_000, 0, 0, 0, 0, 0, 30_000, 0, 0]).await;
+        assert_eq!((applied, g), (0, 100), "corrected, not applied");
+        assert!(valid > 0);
+        let (_, l) = redis_keys(7);
+        let _: i64 = redis::cmd("HDEL")
+            .arg(&l)
+            .arg("a")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let lost = [100, 10_000, 0, 0, 0, 0, 100, 30_000, 0, valid];
+        let (applied, g, committed, _, _) = sync_args(&mut c, "a", lost).await;
+        assert_eq!((applied, g, committed), (0, 0, 600));
+        let away = [
+            100,
+            10_000,
+            0,
+            0,
+            0,
+            0,
+            100,
+            30_000,
+            0,
+            valid - 30_000 - 86_400_001,
+        ];
+        let (applied, g, committed, _, _) = sync_args(&mut c, "a", away).await;
+        assert_eq!((applied, g, committed), (1, 100, 600));
+    }
+
+    /// A give-back of everything leaves an empty record, kept (not deleted) until it is
+    /// removed for age: when its answer is lost the gateway sends the same `known` again (with
+    /// the give held back as `pending`) and is told it holds nothing, as Redis applied.
+    /// Trusting it would credit the lease again while `committed` no longer counts it (another
+    /// gateway's grants keep `committed` up).
     #[tokio::test]
     async fn a_give_back_of_everything_whose_answer_was_lost_is_not_granted_again() {
         let Some((_s, mut c)) = server().await else {
@@ -702,7 +762,7 @@ mod tests {
             async move {
                 let (k, l) = redis_keys(id);
                 let args = [0, 1_000, 10, 100, 0, 0, 0, 30_000, expire, 1];
-                let _: (i64, i64, i64, i64) = Script::new(SYNC_SCRIPT)
+                let _: (i64, i64, i64, i64, i64) = Script::new(SYNC_SCRIPT)
                     .call(&mut c, &[k.as_str(), l.as_str()], &args, Some("a"))
                     .await
                     .unwrap();

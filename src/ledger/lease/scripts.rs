@@ -10,8 +10,10 @@ use tokio::sync::mpsc;
 /// held valid_until_ms"); both carry the hash tag `{id}`, so they share one cluster slot.
 /// ARGV[10]: when the counter ends (unix seconds; 0: never): both keys expire then. Not when
 /// that is already past on Redis's clock (a gateway whose clock is far behind): expiring at
-/// once would give the period's spending back. ARGV[11]: `1` when this gateway's record was
-/// written less than a day ago (so it cannot have been removed for age: see below).
+/// once would give the period's spending back. ARGV[11]: the `valid_until_ms` of this
+/// gateway's record in the last answer that showed one (0: none), on Redis's clock. Returns
+/// `{applied, granted, committed, consumption, valid_until_ms}` (the record's, after the call;
+/// 0 when there is none).
 pub(super) const SYNC_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -20,18 +22,20 @@ local need, want = tonumber(ARGV[4]), tonumber(ARGV[5])
 local give, deficit, held = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local ttl = tonumber(ARGV[9])
 local expire = tonumber(ARGV[10])
+local seen = tonumber(ARGV[11] or '0')
 local committed = tonumber(redis.call('HGET', KEYS[1], 'committed') or '0')
--- No record. Removed a day after it expired, while its gateway was away: its grants are in
--- `committed`, and the gateway is trusted. Otherwise (its gateway wrote it within the day, or
--- `committed` is below what the gateway was granted) it was lost with the writes that made it
--- (a failover before they reached the replica, a Redis that lost its data), or deleted as
--- empty by a give-back whose answer was lost: nothing is granted, and the gateway corrects
--- itself (a lost grant's spending comes back as an overdraft).
-local granted = known
+-- No record. Removed for age (a day after it expired, below) while its gateway was away: its
+-- grants are in `committed`, and the gateway is trusted. But a record the gateway saw valid
+-- until less than a day ago cannot have been removed for age, nor one whose `committed` is
+-- below what the gateway was granted: it was lost with the writes that made it (a failover
+-- before they reached the replica, a Redis that lost its data). Then nothing is granted, and
+-- the gateway corrects itself: what it spent from a lost grant comes back as an overdraft.
+local granted, valid = known, 0
 local rec = redis.call('HGET', KEYS[2], gw)
 if rec then
-  granted = tonumber(string.match(rec, '^(%S+)'))
-elseif ARGV[11] == '1' or committed < known then
+  local g, h, e = string.match(rec, '^(%S+) (%S+) (%S+)$')
+  granted, valid = tonumber(g), tonumber(e)
+elseif seen >= now - 86400000 or committed < known then
   granted = 0
 end
 local applied, grant = 0, 0
@@ -49,12 +53,11 @@ if granted == known then
     granted = granted + grant
   end
   redis.call('HSET', KEYS[1], 'committed', string.format('%d', committed))
+  -- Kept even when empty (removed for age like any other): a give-back of everything whose
+  -- answer is lost then meets its record when sent again, and is not applied twice.
+  valid = now + ttl
   local left = held + deficit + grant
-  if granted == 0 and left == 0 then
-    redis.call('HDEL', KEYS[2], gw)
-  else
-    redis.call('HSET', KEYS[2], gw, string.format('%d %d %d', granted, left, now + ttl))
-  end
+  redis.call('HSET', KEYS[2], gw, string.format('%d %d %d', granted, left, valid))
 end
 local holding = 0
 local records = redis.call('HGETALL', KEYS[2])
@@ -71,7 +74,7 @@ if expire * 1000 > now then
   redis.call('EXPIREAT', KEYS[1], expire)
   redis.call('EXPIREAT', KEYS[2], expire)
 end
-return {applied, granted, committed, committed - holding}
+return {applied, granted, committed, committed - holding, valid}
 ";
 
 /// A key's consumption across all gateways (read only).

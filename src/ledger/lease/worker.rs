@@ -18,16 +18,28 @@ pub(super) struct Ask {
     pub(super) want: i64,
     pub(super) give: i64,
     pub(super) deficit: i64,
-    /// The record was written less than [`RECORD_SURELY_KEPT_MS`] ago.
-    pub(super) written_recently: bool,
+    /// [`KeyState::record_valid`].
+    pub(super) record_valid: i64,
     pub(super) held: i64,
     pub(super) waiters: Waiters,
 }
 
+/// What the sync script answered (see [`super::scripts::SYNC_SCRIPT`]).
+pub(super) struct Answer {
+    /// Redis applied the call (the gateway's word matched its record).
+    pub(super) applied: bool,
+    /// The record's `granted` after the call.
+    pub(super) granted: i64,
+    pub(super) committed: i64,
+    /// `committed` less what live gateways hold.
+    pub(super) consumption: i64,
+    /// The record's `valid_until_ms` after the call (0: no record).
+    pub(super) valid: i64,
+}
+
 /// One script call's outcome.
 pub(super) enum Outcome {
-    /// `(applied, granted, committed, consumption)`.
-    Answered(i64, i64, i64, i64),
+    Answered(Answer),
     /// Redis (or the key's node) could not be reached in time.
     Unreachable,
     /// Redis refused this call (a script error, a wrong type at the key).
@@ -58,13 +70,10 @@ pub(super) struct KeyState {
     pub(super) rate_at: u64,
     /// When the record was last written (ms).
     pub(super) synced_at: u64,
-    /// When an applied answer last wrote the record (ms; `None`: never).
-    pub(super) written_at: Option<u64>,
+    /// Until when the record was valid in the last answer that showed it (ms on Redis's
+    /// clock; 0: none): Redis tells by it whether a missing record was removed for age or lost.
+    pub(super) record_valid: i64,
 }
-
-/// A record is deleted a day after it expired (a lease TTL after it was written): one written
-/// less than this long ago cannot have been, so if it is missing it was lost.
-const RECORD_SURELY_KEPT_MS: u64 = 86_400_000;
 
 /// A waiting reservation gets another round (a grant taken by a faster call, an answer that
 /// corrected this gateway instead of granting) this many times before it is refused.
@@ -415,9 +424,7 @@ impl Worker {
             want: 0,
             give: 0,
             deficit: (-held).max(0),
-            written_recently: state
-                .written_at
-                .is_some_and(|t| now.saturating_sub(t) < RECORD_SURELY_KEPT_MS),
+            record_valid: state.record_valid,
             held,
             waiters: Vec::new(),
             slot,
@@ -466,7 +473,7 @@ impl Worker {
                     a.held,
                     self.settings.lease_ttl.as_millis() as i64,
                     a.slot.until.load(Ordering::Relaxed),
-                    i64::from(a.written_recently),
+                    a.record_valid,
                 ];
                 async move {
                     let Some(mut conn) = conn else {
@@ -474,10 +481,22 @@ impl Worker {
                     };
                     let (k, leases) = redis_keys(a.key_id);
                     let keys = [k.as_str(), leases.as_str()];
-                    let call =
-                        script.call::<(i64, i64, i64, i64)>(&mut conn, &keys, &args, Some(gateway));
+                    let call = script.call::<(i64, i64, i64, i64, i64)>(
+                        &mut conn,
+                        &keys,
+                        &args,
+                        Some(gateway),
+                    );
                     match tokio::time::timeout(timeout, call).await {
-                        Ok(Ok((x, g, c, u))) => Outcome::Answered(x, g, c, u),
+                        Ok(Ok((x, granted, committed, consumption, valid))) => {
+                            Outcome::Answered(Answer {
+                                applied: x == 1,
+                                granted,
+                                committed,
+                                consumption,
+                                valid,
+                            })
+                        }
                         Ok(Err(e)) if !unreachable(&e) => {
                             log::error!("ledger: key {}: Redis refused: {e}", a.key_id);
                             Outcome::Refused
@@ -498,9 +517,7 @@ impl Worker {
             let reached = results.iter().any(|r| !matches!(r, Outcome::Unreachable));
             for (ask, result) in batch.into_iter().zip(results) {
                 match result {
-                    Outcome::Answered(applied, granted, committed, consumption) => {
-                        self.apply(ask, applied == 1, granted, committed, consumption)
-                    }
+                    Outcome::Answered(answer) => self.apply(ask, answer),
                     outcome => self.abandon(ask, matches!(outcome, Outcome::Refused)),
                 }
             }
@@ -518,14 +535,14 @@ impl Worker {
     /// Apply one answer: credit what Redis granted beyond what this gateway knew (a grant, an
     /// overdraft turned into committed quota, a lost earlier answer) and settle a give-back
     /// whose answer was lost, then serve the waiting calls in order.
-    pub(super) fn apply(
-        &mut self,
-        ask: Ask,
-        applied: bool,
-        granted: i64,
-        committed: i64,
-        consumption: i64,
-    ) {
+    pub(super) fn apply(&mut self, ask: Ask, answer: Answer) {
+        let Answer {
+            applied,
+            granted,
+            committed,
+            consumption,
+            valid,
+        } = answer;
         let slot = ask.slot;
         let state = self.keys.entry(ask.key_id).or_default();
         state.known = granted;
@@ -541,8 +558,10 @@ impl Worker {
             // Redis's record does not show the restored give-back yet.
             slot.dirty.store(true, Ordering::Release);
         }
+        if valid > 0 {
+            state.record_valid = valid;
+        }
         if applied {
-            state.written_at = Some(state.synced_at);
             slot.recorded
                 .store(ask.held + delta - ask.pending, Ordering::Release);
             let got = delta - ask.pending - ask.deficit;
