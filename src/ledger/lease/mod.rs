@@ -17,10 +17,10 @@
 //! only when that matches its record, and the gateway corrects itself from the answer. So a
 //! call whose answer was lost (a timeout) is never applied twice, and a grant whose answer was
 //! lost is credited on the next call. A missing record is trusted (the gateway's word taken)
-//! only when it may have been deleted for age, a day after it expired: not when the gateway saw
-//! it valid within the day (every answer says until when, on Redis's clock) nor when
-//! `committed` is below the gateway's word. Then Redis lost it with its grants, and the gateway
-//! commits what it spent from them again.
+//! only when it may have been deleted for age, a day and an hour after it expired: not when
+//! the gateway saw it valid within the day (every answer says until when, on Redis's clock),
+//! nor when `committed` is below the gateway's word. Then Redis lost it with its grants, and
+//! the gateway commits what it spent from them again.
 //!
 //! The bound: a call is admitted only against a lease, and leases come only out of room under
 //! the limit, so a key's consumption passes its limit only by settle differences (a call that
@@ -601,9 +601,9 @@ mod tests {
         assert_eq!((committed, used), (150, 130));
     }
 
-    /// A record removed a day after it expired, while its gateway was away (it wrote the
-    /// record more than a day ago): the gateway is trusted, its grants are in `committed`.
-    /// Had it written the record within the day, the record was lost, not removed.
+    /// A record removed for age while its gateway was away (it saw the record valid until
+    /// more than a day ago): the gateway is trusted, its grants are in `committed`. Had it
+    /// seen the record valid within the day, the record was lost, not removed.
     #[tokio::test]
     async fn a_removed_record_trusts_the_gateway_and_keeps_committed() {
         let Some((_s, mut c)) = server().await else {
@@ -669,7 +669,8 @@ mod tests {
 
     /// A give-back of everything leaves an empty record, kept (not deleted) until it is
     /// removed for age: when its answer is lost the gateway sends the same `known` again (with
-    /// the give held back as `pending`) and is told it holds nothing, as Redis applied.
+    /// the give held back as `pending`) and is told it holds nothing, as Redis applied, even
+    /// when its last answer is too old to tell a lost record from one removed for age.
     /// Trusting it would credit the lease again while `committed` no longer counts it (another
     /// gateway's grants keep `committed` up).
     #[tokio::test]
@@ -679,12 +680,21 @@ mod tests {
         };
         sync(&mut c, "b", 0, 10_000, 0, 500, 0, 0, 0, 30_000).await;
         sync(&mut c, "a", 0, 10_000, 0, 100, 0, 0, 0, 30_000).await;
-        // `a` gives back all of its 100, unspent: its record is deleted. The answer is lost.
+        // `a` gives back all of its 100, unspent: its record is emptied. The answer is lost.
         let gone = sync(&mut c, "a", 100, 10_000, 0, 0, 100, 0, 0, 30_000).await;
         assert_eq!((gone.0, gone.1, gone.2), (1, 0, 500));
-        // Sent again as the gateway saw it: nothing granted, nothing committed twice.
-        let (applied, g, committed, _) =
-            sync(&mut c, "a", 100, 10_000, 0, 0, 0, 0, 0, 30_000).await;
+        let (_, l) = redis_keys(7);
+        let record: String = redis::cmd("HGET")
+            .arg(&l)
+            .arg("a")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(record.starts_with("0 0 "), "{record}");
+        // Sent again as the gateway saw it, with no validity to go by: nothing granted,
+        // nothing committed twice.
+        let again = [100, 10_000, 0, 0, 0, 0, 0, 30_000, 0, 0];
+        let (applied, g, committed, _, _) = sync_args(&mut c, "a", again).await;
         assert_eq!((applied, g, committed), (0, 0, 500));
     }
 

@@ -24,8 +24,9 @@ local ttl = tonumber(ARGV[9])
 local expire = tonumber(ARGV[10])
 local seen = tonumber(ARGV[11] or '0')
 local committed = tonumber(redis.call('HGET', KEYS[1], 'committed') or '0')
--- No record. Removed for age (a day after it expired, below) while its gateway was away: its
--- grants are in `committed`, and the gateway is trusted. But a record the gateway saw valid
+-- No record. Removed for age (a day and an hour after it expired, below; the hour is a margin
+-- for a Redis clock that steps back) while its gateway was away: its grants are in
+-- `committed`, and the gateway is trusted. But a record the gateway saw valid
 -- until less than a day ago cannot have been removed for age, nor one whose `committed` is
 -- below what the gateway was granted: it was lost with the writes that made it (a failover
 -- before they reached the replica, a Redis that lost its data). Then nothing is granted, and
@@ -66,7 +67,7 @@ for i = 1, #records, 2 do
   e = tonumber(e or '0')
   if e >= now then
     holding = holding + tonumber(h)
-  elseif e < now - 86400000 then
+  elseif e < now - 90000000 then
     redis.call('HDEL', KEYS[2], records[i])
   end
 end
