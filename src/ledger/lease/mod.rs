@@ -507,6 +507,7 @@ mod tests {
             ttl_ms,
             0,
             i64::MAX,
+            0,
         ];
         let (applied, granted, committed, consumption, _) = sync_args(conn, gw, args).await;
         (applied, granted, committed, consumption)
@@ -514,7 +515,7 @@ mod tests {
 
     /// One SYNC call with every argument given: (applied, granted, committed, consumption,
     /// the record's valid_until_ms).
-    async fn sync_args(conn: &mut Conn, gw: &str, args: [i64; 10]) -> (i64, i64, i64, i64, i64) {
+    async fn sync_args(conn: &mut Conn, gw: &str, args: [i64; 11]) -> (i64, i64, i64, i64, i64) {
         let (k, l) = redis_keys(7);
         Script::new(SYNC_SCRIPT)
             .call(conn, &[k.as_str(), l.as_str()], &args, Some(gw))
@@ -612,7 +613,7 @@ mod tests {
         sync(&mut c, "a", 0, 1_000, 0, 100, 0, 0, 0, 30_000).await;
         let (_, l) = redis_keys(7);
         let _: i64 = redis::cmd("DEL").arg(&l).query_async(&mut c).await.unwrap();
-        let away = [100, 1_000, 0, 0, 0, 0, 100, 30_000, 0, 0];
+        let away = [100, 1_000, 0, 0, 0, 0, 100, 30_000, 0, 0, 0];
         let (applied, g, committed, _, _) = sync_args(&mut c, "a", away).await;
         assert_eq!((applied, g, committed), (1, 100, 100));
         let _: i64 = redis::cmd("DEL").arg(&l).query_async(&mut c).await.unwrap();
@@ -636,9 +637,9 @@ mod tests {
         };
         sync(&mut c, "b", 0, 10_000, 0, 500, 0, 0, 0, 30_000).await;
         // `a` is granted 100; the answer is lost: `a` still knows 0 and no validity.
-        sync_args(&mut c, "a", [0, 10_000, 0, 100, 0, 0, 0, 30_000, 0, 0]).await;
+        sync_args(&mut c, "a", [0, 10_000, 0, 100, 0, 0, 0, 30_000, 0, 0, 0]).await;
         let (applied, g, _, _, valid) =
-            sync_args(&mut c, "a", [0, 10_000, 0, 0, 0, 0, 0, 30_000, 0, 0]).await;
+            sync_args(&mut c, "a", [0, 10_000, 0, 0, 0, 0, 0, 30_000, 0, 0, 0]).await;
         assert_eq!((applied, g), (0, 100), "corrected, not applied");
         assert!(valid > 0);
         let (_, l) = redis_keys(7);
@@ -648,7 +649,7 @@ mod tests {
             .query_async(&mut c)
             .await
             .unwrap();
-        let lost = [100, 10_000, 0, 0, 0, 0, 100, 30_000, 0, valid];
+        let lost = [100, 10_000, 0, 0, 0, 0, 100, 30_000, 0, valid, 0];
         let (applied, g, committed, _, _) = sync_args(&mut c, "a", lost).await;
         assert_eq!((applied, g, committed), (0, 0, 600));
         let away = [
@@ -662,6 +663,7 @@ mod tests {
             30_000,
             0,
             valid - 30_000 - 86_400_001,
+            0,
         ];
         let (applied, g, committed, _, _) = sync_args(&mut c, "a", away).await;
         assert_eq!((applied, g, committed), (1, 100, 600));
@@ -693,7 +695,17 @@ mod tests {
         assert!(record.starts_with("0 0 "), "{record}");
         // Sent again as the gateway saw it, with no validity to go by: nothing granted,
         // nothing committed twice.
-        let again = [100, 10_000, 0, 0, 0, 0, 0, 30_000, 0, 0];
+        let again = [100, 10_000, 0, 0, 0, 0, 0, 30_000, 0, 0, 100];
+        let (applied, g, committed, _, _) = sync_args(&mut c, "a", again).await;
+        assert_eq!((applied, g, committed), (0, 0, 500));
+        // Even once the record is swept for age: trusted, the gateway's word less what it
+        // gave back without an answer.
+        let _: i64 = redis::cmd("HDEL")
+            .arg(&l)
+            .arg("a")
+            .query_async(&mut c)
+            .await
+            .unwrap();
         let (applied, g, committed, _, _) = sync_args(&mut c, "a", again).await;
         assert_eq!((applied, g, committed), (0, 0, 500));
     }
@@ -771,7 +783,7 @@ mod tests {
             let mut c = c.clone();
             async move {
                 let (k, l) = redis_keys(id);
-                let args = [0, 1_000, 10, 100, 0, 0, 0, 30_000, expire, 1];
+                let args = [0, 1_000, 10, 100, 0, 0, 0, 30_000, expire, 1, 0];
                 let _: (i64, i64, i64, i64, i64) = Script::new(SYNC_SCRIPT)
                     .call(&mut c, &[k.as_str(), l.as_str()], &args, Some("a"))
                     .await

@@ -13,7 +13,8 @@ use tokio::sync::mpsc;
 /// once would give the period's spending back. ARGV[11]: the `valid_until_ms` of this
 /// gateway's record in the last answer that showed one (0: none), on Redis's clock. Returns
 /// `{applied, granted, committed, consumption, valid_until_ms}` (the record's, after the call;
-/// 0 when there is none).
+/// 0 when there is none). ARGV[12]: a give-back whose answer was lost (`pending`, held back by
+/// the gateway).
 pub(super) const SYNC_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -23,6 +24,7 @@ local give, deficit, held = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[
 local ttl = tonumber(ARGV[9])
 local expire = tonumber(ARGV[10])
 local seen = tonumber(ARGV[11] or '0')
+local pending = tonumber(ARGV[12] or '0')
 local committed = tonumber(redis.call('HGET', KEYS[1], 'committed') or '0')
 -- No record. Removed for age (a day and an hour after it expired, below; the hour is a margin
 -- for a Redis clock that steps back) while its gateway was away: its grants are in
@@ -31,7 +33,9 @@ local committed = tonumber(redis.call('HGET', KEYS[1], 'committed') or '0')
 -- below what the gateway was granted: it was lost with the writes that made it (a failover
 -- before they reached the replica, a Redis that lost its data). Then nothing is granted, and
 -- the gateway corrects itself: what it spent from a lost grant comes back as an overdraft.
-local granted, valid = known, 0
+-- Trusted, a give-back whose answer was lost is taken as applied: had it not been, what it
+-- gave stays stranded (counted, never spent), rather than credited twice.
+local granted, valid = known - pending, 0
 local rec = redis.call('HGET', KEYS[2], gw)
 if rec then
   local g, h, e = string.match(rec, '^(%S+) (%S+) (%S+)$')

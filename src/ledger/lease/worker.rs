@@ -474,6 +474,7 @@ impl Worker {
                     self.settings.lease_ttl.as_millis() as i64,
                     a.slot.until.load(Ordering::Relaxed),
                     a.record_valid,
+                    a.pending,
                 ];
                 async move {
                     let Some(mut conn) = conn else {
