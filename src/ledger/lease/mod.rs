@@ -710,6 +710,24 @@ mod tests {
         assert_eq!((applied, g, committed), (0, 0, 500));
     }
 
+    /// A record swept for age after a give-back whose answer was lost: `committed` is below
+    /// the gateway's word by that give-back, which is not a loss. The gateway is taken at its
+    /// word less the give-back, and commits nothing twice.
+    #[tokio::test]
+    async fn a_swept_record_after_a_lost_give_back_is_taken_at_the_word_less_the_give() {
+        let Some((_s, mut c)) = server().await else {
+            return;
+        };
+        sync(&mut c, "a", 0, 1_000, 0, 100, 0, 0, 0, 30_000).await;
+        // 40 of the 100 go back (applied; the answer is lost), and the record is swept.
+        sync(&mut c, "a", 100, 1_000, 0, 0, 40, 0, 60, 30_000).await;
+        let (_, l) = redis_keys(7);
+        let _: i64 = redis::cmd("DEL").arg(&l).query_async(&mut c).await.unwrap();
+        let away = [100, 1_000, 0, 0, 0, 0, 60, 30_000, 0, 0, 40];
+        let (applied, g, committed, _, _) = sync_args(&mut c, "a", away).await;
+        assert_eq!((applied, g, committed), (0, 60, 60));
+    }
+
     /// A record lost with its grant (a failover, a Redis that lost its data) is not trusted:
     /// the gateway learns it holds nothing granted, and its spending comes back as an overdraft.
     #[tokio::test]

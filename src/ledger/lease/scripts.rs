@@ -30,7 +30,7 @@ local committed = tonumber(redis.call('HGET', KEYS[1], 'committed') or '0')
 -- for a Redis clock that steps back) while its gateway was away: its grants are in
 -- `committed`, and the gateway is trusted. But a record the gateway saw valid
 -- until less than a day ago cannot have been removed for age, nor one whose `committed` is
--- below what the gateway was granted: it was lost with the writes that made it (a failover
+-- below what the gateway was granted (less a give-back whose answer it lost): it was lost with the writes that made it (a failover
 -- before they reached the replica, a Redis that lost its data). Then nothing is granted, and
 -- the gateway corrects itself: what it spent from a lost grant comes back as an overdraft.
 -- Trusted, a give-back whose answer was lost is taken as applied: had it not been, what it
@@ -40,7 +40,7 @@ local rec = redis.call('HGET', KEYS[2], gw)
 if rec then
   local g, h, e = string.match(rec, '^(%S+) (%S+) (%S+)$')
   granted, valid = tonumber(g), tonumber(e)
-elseif seen >= now - 86400000 or committed < known then
+elseif seen >= now - 86400000 or committed < known - pending then
   granted = 0
 end
 local applied, grant = 0, 0
