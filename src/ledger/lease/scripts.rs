@@ -27,14 +27,14 @@ local seen = tonumber(ARGV[11] or '0')
 local pending = tonumber(ARGV[12] or '0')
 local committed = tonumber(redis.call('HGET', KEYS[1], 'committed') or '0')
 -- No record. Removed for age (a day and an hour after it expired, below; the hour is a margin
--- for a Redis clock that steps back) while its gateway was away: its grants are in
--- `committed`, and the gateway is trusted. But a record the gateway saw valid
--- until less than a day ago cannot have been removed for age, nor one whose `committed` is
--- below what the gateway was granted (less a give-back whose answer it lost): it was lost with the writes that made it (a failover
--- before they reached the replica, a Redis that lost its data). Then nothing is granted, and
--- the gateway corrects itself: what it spent from a lost grant comes back as an overdraft.
--- Trusted, a give-back whose answer was lost is taken as applied: had it not been, what it
--- gave stays stranded (counted, never spent), rather than credited twice.
+-- for a Redis clock that steps back) while its gateway was away: its grants are in `committed`,
+-- and the gateway is trusted. But a record the gateway saw valid until less than a day ago
+-- cannot have been removed for age, nor one whose `committed` is below what the gateway was
+-- granted (less a give-back whose answer it lost): it was lost with the writes that made it (a
+-- failover before they reached the replica, a Redis that lost its data). Then nothing is
+-- granted, and the gateway corrects itself: what it spent from a lost grant comes back as an
+-- overdraft. Trusted, a give-back whose answer was lost is taken as applied: had it not been,
+-- what it gave stays stranded (counted, never spent), rather than credited twice.
 local granted, valid = known - pending, 0
 local rec = redis.call('HGET', KEYS[2], gw)
 if rec then
