@@ -16,11 +16,11 @@
 //! Every script call carries what the gateway believes it was granted; Redis applies the call
 //! only when that matches its record, and the gateway corrects itself from the answer. So a
 //! call whose answer was lost (a timeout) is never applied twice, and a grant whose answer was
-//! lost is credited on the next call. A missing record is trusted (the gateway's word taken)
-//! only when it may have been deleted for age, a day and an hour after it expired: not when
-//! the gateway saw it valid within the day (every answer says until when, on Redis's clock),
-//! nor when `committed` is below the gateway's word. Then Redis lost it with its grants, and
-//! the gateway commits what it spent from them again.
+//! lost is credited on the next call. A missing record is trusted (the gateway's word taken,
+//! less a give-back whose answer it lost) only when it may have been deleted for age, a day and
+//! an hour after it expired: not when the gateway saw it valid within the day (every answer
+//! says until when, on Redis's clock), nor when `committed` is below that word. Then Redis lost
+//! it with its grants, and the gateway commits what it spent from them again.
 //!
 //! The bound: a call is admitted only against a lease, and leases come only out of room under
 //! the limit, so a key's consumption passes its limit only by settle differences (a call that
