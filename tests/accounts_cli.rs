@@ -29,6 +29,17 @@ fn json_line(out: &str) -> Value {
     serde_json::from_str(&out[start..]).unwrap()
 }
 
+/// Key `id` as `keygate keys list --json` shows it.
+fn listed_key(env: &Env, id: u64) -> Value {
+    let keys = json_line(&ok(env, &["keys", "list", "--json"]));
+    keys.as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == id)
+        .unwrap()
+        .clone()
+}
+
 async fn wait_for_code(env: &Env, key: &str, code: &str) {
     let started = Instant::now();
     loop {
@@ -135,13 +146,7 @@ async fn accounts_lifecycle_against_a_running_gateway() {
     assert_eq!(a["keys"], 2);
     assert_eq!(a["limits"]["rpm"], 100);
     assert_eq!(a["budget"]["budget"], "daily:5000000@Europe/Berlin");
-    let keys = json_line(&ok(&env, &["keys", "list", "--json"]));
-    let k = keys
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["id"] == id)
-        .unwrap();
+    let k = listed_key(&env, id);
     assert_eq!(k["account"], "acme");
     assert_eq!(k["limits"]["tpm"], 100000);
     let text = ok(&env, &["keys", "list"]);
@@ -153,14 +158,7 @@ async fn accounts_lifecycle_against_a_running_gateway() {
     // (read from the gateway's ledger, which reports its counters every second).
     let started = Instant::now();
     loop {
-        let keys = json_line(&ok(&env, &["keys", "list", "--json"]));
-        let k = keys
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|k| k["id"] == id)
-            .unwrap()
-            .clone();
+        let k = listed_key(&env, id);
         let account = json_line(&ok(&env, &["accounts", "list", "--json"]))[0].clone();
         let used = k["used"].as_i64().unwrap();
         if used > 0 && k["budget"]["spent"] == used && account["budget"]["spent"] == used {

@@ -448,6 +448,35 @@ async fn shared_slots_come_back_when_calls_end() {
     assert_eq!(slow_burst(&f.gws, 10, 1_000).await, 2);
 }
 
+/// `n` calls of [`KEY`] on the first gateway that the mock answers only after 25 s, once they
+/// all reached it (each holds a concurrency slot meanwhile); abort them to end them.
+async fn hold_slots(f: &Fleet, n: usize) -> Vec<tokio::task::JoinHandle<()>> {
+    let slow = (0..n)
+        .map(|_| {
+            let base = f.gws[0].base.clone();
+            tokio::spawn(async move {
+                let _ = client()
+                    .post(format!("{base}/v1/chat/completions"))
+                    .bearer_auth(KEY)
+                    .header("content-type", "application/json")
+                    .header("x-mock-delay-ms", "25000")
+                    .body(small_call())
+                    .send()
+                    .await;
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.mock.request_count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "the slow calls never reached the mock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    slow
+}
+
 /// A gateway killed with -9 while its calls hold every slot: the other gateway refuses, then
 /// admits again once the dead gateway's record lapsed (`lease_ttl_seconds`, 3 s here).
 #[tokio::test(flavor = "multi_thread")]
@@ -459,29 +488,7 @@ async fn a_killed_gateways_slots_come_back_within_the_lease_ttl() {
     let redis = RedisServer::start(data.path());
     let sync = sync_with(json!({}), json!({"limits": {"concurrency": 2}}));
     let mut f = two_gateways(&sync, &ledger_yaml("redis", &redis.url(), "lease")).await;
-    let base = f.gws[0].base.clone();
-    let slow = (0..2).map(|_| {
-        let base = base.clone();
-        tokio::spawn(async move {
-            let _ = client()
-                .post(format!("{base}/v1/chat/completions"))
-                .bearer_auth(KEY)
-                .header("content-type", "application/json")
-                .header("x-mock-delay-ms", "25000")
-                .body(small_call())
-                .send()
-                .await;
-        })
-    });
-    let slow: Vec<_> = slow.collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while f.mock.request_count() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the slow calls never reached the mock"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let slow = hold_slots(&f, 2).await;
     let r = call(&f.gws[1], KEY).await;
     assert_eq!(r.status(), 429, "gateway b admitted a third call");
     f.gws[0].kill9();
@@ -519,30 +526,7 @@ async fn a_stopped_gateways_slots_come_back_as_it_stops() {
     assert!(ledger.contains("lease_ttl_seconds: 3\n"));
     let ledger = ledger.replace("lease_ttl_seconds: 3\n", "lease_ttl_seconds: 30\n");
     let mut f = two_gateways(&sync, &ledger).await;
-    let base = f.gws[0].base.clone();
-    let slow: Vec<_> = (0..2)
-        .map(|_| {
-            let base = base.clone();
-            tokio::spawn(async move {
-                let _ = client()
-                    .post(format!("{base}/v1/chat/completions"))
-                    .bearer_auth(KEY)
-                    .header("content-type", "application/json")
-                    .header("x-mock-delay-ms", "25000")
-                    .body(small_call())
-                    .send()
-                    .await;
-            })
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while f.mock.request_count() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the slow calls never reached the mock"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let slow = hold_slots(&f, 2).await;
     assert_eq!(call(&f.gws[1], KEY).await.status(), 429);
     f.gws[0].terminate();
     let stopped = Instant::now();

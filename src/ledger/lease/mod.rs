@@ -523,6 +523,17 @@ mod tests {
             .unwrap()
     }
 
+    /// Delete gateway `gw`'s lease record of key 7, as Redis losing it or sweeping it would.
+    async fn drop_record(conn: &mut Conn, gw: &str) {
+        let (_, l) = redis_keys(7);
+        let _: i64 = redis::cmd("HDEL")
+            .arg(&l)
+            .arg(gw)
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+
     async fn read(conn: &mut Conn) -> i64 {
         let (k, l) = redis_keys(7);
         Script::new(READ_SCRIPT)
@@ -611,12 +622,11 @@ mod tests {
             return;
         };
         sync(&mut c, "a", 0, 1_000, 0, 100, 0, 0, 0, 30_000).await;
-        let (_, l) = redis_keys(7);
-        let _: i64 = redis::cmd("DEL").arg(&l).query_async(&mut c).await.unwrap();
+        drop_record(&mut c, "a").await;
         let away = [100, 1_000, 0, 0, 0, 0, 100, 30_000, 0, 0, 0];
         let (applied, g, committed, _, _) = sync_args(&mut c, "a", away).await;
         assert_eq!((applied, g, committed), (1, 100, 100));
-        let _: i64 = redis::cmd("DEL").arg(&l).query_async(&mut c).await.unwrap();
+        drop_record(&mut c, "a").await;
         let (applied, g, committed, _) =
             sync(&mut c, "a", 100, 1_000, 0, 0, 0, 0, 100, 30_000).await;
         assert_eq!(
@@ -642,13 +652,7 @@ mod tests {
             sync_args(&mut c, "a", [0, 10_000, 0, 0, 0, 0, 0, 30_000, 0, 0, 0]).await;
         assert_eq!((applied, g), (0, 100), "corrected, not applied");
         assert!(valid > 0);
-        let (_, l) = redis_keys(7);
-        let _: i64 = redis::cmd("HDEL")
-            .arg(&l)
-            .arg("a")
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        drop_record(&mut c, "a").await;
         let lost = [100, 10_000, 0, 0, 0, 0, 100, 30_000, 0, valid, 0];
         let (applied, g, committed, _, _) = sync_args(&mut c, "a", lost).await;
         assert_eq!((applied, g, committed), (0, 0, 600));
@@ -700,12 +704,7 @@ mod tests {
         assert_eq!((applied, g, committed), (0, 0, 500));
         // Even once the record is swept for age: trusted, the gateway's word less what it
         // gave back without an answer.
-        let _: i64 = redis::cmd("HDEL")
-            .arg(&l)
-            .arg("a")
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        drop_record(&mut c, "a").await;
         let (applied, g, committed, _, _) = sync_args(&mut c, "a", again).await;
         assert_eq!((applied, g, committed), (0, 0, 500));
     }
@@ -721,8 +720,7 @@ mod tests {
         sync(&mut c, "a", 0, 1_000, 0, 100, 0, 0, 0, 30_000).await;
         // 40 of the 100 go back (applied; the answer is lost), and the record is swept.
         sync(&mut c, "a", 100, 1_000, 0, 0, 40, 0, 60, 30_000).await;
-        let (_, l) = redis_keys(7);
-        let _: i64 = redis::cmd("DEL").arg(&l).query_async(&mut c).await.unwrap();
+        drop_record(&mut c, "a").await;
         let away = [100, 1_000, 0, 0, 0, 0, 60, 30_000, 0, 0, 40];
         let (applied, g, committed, _, _) = sync_args(&mut c, "a", away).await;
         assert_eq!((applied, g, committed), (0, 60, 60));
